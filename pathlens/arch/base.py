@@ -1,0 +1,86 @@
+"""`ArchMap`: where a model family keeps the parts pathlens reads and writes — module paths, no model code.
+
+Paths are dotted module names. `blocks`, `embed`, `final_norm` and `unembed` are relative to the root model;
+the others are relative to one block (`blocks[L]`). The map also records the attention shape (heads, KV
+groups, head size) and two structural facts that change which sites exist:
+
+- `parallel`: attention and MLP both read resid_pre (GPT-J / Pythia style), so there is no resid_mid;
+- `qkv`: how queries/keys/values are reached — "interface" (the transformers attention-function interface,
+  after rotary embeddings and q/k norms, exactly what enters the dot product), "projections" (outputs of the
+  q/k/v linear layers, for models without rotary embeddings that compute attention themselves), or None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pathlens.errors import PathlensError
+
+
+@dataclass(frozen=True)
+class ArchMap:
+    family: str
+    blocks: str
+    embed: str
+    unembed: str
+    final_norm: str | None
+    o_proj: str
+    attn_out: str
+    attn: str | None
+    mlp: str | None
+    mlp_down: str | None
+    mlp_out: str | None
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int | None
+    parallel: bool = False
+    qkv: str | None = "interface"
+    qkv_proj: tuple[str, str, str] | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise PathlensError(
+                f"{self.family}: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}."
+            )
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at a dotted path; a clear error if it does not exist."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError as exc:
+        raise PathlensError(
+            f"module path {path!r} does not exist in {type(root).__name__}: {exc}. List valid paths with "
+            "[name for name, _ in model.named_modules()]."
+        ) from exc
+
+
+def output_weight_per_head(o_proj: nn.Module, n_heads: int, d_head: int) -> torch.Tensor:
+    """W_O split per head: (n_heads, d_head, d_model), so head h writes z_h @ W_O[h] into the stream.
+
+    Handles torch `nn.Linear` (weight (d_model, n_heads*d_head)) and transformers' `Conv1D` (GPT-2;
+    weight (n_heads*d_head, d_model)).
+    """
+    weight = o_proj.weight
+    if type(o_proj).__name__ == "Conv1D":
+        w_in_out = weight
+    elif isinstance(o_proj, nn.Linear):
+        w_in_out = weight.t()
+    else:
+        raise PathlensError(
+            f"the attention output projection is a {type(o_proj).__name__}; pathlens reads per-head outputs from "
+            "nn.Linear or transformers Conv1D only. Pass an ArchMap whose o_proj names such a layer."
+        )
+    if w_in_out.shape[0] != n_heads * d_head:
+        raise PathlensError(
+            f"output projection input size {w_in_out.shape[0]} != n_heads*d_head = {n_heads}*{d_head}; "
+            "check n_heads / d_head in the ArchMap."
+        )
+    return w_in_out.reshape(n_heads, d_head, w_in_out.shape[1])

@@ -1,0 +1,208 @@
+"""Interventions: one way to change an activation during a run.
+
+`Intervention(site, op, positions=None, rows=None)` applies `op` to the site's value at the chosen positions
+and batch rows. `rows` lets many different interventions share one batched forward, each acting on its own
+slice of the batch (e.g. K patched variants of N prompts as K*N rows).
+
+Ops: `Replace(source)`, `Add(vector, scale)`, `Ablate("zero"|"mean"|"resample")`, `Scale(factor)`,
+`Project(basis, source)`. Each receives the selected values `x` of shape (R, P', *rest) — R selected rows,
+P' selected positions, `rest` the site's remaining dims (e.g. (d_model,), (d_head,), or (H, d_head) for a
+whole-layer head site) — and returns the new values of the same shape.
+
+Sources and references are given in the site's own layout (the shape `model.run` caches) and are aligned to
+the selection axis by axis: along the batch axis a tensor with the full batch size is indexed by `rows`, one
+with R rows is used as is, one with 1 row is broadcast; the position axis is treated the same way with the
+full sequence length, P', or 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from pathlens.errors import PathlensError
+from pathlens.sites import Site, parse_site
+
+Index = Union[None, int, slice, Sequence[int], Tensor]
+
+
+@dataclass
+class Selection:
+    """Which cells of a site's value an intervention touches.
+
+    `rows` (R,) and `positions` (P',) are resolved long tensors; `full_batch` / `full_len` are the sizes of the
+    running batch, used to align sources (see module docstring).
+    """
+
+    rows: Tensor
+    positions: Tensor
+    full_batch: int
+    full_len: int
+
+    def align(self, source: Tensor, what: str) -> Tensor:
+        """Index/broadcast `source` (batch, pos, *rest) to (R, P', *rest)."""
+        if source.ndim < 2:
+            raise PathlensError(
+                f"{what}: expected a tensor with batch and position axes first (batch, pos, ...), got shape "
+                f"{tuple(source.shape)}; use Add for a single vector."
+            )
+        src = _align_axis(source, 0, self.rows, self.full_batch, what, "batch")
+        return _align_axis(src, 1, self.positions, self.full_len, what, "position")
+
+
+def _align_axis(t: Tensor, axis: int, index: Tensor, full: int, what: str, axis_name: str) -> Tensor:
+    size, n_sel = t.shape[axis], index.numel()
+    if size == n_sel:
+        return t
+    if size == full:
+        return t.index_select(axis, index.to(t.device))
+    if size == 1:
+        return t.expand(*t.shape[:axis], n_sel, *t.shape[axis + 1 :])
+    raise PathlensError(
+        f"{what}: its {axis_name} axis has size {size}, but the run has {full} and the intervention selects "
+        f"{n_sel}; give the full size, the selected size, or 1."
+    )
+
+
+class Op:
+    """Base class: `apply(x, full, sel)` -> new values for the selected cells (same shape as x).
+
+    `x` (R, P', *rest) holds the selected values; `full` (B, P, *rest) the site's whole current value (used by
+    batch statistics such as mean ablation); `sel` the selection.
+    """
+
+    name: str = "op"
+
+    def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class Replace(Op):
+    """Set the selected values to `source` (activation patching)."""
+
+    source: Tensor
+    name: str = "replace"
+
+    def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
+        src = sel.align(self.source, "Replace source").to(device=x.device, dtype=x.dtype)
+        return src.expand_as(x) if src.shape != x.shape else src
+
+
+@dataclass
+class Add(Op):
+    """Add `scale * vector`; vector broadcasts over the trailing dims (e.g. a (d_model,) steering vector)."""
+
+    vector: Tensor
+    scale: float = 1.0
+    name: str = "add"
+
+    def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
+        vec = self.vector.to(device=x.device, dtype=x.dtype)
+        if vec.ndim >= 2 and vec.ndim == x.ndim:
+            vec = sel.align(vec, "Add vector")
+        return x + self.scale * vec
+
+
+@dataclass
+class Scale(Op):
+    """Multiply the selected values by `factor` (0 removes, 2 enhances)."""
+
+    factor: float
+    name: str = "scale"
+
+    def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
+        return x * self.factor
+
+
+@dataclass
+class Ablate(Op):
+    """Zero, mean or resample ablation.
+
+    mean: the mean over the batch of `reference` (reference examples, in the site's layout) or, without a
+    reference, of the running batch — per position. resample: each selected row takes the values of a random
+    row of `reference` (or of the running batch), drawn with `seed`.
+    """
+
+    how: Literal["zero", "mean", "resample"] = "zero"
+    reference: Tensor | None = None
+    seed: int = 0
+    name: str = field(default="ablate")
+
+    def __post_init__(self) -> None:
+        if self.how not in ("zero", "mean", "resample"):
+            raise PathlensError(f"Ablate: unknown kind {self.how!r}; use 'zero', 'mean' or 'resample'.")
+
+    def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
+        if self.how == "zero":
+            return torch.zeros_like(x)
+        ref = full.detach() if self.reference is None else self.reference.to(device=x.device, dtype=x.dtype)
+        if self.how == "mean":
+            mean = ref.mean(dim=0, keepdim=True)
+            return sel.align(mean, "Ablate mean reference").expand_as(x).clone()
+        gen = torch.Generator().manual_seed(self.seed)
+        pick = torch.randint(ref.shape[0], (x.shape[0],), generator=gen).to(ref.device)
+        return _align_axis(ref.index_select(0, pick), 1, sel.positions, sel.full_len, "Ablate resample", "position")
+
+
+@dataclass
+class Project(Op):
+    """Subspace patch: replace the component of x in span(basis) with that of `source`.
+
+    basis: (d, k) with orthonormal columns (checked), over the last dim of the site; x <- x + (src - x) B Bᵀ.
+    """
+
+    basis: Tensor
+    source: Tensor
+    name: str = "project"
+
+    def __post_init__(self) -> None:
+        b = self.basis
+        if b.ndim != 2:
+            raise PathlensError(f"Project: basis must be (d, k), got shape {tuple(b.shape)}.")
+        gram = b.T.double() @ b.double()
+        if not torch.allclose(gram, torch.eye(b.shape[1], dtype=torch.float64), atol=1e-4):
+            raise PathlensError("Project: basis columns must be orthonormal; orthonormalize with torch.linalg.qr(basis).Q.")
+
+    def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
+        basis = self.basis.to(device=x.device, dtype=x.dtype)
+        src = sel.align(self.source, "Project source").to(device=x.device, dtype=x.dtype)
+        return x + ((src - x) @ basis) @ basis.T
+
+
+@dataclass
+class Intervention:
+    """Apply `op` to `site` at `positions` (None = all) in batch `rows` (None = all)."""
+
+    site: Site
+    op: Op
+    positions: Index = None
+    rows: Index = None
+
+    def __post_init__(self) -> None:
+        self.site = parse_site(self.site)
+        if not isinstance(self.op, Op):
+            raise PathlensError(
+                f"Intervention op must be Replace, Add, Ablate, Scale or Project, got {type(self.op).__name__}."
+            )
+
+
+def resolve_index(index: Index, size: int, what: str) -> Tensor:
+    """Normalize rows/positions to a long tensor in [0, size); negatives count from the end."""
+    if index is None:
+        return torch.arange(size)
+    if isinstance(index, slice):
+        return torch.arange(size)[index]
+    t = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+    if t.numel() == 0:
+        raise PathlensError(f"{what}: empty selection; pass at least one index or None for all.")
+    bad = (t < -size) | (t >= size)
+    if bool(bad.any()):
+        raise PathlensError(
+            f"{what} {t[bad].tolist()} out of range for size {size}; valid indices are 0..{size - 1} "
+            f"(or -{size}..-1 from the end)."
+        )
+    return t % size

@@ -1,0 +1,293 @@
+"""`Model`: an unmodified PyTorch / Hugging Face model plus its tokenizer and architecture map.
+
+`pathlens.load(name)` takes an embedded model name ("smollm2", "gemma3-270m", "induction-2l"), a local folder
+or a Hugging Face hub name; `pathlens.Model(hf_model, tokenizer)` wraps a model you already have. The model
+is put in eval mode (dropout off, so runs are deterministic) and otherwise never changed: sites are read and
+written only through hooks that exist inside `Model.run`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pathlens.arch.base import ArchMap, get_module
+from pathlens.arch.generic import arch_for
+from pathlens.errors import PathlensError
+from pathlens.hooks import HookSession
+from pathlens.interventions import Intervention
+from pathlens.sites import GLOBAL_KINDS, LAYER_KINDS, Site, parse_site
+
+_DESCRIPTIONS = {
+    "embed": "token embedding output",
+    "resid_pre": "residual stream entering the block",
+    "resid_mid": "residual stream after attention (resid_pre + attn_out)",
+    "resid_post": "residual stream leaving the block",
+    "attn_out": "attention's write into the residual stream",
+    "head": "each head's write into the residual stream (z_h @ W_O[h])",
+    "head_z": "each head's output before the output projection",
+    "q": "queries as they enter the dot product",
+    "k": "keys per key-value group",
+    "v": "values per key-value group",
+    "attn_pattern": "attention probabilities (query pos, head, key pos)",
+    "mlp_in": "MLP input (after its norm)",
+    "mlp_post": "MLP neuron activations (input of the down projection)",
+    "mlp_out": "MLP's write into the residual stream",
+    "logits": "unembedding output",
+}
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One row of `Model.sites`: a site family, its shape (b = batch, p = positions) and meaning."""
+
+    name: str
+    shape: tuple[str | int, ...]
+    layers: str
+    description: str
+
+
+class Cache(Mapping[Site, Tensor]):
+    """Cached activations of a run, keyed by Site; string keys ("L3.resid_pre") work too."""
+
+    def __init__(self, values: dict[Site, Tensor]):
+        self._values = values
+
+    def __getitem__(self, key: "Site | str") -> Tensor:
+        site = parse_site(key)
+        if site not in self._values:
+            raise KeyError(f"{site} was not cached in this run; cached: {[str(s) for s in self._values]}")
+        return self._values[site]
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+@dataclass
+class Run:
+    """The result of `Model.run`: logits (b, p, vocab) and the requested activations."""
+
+    logits: Tensor
+    cache: Cache
+
+
+Inputs = "str | Sequence[str] | Tensor | Mapping[str, Tensor]"
+
+
+class Model:
+    """A wrapped model: `.hf` (the unmodified module), `.tokenizer`, `.arch` (ArchMap), `.sites`, `.run()`."""
+
+    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, arch: ArchMap | None = None, name: str | None = None):
+        self.hf = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.arch = arch or arch_for(hf_model)
+        self.name = name or getattr(getattr(hf_model, "config", None), "_name_or_path", None) or type(hf_model).__name__
+        get_module(hf_model, self.arch.blocks)
+
+    def __repr__(self) -> str:
+        a = self.arch
+        return (
+            f"Model({self.name!r}, family={a.family}, layers={a.n_layers}, heads={a.n_heads}, "
+            f"kv_heads={a.n_kv_heads}, d_model={a.d_model}, d_head={a.d_head}, d_mlp={a.d_mlp})"
+        )
+
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.arch.n_heads
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    def kv_group(self, head: int) -> int:
+        """The key-value group that query head `head` reads (grouped-query attention)."""
+        self._check_range("head", head, self.arch.n_heads)
+        return head // (self.arch.n_heads // self.arch.n_kv_heads)
+
+    def query_heads(self, group: int) -> list[int]:
+        """The query heads that share key-value group `group`."""
+        self._check_range("key-value group", group, self.arch.n_kv_heads)
+        per = self.arch.n_heads // self.arch.n_kv_heads
+        return list(range(group * per, (group + 1) * per))
+
+    # ---- sites --------------------------------------------------------------------------------------
+
+    @property
+    def sites(self) -> list[SiteInfo]:
+        """Every site family of this model with its shape, for discovery (`pathlens sites MODEL` prints it)."""
+        a = self.arch
+        layers = f"0..{a.n_layers - 1}"
+        rows = [SiteInfo("embed", ("b", "p", a.d_model), "-", _DESCRIPTIONS["embed"])]
+        for kind in LAYER_KINDS:
+            if self._unavailable(kind) is None:
+                shape = self._family_shape(kind)
+                rows.append(SiteInfo(f"L{{l}}.{_display_kind(kind)}", shape, layers, _DESCRIPTIONS[kind]))
+        vocab = get_module(self.hf, a.unembed).weight.shape[0]
+        rows.append(SiteInfo("logits", ("b", "p", int(vocab)), "-", _DESCRIPTIONS["logits"]))
+        rows.append(SiteInfo("module:<path>", ("b", "p", "..."), "-", "output of any nn.Module by its path"))
+        return rows
+
+    def _family_shape(self, kind: str) -> tuple[str | int, ...]:
+        a = self.arch
+        return {
+            "head": ("b", "p", a.n_heads, a.d_model),
+            "head_z": ("b", "p", a.n_heads, a.d_head),
+            "q": ("b", "p", a.n_heads, a.d_head),
+            "k": ("b", "p", a.n_kv_heads, a.d_head),
+            "v": ("b", "p", a.n_kv_heads, a.d_head),
+            "attn_pattern": ("b", "p", a.n_heads, "p"),
+            "mlp_post": ("b", "p", a.d_mlp or 0),
+        }.get(kind, ("b", "p", a.d_model))
+
+    def _unavailable(self, kind: str, write: bool = False) -> str | None:
+        """Why a site kind does not exist for this architecture (None if it does)."""
+        a = self.arch
+        if kind in ("mlp_in", "mlp_post", "mlp_out") and a.mlp is None:
+            return f"{a.family} has no MLP"
+        if kind == "resid_mid" and a.parallel:
+            return (
+                f"{a.family} computes attention and MLP in parallel from resid_pre, so there is no resid_mid; "
+                "use resid_pre, attn_out and mlp_out"
+            )
+        if kind in ("q", "k", "v", "attn_pattern") and a.qkv is None:
+            return f"{a.family}'s attention does not use the transformers attention interface; q/k/v/pattern are unavailable"
+        if kind == "attn_pattern" and write and a.qkv != "interface":
+            return f"{a.family} computes attention itself, so its patterns can be read but not written"
+        return None
+
+    def resolve(self, site: "Site | str", write: bool = False) -> Site:
+        """Parse and check a site against this model: layer/head/group/neuron in range, kind available."""
+        s = parse_site(site)
+        a = self.arch
+        if s.kind == "module":
+            get_module(self.hf, s.path or "")
+            return s
+        if s.kind in GLOBAL_KINDS:
+            return s
+        assert s.layer is not None
+        self._check_range(f"layer of site {s}", s.layer, a.n_layers)
+        why = self._unavailable(s.kind, write)
+        if why:
+            raise PathlensError(f"site {s}: {why}.")
+        if s.index is not None:
+            limit, what = {
+                "k": (a.n_kv_heads, "key-value group"),
+                "v": (a.n_kv_heads, "key-value group"),
+                "mlp_post": (a.d_mlp or 0, "neuron"),
+            }.get(s.kind, (a.n_heads, "head"))
+            self._check_range(f"{what} of site {s}", s.index, limit)
+        return s
+
+    @staticmethod
+    def _check_range(what: str, value: int, limit: int) -> None:
+        if not 0 <= value < limit:
+            raise PathlensError(f"{what} is {value}, out of range: this model has {limit} (valid: 0..{limit - 1}).")
+
+    # ---- inputs -------------------------------------------------------------------------------------
+
+    def tokenize(self, texts: "str | Sequence[str]") -> tuple[Tensor, Tensor]:
+        """Token ids (b, p) and attention mask (b, p), right-padded, with the tokenizer's special tokens."""
+        if self.tokenizer is None:
+            raise PathlensError("this model has no tokenizer: pass token ids (a LongTensor (batch, pos)) instead of text.")
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        if not batch:
+            raise PathlensError("empty batch: pass at least one prompt.")
+        encoded = [self.tokenizer(t)["input_ids"] for t in batch]
+        length = max(len(e) for e in encoded)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        ids = torch.full((len(batch), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
+            mask[i, : len(e)] = 1
+        return ids, mask
+
+    def to_str_tokens(self, ids: Tensor | Sequence[int]) -> list[str]:
+        """Token strings for one row of ids (or 't{id}' without a tokenizer)."""
+        flat = [int(i) for i in torch.as_tensor(ids).reshape(-1)]
+        if self.tokenizer is None:
+            return [f"t{i}" for i in flat]
+        return [self.tokenizer.decode([i]) for i in flat]
+
+    def _prepare(self, inputs: Any, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if isinstance(inputs, (str, list, tuple)) and (isinstance(inputs, str) or all(isinstance(t, str) for t in inputs)):
+            ids, mask = self.tokenize(inputs)
+            return ids, mask if attention_mask is None else attention_mask
+        if isinstance(inputs, Mapping):
+            return inputs["input_ids"], inputs.get("attention_mask", attention_mask)
+        if isinstance(inputs, Tensor):
+            ids = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
+            if ids.ndim != 2 or ids.dtype not in (torch.long, torch.int):
+                raise PathlensError(
+                    f"token ids must be an integer tensor (batch, pos), got {ids.dtype} of shape {tuple(ids.shape)}."
+                )
+            if ids.shape[0] == 0 or ids.shape[1] == 0:
+                raise PathlensError(f"empty batch: token ids have shape {tuple(ids.shape)}; pass at least one token.")
+            return ids, attention_mask
+        raise PathlensError(
+            f"inputs must be text, a list of texts, token ids (batch, pos) or a tokenizer output, got {type(inputs).__name__}."
+        )
+
+    # ---- runs ---------------------------------------------------------------------------------------
+
+    def run(
+        self,
+        inputs: Any,
+        *,
+        cache: Sequence["Site | str"] = (),
+        interventions: Sequence[Intervention] = (),
+        attention_mask: Tensor | None = None,
+        grad: bool = False,
+        cache_device: torch.device | str | None = None,
+        cache_dtype: torch.dtype | None = None,
+    ) -> Run:
+        """One forward pass with the given interventions, caching the given sites.
+
+        inputs: text, list of texts (tokenized and right-padded), token ids (b, p), or a tokenizer output.
+        cache: sites to return (only these are computed and kept), on `cache_device` / `cache_dtype` if given.
+        interventions: applied in order; each acts on its own positions and rows of the batch.
+        grad: run with autograd so gradients flow to parameters and cached activations (for attribution).
+        Returns Run(logits (b, p, vocab), cache). Hooks exist only inside this call.
+        """
+        ids, mask = self._prepare(inputs, attention_mask)
+        reads = [self.resolve(s) for s in cache]
+        for iv in interventions:
+            iv.site = self.resolve(iv.site, write=True)
+        device = self.device
+        session = HookSession(
+            self,
+            reads,
+            list(interventions),
+            batch=int(ids.shape[0]),
+            seq_len=int(ids.shape[1]),
+            grad=grad,
+            cache_device=cache_device,
+            cache_dtype=cache_dtype,
+        )
+        kwargs: dict[str, Any] = {"input_ids": ids.to(device), "use_cache": False}
+        if mask is not None:
+            kwargs["attention_mask"] = mask.to(device)
+        with torch.set_grad_enabled(grad), session:
+            out = self.hf(**kwargs)
+        logits = out.logits if hasattr(out, "logits") else _first_tensor(out)
+        return Run(logits=logits if grad else logits.detach(), cache=Cache(session.cache))
+
+
+def _first_tensor(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _display_kind(kind: str) -> str:
+    return {"head_z": "z", "attn_pattern": "pattern"}.get(kind, kind)

@@ -1,0 +1,228 @@
+"""Sites: named activation points of a model, written the way the field reads them.
+
+A `Site` is a value object (kind, layer, index, path). Every site has a string form that parses back to the
+same object:
+
+    embed, logits                       token embedding output; unembedding output
+    L3.resid_pre  L3.resid_mid  L3.resid_post   residual stream before the block / after attention / after it
+    L3.attn_out   L3.mlp_out                      what attention / the MLP adds to the residual stream
+    L3.mlp_in     L3.mlp_post  L3.N123            MLP input (after its norm); neuron activations; one neuron
+    L9.head       L9.H6                           every head's write into the residual stream; one head's
+    L9.z          L9.H6.z                         head outputs before the output projection (z)
+    L9.q L9.H6.q  L9.k L9.G1.k  L9.v L9.G1.v       queries per query head; keys/values per key-value group
+    L9.pattern    L9.H6.pattern                   attention probabilities
+    module:transformer.h.3.mlp                    the output of any nn.Module, by its path
+
+Keys and values are indexed by key-value group `G` (grouped-query attention shares them between query heads);
+`Model.kv_group(h)` maps query head h to its group. Shapes (batch b, positions p) are listed by `Model.sites`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pathlens.errors import PathlensError
+
+LAYER_KINDS = (
+    "resid_pre",
+    "resid_mid",
+    "resid_post",
+    "attn_out",
+    "mlp_in",
+    "mlp_post",
+    "mlp_out",
+    "head",
+    "head_z",
+    "q",
+    "k",
+    "v",
+    "attn_pattern",
+)
+GLOBAL_KINDS = ("embed", "logits")
+KINDS = GLOBAL_KINDS + LAYER_KINDS + ("module",)
+
+#: kinds whose `index` selects a query head, a key-value group, or a neuron, and the letter that marks it.
+INDEX_LETTER = {
+    "head": "H",
+    "head_z": "H",
+    "q": "H",
+    "attn_pattern": "H",
+    "k": "G",
+    "v": "G",
+    "mlp_post": "N",
+}
+#: the suffix printed after "L{layer}." (or after "L{layer}.H{h}.") for each kind.
+SUFFIX = {"head_z": "z", "attn_pattern": "pattern"}
+_SUFFIX_TO_KIND = {
+    **{k: k for k in LAYER_KINDS},
+    "z": "head_z",
+    "pattern": "attn_pattern",
+    "heads": "head",
+}
+
+_LAYER_RE = re.compile(r"^L(\d+)\.(.+)$")
+_INDEXED_RE = re.compile(r"^([HGN])(\d+)(?:\.([a-z_]+))?$")
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """One activation point. `layer` is set for per-layer kinds; `index` selects a head, group or neuron."""
+
+    kind: str
+    layer: int | None = None
+    index: int | None = None
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise PathlensError(f"unknown site kind {self.kind!r}; valid kinds: {', '.join(KINDS)}.")
+        if self.kind == "module":
+            if not self.path or self.layer is not None or self.index is not None:
+                raise PathlensError("a module site needs only a module path, e.g. module('transformer.h.3.mlp').")
+            return
+        if self.path is not None:
+            raise PathlensError(f"only module sites take a path, not {self.kind!r}.")
+        if self.kind in GLOBAL_KINDS:
+            if self.layer is not None or self.index is not None:
+                raise PathlensError(f"site {self.kind!r} has no layer or index.")
+            return
+        if self.layer is None or self.layer < 0:
+            raise PathlensError(f"site kind {self.kind!r} needs a layer >= 0, e.g. 'L3.{_suffix(self.kind)}'.")
+        if self.index is not None and (self.kind not in INDEX_LETTER or self.index < 0):
+            raise PathlensError(
+                f"site kind {self.kind!r} takes no index >= 0 here; indexed kinds: {', '.join(INDEX_LETTER)}."
+            )
+
+    def __str__(self) -> str:
+        if self.kind == "module":
+            return f"module:{self.path}"
+        if self.kind in GLOBAL_KINDS:
+            return self.kind
+        if self.index is None:
+            return f"L{self.layer}.{_suffix(self.kind)}"
+        prefix = f"L{self.layer}.{INDEX_LETTER[self.kind]}{self.index}"
+        if self.kind in ("head", "mlp_post"):
+            return prefix
+        return f"{prefix}.{_suffix(self.kind)}"
+
+    def __repr__(self) -> str:
+        return f"Site({str(self)!r})"
+
+    @property
+    def family(self) -> "Site":
+        """The same site without its index: e.g. L9.H6 -> L9.head (the tensor the index selects from)."""
+        return Site(self.kind, self.layer, None, self.path)
+
+
+def _suffix(kind: str) -> str:
+    return SUFFIX.get(kind, kind)
+
+
+def parse_site(text: "str | Site") -> Site:
+    """Parse a site string ("L9.H6", "L5.mlp_out", "module:a.b") into a Site; Sites pass through unchanged."""
+    if isinstance(text, Site):
+        return text
+    if not isinstance(text, str):
+        raise PathlensError(f"a site is a Site or a string like 'L9.H6', got {type(text).__name__}.")
+    s = text.strip()
+    if s.startswith("module:"):
+        return Site("module", path=s[len("module:") :])
+    if s in GLOBAL_KINDS:
+        return Site(s)
+    m = _LAYER_RE.match(s)
+    if not m:
+        raise PathlensError(_garbage(text))
+    layer, rest = int(m.group(1)), m.group(2)
+    if rest in _SUFFIX_TO_KIND:
+        return Site(_SUFFIX_TO_KIND[rest], layer)
+    im = _INDEXED_RE.match(rest)
+    if not im:
+        raise PathlensError(_garbage(text))
+    letter, index, suffix = im.group(1), int(im.group(2)), im.group(3)
+    if suffix is None:
+        kind = {"H": "head", "N": "mlp_post"}.get(letter)
+        if kind is None:
+            raise PathlensError(f"site {text!r}: a key-value group needs .k or .v, e.g. 'L{layer}.G{index}.k'.")
+        return Site(kind, layer, index)
+    kind = _SUFFIX_TO_KIND.get(suffix)
+    if kind is None or INDEX_LETTER.get(kind) != letter:
+        if kind in ("k", "v") and letter == "H":
+            raise PathlensError(
+                f"site {text!r}: keys and values are indexed by key-value group — write "
+                f"'L{layer}.G{{g}}.{kind}' with g = model.kv_group({index})."
+            )
+        raise PathlensError(_garbage(text))
+    return Site(kind, layer, index)
+
+
+def _garbage(text: object) -> str:
+    return (
+        f"cannot parse site {text!r}. Write e.g. 'embed', 'logits', 'L3.resid_pre', 'L5.mlp_out', 'L9.H6', "
+        "'L9.H6.z', 'L9.H6.q', 'L9.G0.k', 'L9.H6.pattern', 'L5.N123' or 'module:transformer.h.3.mlp'."
+    )
+
+
+def embed() -> Site:
+    return Site("embed")
+
+
+def logits() -> Site:
+    return Site("logits")
+
+
+def module(path: str) -> Site:
+    """The output of any nn.Module of the model, by its dotted path (first element if it returns a tuple)."""
+    return Site("module", path=path)
+
+
+def resid_pre(layer: int) -> Site:
+    return Site("resid_pre", layer)
+
+
+def resid_mid(layer: int) -> Site:
+    return Site("resid_mid", layer)
+
+
+def resid_post(layer: int) -> Site:
+    return Site("resid_post", layer)
+
+
+def attn_out(layer: int) -> Site:
+    return Site("attn_out", layer)
+
+
+def mlp_in(layer: int) -> Site:
+    return Site("mlp_in", layer)
+
+
+def mlp_post(layer: int, neuron: int | None = None) -> Site:
+    return Site("mlp_post", layer, neuron)
+
+
+def mlp_out(layer: int) -> Site:
+    return Site("mlp_out", layer)
+
+
+def head(layer: int, h: int | None = None) -> Site:
+    return Site("head", layer, h)
+
+
+def head_z(layer: int, h: int | None = None) -> Site:
+    return Site("head_z", layer, h)
+
+
+def q(layer: int, h: int | None = None) -> Site:
+    return Site("q", layer, h)
+
+
+def k(layer: int, group: int | None = None) -> Site:
+    return Site("k", layer, group)
+
+
+def v(layer: int, group: int | None = None) -> Site:
+    return Site("v", layer, group)
+
+
+def attn_pattern(layer: int, h: int | None = None) -> Site:
+    return Site("attn_pattern", layer, h)

@@ -1,0 +1,210 @@
+"""Runs, caches and interventions on tiny models of every family: decomposition identities and exactness.
+
+Tolerances: fp32 identities that reorder a sum (heads vs the fused projection) are checked to 1e-5;
+a Replace with the value the site already has must change nothing bit for bit.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pathlens import Ablate, Add, Intervention, Model, Project, Replace, Scale, Site
+from pathlens.arch.base import get_module
+from tests.conftest import tiny_model, token_batch
+
+
+def all_sites(model: Model, layer: int) -> list[str]:
+    kinds = ["resid_pre", "attn_out", "resid_post", "head", "z", "q", "k", "v", "pattern"]
+    if model.arch.mlp is not None:
+        kinds += ["mlp_in", "mlp_post", "mlp_out"]
+    if not model.arch.parallel:
+        kinds.append("resid_mid")
+    return [f"L{layer}.{k}" for k in kinds]
+
+
+def test_plain_run_matches_model(model: Model) -> None:
+    ids = token_batch()
+    with torch.no_grad():
+        expected = model.hf(ids, use_cache=False).logits
+    assert torch.equal(model.run(ids).logits, expected)
+
+
+def test_reading_sites_does_not_change_logits(model: Model) -> None:
+    ids = token_batch()
+    plain = model.run(ids).logits
+    sites = [s for s in all_sites(model, 1) if not s.endswith("pattern")] + ["embed", "logits"]
+    run = model.run(ids, cache=sites)
+    assert torch.equal(run.logits, plain)
+    assert torch.equal(run.cache["logits"], plain)
+
+
+def test_heads_sum_to_attention_output(model: Model) -> None:
+    ids = token_batch()
+    a = model.arch
+    o_proj_path = f"{a.blocks}.1.{a.o_proj}"
+    run = model.run(ids, cache=["L1.head", "L1.attn_out", f"module:{o_proj_path}"])
+    o_proj = get_module(model.hf, o_proj_path)
+    heads_total = run.cache["L1.head"].sum(dim=2)
+    if o_proj.bias is not None:
+        heads_total = heads_total + o_proj.bias
+    assert torch.allclose(heads_total, run.cache[f"module:{o_proj_path}"], atol=1e-5)
+    if a.attn_out == a.attn:
+        assert torch.allclose(heads_total, run.cache["L1.attn_out"], atol=1e-5)
+
+
+def test_residual_stream_decomposes(model: Model) -> None:
+    ids = token_batch()
+    a = model.arch
+    sites = ["L1.resid_pre", "L1.attn_out", "L1.resid_post"] + (["L1.mlp_out"] if a.mlp else [])
+    if not a.parallel:
+        sites.append("L1.resid_mid")
+    c = model.run(ids, cache=sites).cache
+    mlp = c["L1.mlp_out"] if a.mlp else 0.0
+    assert torch.allclose(c["L1.resid_pre"] + c["L1.attn_out"] + mlp, c["L1.resid_post"], atol=1e-5)
+    if not a.parallel:
+        assert torch.allclose(c["L1.resid_pre"] + c["L1.attn_out"], c["L1.resid_mid"], atol=1e-6)
+    c0 = model.run(ids, cache=["L0.resid_post", "L1.resid_pre"]).cache
+    assert torch.equal(c0["L0.resid_post"], c0["L1.resid_pre"])
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_replace_with_own_value_changes_nothing(model: Model, layer: int) -> None:
+    ids = token_batch()
+    for site in all_sites(model, layer):
+        if site.endswith("pattern") and model.arch.qkv != "interface":
+            continue
+        clean = model.run(ids, cache=[site])
+        patched = model.run(ids, cache=[site], interventions=[Intervention(site, Replace(clean.cache[site]))])
+        if site.endswith("resid_mid"):
+            torch.testing.assert_close(patched.logits, clean.logits, atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(patched.logits, clean.logits), site
+
+
+def test_indexed_sites_select_from_family(model: Model) -> None:
+    ids = token_batch()
+    c = model.run(ids, cache=["L0.head", "L0.H2", "L0.z", "L0.H1.z", "L0.q", "L0.H3.q", "L0.k", "L0.G0.k"]).cache
+    assert torch.equal(c["L0.H2"], c["L0.head"][:, :, 2])
+    assert torch.equal(c["L0.H1.z"], c["L0.z"][:, :, 1])
+    assert torch.equal(c["L0.H3.q"], c["L0.q"][:, :, 3])
+    assert torch.equal(c["L0.G0.k"], c["L0.k"][:, :, 0])
+    assert c["L0.k"].shape[2] == model.arch.n_kv_heads
+
+
+def test_pattern_rows_sum_to_one_and_are_causal(model: Model) -> None:
+    ids = token_batch()
+    pattern = model.run(ids, cache=["L0.pattern"]).cache["L0.pattern"]
+    b, p, h, k = pattern.shape
+    assert (b, p, h, k) == (3, 9, model.arch.n_heads, 9)
+    assert torch.allclose(pattern.sum(-1), torch.ones(b, p, h), atol=1e-5)
+    upper = torch.ones(p, k, dtype=torch.bool).triu(1)
+    assert float(pattern.permute(0, 2, 1, 3)[..., upper].abs().max()) == 0.0
+
+
+def test_patching_a_whole_layer_reproduces_the_corrupted_run(model: Model) -> None:
+    clean, corrupt = token_batch(seed=1), token_batch(seed=2)
+    a = model.arch
+    sites = ["L1.resid_pre", "L1.head"] + (["L1.mlp_out"] if a.mlp else [])
+    corrupt_run = model.run(corrupt, cache=sites)
+    if a.attn_out == a.attn:
+        ivs = [Intervention(s, Replace(corrupt_run.cache[s])) for s in sites]
+        patched = model.run(clean, interventions=ivs)
+        torch.testing.assert_close(patched.logits, corrupt_run.logits, atol=1e-5, rtol=0)
+    resid = model.run(clean, interventions=[Intervention("L1.resid_pre", Replace(corrupt_run.cache["L1.resid_pre"]))])
+    assert torch.equal(resid.logits, corrupt_run.logits)
+
+
+def test_positions_and_rows_limit_the_effect(model: Model) -> None:
+    ids = token_batch(n=4)
+    base = model.run(ids).logits
+    patched = model.run(ids, interventions=[Intervention("L0.H1", Scale(0.0), positions=[5], rows=[2])]).logits
+    changed = (patched - base).abs().amax(dim=-1) > 0
+    assert not changed[[0, 1, 3]].any()
+    assert not changed[2, :5].any()
+    assert changed[2, 5]
+
+
+def test_batched_interventions_equal_separate_forwards(model: Model) -> None:
+    """K interventions on K slices of a K*N batch give the same logits as K separate runs (<= 1e-5)."""
+    clean, corrupt = token_batch(n=2, seed=3), token_batch(n=2, seed=4)
+    sites = ["L0.H0", "L1.H3", "L0.resid_pre", "L1.attn_out"]
+    source = model.run(corrupt, cache=sites).cache
+    separate = [
+        model.run(clean, interventions=[Intervention(s, Replace(source[s]), positions=[3, 4])]).logits for s in sites
+    ]
+    k, n = len(sites), clean.shape[0]
+    batched_ivs = [
+        Intervention(s, Replace(source[s]), positions=[3, 4], rows=slice(i * n, (i + 1) * n)) for i, s in enumerate(sites)
+    ]
+    batched = model.run(clean.repeat(k, 1), interventions=batched_ivs).logits
+    torch.testing.assert_close(batched, torch.cat(separate), atol=1e-5, rtol=0)
+
+
+def test_ops_match_hand_computation() -> None:
+    model = tiny_model("llama")
+    ids, other = token_batch(n=4), token_batch(n=4, seed=9)
+    site = "L0.attn_out"
+    value = model.run(ids, cache=[site]).cache[site]
+    other_value = model.run(other, cache=[site]).cache[site]
+    vec = torch.randn(model.arch.d_model)
+    basis = torch.linalg.qr(torch.randn(model.arch.d_model, 3)).Q
+    expected = {
+        "add": value + 2.0 * vec,
+        "scale": value * 3.0,
+        "zero": torch.zeros_like(value),
+        "mean": value.mean(0, keepdim=True).expand_as(value),
+        "mean_ref": other_value.mean(0, keepdim=True).expand_as(value),
+        "project": value + ((other_value - value) @ basis) @ basis.T,
+    }
+    ops = {
+        "add": Add(vec, 2.0),
+        "scale": Scale(3.0),
+        "zero": Ablate("zero"),
+        "mean": Ablate("mean"),
+        "mean_ref": Ablate("mean", reference=other_value),
+        "project": Project(basis, other_value),
+    }
+    for name, op in ops.items():
+        got = model.run(ids, cache=[site], interventions=[Intervention(site, op)]).cache[site]
+        torch.testing.assert_close(got, expected[name], atol=1e-6, rtol=1e-6, msg=name)
+    resampled = model.run(ids, cache=[site], interventions=[Intervention(site, Ablate("resample", reference=other_value, seed=3))])
+    rows = resampled.cache[site]
+    assert all(any(torch.equal(r, o) for o in other_value) for r in rows)
+
+
+def test_pattern_write_recomputes_head_output() -> None:
+    model = tiny_model("llama")
+    ids = token_batch()
+    base = model.run(ids, cache=["L0.pattern", "L0.z"])
+    uniform = torch.tril(torch.ones(9, 9))
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    source = uniform[None, :, None, :].expand_as(base.cache["L0.pattern"]).contiguous()
+    run = model.run(ids, cache=["L0.pattern", "L0.z", "L0.v"], interventions=[Intervention("L0.pattern", Replace(source))])
+    assert torch.equal(run.cache["L0.pattern"], source)
+    v = run.cache["L0.v"].repeat_interleave(2, dim=2)
+    expected_z = torch.einsum("bqhk,bkhd->bqhd", source, v)
+    torch.testing.assert_close(run.cache["L0.z"], expected_z, atol=1e-6, rtol=0)
+
+
+def test_gradients_flow_to_cached_sites(family: str) -> None:
+    model = tiny_model(family)
+    ids = token_batch()
+    plain = model.run(ids)
+    run = model.run(ids, cache=["L0.head", "L0.attn_out", "L0.resid_pre"] + ([] if model.arch.parallel else ["L0.resid_mid"]), grad=True)
+    assert torch.equal(run.logits.detach(), plain.logits)
+    metric = run.logits[:, -1, 3].sum()
+    names = ["L0.head", "L0.attn_out"] + ([] if model.arch.parallel else ["L0.resid_mid"])
+    grads = torch.autograd.grad(metric, [run.cache[s] for s in names])
+    if model.arch.attn_out == model.arch.attn:
+        torch.testing.assert_close(grads[0], grads[1][:, :, None].expand_as(grads[0]), atol=1e-6, rtol=1e-5)
+    if not model.arch.parallel:
+        torch.testing.assert_close(grads[2], grads[1], atol=1e-6, rtol=1e-5)
+    assert grads[0].abs().sum() > 0
+
+
+def test_cache_device_and_dtype() -> None:
+    model = tiny_model("gpt2")
+    run = model.run(token_batch(), cache=["L0.resid_pre"], cache_dtype=torch.float64)
+    assert run.cache["L0.resid_pre"].dtype == torch.float64
+    assert run.cache[Site("resid_pre", 0)].shape == (3, 9, 32)
