@@ -9,6 +9,7 @@ from pathlens.errors import PathlensError
 from pathlens.interventions import Ablate, Add, Intervention, Project, Replace, Scale
 from pathlens.loading import EMBEDDED, load
 from pathlens.model import Cache, Model, Run
+from pathlens.patching import patch
 from pathlens.sites import Site, parse_site
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "Site",
     "load",
     "parse_site",
+    "patch",
 ]

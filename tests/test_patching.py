@@ -1,0 +1,209 @@
+"""Activation patching: every fast path (batching, layer cone, position cone with the KV cache, chunking,
+resume) equals a naive loop of one full forward per patch, written here with nothing but `Model.run`.
+
+Tolerance: 1e-5 absolute on the batch-mean logit difference (fp32; batching and the KV cache reorder sums).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import pathlens
+from pathlens import Ablate, Intervention, Model, Replace
+from pathlens.tasks.base import Task
+from tests.conftest import tiny_model, token_batch
+
+TOL = 1e-5
+
+
+def padded_task(n: int = 3, p: int = 9) -> Task:
+    """Prompt pairs of different lengths (right-padded), answers scored at each row's last real token."""
+    clean, corrupt = token_batch(n=n, p=p), token_batch(n=n, p=p, seed=7)
+    lengths = torch.tensor([p, p - 2, p - 1][:n])
+    mask = (torch.arange(p)[None, :] < lengths[:, None]).long()
+    clean, corrupt = clean * mask, corrupt * mask
+    return Task("padded", clean, corrupt, torch.arange(n) + 1, torch.arange(n) + 5, lengths - 1, mask)
+
+
+def naive(model: Model, task: Task, site: str, positions: list[int] | None, direction: str = "denoise", ablation: str | None = None) -> float:
+    """One full forward with one intervention: the reference every fast path must equal."""
+    base, source = (task.corrupt_ids, task.clean_ids) if direction == "denoise" and not ablation else (task.clean_ids, task.corrupt_ids)
+    if ablation:
+        source = task.clean_ids
+    family = pathlens.parse_site(site).family
+    value = model.run(source, attention_mask=task.attention_mask, cache=[family]).cache[family]
+    index = pathlens.parse_site(site).index
+    if index is not None:
+        value = value[:, :, index]
+    op = Ablate(ablation, reference=value) if ablation else Replace(value)
+    run = model.run(base, attention_mask=task.attention_mask, interventions=[Intervention(site, op, positions=positions)])
+    return float(task.score(run.logits).mean())
+
+
+@pytest.mark.parametrize("sites,positions", [("heads", "all"), ("resid_pre", "each"), ("k", "each"), ("z", [2, 5]), ("attn_out", "each")])
+def test_fast_paths_equal_naive_loop(family: str, sites: str, positions: object) -> None:
+    model = tiny_model(family, weight_scale=4.0)
+    task = padded_task()
+    scores = pathlens.patch(model, task, sites=sites, positions=positions, progress=False)
+    assert scores.values.std() > 1e-3, "effects too small for a meaningful comparison"
+    for cell in scores.to_frame().itertuples():
+        layer = cell.layer
+        if sites == "heads":
+            site = f"L{layer}.H{cell.head}"
+        elif sites == "z":
+            site = f"L{layer}.H{cell.head}.z"
+        elif sites == "k":
+            site = f"L{layer}.G{cell.group}.k"
+        else:
+            site = f"L{layer}.{sites}"
+        pos = None if positions == "all" else [int(cell.pos)]
+        assert abs(cell.value - naive(model, task, site, pos)) <= TOL, (site, pos)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "neox_parallel"])
+def test_noising_mlp_neurons_and_ablations(family: str) -> None:
+    model = tiny_model(family, weight_scale=4.0)
+    task = padded_task()
+    noise = pathlens.patch(model, task, sites="mlp_out", positions="each", direction="noise", progress=False)
+    for cell in noise.to_frame().itertuples():
+        assert abs(cell.value - naive(model, task, f"L{cell.layer}.mlp_out", [int(cell.pos)], "noise")) <= TOL
+    neurons = pathlens.patch(model, task, sites="neurons", neurons={0: [1, 7], 1: [3]}, positions=[4], progress=False)
+    for cell in neurons.to_frame().itertuples():
+        assert abs(cell.value - naive(model, task, cell.site, [4])) <= TOL
+    for how in ("zero", "mean", "resample"):
+        ablated = pathlens.patch(model, task, sites="heads", ablation=how, progress=False)
+        assert ablated.method == f"ablate:{how}"
+        if how != "resample":
+            for cell in ablated.to_frame().itertuples():
+                assert abs(cell.value - naive(model, task, f"L{cell.layer}.H{cell.head}", None, ablation=how)) <= TOL
+    resample = pathlens.patch(model, task, sites="heads", ablation="resample", progress=False, cone=False)
+    torch.testing.assert_close(ablated.values, resample.values, atol=TOL, rtol=0)
+
+
+def test_explicit_site_list_including_modules() -> None:
+    model = tiny_model("gpt2", weight_scale=4.0)
+    task = padded_task()
+    sites = ["L1.H2", "L0.mlp_out", "module:transformer.h.0.mlp", "embed"]
+    scores = pathlens.patch(model, task, sites=sites, positions="each", progress=False)
+    assert scores.dims == ("site", "pos")
+    for cell in scores.to_frame().itertuples():
+        assert abs(cell.value - naive(model, task, cell.site, [int(cell.pos)])) <= TOL
+
+
+def test_patching_every_position_of_a_layer_gives_the_endpoints(family: str) -> None:
+    model = tiny_model(family, weight_scale=4.0)
+    task = padded_task()
+    denoise = pathlens.patch(model, task, sites="resid_pre", positions="all", progress=False)
+    noise = pathlens.patch(model, task, sites="resid_pre", positions="all", direction="noise", progress=False)
+    clean, corrupt = denoise.meta["clean_metric"], denoise.meta["corrupt_metric"]
+    torch.testing.assert_close(denoise.values, torch.full_like(denoise.values, clean), atol=TOL, rtol=0)
+    torch.testing.assert_close(noise.values, torch.full_like(noise.values, corrupt), atol=TOL, rtol=0)
+
+
+def test_memory_budget_forces_chunks_with_same_scores() -> None:
+    model = tiny_model("llama", weight_scale=4.0)
+    task = padded_task()
+    roomy = pathlens.patch(model, task, sites="heads", positions="each", progress=False)
+    for budget in (1, 5, 30):
+        tight = pathlens.patch(model, task, sites="heads", positions="each", max_batch_tokens=budget, progress=False)
+        torch.testing.assert_close(tight.values, roomy.values, atol=TOL, rtol=0)
+
+
+def test_budget_bounds_every_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlens.patching import cone
+
+    seen: list[int] = []
+    original = cone.ConeRunner.run
+
+    def spy(self: cone.ConeRunner, layer: int, start: int, patches: list, rows: torch.Tensor) -> torch.Tensor:
+        seen.append(len(patches) * int(rows.numel()) * (self.seq_len - start))
+        return original(self, layer, start, patches, rows)
+
+    monkeypatch.setattr(cone.ConeRunner, "run", spy)
+    pathlens.patch(tiny_model("gpt2"), padded_task(), sites="heads", positions="each", max_batch_tokens=20, progress=False)
+    assert seen and max(seen) <= 20
+
+
+def test_induction_model_top_heads_are_the_circuit() -> None:
+    model = pathlens.load("induction-2l")
+    task = pathlens.tasks.induction(vocab_size=model.hf.config.vocab_size, bos_id=model.hf.config.bos_token_id, n=16, seed=0)
+    scores = pathlens.patch(model, task, sites="heads", direction="noise", progress=False)
+    clean = scores.meta["clean_metric"]
+    effect = (scores.values - clean).abs()
+    top2 = torch.topk(effect.flatten(), 2).indices.tolist()
+    layers = sorted(i // model.n_heads for i in top2)
+    assert layers == [0, 1], f"top two heads {top2} should be one layer-0 and one layer-1 head"
+    info = (Path(pathlens.loading.induction_weights_dir()) / "README.md").read_text()
+    for i in top2:
+        assert f"L{i // model.n_heads}.H{i % model.n_heads}" in info
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch
+    sys.path.insert(0, {root!r})
+    import pathlens
+    from pathlens.patching import cone
+    from tests.conftest import tiny_model
+    from tests.test_patching import padded_task
+    kill_after = int(os.environ.get("KILL_AFTER", "0"))
+    calls = [0]
+    original = cone.ConeRunner.run
+    def counting(self, *a, **k):
+        calls[0] += 1
+        if kill_after and calls[0] > kill_after:
+            os.kill(os.getpid(), 9)
+        return original(self, *a, **k)
+    cone.ConeRunner.run = counting
+    scores = pathlens.patch(tiny_model("llama", weight_scale=4.0), padded_task(), sites="heads", positions="each",
+                            max_batch_tokens=30, out=sys.argv[1], progress=False)
+    scores.save(os.path.join(sys.argv[1], "final"))
+    print("chunks run:", calls[0])
+    """
+)
+
+
+def test_kill_and_resume_gives_identical_scores(tmp_path: Path) -> None:
+    script = tmp_path / "sweep.py"
+    script.write_text(RESUME_SCRIPT.format(root=str(Path(__file__).parent.parent)))
+    env = {**os.environ, "KILL_AFTER": "5"}
+    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")], env=env, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (tmp_path / "resumed" / "progress.safetensors").exists()
+    resumed = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = subprocess.run([sys.executable, str(script), str(tmp_path / "whole")], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    n_resumed = int(resumed.stdout.split("chunks run:")[1])
+    n_whole = int(whole.stdout.split("chunks run:")[1])
+    assert n_resumed == n_whole - 5
+    a = pathlens.results.Scores.load(tmp_path / "resumed" / "final")
+    b = pathlens.results.Scores.load(tmp_path / "whole" / "final")
+    assert torch.equal(a.values, b.values)
+
+
+def test_resume_refuses_a_different_sweep(tmp_path: Path) -> None:
+    model, task = tiny_model("gpt2"), padded_task()
+    pathlens.patch(model, task, sites="heads", out=tmp_path, progress=False)
+    with pytest.raises(pathlens.PathlensError, match="different sweep"):
+        pathlens.patch(model, task, sites="resid_pre", out=tmp_path, progress=False)
+
+
+def test_bad_arguments() -> None:
+    model, task = tiny_model("gpt2"), padded_task()
+    with pytest.raises(pathlens.PathlensError, match="unknown site family"):
+        pathlens.patch(model, task, sites="bananas")
+    with pytest.raises(pathlens.PathlensError, match="direction"):
+        pathlens.patch(model, task, direction="sideways")
+    with pytest.raises(pathlens.PathlensError, match="out of range"):
+        pathlens.patch(model, task, sites="heads", positions=[40])
+    with pytest.raises(pathlens.PathlensError, match="needs neurons"):
+        pathlens.patch(model, task, sites="neurons")
