@@ -14,8 +14,13 @@ from rich.table import Table
 from pathlens.errors import PathlensError
 from pathlens.loading import EMBEDDED, load
 from pathlens.model import Model
+from pathlens.results import Scores
+from pathlens.tasks import TASKS, build_task
+from pathlens.tasks.base import Task
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find, verify and steer pathways in neural networks.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Find, verify and steer pathways in neural networks."
+)
 console = Console()
 
 
@@ -70,13 +75,17 @@ def demo(
     seed: int = typer.Option(0, help="task seed"),
     out: Path = typer.Option(Path("out/demo"), help="folder for the table, PNG and scores"),
 ) -> None:
-    """IOI on an embedded model: clean vs corrupted logit difference and the top heads by direct logit attribution."""
+    """IOI on an embedded model: clean vs corrupted logit difference, top heads by direct logit attribution, and
+    activation patching of every head and of the residual stream per (layer, position)."""
     from pathlens.diagnostics.lens import head_logit_attribution
     from pathlens.tasks import ioi
 
     loaded = _load(model)
     task = ioi(loaded.tokenizer, n=n, seed=seed)
-    console.print(f"IOI task: {task.n} prompt pairs, e.g. [italic]{task.prompts[0]!r}[/] → {loaded.to_str_tokens(task.answer_ids[:1])[0]!r}")
+    console.print(
+        f"IOI task: {task.n} prompt pairs, e.g. [italic]{task.prompts[0]!r}[/] → "
+        f"{loaded.to_str_tokens(task.answer_ids[:1])[0]!r}"
+    )
     with console.status("running clean and corrupted prompts …"):
         clean = loaded.run(task.clean_ids, attention_mask=task.attention_mask)
         corrupt = loaded.run(task.corrupt_ids, attention_mask=task.attention_mask)
@@ -111,8 +120,112 @@ def demo(
     dla.plot(out / "dla_heads.png", title=f"{loaded.name}: IOI direct logit attribution per head")
     dla.save(out / "dla_heads")
     top.to_csv(out / "top_heads.csv", index=False)
+    from pathlens.patching import patch as run_patch
+
+    heads = run_patch(loaded, task, sites="heads", positions="all", progress=True)
+    console.print(write_sweep(heads, out, "patch_heads", f"{loaded.name} IOI: heads patched clean→corrupt"))
+    from pathlens.tasks.ioi import BABA_TEMPLATES
+
+    one_template = ioi(loaded.tokenizer, n=n, seed=seed, templates=[BABA_TEMPLATES[0]])
+    resid = run_patch(loaded, one_template, sites="resid_pre", positions="each", progress=True)
+    console.print(write_sweep(resid, out, "patch_resid", f"{loaded.name} IOI: resid_pre per position"))
+    summary["patch_heads_top"] = [
+        {"layer": int(r.layer), "head": int(r.head), "effect": float(r.value - heads.meta["corrupt_metric"])}
+        for r in heads.top(5, by="value").itertuples()
+    ]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"wrote {out}/dla_heads.png, dla_heads.safetensors/.json, top_heads.csv, summary.json")
+    console.print(f"wrote {out}/: dla_heads, patch_heads, patch_resid (.png/.safetensors/.json/.csv), summary.json")
+
+
+CLI_SITES = {"heads": "heads", "resid": "resid_pre", "mlp": "mlp_out", "attn": "attn_out"}
+
+
+def task_for(model: Model, name: str, n: int, seed: int) -> Task:
+    """Build task `name` for `model` (token-only models get induction over their vocabulary)."""
+    if name not in TASKS:
+        raise PathlensError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}.")
+    if model.tokenizer is None:
+        if name != "induction":
+            raise PathlensError(f"{model.name} has no tokenizer, so only the token-level 'induction' task applies.")
+        cfg = model.hf.config
+        return build_task(
+            name, None, vocab_size=cfg.vocab_size, bos_id=getattr(cfg, "bos_token_id", None), n=n, seed=seed
+        )
+    return build_task(name, model.tokenizer, n=n, seed=seed)
+
+
+def plottable(scores: Scores) -> Scores:
+    """A 2-D view for plotting: (layer, head, pos) becomes (head, pos) with heads labelled L{l}.H{h}."""
+    if scores.values.ndim != 3:
+        return scores
+    first, second, last = scores.dims
+    labels = [
+        f"L{a}.{'H' if second == 'head' else 'G'}{b}" for a in scores.coords[first] for b in scores.coords[second]
+    ]
+    return Scores(
+        values=scores.values.reshape(len(labels), -1),
+        dims=("component", last),
+        coords={"component": labels, last: scores.coords[last]},
+        metric=scores.metric,
+        method=scores.method,
+        meta=scores.meta,
+        pos_labels=scores.pos_labels,
+    )
+
+
+def write_sweep(scores: Scores, out: Path, name: str, title: str) -> Table:
+    """Save scores (safetensors + JSON), a heatmap PNG and a CSV table; return the top-10 table for printing."""
+    out.mkdir(parents=True, exist_ok=True)
+    scores.save(out / name)
+    plottable(scores).plot(out / f"{name}.png", title=title)
+    effect = (
+        scores.values - scores.meta["corrupt_metric"]
+        if scores.method == "patch:denoise"
+        else scores.values - scores.meta["clean_metric"]
+    )
+    ranked = Scores(effect, scores.dims, scores.coords, scores.metric, scores.method, scores.meta, scores.pos_labels)
+    top = ranked.top(10)
+    ranked.to_frame().to_csv(out / f"{name}.csv", index=False)
+    table = Table(title=f"{title}: top 10 by |effect| (patched − baseline)")
+    for col in [*scores.dims, "effect"]:
+        table.add_column(col, justify="right")
+    for _, row in top.iterrows():
+        table.add_row(*[str(row[d]) for d in scores.dims], f"{row['value']:+.3f}")
+    return table
+
+
+@app.command()
+def patch(
+    model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
+    task: str = typer.Option("ioi", help=f"one of {', '.join(TASKS)}"),
+    sites: str = typer.Option("heads", help="heads | resid | mlp | attn, or any family of pathlens.patch"),
+    positions: str = typer.Option("all", help="all | each"),
+    direction: str = typer.Option("denoise", help="denoise | noise"),
+    n: int = typer.Option(8, help="number of prompt pairs"),
+    seed: int = typer.Option(0, help="task seed"),
+    max_batch_tokens: int = typer.Option(4096, help="most tokens in one patched forward"),
+    out: Path = typer.Option(Path("out/patch"), help="output folder (a killed sweep resumes from it)"),
+) -> None:
+    """Activation patching sweep: scores (safetensors + JSON), heatmap PNG and a table."""
+    from pathlens.patching import patch as run_patch
+
+    loaded = _load(model)
+    built = task_for(loaded, task, n, seed)
+    family = CLI_SITES.get(sites, sites)
+    scores = run_patch(
+        loaded,
+        built,
+        sites=family,
+        positions=positions,
+        direction=direction,
+        max_batch_tokens=max_batch_tokens,
+        out=out / "progress",
+        progress=True,
+    )
+    console.print(f"clean metric {scores.meta['clean_metric']:.3f}, corrupted {scores.meta['corrupt_metric']:.3f}")
+    name = f"{family}_{positions}"
+    console.print(write_sweep(scores, out, name, f"{loaded.name} {task}: {family} ({direction})"))
+    console.print(f"wrote {out}/{name}.safetensors/.json/.png/.csv")
 
 
 def main() -> None:

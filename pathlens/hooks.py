@@ -33,9 +33,10 @@ while making ∂metric/∂y available through `torch.autograd.grad`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -212,7 +213,8 @@ class HookSession:
         rows, pos = sel.rows.to(value.device)[:, None], sel.positions.to(value.device)[None, :]
         if value.shape[0] != self.batch or value.shape[1] != self.seq_len:
             raise PathlensError(
-                f"{iv.site}: its value has shape {tuple(value.shape)}, not (batch={self.batch}, pos={self.seq_len}, ...); "
+                f"{iv.site}: its value has shape {tuple(value.shape)}, not "
+                f"(batch={self.batch}, pos={self.seq_len}, ...); "
                 "rows and positions only apply to sites laid out (batch, pos, ...)."
             )
         index: tuple[Any, ...] = (rows, pos) if iv.site.index is None else (rows, pos, iv.site.index)

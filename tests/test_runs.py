@@ -135,7 +135,8 @@ def test_batched_interventions_equal_separate_forwards(model: Model) -> None:
     ]
     k, n = len(sites), clean.shape[0]
     batched_ivs = [
-        Intervention(s, Replace(source[s]), positions=[3, 4], rows=slice(i * n, (i + 1) * n)) for i, s in enumerate(sites)
+        Intervention(s, Replace(source[s]), positions=[3, 4], rows=slice(i * n, (i + 1) * n))
+        for i, s in enumerate(sites)
     ]
     batched = model.run(clean.repeat(k, 1), interventions=batched_ivs).logits
     torch.testing.assert_close(batched, torch.cat(separate), atol=1e-5, rtol=0)
@@ -168,7 +169,9 @@ def test_ops_match_hand_computation() -> None:
     for name, op in ops.items():
         got = model.run(ids, cache=[site], interventions=[Intervention(site, op)]).cache[site]
         torch.testing.assert_close(got, expected[name], atol=1e-6, rtol=1e-6, msg=name)
-    resampled = model.run(ids, cache=[site], interventions=[Intervention(site, Ablate("resample", reference=other_value, seed=3))])
+    resampled = model.run(
+        ids, cache=[site], interventions=[Intervention(site, Ablate("resample", reference=other_value, seed=3))]
+    )
     rows = resampled.cache[site]
     assert all(any(torch.equal(r, o) for o in other_value) for r in rows)
 
@@ -180,7 +183,9 @@ def test_pattern_write_recomputes_head_output() -> None:
     uniform = torch.tril(torch.ones(9, 9))
     uniform = uniform / uniform.sum(-1, keepdim=True)
     source = uniform[None, :, None, :].expand_as(base.cache["L0.pattern"]).contiguous()
-    run = model.run(ids, cache=["L0.pattern", "L0.z", "L0.v"], interventions=[Intervention("L0.pattern", Replace(source))])
+    run = model.run(
+        ids, cache=["L0.pattern", "L0.z", "L0.v"], interventions=[Intervention("L0.pattern", Replace(source))]
+    )
     assert torch.equal(run.cache["L0.pattern"], source)
     v = run.cache["L0.v"].repeat_interleave(2, dim=2)
     expected_z = torch.einsum("bqhk,bkhd->bqhd", source, v)
@@ -191,7 +196,11 @@ def test_gradients_flow_to_cached_sites(family: str) -> None:
     model = tiny_model(family)
     ids = token_batch()
     plain = model.run(ids)
-    run = model.run(ids, cache=["L0.head", "L0.attn_out", "L0.resid_pre"] + ([] if model.arch.parallel else ["L0.resid_mid"]), grad=True)
+    run = model.run(
+        ids,
+        cache=["L0.head", "L0.attn_out", "L0.resid_pre"] + ([] if model.arch.parallel else ["L0.resid_mid"]),
+        grad=True,
+    )
     assert torch.equal(run.logits.detach(), plain.logits)
     metric = run.logits[:, -1, 3].sum()
     names = ["L0.head", "L0.attn_out"] + ([] if model.arch.parallel else ["L0.resid_mid"])

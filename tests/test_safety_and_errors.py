@@ -49,7 +49,18 @@ class Boom(Op):
         raise self.exc
 
 
-ALL_READS = ["embed", "L0.resid_pre", "L0.q", "L0.k", "L0.pattern", "L0.head", "L0.z", "L1.attn_out", "L1.resid_post", "logits"]
+ALL_READS = [
+    "embed",
+    "L0.resid_pre",
+    "L0.q",
+    "L0.k",
+    "L0.pattern",
+    "L0.head",
+    "L0.z",
+    "L1.attn_out",
+    "L1.resid_post",
+    "logits",
+]
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
@@ -79,11 +90,14 @@ def test_model_untouched_after_bad_input() -> None:
     model = tiny_model("llama")
     before = snapshot(model)
     with pytest.raises(PathlensError):
-        model.run(token_batch(), cache=["L0.q"], interventions=[Intervention("L0.resid_pre", Scale(0.0), positions=[99])])
+        model.run(
+            token_batch(), cache=["L0.q"], interventions=[Intervention("L0.resid_pre", Scale(0.0), positions=[99])]
+        )
     assert_untouched(model, before)
 
 
 # ---- site strings ----------------------------------------------------------------------------------
+
 
 def site_strategy() -> st.SearchStrategy[Site]:
     layered = st.builds(
@@ -93,7 +107,9 @@ def site_strategy() -> st.SearchStrategy[Site]:
         st.one_of(st.none(), st.integers(0, 99999)),
     )
     paths = st.from_regex(r"[a-z_]{1,8}(\.[a-z0-9_]{1,8}){0,4}", fullmatch=True)
-    return st.one_of(layered, st.sampled_from([Site("embed"), Site("logits")]), paths.map(lambda p: Site("module", path=p)))
+    return st.one_of(
+        layered, st.sampled_from([Site("embed"), Site("logits")]), paths.map(lambda p: Site("module", path=p))
+    )
 
 
 @given(site_strategy())
@@ -135,6 +151,7 @@ def test_key_sites_name_the_group_fix() -> None:
 
 
 # ---- bad inputs ------------------------------------------------------------------------------------
+
 
 def test_unknown_model_name() -> None:
     with pytest.raises(PathlensError, match="embedded model"):

@@ -47,14 +47,23 @@ def test_identities_and_exact_replace(smollm2: Model) -> None:
     c = run.cache
     torch.testing.assert_close(c[f"L{layer}.head"].sum(2), c[f"L{layer}.attn_out"], atol=1e-4, rtol=0)
     torch.testing.assert_close(
-        c[f"L{layer}.resid_pre"] + c[f"L{layer}.attn_out"] + c[f"L{layer}.mlp_out"], c[f"L{layer}.resid_post"], atol=1e-4, rtol=0
+        c[f"L{layer}.resid_pre"] + c[f"L{layer}.attn_out"] + c[f"L{layer}.mlp_out"],
+        c[f"L{layer}.resid_post"],
+        atol=1e-4,
+        rtol=0,
     )
     for site in (f"L{layer}.H3", f"L{layer}.mlp_out", f"L{layer}.G1.k", f"L{layer}.resid_pre"):
-        source = c[site] if site in c else c[f"L{layer}.head"][:, :, 3] if site.endswith("H3") else c[f"L{layer}.k"][:, :, 1]
+        source = (
+            c[site] if site in c else c[f"L{layer}.head"][:, :, 3] if site.endswith("H3") else c[f"L{layer}.k"][:, :, 1]
+        )
         patched = smollm2.run(ids, attention_mask=mask, interventions=[Intervention(site, Replace(source))])
         assert torch.equal(patched.logits, run.logits), site
     corrupt = smollm2.run(task.corrupt_ids, attention_mask=mask, cache=[f"L{layer}.resid_pre"])
-    patched = smollm2.run(ids, attention_mask=mask, interventions=[Intervention(f"L{layer}.resid_pre", Replace(corrupt.cache[f"L{layer}.resid_pre"]))])
+    patched = smollm2.run(
+        ids,
+        attention_mask=mask,
+        interventions=[Intervention(f"L{layer}.resid_pre", Replace(corrupt.cache[f"L{layer}.resid_pre"]))],
+    )
     assert torch.equal(patched.logits, corrupt.logits)
     assert_untouched(smollm2, before)
 
@@ -64,11 +73,19 @@ def test_batched_equals_separate(smollm2: Model) -> None:
     sites = ["L5.H2", "L20.H7", "L9.mlp_out"]
     src = smollm2.run(task.corrupt_ids, attention_mask=task.attention_mask, cache=sites).cache
     end = int(task.answer_pos[0])
-    separate = torch.cat([
-        smollm2.run(task.clean_ids, attention_mask=task.attention_mask, interventions=[Intervention(s, Replace(src[s]), positions=[end])]).logits
-        for s in sites
-    ])
+    separate = torch.cat(
+        [
+            smollm2.run(
+                task.clean_ids,
+                attention_mask=task.attention_mask,
+                interventions=[Intervention(s, Replace(src[s]), positions=[end])],
+            ).logits
+            for s in sites
+        ]
+    )
     k = len(sites)
     ivs = [Intervention(s, Replace(src[s]), positions=[end], rows=slice(2 * i, 2 * i + 2)) for i, s in enumerate(sites)]
-    batched = smollm2.run(task.clean_ids.repeat(k, 1), attention_mask=task.attention_mask.repeat(k, 1), interventions=ivs).logits
+    batched = smollm2.run(
+        task.clean_ids.repeat(k, 1), attention_mask=task.attention_mask.repeat(k, 1), interventions=ivs
+    ).logits
     torch.testing.assert_close(batched, separate, atol=1e-4, rtol=0)

@@ -6,7 +6,8 @@ tried by `pathlens.arch.generic.discover`, and a user can always pass an `ArchMa
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pathlens.arch.base import ArchMap
 

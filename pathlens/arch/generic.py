@@ -20,7 +20,8 @@ from pathlens.errors import PathlensError
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "ff")
 _HOW_TO = (
-    "Pass an explicit map: pathlens.Model(hf_model, tokenizer, arch=pathlens.ArchMap(family=..., blocks='path.to.layers', "
+    "Pass an explicit map: pathlens.Model(hf_model, tokenizer, arch=pathlens.ArchMap(family=..., "
+    "blocks='path.to.layers', "
     "embed=..., unembed=..., final_norm=..., attn='self_attn', o_proj='self_attn.o_proj', attn_out='self_attn', "
     "mlp='mlp', mlp_down='mlp.down_proj', mlp_out='mlp', n_layers=..., n_heads=..., n_kv_heads=..., d_model=..., "
     "d_head=..., d_mlp=...)); any other module stays reachable as a module('path') site."

@@ -14,8 +14,9 @@ K variants of N prompts run as one batch of K·N rows; the sweep (`pathlens.patc
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -95,7 +96,10 @@ class ConeRunner:
         block = self.blocks[layer]
         bound = inspect.signature(block.forward).bind_partial(*args, **kwargs)
         named = dict(bound.arguments)
-        extra = named.pop(next((k for k, p in inspect.signature(block.forward).parameters.items() if p.kind is p.VAR_KEYWORD), "\0"), {})
+        extra = named.pop(
+            next((k for k, p in inspect.signature(block.forward).parameters.items() if p.kind is p.VAR_KEYWORD), "\0"),
+            {},
+        )
         named.update(extra)
         return named
 
@@ -237,5 +241,3 @@ def cone_start(site: Site, positions: tuple[int, ...] | None, position_cone: boo
         return None
     start = 0 if positions is None or not position_cone else min(positions)
     return site.layer, start
-
-

@@ -14,8 +14,9 @@ ints patches each of those positions separately.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from pathlens.errors import PathlensError
 from pathlens.model import Model
@@ -79,13 +80,17 @@ def _positions(spec: "str | Sequence[int]", seq_len: int) -> list[tuple[int, ...
     return out
 
 
-def _site_grid(model: Model, sites: Any, layers: Sequence[int] | None, neurons: Any) -> tuple[tuple[str, ...], dict[str, list[Any]], list[Site]]:
+def _site_grid(
+    model: Model, sites: Any, layers: Sequence[int] | None, neurons: Any
+) -> tuple[tuple[str, ...], dict[str, list[Any]], list[Site]]:
     """The site part of the grid: dims, coords and the indexed sites in row-major order."""
     a = model.arch
     if isinstance(sites, str) and sites == "neurons":
         if not neurons:
             raise PathlensError("sites='neurons' needs neurons={layer: [index, ...]} naming the neurons to patch.")
-        chosen = [model.resolve(Site("mlp_post", int(layer), int(i))) for layer, idx in dict(neurons).items() for i in idx]
+        chosen = [
+            model.resolve(Site("mlp_post", int(layer), int(i))) for layer, idx in dict(neurons).items() for i in idx
+        ]
         return ("site",), {"site": [str(s) for s in chosen]}, chosen
     if isinstance(sites, str):
         if sites not in FAMILIES:

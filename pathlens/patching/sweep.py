@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -50,7 +51,9 @@ class Chunk:
     start: int
 
 
-def _chunks(plan: Plan, starts: list[tuple[int, int] | None], n: int, seq_len: int, max_batch_tokens: int) -> list[Chunk]:
+def _chunks(
+    plan: Plan, starts: list[tuple[int, int] | None], n: int, seq_len: int, max_batch_tokens: int
+) -> list[Chunk]:
     """Deterministic chunking: group by cone start, then as many variants × rows as the token budget allows."""
     groups: dict[tuple[int, int] | None, list[int]] = {}
     for i, start in enumerate(starts):
@@ -206,7 +209,13 @@ def patch(
         "seed": seed,
         "positions": positions if isinstance(positions, str) else [int(p) for p in positions],
     }
-    state = _Checkpoint(Path(out) if out is not None else None, _fingerprint(model, task, plan, settings), len(plan.variants), n, len(chunks))
+    state = _Checkpoint(
+        Path(out) if out is not None else None,
+        _fingerprint(model, task, plan, settings),
+        len(plan.variants),
+        n,
+        len(chunks),
+    )
 
     def op_for(variant: Variant) -> Op:
         value = source.cache[variant.site.family]
@@ -220,7 +229,9 @@ def patch(
 
     todo = [i for i, _ in enumerate(chunks) if not state.done[i]]
     with Progress(disable=not progress, transient=True) as bar:
-        job = bar.add_task(f"patching {len(plan.variants)} variants", total=len(chunks), completed=len(chunks) - len(todo))
+        job = bar.add_task(
+            f"patching {len(plan.variants)} variants", total=len(chunks), completed=len(chunks) - len(todo)
+        )
         for index in todo:
             chunk = chunks[index]
             rows = torch.arange(chunk.row_start, chunk.row_stop)
@@ -231,11 +242,17 @@ def patch(
                 values = metric(logits[:, None], _scored_view(task, rows, len(variants)))
             else:
                 values = _full_run(model, task, base_ids, variants, op_for, rows)
-            state.record(index, chunk.variants, slice(chunk.row_start, chunk.row_stop), values.reshape(len(variants), -1))
+            state.record(
+                index, chunk.variants, slice(chunk.row_start, chunk.row_stop), values.reshape(len(variants), -1)
+            )
             bar.advance(job)
-    base_metric = float(metric(runner.answer_logits[:, None], _scored_view(task, torch.arange(n), 1)).mean()) if runner else None
+    base_metric = (
+        float(metric(runner.answer_logits[:, None], _scored_view(task, torch.arange(n), 1)).mean()) if runner else None
+    )
     source_metric = float(task.score(source.logits).mean())
-    clean_m, corrupt_m = (source_metric, base_metric) if direction == "denoise" and ablation is None else (base_metric, source_metric)
+    clean_m, corrupt_m = (
+        (source_metric, base_metric) if direction == "denoise" and ablation is None else (base_metric, source_metric)
+    )
     pos_labels = None
     if "pos" in plan.dims:
         pos_labels = [model.to_str_tokens(task.clean_ids[0, p : p + 1])[0] for p in plan.coords["pos"]]
@@ -260,7 +277,9 @@ def patch(
     )
 
 
-def _full_run(model: Model, task: Task, base_ids: Tensor, variants: list[Variant], op_for: Callable[[Variant], Op], rows: Tensor) -> Tensor:
+def _full_run(
+    model: Model, task: Task, base_ids: Tensor, variants: list[Variant], op_for: Callable[[Variant], Op], rows: Tensor
+) -> Tensor:
     """Variants through the whole model in one batched forward: per-row metric values (K·R,)."""
     k, r = len(variants), int(rows.numel())
     interventions = []
@@ -268,6 +287,12 @@ def _full_run(model: Model, task: Task, base_ids: Tensor, variants: list[Variant
         op = op_for(v)
         if isinstance(op, Replace):
             op = Replace(op.source[rows])
-        interventions.append(Intervention(v.site, op, positions=list(v.positions) if v.positions else None, rows=slice(i * r, (i + 1) * r)))
-    run = model.run(base_ids[rows].repeat(k, 1), attention_mask=task.attention_mask[rows].repeat(k, 1), interventions=interventions)
+        interventions.append(
+            Intervention(
+                v.site, op, positions=list(v.positions) if v.positions else None, rows=slice(i * r, (i + 1) * r)
+            )
+        )
+    run = model.run(
+        base_ids[rows].repeat(k, 1), attention_mask=task.attention_mask[rows].repeat(k, 1), interventions=interventions
+    )
     return task.rows(rows).tile(k).score(run.logits)

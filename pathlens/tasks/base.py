@@ -8,8 +8,9 @@ Clean and corrupted prompts of one row always have the same length, so positions
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -87,7 +88,8 @@ class Task:
                 raise PathlensError(f"task {self.name!r}: {fname} must have shape ({n},), got {tuple(t.shape)}.")
         if self.attention_mask.shape != (n, p):
             raise PathlensError(
-                f"task {self.name!r}: attention_mask must have shape ({n}, {p}), got {tuple(self.attention_mask.shape)}."
+                f"task {self.name!r}: attention_mask must have shape ({n}, {p}), "
+                f"got {tuple(self.attention_mask.shape)}."
             )
         if int(self.answer_pos.min()) < 0 or int(self.answer_pos.max()) >= p:
             raise PathlensError(f"task {self.name!r}: answer_pos must lie in [0, {p - 1}].")
