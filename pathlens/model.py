@@ -37,7 +37,7 @@ _DESCRIPTIONS = {
     "mlp_in": "MLP input (after its norm)",
     "mlp_post": "MLP neuron activations (input of the down projection)",
     "mlp_out": "MLP's write into the residual stream",
-    "logits": "unembedding output",
+    "logits": "unembedding output (before a final logit soft-cap, if the model has one)",
 }
 
 

@@ -100,6 +100,26 @@ def _gemma3() -> transformers.PreTrainedModel:
     return transformers.Gemma3ForCausalLM(cfg)
 
 
+def _gemma2() -> transformers.PreTrainedModel:
+    cfg = transformers.Gemma2Config(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        hidden_size=32,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        sliding_window=4,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return transformers.Gemma2ForCausalLM(cfg)
+
+
 def _attn_only() -> transformers.PreTrainedModel:
     from pathlens.zoo.attn_only import AttnOnlyConfig, AttnOnlyForCausalLM
 
@@ -119,6 +139,9 @@ FAMILIES: dict[str, Callable[[], transformers.PreTrainedModel]] = {
     "qwen2": _llama_like(transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "mistral": _llama_like(transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=4),
     "gemma3": _gemma3,
+    "gemma2": _gemma2,
+    "qwen3": _llama_like(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, head_dim=8),
+    "olmo_generic": _llama_like(transformers.OlmoConfig, transformers.OlmoForCausalLM),
     "attn_only": _attn_only,
 }
 

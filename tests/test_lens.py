@@ -23,7 +23,7 @@ def token_task(n: int = 3) -> Task:
     )
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "neox_parallel", "attn_only"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3", "gemma2", "neox_parallel", "attn_only", "olmo_generic"])
 def test_components_add_up_to_logit_difference(family: str) -> None:
     model = tiny_model(family)
     task = token_task()
@@ -41,11 +41,16 @@ def test_components_add_up_to_logit_difference(family: str) -> None:
     total = sum(p[rows, at] for p in parts)
     torch.testing.assert_close(total, run.cache[last][rows, at], atol=1e-5, rtol=0)
     ld = task.score(run.logits).double()
-    bias = 0.0
     final = model.hf.get_submodule(a.final_norm)
-    if isinstance(final, torch.nn.LayerNorm) and final.bias is not None:
-        bias = direction @ final.bias.double()
-    torch.testing.assert_close((norm(total) * direction).sum(-1) + bias, ld, atol=1e-4, rtol=1e-5)
+    bias = direction @ final(torch.zeros(1, a.d_model))[0].double()
+    logits = (norm(total) * direction).sum(-1) + bias
+    cap = getattr(model.hf.config, "final_logit_softcapping", None)
+    if cap:
+        w_u = model.hf.get_submodule(a.unembed).weight.double()
+        full = norm(total) @ w_u.T + final(torch.zeros(1, a.d_model))[0].double() @ w_u.T
+        full = torch.tanh(full / cap) * cap
+        logits = full[rows, task.answer_ids] - full[rows, task.wrong_ids]
+    torch.testing.assert_close(logits, ld, atol=1e-4, rtol=1e-5)
 
 
 def test_head_attribution_scores_shape_and_sum() -> None:

@@ -2,14 +2,15 @@
 direction (answer − wrong logit) at the scored position, through the final norm with its scale frozen.
 
 The final norm is linear once its scale is fixed at the value the full residual stream gives it:
-LayerNorm:  c ↦ w ⊙ (c − mean(c)) / sqrt(var(x) + eps),   RMSNorm: c ↦ g ⊙ c / sqrt(mean(x²) + eps),
+LayerNorm:  c ↦ g ⊙ (c − mean(c)) / sqrt(var(x) + eps),   RMSNorm: c ↦ g ⊙ c / sqrt(mean(x²) + eps),
 where x is the final residual stream. So the attributions of a complete decomposition of x add up to
-logit(answer) − logit(wrong) (minus what the norm's bias contributes, for LayerNorm).
+logit(answer) − logit(wrong) minus what the norm's bias contributes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -21,49 +22,65 @@ from pathlens.results import Scores
 from pathlens.tasks.base import Task
 
 
-def _eps(norm: nn.Module) -> float:
+def _eps(norm: nn.Module, probe: Tensor, bias: Tensor) -> float:
+    """The norm's epsilon: its attribute, or measured from the response to a small probe.
+
+    For a probe e with mean 0 and mean square 1, norm(t·e) − b = g ⊙ t·e / sqrt(t² + eps); the ratio r of the
+    responses at t and at 1 gives eps = t²(1 − r²) / (r² − t²).
+    """
     for name in ("eps", "variance_epsilon", "epsilon"):
         value = getattr(norm, name, None)
         if isinstance(value, float):
             return value
-    raise PathlensError(f"cannot read the epsilon of the final norm {type(norm).__name__}.")
+    t = 1e-2
+    with torch.no_grad():
+        r = float((norm(t * probe)[0].double() - bias).norm() / (norm(probe)[0].double() - bias).norm())
+    return max(t * t * (1 - r * r) / (r * r - t * t), 0.0)
 
 
-def frozen_final_norm(model: Model, resid_final: Tensor) -> "callable[[Tensor], Tensor]":  # type: ignore[valid-type]
+def norm_parts(norm: nn.Module, d: int) -> tuple[bool, Tensor, float]:
+    """Measure a norm module by applying it to probes: (centers, per-feature gain (d,), eps).
+
+    A norm computes g ⊙ (x − [mean x]) / sqrt(stat(x) + eps) + b. Whether it subtracts the mean is seen by
+    shifting the input; b is norm(0); g comes from a ±1 probe (mean 0, mean square 1). This covers
+    LayerNorm, RMSNorm, Gemma's (1 + w) form and parameter-free norms without reimplementing any of them.
+    """
+    if d % 2:
+        raise PathlensError(f"cannot probe a norm over an odd width {d}; pass the residual width of the model.")
+    dtype = next(iter(norm.parameters()), torch.zeros((), dtype=torch.float32)).dtype
+    with torch.no_grad():
+        x = torch.linspace(-2.0, 3.0, d, dtype=dtype)[None]
+        centers = bool(torch.allclose(norm(x + 3.0), norm(x), atol=1e-4))
+        bias = norm(torch.zeros(1, d, dtype=dtype))[0].double()
+        probe = torch.ones(1, d, dtype=dtype)
+        probe[:, 1::2] = -1.0
+        eps = _eps(norm, probe, bias)
+        gain = (norm(probe)[0].double() - bias) * probe[0].double() * math.sqrt(1.0 + eps)
+    return centers, gain, eps
+
+
+def frozen_final_norm(model: Model, resid_final: Tensor) -> Callable[[Tensor], Tensor]:
     """The final norm as a linear map with its scale frozen at `resid_final` (N, d_model).
 
-    Returns f(c) for components c of shape (N, ..., d_model). LayerNorm (torch) is read from its weight;
-    any other norm is treated as RMSNorm, with its per-feature gain measured by applying it to a ones vector
-    (this covers Llama's w·x̂ and Gemma's (1+w)·x̂ forms without reimplementing either).
+    Returns f(c) for components c of shape (N, ..., d_model): g ⊙ (c − [mean c]) / s, with s the norm's
+    scale on the actual final residual stream. The norm's bias is a constant and is not included.
     """
     path = model.arch.final_norm
     if path is None:
-        return lambda c: c
+        return lambda c: c.double()
     norm = get_module(model.hf, path)
-    d = resid_final.shape[-1]
-    eps = _eps(norm)
+    centers, gain, eps = norm_parts(norm, resid_final.shape[-1])
     x = resid_final.double()
-    if isinstance(norm, nn.LayerNorm):
-        scale = torch.sqrt(x.var(-1, unbiased=False) + eps)
-        gain = norm.weight.double() if norm.weight is not None else torch.ones(d, dtype=torch.float64)
+    stat = x.var(-1, unbiased=False) if centers else x.pow(2).mean(-1)
+    scale = torch.sqrt(stat + eps)
 
-        def layer_norm(c: Tensor) -> Tensor:
-            c = c.double()
-            s = scale.reshape(scale.shape + (1,) * (c.ndim - scale.ndim))
-            return gain * (c - c.mean(-1, keepdim=True)) / s
-
-        return layer_norm
-    with torch.no_grad():
-        ones = torch.ones(1, d, dtype=next(norm.parameters()).dtype)
-        gain = norm(ones)[0].double() * math.sqrt(1.0 + eps)
-    scale = torch.sqrt(x.pow(2).mean(-1) + eps)
-
-    def rms_norm(c: Tensor) -> Tensor:
+    def frozen(c: Tensor) -> Tensor:
         c = c.double()
-        s = scale.reshape(scale.shape + (1,) * (c.ndim - scale.ndim))
-        return gain * c / s
+        if centers:
+            c = c - c.mean(-1, keepdim=True)
+        return gain * c / scale.reshape(scale.shape + (1,) * (c.ndim - scale.ndim))
 
-    return rms_norm
+    return frozen
 
 
 def logit_direction(model: Model, task: Task) -> Tensor:
