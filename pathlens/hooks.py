@@ -26,8 +26,10 @@ site layout (batch, pos, ...):
 
 At a hook point the interventions on that site family run first, in the order given, then the reads are
 stored (a cached value is what the model used downstream). With `grad=True`, derived sites (head,
-resid_mid) are spliced into the graph with `x + (y - y.detach())`, which leaves every value bit-identical
-while making ∂metric/∂y available through `torch.autograd.grad`.
+resid_mid) are spliced into the graph with `x + (y - y.detach())`, and reshaped reads are handed back to the
+model, which leaves every value bit-identical while making ∂metric/∂y available through
+`torch.autograd.grad`. Take gradients with respect to a family (`L9.head`) and index the result: an indexed
+read (`L9.H6`) is a view the model does not use, so it receives no gradient.
 """
 
 from __future__ import annotations
@@ -335,12 +337,17 @@ class HookSession:
 
     # ---- hook functions -----------------------------------------------------------------------------
 
+    def _feeds_back(self, fam: Site) -> bool:
+        """Whether the processed value must replace the model's: when written, or when read with gradients
+        (a reshaped view the model never uses would receive no gradient)."""
+        return fam in self._writes or (self.grad and fam in self._reads)
+
     def _output_hook(self, fam: Site, split_heads: bool = False) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             out = _first(output)
             shaped = out.unflatten(-1, (-1, self.model.arch.d_head)) if split_heads else out
             new = self.process(fam, shaped)
-            if fam not in self._writes:
+            if not self._feeds_back(fam):
                 return None
             return _with_first(output, new.flatten(-2) if split_heads else new)
 
@@ -351,7 +358,7 @@ class HookSession:
             x = args[0]
             shaped = x.unflatten(-1, (self.model.arch.n_heads, -1)) if split_heads else x
             new = self.process(fam, shaped)
-            if fam not in self._writes:
+            if not self._feeds_back(fam):
                 return None
             return ((new.flatten(-2) if split_heads else new), *args[1:]), kwargs
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pathlens import Ablate, Add, Intervention, Model, Project, Replace, Scale, Site
-from pathlens.arch.base import get_module
+from pathlens.arch.base import get_module, output_weight_per_head
 from tests.conftest import tiny_model, token_batch
 
 
@@ -212,6 +212,12 @@ def test_gradients_flow_to_cached_sites(family: str) -> None:
     if not model.arch.parallel:
         torch.testing.assert_close(grads[2], grads[1], atol=1e-6, rtol=1e-5)
     assert grads[0].abs().sum() > 0
+    z_run = model.run(ids, cache=["L0.z", "L0.head"], grad=True)
+    g_z, g_head = torch.autograd.grad(z_run.logits[:, -1, 3].sum(), [z_run.cache["L0.z"], z_run.cache["L0.head"]])
+    w_o = output_weight_per_head(
+        get_module(model.hf, f"{model.arch.blocks}.0.{model.arch.o_proj}"), 4, model.arch.d_head
+    )
+    torch.testing.assert_close(g_z, torch.einsum("bphe,hde->bphd", g_head, w_o), atol=1e-6, rtol=1e-5)
 
 
 def test_cache_device_and_dtype() -> None:

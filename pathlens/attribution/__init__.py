@@ -1,0 +1,5 @@
+"""Gradient attribution: estimates of patching effects from forwards and backwards, in patching's Scores layout."""
+
+from pathlens.attribution.atp import atp
+
+__all__ = ["atp"]
