@@ -183,7 +183,7 @@ def write_sweep(scores: Scores, out: Path, name: str, title: str) -> Table:
         if scores.method == "patch:denoise"
         else scores.values - scores.meta["clean_metric"]
     )
-    ranked = Scores(effect, scores.dims, scores.coords, scores.metric, scores.method, scores.meta, scores.pos_labels)
+    ranked = scores.with_values(effect)
     top = ranked.top(10)
     ranked.to_frame().to_csv(out / f"{name}.csv", index=False)
     table = Table(title=f"{title}: top 10 by |effect| (patched − baseline)")

@@ -124,6 +124,18 @@ class Scores:
             raise PathlensError(f"top(k=...) needs a positive int, got {k!r}.")
         return self._frame(self._order(by)[: int(k)])
 
+    def with_values(self, values: torch.Tensor, method: str | None = None) -> Scores:
+        """The same labels with new values of the same shape (e.g. effects = patched − baseline)."""
+        return Scores(
+            values=values,
+            dims=self.dims,
+            coords=self.coords,
+            metric=self.metric,
+            method=method or self.method,
+            meta=self.meta,
+            pos_labels=self.pos_labels,
+        )
+
     def sel(self, **labels: Any) -> Scores:
         """Select cells by label: `sel(layer=3)` drops "layer"; `sel(layer=[3, 5])` keeps it with two cells.
 
@@ -249,8 +261,10 @@ class Scores:
         tensor_path, json_path = _file_pair(path)
         for p in (json_path, tensor_path):
             if not p.is_file():
-                raise PathlensError(f"Scores.load: {p} does not exist; save writes both {json_path.name} and "
-                                    f"{tensor_path.name}, keep them together.")
+                raise PathlensError(
+                    f"Scores.load: {p} does not exist; save writes both {json_path.name} and "
+                    f"{tensor_path.name}, keep them together."
+                )
         try:
             header = json.loads(json_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
@@ -473,8 +487,10 @@ class Scores:
         """Figure size in inches that keeps cells and tick labels readable for this shape."""
         if self.values.ndim == 2:
             rows, cols = self.shape
-            return (min(16.0, max(5.0, 0.35 * min(cols, 2 * _MAX_TICKS) + 3.0)),
-                    min(12.0, max(3.5, 0.3 * min(rows, 2 * _MAX_TICKS) + 2.0)))
+            return (
+                min(16.0, max(5.0, 0.35 * min(cols, 2 * _MAX_TICKS) + 3.0)),
+                min(12.0, max(3.5, 0.3 * min(rows, 2 * _MAX_TICKS) + 2.0)),
+            )
         return (min(16.0, max(5.0, 0.3 * min(self.shape[0], 2 * _MAX_TICKS) + 2.0)), 4.0)
 
     def _default_title(self) -> str:
@@ -617,7 +633,8 @@ def _require_same_cells(parts: Sequence[Scores], caller: str) -> None:
                     differences.append(f"{dim!r} differs at index {j}: {a[j]!r} vs {b[j]!r}")
         if differences:
             raise PathlensError(
-                f"{caller}: {who} have different coords: " + "; ".join(differences)
+                f"{caller}: {who} have different coords: "
+                + "; ".join(differences)
                 + "; select the shared labels with .sel() first."
             )
 

@@ -6,6 +6,7 @@ Tolerance: 1e-5 absolute on the batch-mean logit difference (fp32; batching and 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -149,20 +150,21 @@ def test_budget_bounds_every_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen and max(seen) <= 20
 
 
+def induction_circuit() -> set[tuple[int, int]]:
+    """(layer, head) of the shipped model's previous-token and induction heads, as recorded at training."""
+    info = json.loads((pathlens.loading.induction_weights_dir() / "training.json").read_text())["circuit"]
+    return {tuple(info["previous_token_head"]), tuple(info["induction_head"])}
+
+
 def test_induction_model_top_heads_are_the_circuit() -> None:
     model = pathlens.load("induction-2l")
-    task = pathlens.tasks.induction(
-        vocab_size=model.hf.config.vocab_size, bos_id=model.hf.config.bos_token_id, n=16, seed=0
-    )
-    scores = pathlens.patch(model, task, sites="heads", direction="noise", progress=False)
-    clean = scores.meta["clean_metric"]
-    effect = (scores.values - clean).abs()
-    top2 = torch.topk(effect.flatten(), 2).indices.tolist()
-    layers = sorted(i // model.n_heads for i in top2)
-    assert layers == [0, 1], f"top two heads {top2} should be one layer-0 and one layer-1 head"
-    info = (Path(pathlens.loading.induction_weights_dir()) / "README.md").read_text()
-    for i in top2:
-        assert f"L{i // model.n_heads}.H{i % model.n_heads}" in info
+    cfg = model.hf.config
+    task = pathlens.tasks.induction(vocab_size=cfg.vocab_size, bos_id=cfg.bos_token_id, n=16, seed=0)
+    for direction in ("noise", "denoise"):
+        scores = pathlens.patch(model, task, sites="heads", direction=direction, progress=False)
+        baseline = scores.meta["clean_metric" if direction == "noise" else "corrupt_metric"]
+        top2 = {(int(r.layer), int(r.head)) for r in scores.with_values(scores.values - baseline).top(2).itertuples()}
+        assert top2 == induction_circuit(), (direction, top2)
 
 
 RESUME_SCRIPT = textwrap.dedent(

@@ -135,7 +135,7 @@ class ConeRunner:
         """
         k, r = len(patches), int(rows.numel())
         suffix = self.seq_len - start
-        hidden = self.resid_pre[layer][rows, start:].repeat(k, 1, 1)
+        hidden = _rows_tiled(self.resid_pre[layer][:, start:], rows, k)
         interventions = [
             Intervention(
                 p.site,
@@ -191,13 +191,13 @@ class ConeRunner:
             if index < layer:
                 data.append((None, None))
             else:
-                data.append((keys[rows, :, :start].repeat(k, 1, 1, 1), values[rows, :, :start].repeat(k, 1, 1, 1)))
+                data.append((_rows_tiled(keys[:, :, :start], rows, k), _rows_tiled(values[:, :, :start], rows, k)))
         return DynamicCache(ddp_cache_data=data)
 
     def _mask(self, mask: Any, start: int, rows: Tensor, k: int) -> Any:
         if isinstance(mask, Tensor) and mask.ndim == 4:
             sliced = mask[:, :, start:]
-            return sliced[rows].repeat(k, 1, 1, 1) if sliced.shape[0] == self.n else sliced
+            return _rows_tiled(sliced, rows, k) if sliced.shape[0] == self.n else sliced
         if mask is None and start > 0:
             q = torch.arange(start, self.seq_len)[:, None]
             allowed = torch.arange(self.seq_len)[None, :] <= q
@@ -206,6 +206,14 @@ class ConeRunner:
                 return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
             return allowed[None, None]
         return mask
+
+
+def _rows_tiled(t: Tensor, rows: Tensor, k: int) -> Tensor:
+    """t[rows] repeated k times along the batch; a view (no copy) when rows is a contiguous range and k == 1."""
+    first, count = int(rows[0]), int(rows.numel())
+    contiguous = bool((rows == torch.arange(first, first + count)).all())
+    picked = t[first : first + count] if contiguous else t[rows]
+    return picked if k == 1 else picked.repeat(k, *([1] * (t.ndim - 1)))
 
 
 def _slice_and_tile(value: Any, name: str, n: int, seq_len: int, start: int, rows: Tensor, k: int) -> Any:
@@ -219,7 +227,7 @@ def _slice_and_tile(value: Any, name: str, n: int, seq_len: int, start: int, row
     elif name == "cache_position" and value.ndim == 1:
         value = value[start:]
     if value.ndim >= 1 and value.shape[0] == n and n > 1:
-        value = value[rows].repeat(k, *([1] * (value.ndim - 1)))
+        value = _rows_tiled(value, rows, k)
     return value
 
 
