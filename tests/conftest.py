@@ -61,63 +61,25 @@ def _neox(parallel: bool) -> Callable[[], transformers.PreTrainedModel]:
     return build
 
 
-def _llama_like(cls_cfg: type, cls_model: type, **extra: object) -> Callable[[], transformers.PreTrainedModel]:
+def _llama_like(cls_cfg: type, cls_model: type, **overrides: object) -> Callable[[], transformers.PreTrainedModel]:
+    """Llama-style configs (Llama, Qwen, Mistral, Gemma, OLMo): 2 layers, 4 heads, 2 KV groups unless overridden."""
+
     def build() -> transformers.PreTrainedModel:
-        cfg = cls_cfg(
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            hidden_size=32,
-            intermediate_size=64,
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-            **extra,
-        )
-        return cls_model(cfg)
+        settings: dict[str, object] = {
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "vocab_size": VOCAB,
+            "max_position_embeddings": 64,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "pad_token_id": 0,
+        }
+        return cls_model(cls_cfg(**{**settings, **overrides}))
 
     return build
-
-
-def _gemma3() -> transformers.PreTrainedModel:
-    cfg = transformers.Gemma3TextConfig(
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=8,
-        hidden_size=32,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"],
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    return transformers.Gemma3ForCausalLM(cfg)
-
-
-def _gemma2() -> transformers.PreTrainedModel:
-    cfg = transformers.Gemma2Config(
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        hidden_size=32,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        sliding_window=4,
-        attn_logit_softcapping=5.0,
-        final_logit_softcapping=3.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    return transformers.Gemma2ForCausalLM(cfg)
 
 
 def _attn_only() -> transformers.PreTrainedModel:
@@ -138,8 +100,22 @@ FAMILIES: dict[str, Callable[[], transformers.PreTrainedModel]] = {
     "llama": _llama_like(transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "qwen2": _llama_like(transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "mistral": _llama_like(transformers.MistralConfig, transformers.MistralForCausalLM, sliding_window=4),
-    "gemma3": _gemma3,
-    "gemma2": _gemma2,
+    "gemma3": _llama_like(
+        transformers.Gemma3TextConfig,
+        transformers.Gemma3ForCausalLM,
+        num_key_value_heads=1,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    "gemma2": _llama_like(
+        transformers.Gemma2Config,
+        transformers.Gemma2ForCausalLM,
+        head_dim=8,
+        sliding_window=4,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+    ),
     "qwen3": _llama_like(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, head_dim=8),
     "olmo_generic": _llama_like(transformers.OlmoConfig, transformers.OlmoForCausalLM),
     "attn_only": _attn_only,

@@ -25,23 +25,7 @@ from pathlens.arch.base import get_module
 from pathlens.hooks import HookSession, _first
 from pathlens.interventions import Intervention, Op
 from pathlens.model import Model
-from pathlens.sites import Site
-
-CONE_KINDS = (
-    "resid_pre",
-    "resid_mid",
-    "resid_post",
-    "attn_out",
-    "head",
-    "head_z",
-    "q",
-    "k",
-    "v",
-    "attn_pattern",
-    "mlp_in",
-    "mlp_post",
-    "mlp_out",
-)
+from pathlens.sites import LAYER_KINDS, Site
 
 
 @dataclass
@@ -245,7 +229,7 @@ def _shift(op: Op, start: int, rows: Tensor) -> Op:
 
 def cone_start(site: Site, positions: tuple[int, ...] | None, position_cone: bool) -> tuple[int, int] | None:
     """(layer, position) where a patch's cone starts, or None if the site is outside blocks (embed, modules)."""
-    if site.kind not in CONE_KINDS or site.layer is None:
+    if site.kind not in LAYER_KINDS or site.layer is None:
         return None
     start = 0 if positions is None or not position_cone else min(positions)
     return site.layer, start
