@@ -32,7 +32,7 @@ def test_sites_of_the_induction_model() -> None:
 
 @needs_smollm2
 def test_demo_end_to_end(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["demo", "--n", "8", "--out", str(tmp_path)], terminal_width=200)
+    result = runner.invoke(app, ["demo", "--n", "4", "--out", str(tmp_path)], terminal_width=200)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["clean_logit_diff"] > 2.0 > summary["corrupt_logit_diff"]
@@ -40,3 +40,5 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert scores.dims == ("layer", "head") and scores.values.shape == (30, 9)
     assert (tmp_path / "dla_heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "top 10 heads" in result.output
+    for name in ("patch_heads", "patch_resid"):
+        assert (tmp_path / f"{name}.png").exists() and Scores.load(tmp_path / name).meta["task"] == "ioi"

@@ -34,6 +34,20 @@ def padded_task(n: int = 3, p: int = 9) -> Task:
     return Task("padded", clean, corrupt, torch.arange(n) + 1, torch.arange(n) + 5, lengths - 1, mask)
 
 
+_SOURCES: dict[tuple[int, int, str, str], tuple[Model, Task, torch.Tensor]] = {}
+
+
+def source_value(model: Model, task: Task, family: pathlens.Site, which: str) -> torch.Tensor:
+    """The cached activation of `family` on the clean or corrupted prompts (one run per model, task, family)."""
+    key = (id(model), id(task), str(family), which)
+    hit = _SOURCES.get(key)
+    if hit is None or hit[0] is not model or hit[1] is not task:
+        ids = task.clean_ids if which == "clean" else task.corrupt_ids
+        value = model.run(ids, attention_mask=task.attention_mask, cache=[family]).cache[family]
+        hit = _SOURCES[key] = (model, task, value)
+    return hit[2]
+
+
 def naive(
     model: Model,
     task: Task,
@@ -43,18 +57,12 @@ def naive(
     ablation: str | None = None,
 ) -> float:
     """One full forward with one intervention: the reference every fast path must equal."""
-    base, source = (
-        (task.corrupt_ids, task.clean_ids)
-        if direction == "denoise" and not ablation
-        else (task.clean_ids, task.corrupt_ids)
-    )
-    if ablation:
-        source = task.clean_ids
-    family = pathlens.parse_site(site).family
-    value = model.run(source, attention_mask=task.attention_mask, cache=[family]).cache[family]
-    index = pathlens.parse_site(site).index
-    if index is not None:
-        value = value[:, :, index]
+    denoise = direction == "denoise" and not ablation
+    base = task.corrupt_ids if denoise else task.clean_ids
+    parsed = pathlens.parse_site(site)
+    value = source_value(model, task, parsed.family, "clean" if denoise or ablation else "corrupt")
+    if parsed.index is not None:
+        value = value[:, :, parsed.index]
     op = Ablate(ablation, reference=value) if ablation else Replace(value)
     run = model.run(
         base, attention_mask=task.attention_mask, interventions=[Intervention(site, op, positions=positions)]
