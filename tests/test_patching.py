@@ -20,7 +20,7 @@ import torch
 import pathlens
 from pathlens import Ablate, Intervention, Model, Replace
 from pathlens.tasks.base import Task
-from tests.conftest import tiny_model, token_batch
+from tests.conftest import FAMILIES, tiny_model, token_batch
 
 TOL = 1e-5
 
@@ -70,9 +70,12 @@ def naive(
     return float(task.score(run.logits).mean())
 
 
-@pytest.mark.parametrize(
-    "sites,positions", [("heads", "all"), ("resid_pre", "each"), ("k", "each"), ("z", [2, 5]), ("attn_out", "each")]
-)
+REPRESENTATIVE = ("gpt2", "llama", "gemma3", "neox_parallel")
+SWEEPS = [(f, "heads", "all") for f in FAMILIES] + [(f, "resid_pre", "each") for f in FAMILIES]
+SWEEPS += [(f, s, p) for f in REPRESENTATIVE for s, p in (("k", "each"), ("z", [2, 5]), ("attn_out", "each"))]
+
+
+@pytest.mark.parametrize("family,sites,positions", SWEEPS)
 def test_fast_paths_equal_naive_loop(family: str, sites: str, positions: object) -> None:
     model = tiny_model(family, weight_scale=4.0)
     task = padded_task()
