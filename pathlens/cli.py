@@ -71,7 +71,7 @@ def sites(model: str = typer.Argument(..., help="embedded name, local folder or 
 @app.command()
 def demo(
     model: str = typer.Option("smollm2", help="model to run on"),
-    n: int = typer.Option(16, help="number of IOI prompt pairs"),
+    n: int = typer.Option(8, help="number of IOI prompt pairs"),
     seed: int = typer.Option(0, help="task seed"),
     out: Path = typer.Option(Path("out/demo"), help="folder for the table, PNG and scores"),
 ) -> None:
@@ -113,8 +113,8 @@ def demo(
     heads = Table(title="top 10 heads by direct logit attribution (logit diff, mean over prompts)")
     for col in ("head", "DLA"):
         heads.add_column(col, justify="right")
-    for _, row in top.iterrows():
-        heads.add_row(f"L{int(row['layer'])}.H{int(row['head'])}", f"{row['value']:+.3f}")
+    for row in top.to_dict("records"):
+        heads.add_row(f"L{row['layer']}.H{row['head']}", f"{row['value']:+.3f}")
     console.print(heads)
     out.mkdir(parents=True, exist_ok=True)
     dla.plot(out / "dla_heads.png", title=f"{loaded.name}: IOI direct logit attribution per head")
@@ -126,7 +126,7 @@ def demo(
     console.print(write_sweep(heads, out, "patch_heads", f"{loaded.name} IOI: heads patched clean→corrupt"))
     from pathlens.tasks.ioi import BABA_TEMPLATES
 
-    one_template = ioi(loaded.tokenizer, n=n, seed=seed, templates=[BABA_TEMPLATES[0]])
+    one_template = ioi(loaded.tokenizer, n=min(n, DEMO_RESID_PROMPTS), seed=seed, templates=[BABA_TEMPLATES[0]])
     resid = run_patch(loaded, one_template, sites="resid_pre", positions="each", progress=True)
     console.print(write_sweep(resid, out, "patch_resid", f"{loaded.name} IOI: resid_pre per position"))
     summary["patch_heads_top"] = [
@@ -137,6 +137,7 @@ def demo(
     console.print(f"wrote {out}/: dla_heads, patch_heads, patch_resid (.png/.safetensors/.json/.csv), summary.json")
 
 
+DEMO_RESID_PROMPTS = 4  # the per-(layer, position) sweep is the demo's longest step; 4 prompts keep it short
 CLI_SITES = {"heads": "heads", "resid": "resid_pre", "mlp": "mlp_out", "attn": "attn_out"}
 
 
@@ -189,7 +190,7 @@ def write_sweep(scores: Scores, out: Path, name: str, title: str) -> Table:
     table = Table(title=f"{title}: top 10 by |effect| (patched − baseline)")
     for col in [*scores.dims, "effect"]:
         table.add_column(col, justify="right")
-    for _, row in top.iterrows():
+    for row in top.to_dict("records"):
         table.add_row(*[str(row[d]) for d in scores.dims], f"{row['value']:+.3f}")
     return table
 
