@@ -1,0 +1,648 @@
+"""Activation-patching benchmark: pathlens against TransformerLens, nnsight and a plain-torch loop.
+
+Every library computes the same denoising patching grid on the same weights in one process: for each site, the
+batch-mean logit difference (answer - wrong, at the answer position) of the corrupted run with that one site's
+clean activation patched in. Workloads:
+
+- gpt2-heads: GPT-2-small shape (random init), every head's output over all positions, grid (layer, head).
+- gpt2-resid-pre: the same model, the residual stream entering every block at every position, grid (layer, pos).
+- smollm2-heads / smollm2-resid-pre: the embedded SmolLM2 model on an IOI task, pathlens alone.
+
+Run `python benchmarks/patching.py --json` for one JSON line per workload; see benchmarks/README.md for what
+each number means, how peak memory and the FLOP floor are computed, and which peer variants are used.
+"""
+
+from __future__ import annotations
+
+import os
+
+# TransformerLens' patching loop draws a tqdm bar on stderr; tqdm reads TQDM_* variables when it is imported.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from importlib.metadata import version  # noqa: E402
+from multiprocessing import get_context  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from pathlens.tasks.base import Task  # noqa: E402
+
+GPT2_WORKLOADS = ("gpt2-heads", "gpt2-resid-pre")
+SMOLLM2_WORKLOADS = ("smollm2-heads", "smollm2-resid-pre")
+PEERS = ("tl", "nnsight")
+LIBRARIES = ("pathlens", *PEERS)
+N_PROMPTS = 8
+SEQ_LEN = 15
+N_CORRUPTED = 3
+ANSWER_POS = SEQ_LEN - 1
+SEED = 0
+TL_VARIANT = (
+    "TransformerBridge built by transformer_lens.model_bridge.sources.build_bridge_from_module around a deep copy "
+    "of the benchmark's HF GPT2LMHeadModel (same weights; the bridge replaces the model's submodules in place, so "
+    "it gets its own copy); clean cache from bridge.run_with_cache, grids from transformer_lens.patching"
+)
+NNSIGHT_VARIANT = "nnsight.NNsight around a deep copy of the HF model (NNsight wraps module forwards in place)"
+RSS_POLL_S = 0.002
+
+Grid = Tensor
+Runner = Callable[[Task], Grid]
+
+
+# ----------------------------------------------------------------------------------------------- workload set-up
+
+
+def family_of(workload: str) -> str:
+    """The site family a workload patches: "heads" or "resid_pre"."""
+    return "heads" if workload.endswith("-heads") else "resid_pre"
+
+
+def build_gpt2() -> nn.Module:
+    """GPT-2-small shape with seeded random weights, fp32, eval mode (the default attention implementation)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(SEED)
+    return GPT2LMHeadModel(GPT2Config()).eval()
+
+
+def synthetic_ioi_task(vocab_size: int) -> Task:
+    """IOI-shaped random-token task: 8 pairs of 15 tokens, clean and corrupted differ at 3 fixed positions.
+
+    The answer and wrong token of each row are fixed random ids; the score is read at the last position."""
+    gen = torch.Generator().manual_seed(SEED)
+    clean = torch.randint(0, vocab_size, (N_PROMPTS, SEQ_LEN), generator=gen)
+    slots = torch.randperm(ANSWER_POS, generator=gen)[:N_CORRUPTED].sort().values
+    corrupt = clean.clone()
+    shift = torch.randint(1, vocab_size, (N_PROMPTS, N_CORRUPTED), generator=gen)
+    corrupt[:, slots] = (clean[:, slots] + shift) % vocab_size
+    answers = torch.randint(0, vocab_size, (N_PROMPTS,), generator=gen)
+    wrong = (answers + torch.randint(1, vocab_size, (N_PROMPTS,), generator=gen)) % vocab_size
+    return Task(
+        name="synthetic-ioi",
+        clean_ids=clean,
+        corrupt_ids=corrupt,
+        answer_ids=answers,
+        wrong_ids=wrong,
+        answer_pos=torch.full((N_PROMPTS,), ANSWER_POS),
+        attention_mask=torch.ones_like(clean),
+        meta={"seed": SEED, "corrupted_positions": slots.tolist()},
+    )
+
+
+def mean_logit_diff(logits: Tensor, task: Task) -> Tensor:
+    """Batch-mean logit(answer) - logit(wrong) at each row's answer position; logits (N, P, V) -> scalar."""
+    rows = torch.arange(logits.shape[0])
+    final = logits[rows, task.answer_pos]
+    return (final[rows, task.answer_ids] - final[rows, task.wrong_ids]).mean()
+
+
+# ------------------------------------------------------------------------------------ plain-torch reference loop
+
+
+def _save_input_hook(store: dict[int, Tensor], layer: int) -> Callable[..., None]:
+    """A forward pre-hook that keeps a copy of the module's first input in `store[layer]`."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        store[layer] = args[0].clone()
+
+    return hook
+
+
+def reference_runner(hf: nn.Module, family: str) -> Runner:
+    """One full forward per patch, patched by a forward pre-hook: the correctness reference.
+
+    heads: the head's slice of the input to `attn.c_proj` (the per-head outputs z, concatenated) at all
+    positions; resid_pre: the input hidden state of block L at one position."""
+    blocks = hf.transformer.h
+    n_heads, d_head = hf.config.n_head, hf.config.n_embd // hf.config.n_head
+
+    def module_for(layer: int) -> nn.Module:
+        return blocks[layer].attn.c_proj if family == "heads" else blocks[layer]
+
+    def run(task: Task) -> Grid:
+        clean: dict[int, Tensor] = {}
+        handles = [
+            module_for(layer).register_forward_pre_hook(_save_input_hook(clean, layer)) for layer in range(len(blocks))
+        ]
+        try:
+            hf(task.clean_ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        width = n_heads if family == "heads" else task.seq_len
+        grid = torch.empty(len(blocks), width)
+        for layer in range(len(blocks)):
+            for index in range(width):
+                cols = slice(index * d_head, (index + 1) * d_head) if family == "heads" else None
+
+                def patch(
+                    module: nn.Module,
+                    args: tuple[Any, ...],
+                    layer: int = layer,
+                    index: int = index,
+                    cols: slice | None = cols,
+                ) -> tuple[Any, ...]:
+                    value = args[0].clone()
+                    if cols is not None:
+                        value[:, :, cols] = clean[layer][:, :, cols]
+                    else:
+                        value[:, index] = clean[layer][:, index]
+                    return (value, *args[1:])
+
+                handle = module_for(layer).register_forward_pre_hook(patch)
+                try:
+                    grid[layer, index] = mean_logit_diff(hf(task.corrupt_ids).logits, task)
+                finally:
+                    handle.remove()
+        return grid
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------------ peers
+
+
+def tl_runner(hf: nn.Module, family: str, own_copy: bool) -> Runner:
+    """TransformerLens: a TransformerBridge around the HF model, then `patching.get_act_patch_*`."""
+    from transformer_lens import patching
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    model = copy.deepcopy(hf) if own_copy else hf
+    bridge = build_bridge_from_module(model, type(model).__name__, hf_config=model.config)
+    bridge.eval()
+    sweep = patching.get_act_patch_attn_head_out_all_pos if family == "heads" else patching.get_act_patch_resid_pre
+
+    def run(task: Task) -> Grid:
+        _, cache = bridge.run_with_cache(task.clean_ids)
+        return sweep(bridge, task.corrupt_ids, cache, lambda logits: mean_logit_diff(logits, task)).float().cpu()
+
+    return run
+
+
+def nnsight_runner(hf: nn.Module, family: str, own_copy: bool) -> Runner:
+    """nnsight, idiomatic: one trace to save the clean activations, then one trace per patch."""
+    import nnsight
+
+    model = nnsight.NNsight(copy.deepcopy(hf) if own_copy else hf)
+    n_layers, n_heads = hf.config.n_layer, hf.config.n_head
+    d_head = hf.config.n_embd // n_heads
+
+    def run(task: Task) -> Grid:
+        clean = []
+        with model.trace(task.clean_ids):
+            for layer in range(n_layers):
+                block = model.transformer.h[layer]
+                site = block.attn.c_proj.input if family == "heads" else block.input
+                clean.append(site.save())
+        width = n_heads if family == "heads" else task.seq_len
+        grid = torch.empty(n_layers, width)
+        for layer in range(n_layers):
+            for index in range(width):
+                with model.trace(task.corrupt_ids):
+                    block = model.transformer.h[layer]
+                    if family == "heads":
+                        cols = slice(index * d_head, (index + 1) * d_head)
+                        block.attn.c_proj.input[:, :, cols] = clean[layer][:, :, cols]
+                    else:
+                        block.input[:, index] = clean[layer][:, index]
+                    value = nnsight.save(mean_logit_diff(model.lm_head.output, task))
+                grid[layer, index] = value
+        return grid
+
+    return run
+
+
+def pathlens_runner(hf: nn.Module, family: str, tokenizer: Any = None) -> Runner:
+    """pathlens.patch on `Model(hf)`; raises at once if pathlens has no `patch` yet."""
+    import pathlens
+
+    if not hasattr(pathlens, "patch"):
+        raise RuntimeError(
+            "pathlens.patch does not exist in this checkout, so pathlens cannot be benchmarked; "
+            "run with --libs tl,nnsight to time the peers alone."
+        )
+    model = pathlens.Model(hf, tokenizer=tokenizer)
+    positions = "all" if family == "heads" else "each"
+
+    def run(task: Task) -> Grid:
+        scores = pathlens.patch(model, task, sites=family, positions=positions, direction="denoise", progress=False)
+        return scores.values.float()
+
+    return run
+
+
+def make_runner(library: str, hf: nn.Module, family: str, own_copy: bool) -> Runner:
+    """The runner of `library` ("pathlens", "tl", "nnsight" or "torch") on the GPT-2 model."""
+    if library == "pathlens":
+        return pathlens_runner(hf, family)
+    if library == "tl":
+        return tl_runner(hf, family, own_copy)
+    if library == "nnsight":
+        return nnsight_runner(hf, family, own_copy)
+    return reference_runner(hf, family)
+
+
+# ----------------------------------------------------------------------------------------------- FLOP floor
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The matmul-relevant sizes of a decoder-only transformer."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    mlp_matrices: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config: Any) -> Shape:
+        """Read the sizes of a GPT-2 or Llama-family HF config."""
+        if config.model_type == "gpt2":
+            return cls(
+                n_layers=config.n_layer,
+                d_model=config.n_embd,
+                n_heads=config.n_head,
+                n_kv_heads=config.n_head,
+                d_head=config.n_embd // config.n_head,
+                d_mlp=config.n_inner or 4 * config.n_embd,
+                mlp_matrices=2,
+                vocab=config.vocab_size,
+            )
+        if config.model_type == "llama":
+            d_head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            return cls(
+                n_layers=config.num_hidden_layers,
+                d_model=config.hidden_size,
+                n_heads=config.num_attention_heads,
+                n_kv_heads=config.num_key_value_heads,
+                d_head=d_head,
+                d_mlp=config.intermediate_size,
+                mlp_matrices=3,
+                vocab=config.vocab_size,
+            )
+        raise ValueError(f"no FLOP model for model_type {config.model_type!r}")
+
+    def layer_row_flops(self, n_keys: int) -> int:
+        """Matmul FLOPs of one block for one query row attending over `n_keys` keys.
+
+        QKV projections, attention scores and mix, output projection and the MLP; 2 FLOPs per multiply-add."""
+        q_width, kv_width = self.n_heads * self.d_head, self.n_kv_heads * self.d_head
+        qkv = 2 * self.d_model * (q_width + 2 * kv_width)
+        attention = 2 * 2 * n_keys * q_width
+        out = 2 * q_width * self.d_model
+        mlp = 2 * self.mlp_matrices * self.d_model * self.d_mlp
+        return qkv + attention + out + mlp
+
+    def unembed_row_flops(self) -> int:
+        return 2 * self.d_model * self.vocab
+
+    def cone_flops(self, batch: int, seq_len: int, layer: int, first_pos: int) -> int:
+        """FLOPs of blocks layer..end for query rows first_pos..seq_len-1 (over all keys), plus their unembedding."""
+        rows = seq_len - first_pos
+        return batch * rows * ((self.n_layers - layer) * self.layer_row_flops(seq_len) + self.unembed_row_flops())
+
+    def forward_flops(self, batch: int, seq_len: int) -> int:
+        return self.cone_flops(batch, seq_len, 0, 0)
+
+    def workload_cone_flops(self, family: str, batch: int, seq_len: int) -> int:
+        """Sum of cone FLOPs over every patch of a workload (heads: all positions; resid_pre: one per position)."""
+        if family == "heads":
+            return sum(self.n_heads * self.cone_flops(batch, seq_len, layer, 0) for layer in range(self.n_layers))
+        return sum(
+            self.cone_flops(batch, seq_len, layer, pos) for layer in range(self.n_layers) for pos in range(seq_len)
+        )
+
+    def n_patches(self, family: str, seq_len: int) -> int:
+        return self.n_layers * (self.n_heads if family == "heads" else seq_len)
+
+
+def time_forward(hf: nn.Module, task: Task, times: int) -> list[float]:
+    """Wall times of `times` plain forwards of the corrupted batch (no hooks, under no_grad)."""
+    out = []
+    with torch.no_grad():
+        for _ in range(times):
+            start = time.perf_counter()
+            hf(task.corrupt_ids, attention_mask=task.attention_mask)
+            out.append(time.perf_counter() - start)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- peak memory
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes, from /proc/self/statm."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_growth_mb(fn: Callable[[], Any]) -> float:
+    """Peak RSS growth while `fn()` runs, in MiB, over the RSS just before it.
+
+    A thread samples /proc/self/statm every 2 ms; the kernel's high-water mark (ru_maxrss) also counts when `fn`
+    raised it above its value before the call, which catches spikes shorter than the sampling period."""
+    gc.collect()
+    start = current_rss()
+    hwm_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = start
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, current_rss())
+            time.sleep(RSS_POLL_S)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    hwm_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if hwm_after > hwm_before:
+        peak = max(peak, hwm_after)
+    return (max(peak, current_rss()) - start) / 2**20
+
+
+def memory_child(library: str, workload: str, threads: int | None) -> float:
+    """In a fresh process: build the model, task and library wrapper, then measure one run's peak RSS growth."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    hf = build_gpt2()
+    task = synthetic_ioi_task(hf.config.vocab_size)
+    runner = make_runner(library, hf, family_of(workload), own_copy=False)
+    with torch.no_grad():
+        return peak_rss_growth_mb(lambda: runner(task))
+
+
+def measure_memory(library: str, workload: str, threads: int | None) -> float:
+    """`memory_child` in a new spawned interpreter, so earlier runs' allocations cannot hide this one's."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(memory_child, library, workload, threads).result()
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timed:
+    """One runner's grid (from the warm-up run) and its timed repeats."""
+
+    grid: Grid
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def time_round_robin(
+    runners: dict[str, Runner], task: Task, repeats: int, hf: nn.Module
+) -> tuple[dict[str, Timed], list[float]]:
+    """Warm every runner up once (keeping its grid), then time `repeats` rounds, one run of each runner per round.
+
+    Interleaving the runners spreads a shared machine's load changes over all of them alike. Each round also
+    times three plain forwards for the floor. Returns the timings and all plain-forward times."""
+    results: dict[str, Timed] = {}
+    forwards: list[float] = []
+    time_forward(hf, task, 1)
+    with torch.no_grad():
+        for name, run in runners.items():
+            results[name] = Timed(grid=run(task))
+        for _ in range(repeats):
+            forwards += time_forward(hf, task, 3)
+            for name, run in runners.items():
+                gc.collect()
+                start = time.perf_counter()
+                run(task)
+                results[name].seconds.append(time.perf_counter() - start)
+    return results, forwards
+
+
+def max_abs_diff(a: Tensor, b: Tensor) -> float:
+    if a.shape != b.shape:
+        raise ValueError(f"grids differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return float((a.float() - b.float()).abs().max())
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None:
+        return None
+    return numerator / denominator
+
+
+# ------------------------------------------------------------------------------------------------ workloads
+
+
+def run_gpt2_workload(
+    workload: str, libraries: list[str], repeats: int, threads: int | None, memory: bool
+) -> dict[str, Any]:
+    """Time `libraries` and the reference loop on one GPT-2 workload; check their grids agree; measure memory."""
+    family = family_of(workload)
+    hf = build_gpt2()
+    task = synthetic_ioi_task(hf.config.vocab_size)
+    shape = Shape.of(hf.config)
+    runners = {lib: make_runner(lib, hf, family, own_copy=True) for lib in libraries}
+    runners["torch"] = make_runner("torch", hf, family, own_copy=False)
+    timed, forwards = time_round_robin(runners, task, repeats, hf)
+    reference = timed["torch"].grid
+    t_forward = statistics.median(forwards)
+    flops = shape.workload_cone_flops(family, task.n, task.seq_len)
+    floor = flops / shape.forward_flops(task.n, task.seq_len) * t_forward
+    seconds = {lib: timed[lib].median if lib in timed else None for lib in (*LIBRARIES, "torch")}
+    diff_ref = {lib: max_abs_diff(timed[lib].grid, reference) for lib in timed if lib != "torch"}
+    diff_pathlens = {
+        peer: max_abs_diff(timed["pathlens"].grid, timed[peer].grid) if "pathlens" in timed and peer in timed else None
+        for peer in PEERS
+    }
+    peer_diffs = [d for d in diff_pathlens.values() if d is not None]
+    peak = {lib: measure_memory(lib, workload, threads) for lib in (*libraries, "torch")} if memory else None
+    return {
+        "workload": workload,
+        "pathlens_s": seconds["pathlens"],
+        "tl_s": seconds["tl"],
+        "nnsight_s": seconds["nnsight"],
+        "torch_s": seconds["torch"],
+        "floor_s": floor,
+        "speedup_vs_tl": ratio(seconds["tl"], seconds["pathlens"]),
+        "speedup_vs_nnsight": ratio(seconds["nnsight"], seconds["pathlens"]),
+        "speedup_vs_torch": ratio(seconds["torch"], seconds["pathlens"]),
+        "pathlens_over_floor": ratio(seconds["pathlens"], floor),
+        "max_abs_diff": max(peer_diffs) if peer_diffs else None,
+        "max_abs_diff_tl": diff_pathlens["tl"],
+        "max_abs_diff_nnsight": diff_pathlens["nnsight"],
+        "max_abs_diff_vs_torch": diff_ref,
+        "grid_abs_max": float(reference.abs().max()),
+        "peak_mb": peak,
+        "n_patches": shape.n_patches(family, task.seq_len),
+        "forward_s": t_forward,
+        "cone_gflop": flops / 1e9,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "tl_variant": TL_VARIANT if "tl" in libraries else None,
+        "nnsight_variant": NNSIGHT_VARIANT if "nnsight" in libraries else None,
+        "versions": versions(libraries),
+    }
+
+
+def run_smollm2_workloads(workloads: list[str], repeats: int) -> list[dict[str, Any]]:
+    """pathlens alone on the embedded SmolLM2 with an IOI task (BABA templates), against the FLOP floor."""
+    import pathlens
+    from pathlens.tasks import ioi
+
+    model = pathlens.load("smollm2")
+    task = ioi(model.tokenizer, n=N_PROMPTS, seed=SEED, templates="BABA")
+    shape = Shape.of(model.hf.config)
+    rows = []
+    for workload in workloads:
+        family = family_of(workload)
+        runner = pathlens_runner(model.hf, family, tokenizer=model.tokenizer)
+        timed, forwards = time_round_robin({"pathlens": runner}, task, repeats, model.hf)
+        flops = shape.workload_cone_flops(family, task.n, task.seq_len)
+        floor = flops / shape.forward_flops(task.n, task.seq_len) * statistics.median(forwards)
+        rows.append(
+            {
+                "workload": workload,
+                "pathlens_s": timed["pathlens"].median,
+                "floor_s": floor,
+                "pathlens_over_floor": timed["pathlens"].median / floor,
+            }
+        )
+    return rows
+
+
+def versions(libraries: list[str]) -> dict[str, str]:
+    dists = {"torch": "torch", "transformers": "transformers", "tl": "transformer-lens", "nnsight": "nnsight"}
+    wanted = ["torch", "transformers", *(lib for lib in libraries if lib in PEERS)]
+    return {dists[name]: version(dists[name]) for name in wanted}
+
+
+# ----------------------------------------------------------------------------------------------------- output
+
+
+TABLE_COLUMNS = (
+    ("pathlens", "pathlens_s", ".2f"),
+    ("TL", "tl_s", ".2f"),
+    ("nnsight", "nnsight_s", ".2f"),
+    ("torch", "torch_s", ".2f"),
+    ("floor", "floor_s", ".2f"),
+    ("x TL", "speedup_vs_tl", ".1f"),
+    ("x nns", "speedup_vs_nnsight", ".1f"),
+    ("/floor", "pathlens_over_floor", ".2f"),
+    ("max|d|", "max_abs_diff", ".1e"),
+)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Readable summary: seconds per library, floor, ratios, agreement and peak memory."""
+    print(f"{'workload':<19}" + "".join(f"{title:>10}" for title, _, _ in TABLE_COLUMNS))
+    print("-" * (19 + 10 * len(TABLE_COLUMNS)))
+    for row in rows:
+        cells = ("-" if row.get(key) is None else format(row[key], spec) for _, key, spec in TABLE_COLUMNS)
+        print(f"{row['workload']:<19}" + "".join(f"{cell:>10}" for cell in cells))
+    print("\nseconds = median wall time; x TL / x nns = peer time / pathlens time; /floor = pathlens time / floor.")
+    for row in rows:
+        if row.get("max_abs_diff_vs_torch"):
+            diffs = ", ".join(f"{k} {v:.1e}" for k, v in row["max_abs_diff_vs_torch"].items())
+            scale = f"grid values up to {row['grid_abs_max']:.2f}"
+            print(f"{row['workload']}: max |grid - plain-torch reference|: {diffs} ({scale})")
+        if row.get("peak_mb"):
+            peaks = ", ".join(f"{k} {v:.0f} MiB" for k, v in row["peak_mb"].items())
+            print(f"{row['workload']}: peak RSS growth: {peaks}")
+
+
+def disagreements(rows: list[dict[str, Any]], tol: float) -> list[str]:
+    """Every (workload, library) whose grid differs from the plain-torch reference by more than `tol`."""
+    return [
+        f"{row['workload']}: {lib} differs from the reference by {diff:.3g} (> {tol:g})"
+        for row in rows
+        for lib, diff in (row.get("max_abs_diff_vs_torch") or {}).items()
+        if diff > tol
+    ]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON line per workload")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per library (median reported)")
+    parser.add_argument("--quick", action="store_true", help="one timed run per library (same as --repeats 1)")
+    parser.add_argument(
+        "--libs", default=",".join(LIBRARIES), help="comma list of libraries to time next to the plain-torch loop"
+    )
+    parser.add_argument(
+        "--workloads",
+        default=None,
+        help="comma list of workloads (default: all; the smollm2 ones only when pathlens is in --libs)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads; 0 keeps torch's default (one per core)"
+    )
+    parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory (saves one run each)")
+    parser.add_argument("--tol", type=float, default=1e-3, help="largest allowed |grid - reference| (exit 1 above)")
+    args = parser.parse_args(argv)
+    args.libs = [lib for lib in args.libs.split(",") if lib]
+    if args.workloads is None:
+        args.workloads = list(GPT2_WORKLOADS + (SMOLLM2_WORKLOADS if "pathlens" in args.libs else ()))
+    else:
+        args.workloads = [w for w in args.workloads.split(",") if w]
+    unknown = [lib for lib in args.libs if lib not in LIBRARIES] + [
+        w for w in args.workloads if w not in GPT2_WORKLOADS + SMOLLM2_WORKLOADS
+    ]
+    if unknown:
+        parser.error(f"unknown library or workload: {', '.join(unknown)}")
+    if any(w in SMOLLM2_WORKLOADS for w in args.workloads) and "pathlens" not in args.libs:
+        parser.error("the smollm2 workloads time pathlens alone; keep pathlens in --libs or drop them")
+    if args.quick:
+        args.repeats = 1
+    if args.threads < 0:
+        parser.error("--threads must be 0 (torch's default) or more")
+    args.threads = args.threads or None
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for workload in (w for w in GPT2_WORKLOADS if w in args.workloads):
+        row = run_gpt2_workload(workload, args.libs, args.repeats, args.threads, not args.skip_memory)
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+    smollm2 = [w for w in SMOLLM2_WORKLOADS if w in args.workloads]
+    if smollm2:
+        for row in run_smollm2_workloads(smollm2, args.repeats):
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+    if not args.json:
+        print_table(rows)
+    problems = disagreements(rows, args.tol)
+    for problem in problems:
+        print(f"DISAGREEMENT {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
