@@ -38,6 +38,7 @@ from pathlens.tasks.base import Task
 from pathlens.tasks.metrics import metric_name
 
 DEFAULT_MAX_BATCH_TOKENS = 4096
+_NO_OP_LAYER = -1  # chunk layer of variants that patch nothing (see `executed_variant`); they start at P
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def _chunks(
     for key in sorted(groups, key=lambda s: (-1, -1) if s is None else s):
         members = groups[key]
         layer, start = (None, 0) if key is None else key
-        tokens_per_row = seq_len - start
+        tokens_per_row = max(1, seq_len - start)
         per_variant = n * tokens_per_row
         if per_variant <= max_batch_tokens:
             k = max_batch_tokens // per_variant
@@ -194,11 +195,20 @@ def patch(
         base_ids, source_ids = task.corrupt_ids, task.clean_ids
     else:
         base_ids, source_ids = task.clean_ids, task.corrupt_ids
-    families = sorted({v.site.family for v in plan.variants}, key=str)
-    source = model.run(source_ids, attention_mask=task.attention_mask, cache=families)
     runner = ConeRunner(model, base_ids, task.attention_mask, task.answer_pos) if cone else None
     position_cone = runner is not None and runner.supports_position_cone
-    starts = [cone_start(v.site, v.positions, position_cone) if runner else None for v in plan.variants]
+    shared = shared_prefix(base_ids, source_ids) if position_cone and ablation is None else 0
+    executed = [executed_variant(v, shared, seq_len) for v in plan.variants]
+    families = sorted({v.site.family for v in executed}, key=str)
+    source = model.run(source_ids, attention_mask=task.attention_mask, cache=families)
+    starts = [
+        (_NO_OP_LAYER, seq_len)
+        if v.positions == ()
+        else cone_start(v.site, v.positions, position_cone)
+        if runner
+        else None
+        for v in executed
+    ]
     chunks = _chunks(plan, starts, n, seq_len, max_batch_tokens)
     settings = {
         "direction": direction,
@@ -235,8 +245,12 @@ def patch(
         for index in todo:
             chunk = chunks[index]
             rows = torch.arange(chunk.row_start, chunk.row_stop)
-            variants = [plan.variants[i] for i in chunk.variants]
-            if runner is not None and chunk.layer is not None:
+            variants = [executed[i] for i in chunk.variants]
+            if chunk.start == seq_len:
+                assert runner is not None
+                base = metric(runner.answer_logits[rows][:, None], _scored_view(task, rows, 1))
+                values = base.repeat(len(variants))
+            elif runner is not None and chunk.layer is not None:
                 patches = [ConePatch(v.site, op_for(v), v.positions) for v in variants]
                 logits = runner.run(chunk.layer, chunk.start, patches, rows)
                 values = metric(logits[:, None], _scored_view(task, rows, len(variants)))
@@ -275,6 +289,32 @@ def patch(
         },
         pos_labels=pos_labels,
     )
+
+
+def shared_prefix(base_ids: Tensor, source_ids: Tensor) -> int:
+    """How many leading positions hold the same token in every base and source row (P if they are equal).
+
+    In a causal model the source and base activations at those positions are the same numbers, so patching
+    them changes nothing: a patch's cone can start at the first position where the prompts differ."""
+    differs = (base_ids != source_ids).any(dim=0).nonzero()
+    return int(differs[0]) if differs.numel() else int(base_ids.shape[1])
+
+
+def executed_variant(variant: Variant, shared: int, seq_len: int) -> Variant:
+    """The variant a sweep runs to realise `variant`.
+
+    - A head's output is patched through its z: the output projection is linear, so replacing, zeroing,
+      mean-ablating or resampling z_h does exactly that to z_h @ W_O[h], without materialising the
+      (batch, pos, heads, d_model) head outputs.
+    - Positions before `shared` (see `shared_prefix`) are dropped: there the patch writes the value already
+      present. A variant left with no position is a no-op (`positions == ()`), whose metric is the base run's.
+    """
+    site = replace(variant.site, kind="head_z") if variant.site.kind == "head" else variant.site
+    positions = variant.positions
+    if shared:
+        kept = range(shared, seq_len) if positions is None else (p for p in positions if p >= shared)
+        positions = tuple(kept)
+    return replace(variant, site=site, positions=positions)
 
 
 def _full_run(
