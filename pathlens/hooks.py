@@ -121,14 +121,16 @@ def _attention(
     key = _process_new_positions(session, Site("k", layer), key)
     value = _process_new_positions(session, Site("v", layer), value)
     pattern_site = Site("attn_pattern", layer)
-    if not session.wants(pattern_site):
+    constant_pattern = "AH" in session.rules
+    if not session.wants(pattern_site) and not constant_pattern:
         return own(module, query, key, value, attention_mask, *args, **kwargs)
     eager = _eager_function(module)
     out, weights = eager(module, query, key, value, _additive_mask(attention_mask, query, key), *args, **kwargs)
     new = session.process(pattern_site, weights.transpose(1, 2)).transpose(1, 2)
-    if session.writes_to(pattern_site):
+    if session.writes_to(pattern_site) or constant_pattern:
+        probs = new.detach() if constant_pattern else new
         n_rep = query.shape[1] // value.shape[1]
-        out = torch.matmul(new.to(value.dtype), _repeat_kv(value, n_rep)).transpose(1, 2).contiguous()
+        out = torch.matmul(probs.to(value.dtype), _repeat_kv(value, n_rep)).transpose(1, 2).contiguous()
     return out, new
 
 
@@ -173,6 +175,7 @@ class HookSession:
     cache_device: torch.device | str | None = None
     cache_dtype: torch.dtype | None = None
     record_blocks: bool = False
+    rules: frozenset[str] = frozenset()
     cache: dict[Site, Tensor] = field(default_factory=dict)
     block_calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
     _writes: dict[Site, list[_Write]] = field(default_factory=dict)
@@ -267,6 +270,8 @@ class HookSession:
             for layer, block in enumerate(blocks):
                 self._hook(block, "pre", self._record_hook(layer))
         attn_layers: set[int] = set()
+        if self.rules:
+            self._register_rules(blocks, attn_layers)
         for fam in sorted(families, key=str):
             if fam.kind == "embed":
                 self._hook(get_module(root, arch.embed), "fwd", self._output_hook(fam))
@@ -279,6 +284,21 @@ class HookSession:
                 self._register_layer_site(fam, blocks[fam.layer], attn_layers)
         if attn_layers:
             self._route_attention(blocks)
+
+    def _register_rules(self, blocks: nn.ModuleList, attn_layers: set[int]) -> None:
+        """LRP rules (`pathlens.attribution.lrp`), registered before the site hooks so that a site read at the
+        same module sees the value and gradient the rest of the model sees."""
+        from pathlens.attribution.lrp import rule_hooks
+
+        if "AH" in self.rules:
+            if self.model.arch.qkv != "interface":
+                raise PathlensError(
+                    f"the AH rule needs attention through the transformers attention interface, which "
+                    f"{self.model.arch.family} does not use; drop 'AH' from rules=."
+                )
+            attn_layers.update(range(len(blocks)))
+        for module, kind, fn in rule_hooks(self.model, self.rules):
+            self._hook(module, kind, fn)
 
     def _register_layer_site(self, fam: Site, block: nn.Module, attn_layers: set[int]) -> None:
         arch, layer = self.model.arch, fam.layer

@@ -8,7 +8,7 @@ written only through hooks that exist inside `Model.run`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,6 +262,7 @@ class Model:
         grad: bool = False,
         cache_device: torch.device | str | None = None,
         cache_dtype: torch.dtype | None = None,
+        rules: Collection[str] = (),
     ) -> Run:
         """One forward pass with the given interventions, caching the given sites.
 
@@ -269,8 +270,12 @@ class Model:
         cache: sites to return (only these are computed and kept), on `cache_device` / `cache_dtype` if given.
         interventions: applied in order; each acts on its own positions and rows of the batch.
         grad: run with autograd so gradients flow to parameters and cached activations (for attribution).
+        rules: LRP rules for the backward pass ("LN", "identity", "half", "AH"; `pathlens.attribution.lrp`);
+            values are unchanged, gradients become LRP relevance per unit input.
         Returns Run(logits (b, p, vocab), cache). Hooks exist only inside this call.
         """
+        from pathlens.attribution.lrp import normalize_rules
+
         ids, mask = self._prepare(inputs, attention_mask)
         reads = [self.resolve(s) for s in cache]
         for iv in interventions:
@@ -284,6 +289,7 @@ class Model:
             grad=grad,
             cache_device=cache_device,
             cache_dtype=cache_dtype,
+            rules=normalize_rules(rules),
         )
         out = self.forward(ids, mask, session)
         logits = out.logits if hasattr(out, "logits") else _first_tensor(out)

@@ -6,24 +6,121 @@ s = clean; noise: the reverse):
     m(patched) ≈ m(b) + Σ_{p ∈ S} (n_s − n_b)[p] · ∂m/∂n[p] |_b
 
 The result is a `Scores` with exactly the dims, coords and meaning (the patched metric, batch mean) of
-`pathlens.patch` on the same arguments, so the two compare cell by cell (`Scores.corr`).
+`pathlens.patch` on the same arguments, so the two compare cell by cell (`Scores.corr`). RelP
+(`pathlens.attribution.relp`) is the same product with the backward pass under LRP rules; AtP*
+(`pathlens.attribution.atp_star`) corrects query/key sites and adds GradDrop — all three share
+`first_order` and `cells` below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from pathlens.errors import PathlensError
-from pathlens.model import Model
-from pathlens.patching.plan import make_plan
+from pathlens.interventions import Intervention
+from pathlens.model import Model, Run
+from pathlens.patching.plan import Plan, make_plan
 from pathlens.results import Scores
-from pathlens.sites import INDEX_LETTER
+from pathlens.sites import INDEX_LETTER, Site
 from pathlens.tasks.base import Task
 from pathlens.tasks.metrics import metric_name
+
+Metric = Callable[[Tensor, Task], Tensor]
+
+
+@dataclass
+class FirstOrder:
+    """Everything a first-order estimate needs, per site family.
+
+    `effect[family]`: per-prompt estimated change of the metric, summed over the site's feature dims but not
+    over positions or its index axis: (N, P) or (N, P, index). `source` / `base` are the two runs (the base
+    run's cache holds the gradient-carrying activations); `grads[family]` ∂(Σ_prompts m)/∂site at the base
+    run, same shape as the site; `per_prompt` the base metric (N,).
+    """
+
+    plan: Plan
+    families: list[Site]
+    source: Run
+    base: Run
+    grads: dict[Site, Tensor]
+    effect: dict[Site, Tensor]
+    per_prompt: Tensor
+
+    @property
+    def base_metric(self) -> float:
+        return float(self.per_prompt.detach().mean())
+
+
+def runs_for(task: Task, direction: str) -> tuple[Tensor, Tensor]:
+    """(base ids, source ids) of a direction: denoise runs the corrupted prompts with clean activations."""
+    if direction not in ("denoise", "noise"):
+        raise PathlensError(f"direction must be 'denoise' or 'noise', got {direction!r}.")
+    return (task.corrupt_ids, task.clean_ids) if direction == "denoise" else (task.clean_ids, task.corrupt_ids)
+
+
+def first_order(
+    model: Model,
+    task: Task,
+    plan: Plan,
+    direction: str,
+    metric: Metric,
+    rules: Collection[str] = (),
+    interventions: Sequence[Intervention] = (),
+) -> FirstOrder:
+    """Source run, base run with gradients (under `rules`, see `pathlens.attribution.lrp`), and the per-prompt
+    products (n_s − n_b) · ∂m/∂n for every family of `plan`. `interventions` are applied to the base run only
+    (GradDrop uses them to stop gradients; they must not change values)."""
+    base_ids, source_ids = runs_for(task, direction)
+    families = sorted({v.site.family for v in plan.variants}, key=str)
+    source = model.run(source_ids, attention_mask=task.attention_mask, cache=families)
+    base = model.run(
+        base_ids,
+        attention_mask=task.attention_mask,
+        cache=families,
+        grad=True,
+        rules=rules,
+        interventions=interventions,
+    )
+    per_prompt = metric(base.logits, task)
+    wanted = [base.cache[f] for f in families]
+    raw = torch.autograd.grad(per_prompt.sum(), wanted, allow_unused=True)
+    grads = {f: torch.zeros_like(w) if g is None else g for f, w, g in zip(families, wanted, raw, strict=True)}
+    effect: dict[Site, Tensor] = {}
+    for family in families:
+        product = (source.cache[family] - base.cache[family].detach()) * grads[family]
+        keep = 3 if family.kind in INDEX_LETTER else 2
+        effect[family] = product.sum(dim=tuple(range(keep, product.ndim))) if product.ndim > keep else product
+    return FirstOrder(plan, families, source, base, grads, effect, per_prompt.detach())
+
+
+def cells(plan: Plan, effect: dict[Site, Tensor]) -> Tensor:
+    """Per-prompt effects (N, P[, index]) per family → per-variant, per-prompt effects (n_variants, N)."""
+    n = next(iter(effect.values())).shape[0]
+    values = torch.empty(len(plan.variants), n, dtype=torch.float64)
+    for v in plan.variants:
+        e = effect[v.site.family]
+        if e.ndim == 3:
+            e = e.sum(dim=2) if v.site.index is None else e[:, :, v.site.index]
+        e = e if v.positions is None else e[:, list(v.positions)]
+        values[v.cell] = e.sum(dim=1).double()
+    return values
+
+
+def estimate_scores(plan: Plan, per_cell: Tensor, base_metric: float, method: str, meta: dict[str, Any]) -> Scores:
+    """Scores in patch()'s layout from per-variant, per-prompt effects (n_variants, N): base + batch mean."""
+    return Scores(
+        values=(base_metric + per_cell.mean(dim=1)).reshape(plan.shape).float(),
+        dims=plan.dims,
+        coords=plan.coords,
+        metric=meta.pop("metric"),
+        method=method,
+        meta={**meta, "base_metric": base_metric},
+    )
 
 
 def atp(
@@ -32,45 +129,14 @@ def atp(
     sites: Any = "heads",
     positions: "str | Sequence[int]" = "all",
     direction: str = "denoise",
-    metric: Callable[[Tensor, Task], Tensor] | None = None,
+    metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
 ) -> Scores:
     """AtP estimates of `pathlens.patch(model, task, sites, positions, direction)`: same Scores layout."""
-    if direction not in ("denoise", "noise"):
-        raise PathlensError(f"direction must be 'denoise' or 'noise', got {direction!r}.")
     metric = metric or task.metric
     assert metric is not None
     plan = make_plan(model, sites, positions, task.seq_len, layers=layers, neurons=neurons)
-    families = sorted({v.site.family for v in plan.variants}, key=str)
-    base_ids, source_ids = (
-        (task.corrupt_ids, task.clean_ids) if direction == "denoise" else (task.clean_ids, task.corrupt_ids)
-    )
-    source = model.run(source_ids, attention_mask=task.attention_mask, cache=families)
-    base = model.run(base_ids, attention_mask=task.attention_mask, cache=families, grad=True)
-    per_prompt = metric(base.logits, task)
-    grads = torch.autograd.grad(per_prompt.mean(), [base.cache[f] for f in families], allow_unused=True)
-    # per-prompt first-order effect of each family, summed over features but not over its index axis
-    # (head / group / neuron): (N, P) or (N, P, index)
-    effect: dict[Any, Tensor] = {}
-    for family, grad in zip(families, grads, strict=True):
-        delta = source.cache[family] - base.cache[family].detach()
-        product = delta * (torch.zeros_like(delta) if grad is None else grad) * task.n
-        keep = 3 if family.kind in INDEX_LETTER else 2
-        effect[family] = product.sum(dim=tuple(range(keep, product.ndim))) if product.ndim > keep else product
-    values = torch.empty(len(plan.variants), dtype=torch.float64)
-    for v in plan.variants:
-        e = effect[v.site.family]
-        if e.ndim == 3:
-            e = e.sum(dim=2) if v.site.index is None else e[:, :, v.site.index]
-        e = e if v.positions is None else e[:, list(v.positions)]
-        values[v.cell] = e.sum(dim=1).mean().double()
-    base_metric = float(per_prompt.detach().mean())
-    return Scores(
-        values=(base_metric + values).reshape(plan.shape).float(),
-        dims=plan.dims,
-        coords=plan.coords,
-        metric=metric_name(metric),
-        method=f"atp:{direction}",
-        meta={"model": model.name, "task": task.name, "n_prompts": task.n, "base_metric": base_metric},
-    )
+    fo = first_order(model, task, plan, direction, metric)
+    meta = {"model": model.name, "task": task.name, "n_prompts": task.n, "metric": metric_name(metric)}
+    return estimate_scores(plan, cells(plan, fo.effect), fo.base_metric, f"atp:{direction}", meta)

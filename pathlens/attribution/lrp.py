@@ -1,0 +1,147 @@
+"""LRP rules as backward-pass modifications: gradient × input becomes LRP relevance, forward values unchanged.
+
+RelP (Rezaei Jafari et al. 2025, arXiv 2508.21258) replaces AtP's gradient by the gradient of a backward pass
+that follows these rules. Each is a forward hook returning `y.detach() + (y′ − y′.detach())`, whose value is
+y bit for bit while its gradient is that of the surrogate y′:
+
+    "LN"        LayerNorm / RMSNorm (every module whose class name ends in "Norm"): the normalizer is a constant,
+                y′ = g ⊙ c(x) / σ(x).detach(), c the centering (if the norm centers); g, centering and eps are
+                measured by probing the module (`pathlens.diagnostics.lens.norm_parts`).
+    "identity"  elementwise activations inside MLPs (GELU, SiLU, ...): backward act(x)/x, y′ = x ⊙ (y/x̃).detach()
+                with x̃ = x + ((x == 0) + sign(x))·1e-6.
+    "half"      gated MLPs (act(gate) ⊙ up): the product splits its relevance half to each factor,
+                y′ = x/2 on the down projection's input (both factors then receive half their gradient).
+    "AH"        attention probabilities are constants: relevance flows through the values only. Every layer runs
+                the model's eager attention, whose output differs from SDPA's by float rounding only.
+
+Linear layers keep their plain gradient (the 0-rule). `DEFAULT_RULES` are the rules of the RelP paper's
+configuration ("LN", "identity", "half"). The hooks are registered by `HookSession` and exist only during one
+run, so a model is never left modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from pathlens.arch.base import get_module
+from pathlens.errors import PathlensError
+
+if TYPE_CHECKING:
+    from pathlens.model import Model
+
+RULES = ("LN", "identity", "half", "AH")
+DEFAULT_RULES = ("LN", "identity", "half")
+_ALIASES = {
+    "ln": "LN",
+    "ln-rule": "LN",
+    "identity": "identity",
+    "identity-rule": "identity",
+    "half": "half",
+    "half-rule": "half",
+    "ah": "AH",
+    "ah-rule": "AH",
+}
+_ACTIVATION_MODULES = ("transformers.activations", "torch.nn.modules.activation")
+
+Hook = tuple[nn.Module, str, Callable[..., Any]]
+
+
+def normalize_rules(rules: Collection[str]) -> frozenset[str]:
+    """Rule names as canonical names ("LN-rule" → "LN"); an unknown name is an error listing the valid ones."""
+    out = set()
+    for rule in rules:
+        name = _ALIASES.get(str(rule).lower())
+        if name is None:
+            raise PathlensError(f"unknown LRP rule {rule!r}; use some of {', '.join(RULES)} (or e.g. 'LN-rule').")
+        out.add(name)
+    return frozenset(out)
+
+
+def _surrogate(y: Tensor, y_rule: Tensor) -> Tensor:
+    """y's value with y_rule's gradient."""
+    return y.detach() + (y_rule - y_rule.detach())
+
+
+def _norm_width(norm: nn.Module, default: int) -> int:
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, Tensor) and weight.ndim == 1:
+        return int(weight.shape[0])
+    shape = getattr(norm, "normalized_shape", None)
+    return int(shape[-1]) if shape else default
+
+
+def _norm_hook(norm: nn.Module, width: int) -> Callable[..., Any]:
+    """LN rule for one norm module, measured once before its hook exists (probing calls the module)."""
+    from pathlens.diagnostics.lens import norm_parts
+
+    centers, gain, eps = norm_parts(norm, width)
+    gain32 = gain.to(torch.float32)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        x = args[0].float()
+        c = x - x.mean(dim=-1, keepdim=True) if centers else x
+        sigma = torch.sqrt(c.pow(2).mean(dim=-1, keepdim=True) + eps).detach()
+        y = output[0] if isinstance(output, tuple) else output
+        new = _surrogate(y, (gain32.to(x.device) * c / sigma).to(y.dtype))
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return hook
+
+
+def _identity_hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    x = args[0]
+    shifted = x + ((x == 0).to(x.dtype) + torch.sign(x)) * 1e-6
+    return _surrogate(output, x * (output / shifted).detach())
+
+
+def _half_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    x = args[0]
+    return (_surrogate(x, 0.5 * x), *args[1:]), kwargs
+
+
+def _norms(root: nn.Module) -> Iterator[nn.Module]:
+    for module in root.modules():
+        if type(module).__name__.endswith("Norm"):
+            yield module
+
+
+def _activations(mlp: nn.Module) -> list[nn.Module]:
+    return [m for m in mlp.modules() if type(m).__module__ in _ACTIVATION_MODULES]
+
+
+def _is_gated(mlp: nn.Module) -> bool:
+    return hasattr(mlp, "gate_proj") or hasattr(mlp, "gate_up_proj")
+
+
+def rule_hooks(model: "Model", rules: frozenset[str]) -> list[Hook]:
+    """(module, "fwd" | "pre", hook) triples that put `rules` into the backward pass ("AH" is applied by the
+    session's attention routing instead). Raises if a rule cannot be applied to this model."""
+    arch, root = model.arch, model.hf
+    hooks: list[Hook] = []
+    if "LN" in rules:
+        norms = list(_norms(root))
+        if not norms:
+            raise PathlensError(
+                f"the LN rule found no normalization module (class name ending in 'Norm') in {type(root).__name__}."
+            )
+        hooks += [(m, "fwd", _norm_hook(m, _norm_width(m, arch.d_model))) for m in norms]
+    if arch.mlp is None or not rules & {"identity", "half"}:
+        return hooks
+    blocks = get_module(root, arch.blocks)
+    for layer, block in enumerate(blocks):
+        mlp = get_module(block, arch.mlp)
+        if "identity" in rules:
+            acts = _activations(mlp)
+            if not acts:
+                raise PathlensError(
+                    f"the identity rule found no activation module in layer {layer}'s MLP ({type(mlp).__name__}); "
+                    "its activation is a plain function. Drop 'identity' from rules= for this model."
+                )
+            hooks += [(m, "fwd", _identity_hook) for m in acts]
+        if "half" in rules and _is_gated(mlp) and arch.mlp_down is not None:
+            hooks.append((get_module(block, arch.mlp_down), "pre", _half_hook))
+    return hooks
