@@ -18,6 +18,7 @@ site layout (batch, pos, ...):
                     a write adds sum_h(new_h - old_h) to the projection's output (exact: it is linear)
     q/k/v[L]        the attention function's inputs (after rotary / q-k norms)  (b, p, H or G, d_head)
     attn_pattern[L] the attention probabilities, (b, p_query, H, p_key); a write recomputes the head outputs
+    attn_in[L]      forward pre-hook, attention (its hidden-states input)  (b, p, d_model)
     mlp_in[L]       forward pre-hook, MLP                   (b, p, d_model)
     mlp_post[L]     forward pre-hook, MLP down projection   (b, p, d_mlp)
     mlp_out[L]      forward hook, the MLP's residual contribution  (b, p, d_model)
@@ -127,7 +128,7 @@ def _attention(
     eager = _eager_function(module)
     out, weights = eager(module, query, key, value, _additive_mask(attention_mask, query, key), *args, **kwargs)
     new = session.process(pattern_site, weights.transpose(1, 2)).transpose(1, 2)
-    if session.writes_to(pattern_site) or constant_pattern:
+    if session.writes_to(pattern_site) or constant_pattern or session.grad:
         probs = new.detach() if constant_pattern else new
         n_rep = query.shape[1] // value.shape[1]
         out = torch.matmul(probs.to(value.dtype), _repeat_kv(value, n_rep)).transpose(1, 2).contiguous()
@@ -318,6 +319,8 @@ class HookSession:
             self._hook(get_module(block, arch.o_proj), "pre", self._first_input_hook(fam, split_heads=True))
         elif fam.kind == "head":
             self._hook(get_module(block, arch.o_proj), "fwd", self._head_hook(layer, get_module(block, arch.o_proj)))
+        elif fam.kind == "attn_in":
+            self._hook(get_module(block, arch.attn or arch.attn_out), "pre", self._hidden_input_hook(fam))
         elif fam.kind == "mlp_in":
             self._hook(get_module(block, arch.mlp or ""), "pre", self._first_input_hook(fam, split_heads=False))
         elif fam.kind == "mlp_post":
@@ -394,14 +397,19 @@ class HookSession:
         return hook
 
     def _block_input_hook(self, layer: int) -> Callable[..., Any]:
-        fam = Site("resid_pre", layer)
+        return self._hidden_input_hook(Site("resid_pre", layer))
+
+    def _hidden_input_hook(self, fam: Site) -> Callable[..., Any]:
+        """A module's hidden-states input, passed positionally or as `hidden_states=` (blocks, attention)."""
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             in_kwargs = not args
             x = kwargs["hidden_states"] if in_kwargs else args[0]
             new = self.process(fam, x)
-            self._resid_pre[layer] = new
-            if fam not in self._writes:
+            if fam.kind == "resid_pre":
+                assert fam.layer is not None
+                self._resid_pre[fam.layer] = new
+            if not self._feeds_back(fam):
                 return None
             if in_kwargs:
                 return args, {**kwargs, "hidden_states": new}

@@ -5,9 +5,9 @@ and batch rows. `rows` lets many different interventions share one batched forwa
 slice of the batch (e.g. K patched variants of N prompts as K*N rows).
 
 Ops: `Replace(source)`, `Add(vector, scale)`, `Ablate("zero"|"mean"|"resample")`, `Scale(factor)`,
-`Project(basis, source)`. Each receives the selected values `x` of shape (R, P', *rest) — R selected rows,
-P' selected positions, `rest` the site's remaining dims (e.g. (d_model,), (d_head,), or (H, d_head) for a
-whole-layer head site) — and returns the new values of the same shape.
+`Project(basis, source)`, `StopGradient()`. Each receives the selected values `x` of shape (R, P', *rest) — R
+selected rows, P' selected positions, `rest` the site's remaining dims (e.g. (d_model,), (d_head,), or (H, d_head)
+for a whole-layer head site) — and returns the new values of the same shape.
 
 Sources and references are given in the site's own layout (the shape `model.run` caches) and are aligned to
 the selection axis by axis: along the batch axis a tensor with the full batch size is indexed by `rows`, one
@@ -174,6 +174,20 @@ class Project(Op):
         basis = self.basis.to(device=x.device, dtype=x.dtype)
         src = sel.align(self.source, "Project source").to(device=x.device, dtype=x.dtype)
         return x + ((src - x) @ basis) @ basis.T
+
+
+@dataclass
+class StopGradient(Op):
+    """Leave the selected values unchanged, but let no gradient flow back through them (e.g. GradDrop in AtP*).
+
+    Only meaningful in a run with `grad=True`: the forward is bit-identical, while everything upstream of the
+    selected cells receives no gradient through them.
+    """
+
+    name: str = "stop_gradient"
+
+    def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
+        return x.detach()
 
 
 @dataclass

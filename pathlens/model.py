@@ -34,6 +34,7 @@ _DESCRIPTIONS = {
     "k": "keys per key-value group",
     "v": "values per key-value group",
     "attn_pattern": "attention probabilities (query pos, head, key pos)",
+    "attn_in": "attention input (after its norm; q/k/v are projected from it)",
     "mlp_in": "MLP input (after its norm)",
     "mlp_post": "MLP neuron activations (input of the down projection)",
     "mlp_out": "MLP's write into the residual stream",

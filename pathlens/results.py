@@ -32,6 +32,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from torch import Tensor
 
 from pathlens.errors import PathlensError
 
@@ -229,11 +230,7 @@ class Scores:
         sees a half-written file. The JSON records a SHA-256 of the tensor file, so `load` detects a pair
         of files that come from different saves.
         """
-        tensor_path, json_path = _file_pair(path)
-        tensor_bytes = safetensors.torch.save({"values": self.values.contiguous()})
         header = {
-            "format": _FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
             "dims": list(self.dims),
             "coords": self.coords,
             "metric": self.metric,
@@ -242,53 +239,13 @@ class Scores:
             "pos_labels": self.pos_labels,
             "dtype": str(self.values.dtype).removeprefix("torch."),
             "shape": list(self.shape),
-            "values_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
         }
-        json_bytes = (json.dumps(header, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-        tensor_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_tensor = _write_temp(tensor_path, tensor_bytes)
-        try:
-            tmp_json = _write_temp(json_path, json_bytes)
-        except BaseException:
-            tmp_tensor.unlink(missing_ok=True)
-            raise
-        os.replace(tmp_tensor, tensor_path)
-        os.replace(tmp_json, json_path)
+        save_pair(path, _FORMAT_NAME, {"values": self.values.contiguous()}, header)
 
     @staticmethod
     def load(path: str | os.PathLike[str]) -> Scores:
         """Read a result written by `save`; values come back bit-identical. `path` as in `save`."""
-        tensor_path, json_path = _file_pair(path)
-        for p in (json_path, tensor_path):
-            if not p.is_file():
-                raise PathlensError(
-                    f"Scores.load: {p} does not exist; save writes both {json_path.name} and "
-                    f"{tensor_path.name}, keep them together."
-                )
-        try:
-            header = json.loads(json_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise PathlensError(f"Scores.load: {json_path} is not valid JSON ({exc}).") from exc
-        if not isinstance(header, dict) or header.get("format") != _FORMAT_NAME:
-            raise PathlensError(f"Scores.load: {json_path} was not written by Scores.save.")
-        missing = [k for k in _HEADER_KEYS if k not in header]
-        if missing:
-            raise PathlensError(f"Scores.load: {json_path} lacks {missing}; it is damaged, save the result again.")
-        version = header.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise PathlensError(
-                f"Scores.load: {json_path} has format version {version!r}, this pathlens reads up to "
-                f"{FORMAT_VERSION}; upgrade pathlens."
-            )
-        tensor_bytes = tensor_path.read_bytes()
-        if hashlib.sha256(tensor_bytes).hexdigest() != header.get("values_sha256"):
-            raise PathlensError(
-                f"Scores.load: {tensor_path.name} does not match {json_path.name} (they come from different "
-                "saves, or one was modified); save the result again."
-            )
-        tensors = safetensors.torch.load(tensor_bytes)
-        if set(tensors) != {"values"}:
-            raise PathlensError(f"Scores.load: {tensor_path} should hold one tensor 'values', has {sorted(tensors)}.")
+        tensors, header = load_pair(path, _FORMAT_NAME, ("values",), _HEADER_KEYS)
         return Scores(
             values=tensors["values"],
             dims=tuple(header["dims"]),
@@ -662,6 +619,70 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     ranks = np.empty(x.size, dtype=np.float64)
     ranks[order] = ((starts + ends + 1) / 2.0)[group]
     return ranks
+
+
+def save_pair(
+    path: str | os.PathLike[str], format_name: str, tensors: dict[str, Tensor], header: dict[str, Any]
+) -> None:
+    """Write `tensors` to `<path>.safetensors` and `header` (+ format, version, checksum) to `<path>.json`,
+    each atomically (temporary file, then `os.replace`)."""
+    tensor_path, json_path = _file_pair(path)
+    tensor_bytes = safetensors.torch.save(tensors)
+    full = {
+        "format": format_name,
+        "format_version": FORMAT_VERSION,
+        **header,
+        "values_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
+    }
+    json_bytes = (json.dumps(full, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_tensor = _write_temp(tensor_path, tensor_bytes)
+    try:
+        tmp_json = _write_temp(json_path, json_bytes)
+    except BaseException:
+        tmp_tensor.unlink(missing_ok=True)
+        raise
+    os.replace(tmp_tensor, tensor_path)
+    os.replace(tmp_json, json_path)
+
+
+def load_pair(
+    path: str | os.PathLike[str], format_name: str, tensor_names: Sequence[str], header_keys: Sequence[str]
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read and check a pair written by `save_pair`: (tensors, header). Errors say what is wrong with which file."""
+    owner = f"{format_name.removeprefix('pathlens.')}.load"
+    tensor_path, json_path = _file_pair(path)
+    for p in (json_path, tensor_path):
+        if not p.is_file():
+            raise PathlensError(
+                f"{owner}: {p} does not exist; save writes both {json_path.name} and {tensor_path.name}, keep "
+                "them together."
+            )
+    try:
+        header = json.loads(json_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PathlensError(f"{owner}: {json_path} is not valid JSON ({exc}).") from exc
+    if not isinstance(header, dict) or header.get("format") != format_name:
+        raise PathlensError(f"{owner}: {json_path} was not written by {format_name.removeprefix('pathlens.')}.save.")
+    missing = [k for k in header_keys if k not in header]
+    if missing:
+        raise PathlensError(f"{owner}: {json_path} lacks {missing}; it is damaged, save the result again.")
+    version = header.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise PathlensError(
+            f"{owner}: {json_path} has format version {version!r}, this pathlens reads up to {FORMAT_VERSION}; "
+            "upgrade pathlens."
+        )
+    tensor_bytes = tensor_path.read_bytes()
+    if hashlib.sha256(tensor_bytes).hexdigest() != header.get("values_sha256"):
+        raise PathlensError(
+            f"{owner}: {tensor_path.name} does not match {json_path.name} (they come from different saves, or "
+            "one was modified); save the result again."
+        )
+    tensors = safetensors.torch.load(tensor_bytes)
+    if set(tensors) != set(tensor_names):
+        raise PathlensError(f"{owner}: {tensor_path} should hold {sorted(tensor_names)}, has {sorted(tensors)}.")
+    return tensors, header
 
 
 def _file_pair(path: str | os.PathLike[str]) -> tuple[Path, Path]:

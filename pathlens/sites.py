@@ -6,6 +6,7 @@ same object:
     embed, logits                       token embedding output; unembedding output
     L3.resid_pre  L3.resid_mid  L3.resid_post   residual stream before the block / after attention / after it
     L3.attn_out   L3.mlp_out                      what attention / the MLP adds to the residual stream
+    L3.attn_in                                    attention input (after its norm: what q/k/v are projected from)
     L3.mlp_in     L3.mlp_post  L3.N123            MLP input (after its norm); neuron activations; one neuron
     L9.head       L9.H6                           every head's write into the residual stream; one head's
     L9.z          L9.H6.z                         head outputs before the output projection (z)
@@ -29,6 +30,7 @@ LAYER_KINDS = (
     "resid_mid",
     "resid_post",
     "attn_out",
+    "attn_in",
     "mlp_in",
     "mlp_post",
     "mlp_out",

@@ -367,8 +367,12 @@ def assert_png_not_blank(path: Path) -> None:
 
 
 def test_plot_2d_heatmap(tmp_path: Path) -> None:
-    s = make(torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), ("layer", "pos"),
-             pos_labels=["<bos>", " When", " $x$", "\n", " Mary", " John"], meta={"task": "ioi"})
+    s = make(
+        torch.randn(4, 6, generator=torch.Generator().manual_seed(0)),
+        ("layer", "pos"),
+        pos_labels=["<bos>", " When", " $x$", "\n", " Mary", " John"],
+        meta={"task": "ioi"},
+    )
     fig = s.plot(tmp_path / "heat.png", title="IOI")
     assert isinstance(fig, Figure)
     assert_png_not_blank(tmp_path / "heat.png")

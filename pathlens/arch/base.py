@@ -8,6 +8,11 @@ groups, head size) and two structural facts that change which sites exist:
 - `qkv`: how queries/keys/values are reached — "interface" (the transformers attention-function interface,
   after rotary embeddings and q/k norms, exactly what enters the dot product), "projections" (outputs of the
   q/k/v linear layers, for models without rotary embeddings that compute attention themselves), or None.
+
+`qkv_proj` names the linear layers that project the attention input to queries, keys and values, and
+`qkv_layout` how their output columns are laid out: "separate" (three layers, each head-major), "fused" (one
+layer, [q | k | v], each head-major: GPT-2's c_attn) or "interleaved" (one layer, per head [q_h k_h v_h]:
+GPT-NeoX). Edge attribution uses them to split the attention input's gradient per head and per q/k/v.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class ArchMap:
     parallel: bool = False
     qkv: str | None = "interface"
     qkv_proj: tuple[str, str, str] | None = None
+    qkv_layout: str = "separate"
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:

@@ -36,6 +36,8 @@ def gpt2(cfg: Any) -> ArchMap:
         d_model=d,
         d_head=d // h,
         d_mlp=cfg.n_inner or 4 * d,
+        qkv_proj=("attn.c_attn",) * 3,
+        qkv_layout="fused",
         notes=("resid_pre[0] includes the learned position embedding (wpe); 'embed' is the token embedding only",),
     )
 
@@ -87,6 +89,8 @@ def gpt_neox(cfg: Any) -> ArchMap:
         d_head=d // h,
         d_mlp=cfg.intermediate_size,
         parallel=bool(cfg.use_parallel_residual),
+        qkv_proj=("attention.query_key_value",) * 3,
+        qkv_layout="interleaved",
     )
 
 
@@ -117,6 +121,7 @@ def llama_like(cfg: Any, family: str, sandwich_norms: bool = False) -> ArchMap:
         d_model=d,
         d_head=_head_dim(cfg, h, d),
         d_mlp=cfg.intermediate_size,
+        qkv_proj=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         notes=("heads sum to the o_proj output; attn_out is post_attention_layernorm(o_proj output)",)
         if sandwich_norms
         else (),
@@ -144,6 +149,7 @@ def attn_only(cfg: Any) -> ArchMap:
         d_model=d,
         d_head=d // h,
         d_mlp=None,
+        qkv_proj=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         notes=("resid_pre[0] includes the learned position embedding; 'embed' is the token embedding only",),
     )
 

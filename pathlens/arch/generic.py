@@ -121,6 +121,9 @@ def discover(model: nn.Module) -> ArchMap:
     attn_source = inspect.getsource(type(block.get_submodule(attn)).forward)
     uses_interface = "ALL_ATTENTION_FUNCTIONS" in attn_source
     final_norm = _final_norm(model, blocks_path)
+    attn_module = block.get_submodule(attn)
+    names = ("q_proj", "k_proj", "v_proj")
+    qkv_proj = tuple(f"{attn}.{n}" for n in names) if all(hasattr(attn_module, n) for n in names) else None
     return ArchMap(
         family=f"generic:{type(model).__name__}",
         blocks=blocks_path,
@@ -141,5 +144,6 @@ def discover(model: nn.Module) -> ArchMap:
         d_mlp=_cfg_int(cfg, "intermediate_size", "n_inner", "ffn_dim"),
         parallel=bool(getattr(cfg, "use_parallel_residual", False) or getattr(cfg, "parallel_attn", False)),
         qkv="interface" if uses_interface else None,
+        qkv_proj=qkv_proj,  # type: ignore[arg-type]
         notes=("discovered from module structure; check it with model.sites",),
     )

@@ -1,6 +1,9 @@
-"""Gradient attribution: estimates of patching effects from forwards and backwards, in patching's Scores layout."""
+"""Gradient attribution: estimates of patching effects from forwards and backwards, in patching's Scores layout
+(AtP, AtP*, RelP), and edge scores over the model's graph (EAP, EAP-IG, RelP) as a `Graph`."""
 
 from pathlens.attribution.atp import atp
+from pathlens.attribution.atp_star import atp_star
+from pathlens.attribution.edges import edge_attribution
 from pathlens.attribution.relp import relp
 
-__all__ = ["atp", "relp"]
+__all__ = ["atp", "atp_star", "edge_attribution", "relp"]

@@ -31,9 +31,26 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 NOUNS: tuple[str, ...] = (
-    "war", "expedition", "drought", "famine", "siege", "reign", "occupation", "rebellion", "plague", "voyage",
-    "crusade", "conflict", "pilgrimage", "construction", "revolution", "blockade", "campaign", "dynasty",
-    "monarchy", "alliance",
+    "war",
+    "expedition",
+    "drought",
+    "famine",
+    "siege",
+    "reign",
+    "occupation",
+    "rebellion",
+    "plague",
+    "voyage",
+    "crusade",
+    "conflict",
+    "pilgrimage",
+    "construction",
+    "revolution",
+    "blockade",
+    "campaign",
+    "dynasty",
+    "monarchy",
+    "alliance",
 )
 CENTURIES: tuple[str, ...] = ("11", "12", "13", "14", "15", "16", "17", "18")
 CORRUPT_YY = 1

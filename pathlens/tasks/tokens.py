@@ -91,9 +91,7 @@ def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str, what: str = "
     return ids[0]
 
 
-def single_token_words(
-    tokenizer: PreTrainedTokenizerBase, words: Sequence[str], prefix: str = " "
-) -> list[str]:
+def single_token_words(tokenizer: PreTrainedTokenizerBase, words: Sequence[str], prefix: str = " ") -> list[str]:
     """The words of `words` (returned as given, without `prefix`) for which prefix + word is one known token."""
     kept = []
     for word in words:

@@ -1,0 +1,367 @@
+"""Edge attribution: EAP, EAP-IG (inputs) and RelP scores for every edge of the model's graph in one pass.
+
+The graph (see `pathlens.graph.Graph`): senders write into the residual stream (input, each head, each MLP);
+receivers read it (each head's query, each key-value group's key and value, each MLP, the logits). A
+receiver's input is the sum of the senders before it, so patching one edge u → v changes v's input by
+Δz_u = z_u(source) − z_u(base), and its first-order effect is
+
+    score(u → v) = Σ_positions Δz_u · ∂m/∂in_v          (Syed et al. 2023; batch mean over prompts)
+
+where ∂m/∂in_v is the gradient at *that receiver's own copy* of the residual stream. On an unmodified model the
+copies are not separate tensors, so the gradient of each copy is assembled from the model's own backward pass:
+
+- heads' q/k/v: the gradient at the q/k/v projection output (read with gradients; rotary embeddings and q/k
+  norms act per head, so it separates per head), times that head's slice of the projection weight, gives the
+  gradient at the projection input per head; one batched vector-Jacobian product through the model's own
+  attention-input norm (`torch.autograd.grad(..., is_grads_batched=True)`) carries all of them to the
+  residual stream at once;
+- MLPs: the gradient at the MLP input, carried through the MLP's input norm the same way;
+- logits: the gradient at the final residual stream.
+
+Methods: "eap" (gradient at the base run), "eap-ig" (gradients averaged over `steps` points on the straight
+line from the base run's input residual stream toward the source run's, α_k = k/steps for k = 0..steps−1; so
+steps=1 is EAP. hannamw/EAP-IG starts from the corrupted end instead: the other Riemann sum of the same
+integral), and "relp" (the backward under LRP rules, `pathlens.attribution.lrp`). The default direction is
+"noise" (base = clean prompts, source = corrupted): a score estimates m(edge corrupted) − m(clean), what
+circuit discovery and faithfulness evaluation patch.
+
+Two identities are tested: summed over its outgoing edges, a sender's scores equal its node-level AtP
+estimate; summed over the incoming edges of the logits, they equal AtP of the final residual stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from pathlens.arch.base import get_module, output_weight_per_head
+from pathlens.attribution.atp import Metric, runs_for
+from pathlens.attribution.lrp import DEFAULT_RULES, normalize_rules
+from pathlens.errors import PathlensError
+from pathlens.graph import Graph
+from pathlens.interventions import Intervention, Replace
+from pathlens.model import Model
+from pathlens.sites import Site
+from pathlens.tasks.base import Task
+from pathlens.tasks.metrics import metric_name
+
+METHODS = ("eap", "eap-ig", "relp")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Names and positions of the graph's senders and receivers for one model."""
+
+    senders: list[str]
+    receivers: list[str]
+    sender_stop: list[int]  # senders [0, stop) precede layer L's attention (index L); [L_total] = all
+    mlp_sender_stop: list[int]  # senders preceding layer L's MLP
+    attn_cols: list[slice]  # receiver columns of layer L's q, k, v inputs
+    mlp_col: list[int | None]  # receiver column of layer L's MLP
+
+
+def _layout(model: Model) -> _Layout:
+    a = model.arch
+    h, g = a.n_heads, a.n_kv_heads
+    kv_letter = "H" if g == h else "G"
+    senders, receivers = ["input"], []
+    sender_stop, mlp_stop, attn_cols, mlp_col = [], [], [], []
+    for layer in range(a.n_layers):
+        sender_stop.append(len(senders))
+        first = len(receivers)
+        receivers += [f"L{layer}.H{i}.q" for i in range(h)]
+        receivers += [f"L{layer}.{kv_letter}{i}.k" for i in range(g)]
+        receivers += [f"L{layer}.{kv_letter}{i}.v" for i in range(g)]
+        attn_cols.append(slice(first, len(receivers)))
+        senders += [f"L{layer}.H{i}" for i in range(h)]
+        if a.mlp is None:
+            mlp_stop.append(len(senders))
+            mlp_col.append(None)
+            continue
+        mlp_stop.append(sender_stop[-1] if a.parallel else len(senders))
+        mlp_col.append(len(receivers))
+        receivers.append(f"L{layer}.mlp")
+        senders.append(f"L{layer}.mlp")
+    sender_stop.append(len(senders))
+    receivers.append("logits")
+    return _Layout(senders, receivers, sender_stop, mlp_stop, attn_cols, mlp_col)
+
+
+def _check_supported(model: Model) -> None:
+    a = model.arch
+    block = get_module(model.hf, a.blocks)[0]
+    writers = [a.attn_out] + ([a.mlp_out] if a.mlp_out else [])
+    if any(type(get_module(block, path)).__name__.endswith("Norm") for path in writers):
+        raise PathlensError(
+            f"{a.family} normalizes each sublayer's output before adding it to the residual stream (sandwich "
+            "norms), so a head's write is not a sum term of the next inputs and edge scores are undefined; "
+            "use node-level attribution (atp / relp) for this model."
+        )
+    if a.qkv_proj is None:
+        raise PathlensError(
+            f"edge attribution needs the q/k/v projection layers of {a.family}; pass an ArchMap with qkv_proj= "
+            "and qkv_layout=."
+        )
+
+
+def _out_in(module: nn.Module) -> Tensor:
+    """A projection's weight as (out_features, in_features), for nn.Linear and transformers' Conv1D."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.t()
+    if isinstance(module, nn.Linear):
+        return module.weight
+    raise PathlensError(f"q/k/v projection is a {type(module).__name__}; edge attribution reads nn.Linear or Conv1D.")
+
+
+class _QKV:
+    """One layer's q/k/v projections: which module outputs to read, and how to turn the gradient at them into
+    per-receiver gradients at the projection input, (B, P, H + 2G, d_model), in the receiver order q, k, v."""
+
+    def __init__(self, model: Model, layer: int):
+        a = model.arch
+        assert a.qkv_proj is not None
+        block = f"{a.blocks}.{layer}"
+        self.h, self.g, self.dh, self.layout = a.n_heads, a.n_kv_heads, a.d_head, a.qkv_layout
+        self.paths = list(dict.fromkeys(f"{block}.{p}" for p in a.qkv_proj))
+        weights = [_out_in(get_module(model.hf, p)).detach() for p in self.paths]
+        d = weights[0].shape[1]
+        if self.layout == "separate":
+            wq, wk, wv = weights
+            self.w = [wq.view(self.h, self.dh, d), wk.view(self.g, self.dh, d), wv.view(self.g, self.dh, d)]
+        elif self.layout == "fused":
+            q_end, k_end = self.h * self.dh, (self.h + self.g) * self.dh
+            (w,) = weights
+            self.w = [
+                w[:q_end].view(self.h, self.dh, d),
+                w[q_end:k_end].view(self.g, self.dh, d),
+                w[k_end:].view(self.g, self.dh, d),
+            ]
+        elif self.layout == "interleaved":
+            (w,) = weights
+            per_head = w.view(self.h, 3, self.dh, d)
+            self.w = [per_head[:, 0], per_head[:, 1], per_head[:, 2]]
+        else:
+            raise PathlensError(f"unknown qkv_layout {self.layout!r}; use 'separate', 'fused' or 'interleaved'.")
+
+    @property
+    def sites(self) -> list[Site]:
+        return [Site("module", path=p) for p in self.paths]
+
+    def input_grads(self, grads: list[Tensor]) -> Tensor:
+        """Gradients at the projection outputs (one per module) → (B, P, H + 2G, d_model) at its input."""
+        b, p = grads[0].shape[:2]
+        if self.layout == "separate":
+            gq, gk, gv = (x.view(b, p, -1, self.dh) for x in grads)
+        elif self.layout == "fused":
+            (x,) = grads
+            gq, gk, gv = x.split([self.h * self.dh, self.g * self.dh, self.g * self.dh], dim=-1)
+            gq, gk, gv = (t.reshape(b, p, -1, self.dh) for t in (gq, gk, gv))
+        else:
+            (x,) = grads
+            per_head = x.view(b, p, self.h, 3, self.dh)
+            gq, gk, gv = per_head[:, :, :, 0], per_head[:, :, :, 1], per_head[:, :, :, 2]
+        parts = [torch.einsum("bphe,hed->bphd", gx, w.to(gx.dtype)) for gx, w in zip((gq, gk, gv), self.w, strict=True)]
+        return torch.cat(parts, dim=2)
+
+
+def edge_attribution(
+    model: Model,
+    task: Task,
+    method: str = "eap",
+    direction: str = "noise",
+    metric: Metric | None = None,
+    steps: int = 5,
+    rules: Collection[str] = DEFAULT_RULES,
+    max_batch_tokens: int = 4096,
+) -> Graph:
+    """Score every edge of `model`'s graph on `task` (see module docstring) → Graph (batch-mean scores).
+
+    method: "eap" | "eap-ig" (with `steps` interpolation points, chunked to `max_batch_tokens` tokens per
+    forward) | "relp" (LRP `rules`). direction: "noise" (default) or "denoise".
+    """
+    if method not in METHODS:
+        raise PathlensError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
+    if steps < 1:
+        raise PathlensError(f"steps must be at least 1, got {steps}.")
+    if max_batch_tokens < 1:
+        raise PathlensError("max_batch_tokens must be at least 1.")
+    _check_supported(model)
+    metric = metric or task.metric
+    assert metric is not None
+    task = task.with_metric(metric)
+    a = model.arch
+    n_steps = steps if method == "eap-ig" else 1
+    chosen = normalize_rules(rules) if method == "relp" else frozenset()
+    layout = _layout(model)
+    qkv = [_QKV(model, layer) for layer in range(a.n_layers)]
+    base_ids, source_ids = runs_for(task, direction)
+    deltas, base_input, source_input = _sender_deltas(model, task, base_ids, source_ids)
+
+    scores = torch.zeros(len(layout.senders), len(layout.receivers), dtype=torch.float64)
+    total = n_steps * task.n
+    rows_per_chunk = max(1, max_batch_tokens // task.seq_len)
+    base_metric = 0.0
+    for first in range(0, total, rows_per_chunk):
+        rows = torch.arange(first, min(total, first + rows_per_chunk))
+        prompts, step = rows // n_steps, rows % n_steps
+        grads, metric_sum = _receiver_grads(
+            model, task, base_ids, prompts, step, n_steps, base_input, source_input, qkv, chosen
+        )
+        base_metric += float(metric_sum[step == 0].sum())
+        _accumulate(scores, layout, deltas, grads, prompts)
+    scores /= total
+    scores[~_valid_mask(layout, a.n_layers)] = float("nan")
+    return Graph(
+        senders=layout.senders,
+        receivers=layout.receivers,
+        scores=scores.float(),
+        metric=metric_name(metric),
+        method=f"{method}:{direction}",
+        meta={
+            "model": model.name,
+            "task": task.name,
+            "n_prompts": task.n,
+            "direction": direction,
+            "steps": n_steps,
+            "rules": sorted(chosen),
+            "base_metric": base_metric / task.n,
+            "heads_per_group": a.n_heads // a.n_kv_heads,
+        },
+    )
+
+
+def _sender_deltas(model: Model, task: Task, base_ids: Tensor, source_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Δz per sender, (N, P, S, d_model), in sender order; and the base / source input residual streams."""
+    a = model.arch
+    families = [Site("resid_pre", 0)] + [Site("head_z", layer) for layer in range(a.n_layers)]
+    if a.mlp is not None:
+        families += [Site("mlp_out", layer) for layer in range(a.n_layers)]
+    base = model.run(base_ids, attention_mask=task.attention_mask, cache=families).cache
+    source = model.run(source_ids, attention_mask=task.attention_mask, cache=families).cache
+    blocks = get_module(model.hf, a.blocks)
+    parts = [(source["L0.resid_pre"] - base["L0.resid_pre"])[:, :, None]]
+    for layer in range(a.n_layers):
+        w_o = output_weight_per_head(get_module(blocks[layer], a.o_proj), a.n_heads, a.d_head).detach()
+        dz = source[Site("head_z", layer)] - base[Site("head_z", layer)]
+        parts.append(torch.einsum("bphe,hed->bphd", dz, w_o.to(dz.dtype)))
+        if a.mlp is not None:
+            parts.append((source[Site("mlp_out", layer)] - base[Site("mlp_out", layer)])[:, :, None])
+    return torch.cat(parts, dim=2), base["L0.resid_pre"], source["L0.resid_pre"]
+
+
+@dataclass
+class _Grads:
+    """Per-row gradients at each receiver's input copy: attention (R_L, B, P, d) and MLP (B, P, d) per layer."""
+
+    attn: list[Tensor]
+    mlp: list[Tensor | None]
+    logits: Tensor
+
+
+def _receiver_grads(
+    model: Model,
+    task: Task,
+    base_ids: Tensor,
+    prompts: Tensor,
+    step: Tensor,
+    n_steps: int,
+    base_input: Tensor,
+    source_input: Tensor,
+    qkv: list[_QKV],
+    rules: frozenset[str],
+) -> tuple[_Grads, Tensor]:
+    """One forward/backward on rows (prompt, step): gradients of Σ rows' metric at every receiver input."""
+    a = model.arch
+    last = a.n_layers - 1
+    interventions = []
+    if n_steps > 1:
+        alpha = (step.double() / n_steps).to(base_input.dtype)[:, None, None]
+        start = base_input[prompts]
+        interventions.append(
+            Intervention(Site("resid_pre", 0), Replace(start + alpha * (source_input[prompts] - start)))
+        )
+    mlp_input_kind = "resid_pre" if a.parallel else "resid_mid"
+    families: list[Site] = [Site("resid_post", last)]
+    for layer in range(a.n_layers):
+        families += [Site("attn_in", layer), Site("resid_pre", layer), *qkv[layer].sites]
+        if a.mlp is not None:
+            families += [Site("mlp_in", layer), Site(mlp_input_kind, layer)]
+    sub = task.rows(prompts)
+    run = model.run(
+        base_ids[prompts],
+        attention_mask=task.attention_mask[prompts],
+        cache=list(dict.fromkeys(families)),
+        interventions=interventions,
+        grad=True,
+        rules=rules,
+    )
+    per_row = task.metric(run.logits, sub)  # type: ignore[misc]
+    wanted = [run.cache[Site("resid_post", last)]]
+    for layer in range(a.n_layers):
+        wanted += [run.cache[s] for s in qkv[layer].sites]
+        if a.mlp is not None:
+            wanted.append(run.cache[Site("mlp_in", layer)])
+    raw = torch.autograd.grad(per_row.sum(), wanted, retain_graph=True, allow_unused=True)
+    got = [torch.zeros_like(w) if g is None else g for w, g in zip(wanted, raw, strict=True)]
+    logits_grad, cursor = got[0], 1
+    attn, mlp = [], []
+    for layer in range(a.n_layers):
+        n_proj = len(qkv[layer].sites)
+        at_input = qkv[layer].input_grads(got[cursor : cursor + n_proj])
+        cursor += n_proj
+        (g_attn,) = torch.autograd.grad(
+            run.cache[Site("attn_in", layer)],
+            run.cache[Site("resid_pre", layer)],
+            grad_outputs=at_input.movedim(2, 0).contiguous(),
+            retain_graph=True,
+            is_grads_batched=True,
+        )
+        attn.append(g_attn)
+        if a.mlp is None:
+            mlp.append(None)
+            continue
+        (g_mlp,) = torch.autograd.grad(
+            run.cache[Site("mlp_in", layer)],
+            run.cache[Site(mlp_input_kind, layer)],
+            grad_outputs=got[cursor],
+            retain_graph=True,
+        )
+        cursor += 1
+        mlp.append(g_mlp)
+    return _Grads(attn, mlp, logits_grad), per_row.detach()
+
+
+def _accumulate(scores: Tensor, layout: _Layout, deltas: Tensor, grads: _Grads, prompts: Tensor) -> None:
+    """Add Σ_rows Δz_u · g_v for every edge: rows' gradients are summed per prompt, then dotted with Δ."""
+    first, last = int(prompts.min()), int(prompts.max()) + 1
+    local = prompts - first
+    d = deltas[first:last]
+
+    def per_prompt(g: Tensor) -> Tensor:  # (..., B, P, d) -> (..., N', P, d)
+        out = torch.zeros(*g.shape[:-3], last - first, *g.shape[-2:], dtype=g.dtype)
+        return out.index_add_(out.ndim - 3, local, g)
+
+    for layer, cols in enumerate(layout.attn_cols):
+        stop = layout.sender_stop[layer]
+        g = per_prompt(grads.attn[layer])
+        scores[:stop, cols] += torch.einsum("npsd,rnpd->sr", d[:, :, :stop], g).double()
+        col = layout.mlp_col[layer]
+        mlp_grad = grads.mlp[layer]
+        if col is not None and mlp_grad is not None:
+            stop = layout.mlp_sender_stop[layer]
+            scores[:stop, col] += torch.einsum("npsd,npd->s", d[:, :, :stop], per_prompt(mlp_grad)).double()
+    scores[:, -1] += torch.einsum("npsd,npd->s", d, per_prompt(grads.logits)).double()
+
+
+def _valid_mask(layout: _Layout, n_layers: int) -> Tensor:
+    mask = torch.zeros(len(layout.senders), len(layout.receivers), dtype=torch.bool)
+    for layer, cols in enumerate(layout.attn_cols):
+        mask[: layout.sender_stop[layer], cols] = True
+        col = layout.mlp_col[layer]
+        if col is not None:
+            mask[: layout.mlp_sender_stop[layer], col] = True
+    mask[:, -1] = True
+    return mask

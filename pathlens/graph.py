@@ -1,0 +1,232 @@
+"""`Graph`: scored edges between model components — the result type of edge attribution, and a circuit.
+
+Senders are the components that write into the residual stream: "input" (the residual stream entering layer
+0: token, and position, embeddings), heads "L3.H2", MLPs "L3.mlp". Receivers are the inputs that read from it:
+a head's query "L4.H1.q", a key/value "L4.H1.k" (with grouped-query attention, per key-value group: "L4.G0.k"),
+an MLP's input "L4.mlp", and "logits" (the final residual stream). An edge (sender, receiver) exists when the
+sender writes before the receiver reads; `scores` holds NaN elsewhere.
+
+A `Graph` is also a circuit: `kept` marks the edges in it (`prune` chooses them); every other edge is
+patched when the circuit is evaluated. `paths` enumerates the top-K diverse routes from the input to the
+logits (`pathlens.circuits.paths`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from pathlens.errors import PathlensError
+from pathlens.results import load_pair, save_pair
+
+_FORMAT_NAME = "pathlens.Graph"
+_HEADER_KEYS = ("senders", "receivers", "metric", "method", "meta")
+_RECEIVER_RE = re.compile(r"^L(\d+)\.([HG])(\d+)\.([qkv])$")
+
+
+@dataclass
+class Graph:
+    """Edge scores (S, R) between `senders` and `receivers`, NaN where there is no edge; `kept` (S, R) bool
+    marks the circuit (None: every edge). `meta` holds at least `heads_per_group` (query heads per key-value
+    group) and, from attribution, `base_metric` and `direction`."""
+
+    senders: list[str]
+    receivers: list[str]
+    scores: Tensor
+    metric: str
+    method: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    kept: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        shape = (len(self.senders), len(self.receivers))
+        if tuple(self.scores.shape) != shape:
+            raise PathlensError(f"Graph: scores have shape {tuple(self.scores.shape)}, expected {shape}.")
+        if self.kept is not None:
+            if tuple(self.kept.shape) != shape or self.kept.dtype != torch.bool:
+                raise PathlensError(f"Graph: kept must be a bool tensor of shape {shape}.")
+            if bool((self.kept & ~self.valid).any()):
+                raise PathlensError("Graph: kept marks a pair of components that is not an edge (NaN score).")
+
+    # ---- structure ----------------------------------------------------------------------------------
+
+    @property
+    def valid(self) -> Tensor:
+        """(S, R) bool: which (sender, receiver) pairs are edges."""
+        return ~torch.isnan(self.scores)
+
+    @property
+    def in_circuit(self) -> Tensor:
+        """(S, R) bool: the edges of the circuit (all edges when nothing was pruned)."""
+        return self.valid if self.kept is None else self.kept
+
+    @property
+    def edges_total(self) -> int:
+        return int(self.valid.sum())
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.in_circuit.sum())
+
+    def receiver_nodes(self, receiver: str) -> list[str]:
+        """The component(s) a receiver input belongs to: "L4.H1.q" → ["L4.H1"]; a key-value group's input
+        feeds every query head of the group; "L4.mlp" → ["L4.mlp"]; "logits" → ["logits"]."""
+        match = _RECEIVER_RE.match(receiver)
+        if match is None:
+            return [receiver]
+        layer, letter, index = int(match[1]), match[2], int(match[3])
+        if letter == "H":
+            return [f"L{layer}.H{index}"]
+        per_group = int(self.meta.get("heads_per_group", 1))
+        return [f"L{layer}.H{h}" for h in range(index * per_group, (index + 1) * per_group)]
+
+    # ---- tables -------------------------------------------------------------------------------------
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per edge: sender, receiver, score, in_circuit; ordered by |score|, largest first."""
+        rows, cols = torch.nonzero(self.valid, as_tuple=True)
+        frame = pd.DataFrame(
+            {
+                "sender": [self.senders[i] for i in rows.tolist()],
+                "receiver": [self.receivers[j] for j in cols.tolist()],
+                "score": self.scores[rows, cols].tolist(),
+                "in_circuit": self.in_circuit[rows, cols].tolist(),
+            }
+        )
+        order = frame["score"].abs().sort_values(ascending=False, kind="stable").index
+        return frame.loc[order].reset_index(drop=True)
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The k edges of largest |score|."""
+        return self.to_frame().head(k)
+
+    def node_scores(self) -> pd.Series:
+        """Per sender, the sum of its outgoing edge scores: with EAP, the first-order effect of patching the
+        sender's whole output (its AtP score), because its output reaches every later input additively."""
+        totals = torch.nan_to_num(self.scores, nan=0.0).sum(dim=1)
+        return pd.Series(totals.tolist(), index=self.senders, name="score")
+
+    # ---- circuits -----------------------------------------------------------------------------------
+
+    def prune(
+        self,
+        top_k: int | None = None,
+        threshold: float | None = None,
+        by: Literal["abs", "value"] = "abs",
+    ) -> Graph:
+        """The circuit of the `top_k` edges (or those with score ≥ `threshold`), ranked by |score| ("abs") or
+        by signed score ("value"); a new Graph with `kept` set, scores unchanged."""
+        if (top_k is None) == (threshold is None):
+            raise PathlensError("prune: give exactly one of top_k= or threshold=.")
+        if by not in ("abs", "value"):
+            raise PathlensError(f"prune: by must be 'abs' or 'value', got {by!r}.")
+        rank = self.scores.abs() if by == "abs" else self.scores
+        rank = torch.where(self.valid, rank, torch.full_like(rank, -torch.inf))
+        if top_k is not None:
+            if top_k < 0:
+                raise PathlensError(f"prune: top_k must be >= 0, got {top_k}.")
+            kept = torch.zeros_like(self.valid)
+            count = min(int(top_k), self.edges_total)
+            if count:
+                flat = torch.topk(rank.flatten(), count).indices
+                kept.view(-1)[flat] = True
+        else:
+            kept = self.valid & (rank >= float(threshold))  # type: ignore[arg-type]
+        return replace(self, kept=kept)
+
+    def nodes_in_circuit(self) -> list[str]:
+        """Components touched by a kept edge, as senders or as receivers."""
+        rows, cols = torch.nonzero(self.in_circuit, as_tuple=True)
+        nodes = {self.senders[i] for i in rows.tolist()}
+        for j in cols.tolist():
+            nodes.update(self.receiver_nodes(self.receivers[j]))
+        return sorted(nodes)
+
+    # ---- paths and networkx ---------------------------------------------------------------------------
+
+    def path_edges(self) -> dict[tuple[str, str], float]:
+        """The circuit as a DAG for path search: sender → receiver input (the edge score) → component (1.0)."""
+        edges: dict[tuple[str, str], float] = {}
+        rows, cols = torch.nonzero(self.in_circuit, as_tuple=True)
+        for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+            receiver = self.receivers[j]
+            edges[(self.senders[i], receiver)] = float(self.scores[i, j])
+            for node in self.receiver_nodes(receiver):
+                if node != receiver:
+                    edges[(receiver, node)] = 1.0
+        return edges
+
+    def paths(
+        self,
+        k: int = 10,
+        sources: Sequence[str] = ("input",),
+        sinks: Sequence[str] = ("logits",),
+        signature: Callable[[tuple[str, ...]], Hashable] | None = None,
+    ) -> list[Any]:
+        """The k highest-scoring loopless paths (product of |edge score|) from `sources` to `sinks` through the
+        circuit, with an optional diversity rule (`pathlens.circuits.paths.top_paths`). Receiver inputs appear
+        in the paths ("L4.H1.k"), so a route through a head's key differs from one through its query."""
+        from pathlens.circuits.paths import top_paths
+
+        return top_paths(self.path_edges(), sources, sinks, k, signature=signature)
+
+    def to_networkx(self) -> Any:
+        """A networkx MultiDiGraph of the circuit: component nodes (with `layer`), one edge per kept edge with
+        `score` and `input` (q / k / v / mlp / logits)."""
+        import networkx as nx
+
+        g = nx.MultiDiGraph()
+        for name in [*self.senders, "logits"]:
+            g.add_node(name, layer=_layer_of(name))
+        rows, cols = torch.nonzero(self.in_circuit, as_tuple=True)
+        for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+            receiver = self.receivers[j]
+            for node in self.receiver_nodes(receiver):
+                g.add_node(node, layer=_layer_of(node))
+                g.add_edge(self.senders[i], node, score=float(self.scores[i, j]), input=receiver.rsplit(".", 1)[-1])
+        return g
+
+    # ---- files --------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """`<path>.safetensors` (scores, kept) and `<path>.json` (names, metric, method, meta), written atomically."""
+        tensors = {"scores": self.scores.contiguous(), "kept": self.in_circuit.contiguous()}
+        header = {
+            "senders": self.senders,
+            "receivers": self.receivers,
+            "metric": self.metric,
+            "method": self.method,
+            "meta": self.meta,
+            "pruned": self.kept is not None,
+        }
+        save_pair(path, _FORMAT_NAME, tensors, header)
+
+    @staticmethod
+    def load(path: str | os.PathLike[str]) -> Graph:
+        tensors, header = load_pair(path, _FORMAT_NAME, ("scores", "kept"), _HEADER_KEYS)
+        return Graph(
+            senders=list(header["senders"]),
+            receivers=list(header["receivers"]),
+            scores=tensors["scores"],
+            metric=header["metric"],
+            method=header["method"],
+            meta=header["meta"],
+            kept=tensors["kept"] if header.get("pruned") else None,
+        )
+
+
+def _layer_of(node: str) -> int:
+    """Layer of a component name for layout: input → -1, logits → a large number."""
+    if node == "input":
+        return -1
+    if node == "logits":
+        return 1 << 20
+    match = re.match(r"^L(\d+)\.", node)
+    return int(match[1]) if match else -1
