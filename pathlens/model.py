@@ -8,6 +8,7 @@ written only through hooks that exist inside `Model.run`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -296,14 +297,25 @@ class Model:
         logits = out.logits if hasattr(out, "logits") else _first_tensor(out)
         return Run(logits=logits if grad else logits.detach(), cache=Cache(session.cache))
 
-    def forward(self, ids: Tensor, mask: Tensor | None, session: HookSession, use_cache: bool = False) -> Any:
+    def forward(
+        self,
+        ids: Tensor,
+        mask: Tensor | None,
+        session: HookSession,
+        use_cache: bool = False,
+        logits_at: Tensor | None = None,
+    ) -> Any:
         """The wrapped model's own forward on token ids (b, p), with `session`'s hooks in place; returns its output.
 
-        `use_cache=True` also returns the model's key/value cache (for engines that reuse it).
+        `use_cache=True` also returns the model's key/value cache (for engines that reuse it). `logits_at`
+        (sorted positions) asks the model for logits at those positions only (transformers' `logits_to_keep`),
+        which saves a (b, p, vocab) tensor; models without that argument return logits at every position.
         """
         kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "use_cache": use_cache}
         if mask is not None:
             kwargs["attention_mask"] = mask.to(self.device)
+        if logits_at is not None and "logits_to_keep" in inspect.signature(self.hf.forward).parameters:
+            kwargs["logits_to_keep"] = logits_at.to(self.device)
         with torch.set_grad_enabled(session.grad), session:
             return self.hf(**kwargs)
 

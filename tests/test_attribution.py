@@ -6,6 +6,7 @@ with exact patching on the same cells.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import pathlens
@@ -59,3 +60,37 @@ def test_atp_tracks_exact_patching_and_leaves_the_model_untouched() -> None:
         estimate = atp(model, task, sites=sites, positions=positions, direction=direction)
         assert estimate.corr(exact) > 0.6, (sites, estimate.corr(exact))
     assert_untouched(model, before)
+
+
+def test_verified_top_k_equals_the_full_sweeps_top_k() -> None:
+    """patch(top_k=K): exact values on every verified cell, NaN elsewhere, and the same top K as the full sweep."""
+    import transformers
+
+    from tests.conftest import _llama_like
+
+    torch.manual_seed(0)
+    hf = _llama_like(
+        transformers.LlamaConfig, transformers.LlamaForCausalLM, num_hidden_layers=4, num_attention_heads=8
+    )()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 2:
+                p.mul_(1.5)
+    model = pathlens.Model(hf, name="tiny-llama-4x8")
+    task = padded_task()
+    full = pathlens.patch(model, task, sites="heads", progress=False)
+    base = full.meta["corrupt_metric"]
+    k = 4
+    truth = set(torch.topk((full.values - base).abs().flatten(), k).indices.tolist())
+    for prefilter in ("atp*", "relp", "atp"):
+        fast = pathlens.patch(model, task, sites="heads", top_k=k, prefilter=prefilter, progress=False)
+        assert fast.dims == full.dims and fast.method.endswith("verified-topk")
+        done = ~torch.isnan(fast.values)
+        assert int(done.sum()) == fast.meta["verified"] < full.values.numel()
+        torch.testing.assert_close(fast.values[done], full.values[done], atol=1e-6, rtol=0)
+        found = (fast.values - base).abs().flatten().nan_to_num(nan=-1.0)
+        assert set(torch.topk(found, k).indices.tolist()) == truth, prefilter
+    with pytest.raises(pathlens.PathlensError, match="prefilter"):
+        pathlens.patch(model, task, top_k=3, prefilter="magic", progress=False)
+    with pytest.raises(pathlens.PathlensError, match="top_k"):
+        pathlens.patch(model, task, top_k=3, ablation="zero", progress=False)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import Cache, DynamicCache
 
 from pathlens.arch.base import get_module
 from pathlens.hooks import HookSession, _first
@@ -37,12 +38,6 @@ class ConePatch:
     positions: tuple[int, ...] | None
 
 
-def _cache_class() -> type:
-    from transformers.cache_utils import Cache
-
-    return Cache
-
-
 class ConeRunner:
     """Base run of N prompts (P tokens) with everything needed to run patched variants from any (layer, position).
 
@@ -58,11 +53,12 @@ class ConeRunner:
         self.blocks = get_module(model.hf, a.blocks)
         reads = [Site("resid_pre", layer) for layer in range(a.n_layers)]
         session = HookSession(model, reads, [], batch=self.n, seq_len=self.seq_len, record_blocks=True)
+        kept = torch.unique(answer_pos)
         with torch.no_grad():
-            out = model.forward(ids, mask, session, use_cache=True)
+            out = model.forward(ids, mask, session, use_cache=True, logits_at=kept)
         logits = out.logits if hasattr(out, "logits") else _first(out)
-        rows = torch.arange(self.n)
-        self.answer_logits = logits[rows, answer_pos].detach()
+        at = torch.searchsorted(kept, answer_pos) if logits.shape[1] == kept.numel() else answer_pos
+        self.answer_logits = logits[torch.arange(self.n), at].detach()
         self.resid_pre = {layer: session.cache[Site("resid_pre", layer)] for layer in range(a.n_layers)}
         self.calls = {layer: self._named(layer, *session.block_calls[layer]) for layer in range(a.n_layers)}
         self.cache_arg = self._find_cache_arg()
@@ -88,7 +84,7 @@ class ConeRunner:
         return named
 
     def _find_cache_arg(self) -> str | None:
-        cache_cls = _cache_class()
+        cache_cls = Cache
         for name, value in self.calls[0].items():
             if isinstance(value, cache_cls):
                 return name
@@ -167,8 +163,6 @@ class ConeRunner:
         return out
 
     def _prefix_cache(self, layer: int, start: int, rows: Tensor, k: int) -> Any:
-        from transformers import DynamicCache
-
         assert self.kv is not None
         data: list[tuple[Tensor | None, Tensor | None]] = []
         for index, (keys, values) in enumerate(self.kv):
@@ -217,8 +211,6 @@ def _slice_and_tile(value: Any, name: str, n: int, seq_len: int, start: int, row
 
 def _shift(op: Op, start: int, rows: Tensor) -> Op:
     """The op with its source tensors restricted to task `rows` and positions start.. (sources are (N, P, ...))."""
-    from dataclasses import fields, replace
-
     changes = {}
     for f in fields(op):  # type: ignore[arg-type]
         value = getattr(op, f.name)
