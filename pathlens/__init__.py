@@ -5,7 +5,9 @@ The nouns: `Model` (an unmodified model plus its sites), `Site` (a named activat
 """
 
 from pathlens.arch.base import ArchMap
+from pathlens.attribution import atp, atp_star, compare, edge_attribution, relp
 from pathlens.errors import PathlensError
+from pathlens.graph import Graph
 from pathlens.interventions import Ablate, Add, Intervention, Project, Replace, Scale
 from pathlens.loading import EMBEDDED, load
 from pathlens.model import Cache, Model, Run
@@ -18,6 +20,7 @@ __all__ = [
     "ArchMap",
     "Cache",
     "EMBEDDED",
+    "Graph",
     "Intervention",
     "Model",
     "PathlensError",
@@ -25,6 +28,11 @@ __all__ = [
     "Replace",
     "Run",
     "Scale",
+    "atp",
+    "atp_star",
+    "compare",
+    "edge_attribution",
+    "relp",
     "Site",
     "load",
     "parse_site",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import typer
@@ -14,9 +15,13 @@ from rich.table import Table
 from pathlens.errors import PathlensError
 from pathlens.loading import EMBEDDED, load
 from pathlens.model import Model
+from pathlens.patching.sweep import DEFAULT_MAX_BATCH_TOKENS
 from pathlens.results import Scores
 from pathlens.tasks import TASKS, build_task
 from pathlens.tasks.base import Task
+
+if TYPE_CHECKING:
+    from pathlens.attribution.compare import Comparison
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Find, verify and steer pathways in neural networks."
@@ -179,15 +184,10 @@ def write_sweep(scores: Scores, out: Path, name: str, title: str) -> Table:
     out.mkdir(parents=True, exist_ok=True)
     scores.save(out / name)
     plottable(scores).plot(out / f"{name}.png", title=title)
-    effect = (
-        scores.values - scores.meta["corrupt_metric"]
-        if scores.method == "patch:denoise"
-        else scores.values - scores.meta["clean_metric"]
-    )
-    ranked = scores.with_values(effect)
+    ranked = scores.with_values(scores.values - scores.meta["base_metric"])
     top = ranked.top(10)
     ranked.to_frame().to_csv(out / f"{name}.csv", index=False)
-    table = Table(title=f"{title}: top 10 by |effect| (patched − baseline)")
+    table = Table(title=f"{title}: top 10 by |effect| (patched − base run)")
     for col in [*scores.dims, "effect"]:
         table.add_column(col, justify="right")
     for row in top.to_dict("records"):
@@ -204,7 +204,7 @@ def patch(
     direction: str = typer.Option("denoise", help="denoise | noise"),
     n: int = typer.Option(8, help="number of prompt pairs"),
     seed: int = typer.Option(0, help="task seed"),
-    max_batch_tokens: int = typer.Option(4096, help="most tokens in one patched forward"),
+    max_batch_tokens: int = typer.Option(DEFAULT_MAX_BATCH_TOKENS, help="most tokens in one patched forward"),
     out: Path = typer.Option(Path("out/patch"), help="output folder (a killed sweep resumes from it)"),
 ) -> None:
     """Activation patching sweep: scores (safetensors + JSON), heatmap PNG and a table."""
@@ -227,6 +227,95 @@ def patch(
     name = f"{family}_{positions}"
     console.print(write_sweep(scores, out, name, f"{loaded.name} {task}: {family} ({direction})"))
     console.print(f"wrote {out}/{name}.safetensors/.json/.png/.csv")
+
+
+NODE_METHODS = ("atp", "atp*", "relp")
+EDGE_METHODS = {"atp": "eap", "eap": "eap", "eap-ig": "eap-ig", "relp": "relp"}
+
+
+def comparison_table(result: "Comparison", title: str) -> Table:
+    table = Table(title=title)
+    for col in ("family", *result.table.columns):
+        table.add_column(str(col), justify="right")
+    for family, row in result.table.iterrows():
+        table.add_row(str(family), *[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.tolist()])
+    return table
+
+
+@app.command()
+def attribute(
+    model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
+    task: str = typer.Option("ioi", help=f"one of {', '.join(TASKS)}"),
+    method: str = typer.Option("atp", help="atp | atp* | relp | eap | eap-ig"),
+    sites: str = typer.Option("heads", help="heads | resid | mlp | attn, or any family of pathlens.patch"),
+    positions: str = typer.Option("all", help="all | each"),
+    direction: Optional[str] = typer.Option(  # noqa: UP045 (typer reads the annotation)
+        None, help="denoise | noise (default: denoise for nodes, noise for edges)"
+    ),
+    edges: bool = typer.Option(False, "--edges", help="score every edge of the model's graph instead of nodes"),
+    steps: int = typer.Option(5, help="integration steps of eap-ig"),
+    n: int = typer.Option(8, help="number of prompt pairs"),
+    seed: int = typer.Option(0, help="task seed"),
+    compare_exact: bool = typer.Option(False, "--compare-exact", help="also run exact patching and compare"),
+    out: Path = typer.Option(Path("out/attribute"), help="output folder"),
+) -> None:
+    """Gradient attribution (AtP, AtP*, RelP; EAP / EAP-IG / RelP edges) with an optional exact comparison."""
+    from pathlens.attribution import atp, atp_star, compare, edge_attribution, relp
+    from pathlens.patching import patch as run_patch
+
+    if method not in NODE_METHODS + tuple(EDGE_METHODS):
+        raise PathlensError(f"unknown method {method!r}; use atp, atp*, relp, eap or eap-ig.")
+    edges = edges or method in ("eap", "eap-ig")
+    loaded = _load(model)
+    built = task_for(loaded, task, n, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if edges:
+        if method not in EDGE_METHODS:
+            raise PathlensError(f"{method} is node-level only; for edges use eap, eap-ig or relp.")
+        edge_direction = direction or "noise"
+        start = time.perf_counter()
+        graph = edge_attribution(loaded, built, method=EDGE_METHODS[method], direction=edge_direction, steps=steps)
+        seconds = time.perf_counter() - start
+        graph.save(out / "graph")
+        graph.to_frame().to_csv(out / "edges.csv", index=False)
+        table = Table(title=f"{loaded.name} {task}: top 15 edges by |score| ({graph.method}, {seconds:.1f} s)")
+        for col in ("sender", "receiver", "score"):
+            table.add_column(col, justify="right")
+        for row in graph.top(15).to_dict("records"):
+            table.add_row(row["sender"], row["receiver"], f"{row['score']:+.4f}")
+        console.print(table)
+        console.print(f"{graph.edges_total} edges; wrote {out}/graph.safetensors/.json and edges.csv")
+        if compare_exact:
+            exact = run_patch(loaded, built, sites="heads", direction=edge_direction, progress=True)
+            node = graph.node_scores()
+            names = [f"L{layer}.H{h}" for layer in exact.coords["layer"] for h in exact.coords["head"]]
+            summed = exact.with_values(
+                torch.tensor([node[x] for x in names]).view(exact.shape) + graph.meta["base_metric"]
+            )
+            summed.meta["base_metric"] = graph.meta["base_metric"]
+            result = compare({"heads": exact}, {"heads": summed}, labels=("exact", graph.method))
+            result.plot(out / "compare.png")
+            console.print(comparison_table(result, "heads: outgoing edge sums vs exact patching"))
+        return
+    family = CLI_SITES.get(sites, sites)
+    estimator = {"atp": atp, "atp*": atp_star, "relp": relp}[method]
+    start = time.perf_counter()
+    direction = direction or "denoise"
+    estimate = estimator(loaded, built, sites=family, positions=positions, direction=direction)
+    seconds = time.perf_counter() - start
+    name = f"{method.replace('*', '_star')}_{family}_{positions}"
+    console.print(write_sweep(estimate, out, name, f"{loaded.name} {task}: {method} {family} ({seconds:.1f} s)"))
+    if compare_exact:
+        start = time.perf_counter()
+        exact = run_patch(loaded, built, sites=family, positions=positions, direction=direction, progress=True)
+        exact_seconds = time.perf_counter() - start
+        result = compare({family: exact}, {family: estimate}, labels=("exact", method))
+        result.plot(out / f"{name}_vs_exact.png")
+        result.table.to_csv(out / f"{name}_vs_exact.csv")
+        console.print(
+            comparison_table(result, f"{method} vs exact patching ({seconds:.1f} s vs {exact_seconds:.1f} s)")
+        )
+    console.print(f"wrote {out}/{name}.*")
 
 
 def main() -> None:

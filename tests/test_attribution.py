@@ -94,3 +94,25 @@ def test_verified_top_k_equals_the_full_sweeps_top_k() -> None:
         pathlens.patch(model, task, top_k=3, prefilter="magic", progress=False)
     with pytest.raises(pathlens.PathlensError, match="top_k"):
         pathlens.patch(model, task, top_k=3, ablation="zero", progress=False)
+
+
+def test_compare_reports_correlations_overlap_and_a_scatter(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pandas as pd
+
+    model = tiny_model("gpt2", weight_scale=2.0)
+    task = padded_task()
+    exact = pathlens.patch(model, task, sites="heads", progress=False)
+    estimate = atp(model, task, sites="heads")
+    same = pathlens.compare(exact, exact, k=3)
+    assert same.table.loc["heads", "pearson"] == pytest.approx(1.0)
+    assert same.table.loc["heads", "top3_overlap"] == 1.0
+    result = pathlens.compare({"heads": exact}, {"heads": estimate}, k=3, labels=("exact", "atp"))
+    x = (exact.values - exact.meta["base_metric"]).flatten().double()
+    y = (estimate.values - estimate.meta["base_metric"]).flatten().double()
+    frame = pd.DataFrame({"x": x.numpy(), "y": y.numpy()})
+    assert result.table.loc["heads", "pearson"] == pytest.approx(frame.corr().loc["x", "y"], abs=1e-9)
+    assert result.table.loc["heads", "spearman"] == pytest.approx(frame.corr("spearman").loc["x", "y"], abs=1e-9)
+    result.plot(tmp_path / "scatter.png")
+    assert (tmp_path / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(pathlens.PathlensError, match="families differ"):
+        pathlens.compare({"heads": exact}, {"mlp": estimate})

@@ -42,3 +42,27 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert "top 10 heads" in result.output
     for name in ("patch_heads", "patch_resid"):
         assert (tmp_path / f"{name}.png").exists() and Scores.load(tmp_path / name).meta["task"] == "ioi"
+
+
+def test_attribute_nodes_with_exact_comparison(tmp_path: Path) -> None:
+    args = ["attribute", "--model", "induction-2l", "--task", "induction", "--method", "atp*", "--n", "8"]
+    result = runner.invoke(app, [*args, "--compare-exact", "--out", str(tmp_path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "pearson" in result.output and (tmp_path / "atp_star_heads_all_vs_exact.png").exists()
+    assert Scores.load(tmp_path / "atp_star_heads_all").method == "atp*:denoise"
+
+
+def test_attribute_edges_find_the_induction_circuit(tmp_path: Path) -> None:
+    """On the embedded induction model the four strongest EAP-IG edges are its known circuit: the token into the
+    previous-token head's value, that head into the induction head's key, the token into the induction head's
+    value, and the induction head into the logits."""
+    from pathlens.graph import Graph
+
+    args = ["attribute", "--model", "induction-2l", "--task", "induction", "--method", "eap-ig", "--n", "8"]
+    result = runner.invoke(app, [*args, "--compare-exact", "--out", str(tmp_path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    graph = Graph.load(tmp_path / "graph")
+    top = {(row["sender"], row["receiver"]) for row in graph.top(4).to_dict("records")}
+    assert top == {("input", "L0.H1.v"), ("L0.H1", "L1.H0.k"), ("input", "L1.H0.v"), ("L1.H0", "logits")}
+    bad = runner.invoke(app, ["attribute", "--model", "induction-2l", "--method", "magic"])
+    assert bad.exit_code != 0
