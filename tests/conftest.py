@@ -138,6 +138,20 @@ def tiny_model(family: str, seed: int = 0, weight_scale: float = 1.0) -> Model:
     return Model(hf, name=f"tiny-{family}")
 
 
+_DEFAULT_THREADS = torch.get_num_threads()
+_REAL_MODEL_FIXTURES = {"smollm2", "gemma3"}
+
+
+@pytest.fixture(autouse=True)
+def _threads(request: pytest.FixtureRequest) -> object:
+    """One intra-op thread for tests on tiny models (thread start-up costs more than their matmuls, and a
+    busy machine makes it worse); torch's default for tests on the real models, where threads pay."""
+    real = bool(_REAL_MODEL_FIXTURES & set(request.fixturenames))
+    torch.set_num_threads(_DEFAULT_THREADS if real else 1)
+    yield
+    torch.set_num_threads(_DEFAULT_THREADS)
+
+
 @pytest.fixture(params=list(FAMILIES))
 def family(request: pytest.FixtureRequest) -> str:
     return request.param
