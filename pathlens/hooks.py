@@ -165,7 +165,11 @@ class _Write:
 
 @dataclass
 class HookSession:
-    """Hooks for one run: `reads` to cache and `interventions` to apply, for a batch of (batch, seq_len)."""
+    """Hooks for one run: `reads` to cache and `interventions` to apply, for a batch of (batch, seq_len).
+
+    `extra_hooks` — (module path, "pre" | "fwd", hook) — let an engine that is not a site intervention (edge
+    patching) hook the model through the same registration and guaranteed removal.
+    """
 
     model: "Model"
     reads: Sequence[Site]
@@ -177,6 +181,7 @@ class HookSession:
     cache_dtype: torch.dtype | None = None
     record_blocks: bool = False
     rules: frozenset[str] = frozenset()
+    extra_hooks: Sequence[tuple[str, str, Callable[..., Any]]] = ()
     cache: dict[Site, Tensor] = field(default_factory=dict)
     block_calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
     _writes: dict[Site, list[_Write]] = field(default_factory=dict)
@@ -285,6 +290,8 @@ class HookSession:
                 self._register_layer_site(fam, blocks[fam.layer], attn_layers)
         if attn_layers:
             self._route_attention(blocks)
+        for path, kind, fn in self.extra_hooks:
+            self._hook(get_module(root, path), kind, fn)
 
     def _register_rules(self, blocks: nn.ModuleList, attn_layers: set[int]) -> None:
         """LRP rules (`pathlens.attribution.lrp`), registered before the site hooks so that a site read at the

@@ -89,9 +89,14 @@ def _reference_column(
     proj: str,
     norm: str,
     columns: list[int],
+    eps_value: float | None = None,
 ) -> torch.Tensor:
-    """Slow reference: for each sender u, d m / d ε with receiver's projection columns reading x + ε Δz_u."""
+    """Slow reference: for each sender u, d m / d ε with receiver's projection columns reading x + ε Δz_u —
+    or, with `eps_value`, the finite change m(ε) − m(0) (exact patching of the edge when ε = 1)."""
     deltas = _deltas(model, task, graph)
+    with torch.no_grad():
+        clean_logits = model.hf(input_ids=task.clean_ids, attention_mask=task.attention_mask).logits
+        clean_value = task.metric(clean_logits, task).mean()  # type: ignore[misc]
     out = []
     norm_module = model.hf.get_submodule(norm)
     proj_module = model.hf.get_submodule(proj)
@@ -99,7 +104,7 @@ def _reference_column(
         if torch.isnan(graph.scores[s, graph.receivers.index(receiver)]):
             out.append(float("nan"))
             continue
-        eps = torch.zeros((), requires_grad=True)
+        eps = torch.zeros((), requires_grad=True) if eps_value is None else torch.tensor(eps_value)
         record = norm_module.register_forward_pre_hook(_record_input)
         handle = proj_module.register_forward_hook(
             _moved_input_hook(lambda x, s=s: deltas[:, :, s], torch.tensor(columns), eps, norm_module)
@@ -108,7 +113,10 @@ def _reference_column(
             with torch.enable_grad():
                 logits = model.hf(input_ids=task.clean_ids, attention_mask=task.attention_mask).logits
                 value = task.metric(logits, task).mean()  # type: ignore[misc]
-                (grad,) = torch.autograd.grad(value, eps)
+                if eps_value is None:
+                    (grad,) = torch.autograd.grad(value, eps)
+                else:
+                    grad = value - clean_value
         finally:
             handle.remove()
             record.remove()

@@ -13,6 +13,8 @@ groups, head size) and two structural facts that change which sites exist:
 `qkv_layout` how their output columns are laid out: "separate" (three layers, each head-major), "fused" (one
 layer, [q | k | v], each head-major: GPT-2's c_attn) or "interleaved" (one layer, per head [q_h k_h v_h]:
 GPT-NeoX). Edge attribution uses them to split the attention input's gradient per head and per q/k/v.
+`attn_norm` / `mlp_norm` name the norms that turn the residual stream into the attention / MLP input; edge
+patching calls them to give each receiver its own input.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class ArchMap:
     qkv: str | None = "interface"
     qkv_proj: tuple[str, str, str] | None = None
     qkv_layout: str = "separate"
+    attn_norm: str | None = None
+    mlp_norm: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:

@@ -38,6 +38,8 @@ def gpt2(cfg: Any) -> ArchMap:
         d_mlp=cfg.n_inner or 4 * d,
         qkv_proj=("attn.c_attn",) * 3,
         qkv_layout="fused",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
         notes=("resid_pre[0] includes the learned position embedding (wpe); 'embed' is the token embedding only",),
     )
 
@@ -64,6 +66,8 @@ def gpt_neo(cfg: Any) -> ArchMap:
         d_mlp=cfg.intermediate_size or 4 * d,
         qkv="projections",
         qkv_proj=("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"),
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
         notes=("q/k/v are the projection outputs (GPT-Neo has no rotary embedding); attention patterns are read-only",),
     )
 
@@ -91,6 +95,8 @@ def gpt_neox(cfg: Any) -> ArchMap:
         parallel=bool(cfg.use_parallel_residual),
         qkv_proj=("attention.query_key_value",) * 3,
         qkv_layout="interleaved",
+        attn_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
     )
 
 
@@ -122,6 +128,8 @@ def llama_like(cfg: Any, family: str, sandwich_norms: bool = False) -> ArchMap:
         d_head=_head_dim(cfg, h, d),
         d_mlp=cfg.intermediate_size,
         qkv_proj=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        attn_norm="input_layernorm",
+        mlp_norm="pre_feedforward_layernorm" if sandwich_norms else "post_attention_layernorm",
         notes=("heads sum to the o_proj output; attn_out is post_attention_layernorm(o_proj output)",)
         if sandwich_norms
         else (),
@@ -150,6 +158,7 @@ def attn_only(cfg: Any) -> ArchMap:
         d_head=d // h,
         d_mlp=None,
         qkv_proj=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        attn_norm="input_layernorm",
         notes=("resid_pre[0] includes the learned position embedding; 'embed' is the token embedding only",),
     )
 

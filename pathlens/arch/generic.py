@@ -124,6 +124,9 @@ def discover(model: nn.Module) -> ArchMap:
     attn_module = block.get_submodule(attn)
     names = ("q_proj", "k_proj", "v_proj")
     qkv_proj = tuple(f"{attn}.{n}" for n in names) if all(hasattr(attn_module, n) for n in names) else None
+    children = dict(block.named_children())
+    attn_norm = next((n for n in ("input_layernorm", "ln_1") if n in children), None)
+    mlp_norm = next((n for n in ("post_attention_layernorm", "ln_2") if n in children), None) if mlp else None
     return ArchMap(
         family=f"generic:{type(model).__name__}",
         blocks=blocks_path,
@@ -145,5 +148,7 @@ def discover(model: nn.Module) -> ArchMap:
         parallel=bool(getattr(cfg, "use_parallel_residual", False) or getattr(cfg, "parallel_attn", False)),
         qkv="interface" if uses_interface else None,
         qkv_proj=qkv_proj,  # type: ignore[arg-type]
+        attn_norm=attn_norm,
+        mlp_norm=mlp_norm,
         notes=("discovered from module structure; check it with model.sites",),
     )

@@ -52,7 +52,7 @@ METHODS = ("eap", "eap-ig", "relp")
 
 
 @dataclass(frozen=True)
-class _Layout:
+class Layout:
     """Names and positions of the graph's senders and receivers for one model."""
 
     senders: list[str]
@@ -63,7 +63,7 @@ class _Layout:
     mlp_col: list[int | None]  # receiver column of layer L's MLP
 
 
-def _layout(model: Model) -> _Layout:
+def graph_layout(model: Model) -> Layout:
     a = model.arch
     h, g = a.n_heads, a.n_kv_heads
     kv_letter = "H" if g == h else "G"
@@ -87,10 +87,10 @@ def _layout(model: Model) -> _Layout:
         senders.append(f"L{layer}.mlp")
     sender_stop.append(len(senders))
     receivers.append("logits")
-    return _Layout(senders, receivers, sender_stop, mlp_stop, attn_cols, mlp_col)
+    return Layout(senders, receivers, sender_stop, mlp_stop, attn_cols, mlp_col)
 
 
-def _check_supported(model: Model) -> None:
+def check_supported(model: Model) -> None:
     a = model.arch
     block = get_module(model.hf, a.blocks)[0]
     writers = [a.attn_out] + ([a.mlp_out] if a.mlp_out else [])
@@ -116,7 +116,7 @@ def _out_in(module: nn.Module) -> Tensor:
     raise PathlensError(f"q/k/v projection is a {type(module).__name__}; edge attribution reads nn.Linear or Conv1D.")
 
 
-class _QKV:
+class QKV:
     """One layer's q/k/v projections: which module outputs to read, and how to turn the gradient at them into
     per-receiver gradients at the projection input, (B, P, H + 2G, d_model), in the receiver order q, k, v."""
 
@@ -126,8 +126,15 @@ class _QKV:
         block = f"{a.blocks}.{layer}"
         self.h, self.g, self.dh, self.layout = a.n_heads, a.n_kv_heads, a.d_head, a.qkv_layout
         self.paths = list(dict.fromkeys(f"{block}.{p}" for p in a.qkv_proj))
-        weights = [_out_in(get_module(model.hf, p)).detach() for p in self.paths]
+        modules = [get_module(model.hf, p) for p in self.paths]
+        weights = [_out_in(m).detach() for m in modules]
         d = weights[0].shape[1]
+        self.cols, self.part_module = self._columns(), [0, 1, 2] if self.layout == "separate" else [0, 0, 0]
+        biases = [getattr(m, "bias", None) for m in modules]
+        self.bias = [
+            None if biases[i] is None else biases[i].detach()[c]
+            for i, c in zip(self.part_module, self.cols, strict=True)
+        ]
         if self.layout == "separate":
             wq, wk, wv = weights
             self.w = [wq.view(self.h, self.dh, d), wk.view(self.g, self.dh, d), wv.view(self.g, self.dh, d)]
@@ -145,6 +152,30 @@ class _QKV:
             self.w = [per_head[:, 0], per_head[:, 1], per_head[:, 2]]
         else:
             raise PathlensError(f"unknown qkv_layout {self.layout!r}; use 'separate', 'fused' or 'interleaved'.")
+
+    def _columns(self) -> list[Tensor]:
+        """Output columns (receivers, d_head) of q, k and v in their module's output."""
+        h, g, dh = self.h, self.g, self.dh
+        if self.layout == "separate":
+            return [
+                torch.arange(h * dh).view(h, dh),
+                torch.arange(g * dh).view(g, dh),
+                torch.arange(g * dh).view(g, dh),
+            ]
+        if self.layout == "fused":
+            return [
+                torch.arange(h * dh).view(h, dh),
+                h * dh + torch.arange(g * dh).view(g, dh),
+                (h + g) * dh + torch.arange(g * dh).view(g, dh),
+            ]
+        per_head = torch.arange(h * 3 * dh).view(h, 3, dh)
+        return [per_head[:, 0], per_head[:, 1], per_head[:, 2]]
+
+    def project(self, part: int, y: Tensor) -> Tensor:
+        """Projection `part` (0 = q, 1 = k, 2 = v) of per-receiver inputs (B, P, R_part, d) → (B, P, R_part, d_head)."""
+        out = torch.einsum("bprd,red->bpre", y, self.w[part].to(y.dtype))
+        bias = self.bias[part]
+        return out if bias is None else out + bias.to(y.dtype)
 
     @property
     def sites(self) -> list[Site]:
@@ -188,15 +219,15 @@ def edge_attribution(
         raise PathlensError(f"steps must be at least 1, got {steps}.")
     if max_batch_tokens < 1:
         raise PathlensError("max_batch_tokens must be at least 1.")
-    _check_supported(model)
+    check_supported(model)
     metric = metric or task.metric
     assert metric is not None
     task = task.with_metric(metric)
     a = model.arch
     n_steps = steps if method == "eap-ig" else 1
     chosen = normalize_rules(rules) if method == "relp" else frozenset()
-    layout = _layout(model)
-    qkv = [_QKV(model, layer) for layer in range(a.n_layers)]
+    layout = graph_layout(model)
+    qkv = [QKV(model, layer) for layer in range(a.n_layers)]
     base_ids, source_ids = runs_for(task, direction)
     deltas, base_input, source_input = _sender_deltas(model, task, base_ids, source_ids)
 
@@ -270,7 +301,7 @@ def _receiver_grads(
     n_steps: int,
     base_input: Tensor,
     source_input: Tensor,
-    qkv: list[_QKV],
+    qkv: list[QKV],
     rules: frozenset[str],
 ) -> tuple[_Grads, Tensor]:
     """One forward/backward on rows (prompt, step): gradients of Σ rows' metric at every receiver input."""
@@ -334,7 +365,7 @@ def _receiver_grads(
     return _Grads(attn, mlp, logits_grad), per_row.detach()
 
 
-def _accumulate(scores: Tensor, layout: _Layout, deltas: Tensor, grads: _Grads, prompts: Tensor) -> None:
+def _accumulate(scores: Tensor, layout: Layout, deltas: Tensor, grads: _Grads, prompts: Tensor) -> None:
     """Add Σ_rows Δz_u · g_v for every edge: rows' gradients are summed per prompt, then dotted with Δ."""
     first, last = int(prompts.min()), int(prompts.max()) + 1
     local = prompts - first
@@ -356,7 +387,7 @@ def _accumulate(scores: Tensor, layout: _Layout, deltas: Tensor, grads: _Grads, 
     scores[:, -1] += torch.einsum("npsd,npd->s", d, per_prompt(grads.logits)).double()
 
 
-def _valid_mask(layout: _Layout, n_layers: int) -> Tensor:
+def _valid_mask(layout: Layout, n_layers: int) -> Tensor:
     mask = torch.zeros(len(layout.senders), len(layout.receivers), dtype=torch.bool)
     for layer, cols in enumerate(layout.attn_cols):
         mask[: layout.sender_stop[layer], cols] = True

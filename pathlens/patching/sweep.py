@@ -80,7 +80,7 @@ def _chunks(
     return chunks
 
 
-def _scored_view(task: Task, rows: Tensor, k: int) -> Task:
+def scored_view(task: Task, rows: Tensor, k: int) -> Task:
     """The task for logits of shape (k·R, 1, V) taken at the scored positions of `rows` (tiled k times)."""
     sub = task.rows(rows).tile(k)
     first = sub.clean_ids[:, :1]
@@ -257,11 +257,11 @@ def patch(
         variants = [executed[i] for i in chunk.variants]
         if chunk.start == seq_len:
             assert runner is not None
-            values = metric(runner.answer_logits[rows][:, None], _scored_view(task, rows, 1)).repeat(len(variants))
+            values = metric(runner.answer_logits[rows][:, None], scored_view(task, rows, 1)).repeat(len(variants))
         elif runner is not None and chunk.layer is not None:
             patches = [ConePatch(v.site, op_for(v), v.positions) for v in variants]
             logits = runner.run(chunk.layer, chunk.start, patches, rows)
-            values = metric(logits[:, None], _scored_view(task, rows, len(variants)))
+            values = metric(logits[:, None], scored_view(task, rows, len(variants)))
         else:
             values = _full_run(model, task, base_ids, variants, op_for, rows)
         return values.reshape(len(variants), -1)
@@ -298,7 +298,7 @@ def patch(
                 state.record(index, chunk.variants, slice(chunk.row_start, chunk.row_stop), run_chunk(chunk))
                 bar.advance(job)
     base_metric = (
-        float(metric(runner.answer_logits[:, None], _scored_view(task, torch.arange(n), 1)).mean()) if runner else None
+        float(metric(runner.answer_logits[:, None], scored_view(task, torch.arange(n), 1)).mean()) if runner else None
     )
     source_metric = float(task.score(source.logits).mean())
     clean_m, corrupt_m = (

@@ -1,0 +1,131 @@
+"""Circuits: exact edge patching, faithfulness, discovery and pathways.
+
+Edge patching is checked against an explicit recomputation of the receiver's input (the projection or MLP of
+one receiver fed norm(x + z_u^corrupt − z_u^clean), everything else unchanged), and by the identities
+"every edge kept = the clean run", "no edge kept = the corrupted run". Discovery is checked on the embedded
+induction model, whose circuit is known: previous-token head L0.H1 → induction head L1.H0 through its key.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pathlens
+from pathlens.circuits.discover import discover, layer_signature, pathways
+from pathlens.circuits.edge_patching import EdgePatcher
+from pathlens.circuits.faithfulness import completeness, default_sizes, faithfulness, faithfulness_curve
+from tests.conftest import tiny_model
+from tests.test_edges import RECEIVERS, _reference_column
+from tests.test_patching import padded_task
+from tests.test_safety_and_errors import assert_untouched, snapshot
+
+FAMILIES = ("gpt2", "gpt_neo", "neox_parallel", "neox_sequential", "llama", "qwen3", "attn_only", "olmo_generic")
+INDUCTION_CIRCUIT = {("input", "L0.H1.v"), ("L0.H1", "L1.H0.k"), ("input", "L1.H0.v"), ("L1.H0", "logits")}
+
+
+def _metric(model: pathlens.Model, ids: torch.Tensor, task: pathlens.tasks.Task) -> float:
+    return float(task.score(model.run(ids, attention_mask=task.attention_mask).logits).mean())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_edges_kept_is_clean_and_none_is_corrupt(family: str) -> None:
+    model = tiny_model(family, weight_scale=2.0)
+    task = padded_task()
+    before = snapshot(model)
+    patcher = EdgePatcher(model, task)
+    valid = pathlens.edge_attribution(model, task).valid
+    full, empty = patcher.metric_of(torch.stack([valid, torch.zeros_like(valid)])).tolist()
+    assert full == pytest.approx(_metric(model, task.clean_ids, task), abs=1e-6)
+    assert empty == pytest.approx(_metric(model, task.corrupt_ids, task), abs=1e-6)
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("family", list(RECEIVERS))
+def test_single_edge_patch_equals_explicit_recomputation(family: str) -> None:
+    """Patching one edge u → v (sender u upstream of v, so u's own value is the clean one) equals feeding v's
+    projection norm(x + Δz_u) — `_reference_column` with ε = 1 is its first-order version, so compare
+    against a direct evaluation of the same hook at ε = 1."""
+    model = tiny_model(family, weight_scale=4.0)
+    model.hf.double()
+    task = padded_task()
+    graph = pathlens.edge_attribution(model, task)
+    patcher = EdgePatcher(model, task)
+    valid = graph.valid
+    for receiver, proj, norm, columns in RECEIVERS[family]:
+        col = graph.receivers.index(receiver)
+        senders = torch.nonzero(valid[:, col])[:, 0].tolist()
+        masks = valid[None].repeat(len(senders), 1, 1)
+        masks[torch.arange(len(senders)), senders, col] = False
+        got = patcher.metric_of(masks) - _metric(model, task.clean_ids, task)
+        expected = _reference_column(model, task, graph, receiver, proj, norm, columns, eps_value=1.0)[senders]
+        scale = expected.abs().max()
+        assert scale > 1e-5, receiver
+        # Llama-style RMSNorms compute in float32 even in a float64 model, hence ~1e-6 relative agreement
+        torch.testing.assert_close(got, expected, atol=1e-5 * scale, rtol=1e-5, msg=receiver)
+
+
+def test_faithfulness_curve_and_completeness_on_a_tiny_model() -> None:
+    model = tiny_model("llama", weight_scale=2.0)
+    task = padded_task()
+    patcher = EdgePatcher(model, task, max_batch_tokens=64)
+    graph = pathlens.edge_attribution(model, task)
+    curve = faithfulness_curve(patcher, graph)
+    assert curve.sizes == default_sizes(graph.edges_total) and curve.sizes[-1] == graph.edges_total
+    assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-5)
+    one_by_one = [faithfulness(patcher, graph.prune(top_k=s)) for s in curve.sizes[:3]]
+    assert one_by_one == pytest.approx(curve.faithfulness[:3], abs=1e-6)
+    assert 0.0 <= curve.area <= 1.5
+    assert completeness(patcher, graph.prune(top_k=graph.edges_total)) == pytest.approx(0.0, abs=1e-5)
+    mean = EdgePatcher(model, task, ablation="mean")
+    assert mean.metric_of(graph.valid[None]).item() == pytest.approx(curve.full, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["eap-ig", "relp", "patching"])
+def test_discovery_recovers_the_induction_circuit(method: str) -> None:
+    model = pathlens.load("induction-2l")
+    from pathlens.cli import task_for
+
+    task = task_for(model, "induction", 16, 0)
+    circuit = discover(model, task, method=method)
+    frame = circuit.to_frame()
+    kept = set(zip(frame[frame.in_circuit].sender, frame[frame.in_circuit].receiver, strict=True))
+    assert kept == INDUCTION_CIRCUIT
+    assert circuit.meta["faithfulness"] >= 0.95
+    routes = pathways(EdgePatcher(model, task), circuit, k=3)
+    assert {tuple(r["nodes"]) for r in routes} >= {
+        ("input", "L0.H1.v", "L0.H1", "L1.H0.k", "L1.H0", "logits"),
+        ("input", "L1.H0.v", "L1.H0", "logits"),
+    }
+
+
+def test_acdc_and_eap_keep_the_induction_route() -> None:
+    """EAP (first order) and ACDC (threshold 0.01) keep one or two extra edges; both keep the known circuit."""
+    model = pathlens.load("induction-2l")
+    from pathlens.cli import task_for
+
+    task = task_for(model, "induction", 16, 0)
+    for method in ("eap", "acdc"):
+        circuit = discover(model, task, method=method)
+        frame = circuit.to_frame()
+        kept = set(zip(frame[frame.in_circuit].sender, frame[frame.in_circuit].receiver, strict=True))
+        assert kept >= INDUCTION_CIRCUIT and len(kept) <= 6, (method, kept)
+        assert circuit.meta["faithfulness"] >= 0.95
+
+
+def test_layer_signature_and_errors() -> None:
+    assert layer_signature(("input", "L0.H1.v", "L0.H1", "L1.G0.k", "L1.mlp", "logits")) == (
+        "input",
+        "L0.v",
+        "L0.head",
+        "L1.k",
+        "L1.mlp",
+        "logits",
+    )
+    model = tiny_model("gpt2")
+    with pytest.raises(pathlens.PathlensError, match="method"):
+        discover(model, padded_task(), method="magic")
+    with pytest.raises(pathlens.PathlensError, match="ablation"):
+        EdgePatcher(model, padded_task(), ablation="noise")
+    with pytest.raises(pathlens.PathlensError, match="kept must have shape"):
+        EdgePatcher(model, padded_task()).metric_of(torch.ones(2, 3, dtype=torch.bool))
