@@ -129,3 +129,61 @@ def test_layer_signature_and_errors() -> None:
         EdgePatcher(model, padded_task(), ablation="noise")
     with pytest.raises(pathlens.PathlensError, match="kept must have shape"):
         EdgePatcher(model, padded_task()).metric_of(torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_path_patching_equals_the_two_step_reference_on_an_attention_only_model() -> None:
+    """Two-step path patching by hand: (1) run the clean prompts with sender h set to its corrupted value and
+    every other head frozen at its clean value, record the receiver layer's residual input; (2) run the clean
+    prompts with only the receiver's q/k/v projection reading that recorded stream."""
+    from pathlens.circuits.path_patching import path_patch
+    from pathlens.interventions import Intervention, Replace
+    from pathlens.sites import Site
+
+    model = tiny_model("attn_only", weight_scale=3.0)
+    model.hf.double()
+    task = padded_task()
+    patcher = EdgePatcher(model, task)
+    senders = ["L0.H0", "L0.H1", "L0.H3", "input"]
+    got = path_patch(patcher, senders, ["L1.H2"])
+    mask = task.attention_mask
+    heads = Site("head", 0)
+    clean = model.run(task.clean_ids, attention_mask=mask, cache=[heads, "L0.resid_pre"]).cache
+    corrupt = model.run(task.corrupt_ids, attention_mask=mask, cache=[heads, "L0.resid_pre"]).cache
+    norm = model.hf.model.layers[1].input_layernorm
+    projections = [getattr(model.hf.model.layers[1].self_attn, p) for p in ("q_proj", "k_proj", "v_proj")]
+    columns = torch.arange(16, 24)
+    expected = []
+    for sender in senders:
+        if sender == "input":
+            step1 = [Intervention(Site("resid_pre", 0), Replace(corrupt["L0.resid_pre"]))]
+            step1 += [Intervention(heads, Replace(clean[heads]))]
+        else:
+            h = int(sender.split(".H")[1])
+            frozen = clean[heads].clone()
+            frozen[:, :, h] = corrupt[heads][:, :, h]
+            step1 = [Intervention(heads, Replace(frozen))]
+        recorded = model.run(task.clean_ids, attention_mask=mask, cache=["L1.resid_pre"], interventions=step1).cache[
+            "L1.resid_pre"
+        ]
+
+        def rewrite(
+            module: torch.nn.Module,
+            args: tuple[torch.Tensor, ...],
+            output: torch.Tensor,
+            stream: torch.Tensor = recorded,
+        ) -> torch.Tensor:
+            new = output.clone()
+            new[..., columns] = torch.nn.functional.linear(norm(stream), module.weight, module.bias)[..., columns]
+            return new
+
+        handles = [p.register_forward_hook(rewrite) for p in projections]
+        try:
+            with torch.no_grad():
+                logits = model.hf(input_ids=task.clean_ids, attention_mask=mask).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        expected.append(float(task.score(logits).mean()))
+    expected_values = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(got.values.double(), expected_values, atol=1e-7, rtol=0)  # Scores store float32
+    assert max(abs(e - got.meta["base_metric"]) for e in expected) > 1e-3

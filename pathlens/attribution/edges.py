@@ -244,7 +244,7 @@ def edge_attribution(
         base_metric += float(metric_sum[step == 0].sum())
         _accumulate(scores, layout, deltas, grads, prompts)
     scores /= total
-    scores[~_valid_mask(layout, a.n_layers)] = float("nan")
+    scores[~valid_mask(layout, a.n_layers)] = float("nan")
     return Graph(
         senders=layout.senders,
         receivers=layout.receivers,
@@ -387,7 +387,7 @@ def _accumulate(scores: Tensor, layout: Layout, deltas: Tensor, grads: _Grads, p
     scores[:, -1] += torch.einsum("npsd,npd->s", d, per_prompt(grads.logits)).double()
 
 
-def _valid_mask(layout: Layout, n_layers: int) -> Tensor:
+def valid_mask(layout: Layout, n_layers: int) -> Tensor:
     mask = torch.zeros(len(layout.senders), len(layout.receivers), dtype=torch.bool)
     for layer, cols in enumerate(layout.attn_cols):
         mask[: layout.sender_stop[layer], cols] = True
