@@ -193,6 +193,59 @@ class Graph:
                 g.add_edge(self.senders[i], node, score=float(self.scores[i, j]), input=receiver.rsplit(".", 1)[-1])
         return g
 
+    # ---- pictures -----------------------------------------------------------------------------------
+
+    def plot(self, path: str | os.PathLike[str], title: str = "", max_edges: int = 200) -> None:
+        """PNG of the circuit: components by layer (input at the bottom, logits on top), kept edges coloured
+        by sign (red +, blue −) with width by |score| (at most `max_edges`, the largest)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        frame = self.to_frame()
+        frame = frame[frame["in_circuit"]].head(max_edges)
+        nodes = {"input", "logits"}
+        for row in frame.to_dict("records"):
+            nodes.add(row["sender"])
+            nodes.update(self.receiver_nodes(row["receiver"]))
+        rows: dict[int, list[str]] = {}
+        for node in sorted(nodes, key=lambda n: (_layer_of(n), n)):
+            rows.setdefault(_layer_of(node), []).append(node)
+        levels = sorted(rows)
+        position = {}
+        for y, level in enumerate(levels):
+            members = rows[level]
+            for x, node in enumerate(members):
+                position[node] = ((x + 1) / (len(members) + 1), y)
+        fig = Figure(figsize=(7.0, 1.0 + 0.9 * len(levels)), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        largest = float(frame["score"].abs().max()) if len(frame) else 1.0
+        for row in frame.to_dict("records"):
+            for target in self.receiver_nodes(row["receiver"]):
+                (x0, y0), (x1, y1) = position[row["sender"]], position[target]
+                ax.annotate(
+                    "",
+                    xy=(x1, y1),
+                    xytext=(x0, y0),
+                    arrowprops={
+                        "arrowstyle": "-|>",
+                        "color": "#c0392b" if row["score"] > 0 else "#2e6da4",
+                        "lw": 0.5 + 3.0 * abs(row["score"]) / largest,
+                        "alpha": 0.8,
+                        "shrinkA": 9,
+                        "shrinkB": 9,
+                        "connectionstyle": f"arc3,rad={0.35 if abs(y1 - y0) > 1 else 0.0}",
+                    },
+                )
+                ax.text((x0 + x1) / 2, (y0 + y1) / 2, row["receiver"].rsplit(".", 1)[-1], fontsize=6, color="grey")
+        for node, (x, y) in position.items():
+            ax.text(x, y, node, ha="center", va="center", fontsize=7, bbox={"boxstyle": "round", "fc": "#f4f4f4"})
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.6, len(levels) - 0.4)
+        ax.axis("off")
+        ax.set_title(title or f"{self.method}: {self.n_edges} of {self.edges_total} edges", fontsize=9)
+        fig.savefig(os.fspath(path), dpi=120)
+
     # ---- files --------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str]) -> None:

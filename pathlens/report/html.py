@@ -125,7 +125,9 @@ def render_report(
         items = "\n".join(f'<li><code class="token">{_e(p)}</code></li>' for p in prompts)
         sections.append(("prompts", f"Prompts ({len(prompts)})", f'<ol class="prompts">\n{items}\n</ol>'))
     nav = " ".join(f'<a href="#{key}">{_e(heading)}</a>' for key, heading, _ in sections)
-    body = "\n".join(f'<section id="{key}">\n<h2>{_e(heading)}</h2>\n{content}\n</section>' for key, heading, content in sections)
+    body = "\n".join(
+        f'<section id="{key}">\n<h2>{_e(heading)}</h2>\n{content}\n</section>' for key, heading, content in sections
+    )
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -278,18 +280,20 @@ def _circuit_section(graph: Graph) -> str:
 
 
 def _layout(graph: Graph) -> tuple[dict[str, _Node], float, float, list[tuple[int, float]]]:
-    """Node positions: input at the bottom, then per layer a row of heads (by index) with the MLP half a row
-    higher on the right, logits at the top. Returns (nodes, width, height, [(layer, row y)])."""
+    """Node positions of every sender and receiver component: input at the bottom, then per layer a row of
+    heads (by index) with the MLP half a row higher on the right, logits at the top. Returns (nodes, width,
+    height, [(layer, row y)])."""
     dx, dy, margin, left = 52.0, 72.0, 24.0, 44.0
     heads: dict[str, tuple[int, int]] = {}
     mlps: dict[str, int] = {}
     others: list[str] = []
-    for name in graph.senders:
+    names = dict.fromkeys([*graph.senders, *(n for r in graph.receivers for n in graph.receiver_nodes(r))])
+    for name in names:
         if match := _HEAD_RE.match(name):
             heads[name] = (int(match[1]), int(match[2]))
         elif match := _MLP_RE.match(name):
             mlps[name] = int(match[1])
-        elif name != "input":
+        elif name not in ("input", "logits"):
             others.append(name)
     layers = sorted({layer for layer, _ in heads.values()} | set(mlps.values()))
     n_cols = max((h for _, h in heads.values()), default=-1) + 1
@@ -457,7 +461,7 @@ def _heatmap_section(index: int, name: str, scores: Scores) -> str:
     meta = [str(scores.meta[k]) for k in ("model", "task") if k in scores.meta]
     caption = " · ".join([scores.method, f"metric {scores.metric}", " × ".join(scores.dims), *meta])
     return (
-        f"<h3>{_e(name)}</h3>\n<p class=\"caption\">{_e(caption)}</p>\n"
+        f'<h3>{_e(name)}</h3>\n<p class="caption">{_e(caption)}</p>\n'
         f'<div class="scroll">{_heatmap_svg(index, name, scores)}</div>'
     )
 
@@ -477,12 +481,12 @@ def _heatmap_svg(index: int, name: str, scores: Scores) -> str:
     limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     colours = _colormap()(np.clip(values / limit, -1.0, 1.0) / 2 + 0.5)
     colours[~np.isfinite(values)] = _colormap().get_bad()
-    cell_w = min(28.0, max(10.0, 640.0 / n_cols))
-    cell_h = min(24.0, max(10.0, 320.0 / n_rows))
+    cell_w = min(40.0, max(10.0, 640.0 / n_cols))
+    cell_h = min(28.0, max(10.0, 320.0 / n_rows))
     rotate = n_cols > 12 or any(len(t) > 3 for t in col_ticks)
     left = 14.0 + 6.5 * max(len(t) for t in row_ticks) + (16.0 if values.shape[0] > 1 else 0.0)
     bottom = (12.0 + 6.5 * max(len(t) for t in col_ticks) if rotate else 20.0) + 18.0
-    top, bar = 8.0, 70.0
+    top, bar = 8.0, 96.0
     grid_w, grid_h = n_cols * cell_w, n_rows * cell_h
     width, height = left + grid_w + bar, top + grid_h + bottom
     col_step = max(1, math.ceil(n_cols / 80))
@@ -520,24 +524,20 @@ def _heatmap_svg(index: int, name: str, scores: Scores) -> str:
     parts.append(_colour_bar(f"heat{index}", left + grid_w + 14, top, max(grid_h, 60.0), limit, scores.metric))
     return (
         f'<svg class="heatmap" xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-        f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="{_e(name)}">\n'
-        + "\n".join(parts)
-        + "\n</svg>"
+        f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="{_e(name)}">\n' + "\n".join(parts) + "\n</svg>"
     )
 
 
 def _colour_bar(ident: str, x: float, y: float, height: float, limit: float, metric: str) -> str:
     """A vertical colour bar from -limit (bottom) to +limit (top), labelled with the metric."""
     cmap = _colormap()
-    stops = "".join(
-        f'<stop offset="{k / 10:.1f}" stop-color="{to_hex(cmap(1.0 - k / 10))}"/>' for k in range(11)
-    )
+    stops = "".join(f'<stop offset="{k / 10:.1f}" stop-color="{to_hex(cmap(1.0 - k / 10))}"/>' for k in range(11))
     return (
         f'<defs><linearGradient id="{ident}-bar" x1="0" y1="0" x2="0" y2="1">{stops}</linearGradient></defs>'
         f'<rect x="{x:.1f}" y="{y:.1f}" width="12" height="{height:.1f}" fill="url(#{ident}-bar)" stroke="#999"/>'
         f'<text x="{x + 16:.1f}" y="{y + 9:.1f}">{_e(_signed(limit))}</text>'
         f'<text x="{x + 16:.1f}" y="{y + height / 2 + 4:.1f}">0</text>'
         f'<text x="{x + 16:.1f}" y="{y + height:.1f}">{_e(_signed(-limit))}</text>'
-        f'<text transform="translate({x + 50:.1f},{y + height / 2:.1f}) rotate(-90)" text-anchor="middle">'
+        f'<text transform="translate({x + 74:.1f},{y + height / 2:.1f}) rotate(-90)" text-anchor="middle">'
         f"{_e(_short(metric))}</text>"
     )
