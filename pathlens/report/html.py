@@ -108,13 +108,13 @@ def render_report(
     """A complete HTML5 document: the `summary` table, the `circuit` graph (kept edges, coloured by sign,
     width by |score|) with its strongest edges, the faithfulness `curve` (a `Curve.as_dict()`), the
     `pathways` (rows of `pathlens.circuits.discover.pathways`), one heatmap per (name, `Scores`) of 1 or 2
-    dims, and the `prompts`. Sections that are not given are left out."""
+    dims, and the `prompts`. Sections that are not given (or empty) are left out."""
     sections: list[tuple[str, str, str]] = []
     if summary:
         sections.append(("summary", "Summary", _summary_table(summary)))
     if circuit is not None:
         sections.append(("circuit", "Circuit", _circuit_section(circuit)))
-    if curve is not None:
+    if curve:
         sections.append(("faithfulness", "Faithfulness", _curve_section(curve, circuit)))
     if pathways:
         sections.append(("pathways", "Pathways", _pathways_table(pathways)))
@@ -187,6 +187,7 @@ def _fmt(value: Any) -> str:
 
 
 def _signed(value: float) -> str:
+    """A score with its sign, 4 significant digits."""
     return f"{value:+.4g}"
 
 
@@ -197,6 +198,7 @@ def _token_label(token: str) -> str:
 
 
 def _short(text: str) -> str:
+    """`text` cut to `_MAX_LABEL_CHARS` characters, with an ellipsis when cut."""
     return text if len(text) <= _MAX_LABEL_CHARS else text[: _MAX_LABEL_CHARS - 1] + "…"
 
 
@@ -214,11 +216,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[tuple[str, bool]]]) ->
 
 
 def _summary_table(summary: Mapping[str, Any]) -> str:
-    rows = [[(_e(key), False), (_e(_fmt(value)), isinstance(value, Real))] for key, value in summary.items()]
+    """A key / value table."""
+    rows = [
+        [(_e(key), False), (_e(_fmt(value)), isinstance(value, Real) and not isinstance(value, bool))]
+        for key, value in summary.items()
+    ]
     return _table(["key", "value"], rows)
 
 
 def _pathways_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rank, the path's nodes joined by →, its score and its own faithfulness."""
     cells = []
     for row in rows:
         own = row.get("faithfulness")
@@ -386,6 +393,7 @@ def _curve_section(curve: Mapping[str, Any], circuit: Graph | None) -> str:
 
 
 def _curve_svg(sizes: list[int], values: list[float], total: int, marker: int | None) -> str:
+    """The line chart: log x from 1 edge to `total`, y spanning at least 0..1, a dashed line at `marker`."""
     width, height, left, right, top, bottom = 480.0, 260.0, 52.0, 16.0, 14.0, 40.0
     x_max = math.log10(max(total, max(sizes), 2))
     finite = [v for v in values if math.isfinite(v)]
@@ -453,6 +461,7 @@ def _axis_labels(scores: Scores, dim: str) -> tuple[list[str], list[str]]:
 
 
 def _heatmap_section(index: int, name: str, scores: Scores) -> str:
+    """Title, caption (method, metric, dims, model, task) and the SVG grid of one result."""
     if scores.values.ndim not in (1, 2) or scores.values.numel() == 0:
         raise PathlensError(
             f"render_report: heatmap {name!r} has dims {scores.dims} and shape {scores.shape}; a heatmap needs 1 or "
@@ -485,7 +494,7 @@ def _heatmap_svg(index: int, name: str, scores: Scores) -> str:
     cell_h = min(28.0, max(10.0, 320.0 / n_rows))
     rotate = n_cols > 12 or any(len(t) > 3 for t in col_ticks)
     left = 14.0 + 6.5 * max(len(t) for t in row_ticks) + (16.0 if values.shape[0] > 1 else 0.0)
-    bottom = (12.0 + 6.5 * max(len(t) for t in col_ticks) if rotate else 20.0) + 18.0
+    bottom = (12.0 + 6.0 * max(len(t) for t in col_ticks) if rotate else 20.0) + 18.0
     top, bar = 8.0, 96.0
     grid_w, grid_h = n_cols * cell_w, n_rows * cell_h
     width, height = left + grid_w + bar, top + grid_h + bottom
