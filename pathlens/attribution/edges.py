@@ -265,7 +265,7 @@ def edge_attribution(
 
 
 def _sender_deltas(model: Model, task: Task, base_ids: Tensor, source_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Δz per sender, (N, P, S, d_model), in sender order; and the base / source input residual streams."""
+    """Δz per sender, (S, N, P, d_model), in sender order; and the base / source input residual streams."""
     a = model.arch
     families = [Site("resid_pre", 0)] + [Site("head_z", layer) for layer in range(a.n_layers)]
     if a.mlp is not None:
@@ -273,14 +273,14 @@ def _sender_deltas(model: Model, task: Task, base_ids: Tensor, source_ids: Tenso
     base = model.run(base_ids, attention_mask=task.attention_mask, cache=families).cache
     source = model.run(source_ids, attention_mask=task.attention_mask, cache=families).cache
     blocks = get_module(model.hf, a.blocks)
-    parts = [(source["L0.resid_pre"] - base["L0.resid_pre"])[:, :, None]]
+    parts = [(source["L0.resid_pre"] - base["L0.resid_pre"])[None]]
     for layer in range(a.n_layers):
         w_o = output_weight_per_head(get_module(blocks[layer], a.o_proj), a.n_heads, a.d_head).detach()
         dz = source[Site("head_z", layer)] - base[Site("head_z", layer)]
-        parts.append(torch.einsum("bphe,hed->bphd", dz, w_o.to(dz.dtype)))
+        parts.append(torch.einsum("bphe,hed->hbpd", dz, w_o.to(dz.dtype)))
         if a.mlp is not None:
-            parts.append((source[Site("mlp_out", layer)] - base[Site("mlp_out", layer)])[:, :, None])
-    return torch.cat(parts, dim=2), base["L0.resid_pre"], source["L0.resid_pre"]
+            parts.append((source[Site("mlp_out", layer)] - base[Site("mlp_out", layer)])[None])
+    return torch.cat(parts, dim=0), base["L0.resid_pre"], source["L0.resid_pre"]
 
 
 @dataclass
@@ -369,22 +369,21 @@ def _accumulate(scores: Tensor, layout: Layout, deltas: Tensor, grads: _Grads, p
     """Add Σ_rows Δz_u · g_v for every edge: rows' gradients are summed per prompt, then dotted with Δ."""
     first, last = int(prompts.min()), int(prompts.max()) + 1
     local = prompts - first
-    d = deltas[first:last]
+    d = deltas[:, first:last].flatten(1)  # (S, N'·P·d): every edge block is one matrix product
 
-    def per_prompt(g: Tensor) -> Tensor:  # (..., B, P, d) -> (..., N', P, d)
+    def per_prompt(g: Tensor) -> Tensor:  # (..., B, P, d) -> (..., N'·P·d)
         out = torch.zeros(*g.shape[:-3], last - first, *g.shape[-2:], dtype=g.dtype)
-        return out.index_add_(out.ndim - 3, local, g)
+        return out.index_add_(out.ndim - 3, local, g).flatten(-3)
 
     for layer, cols in enumerate(layout.attn_cols):
         stop = layout.sender_stop[layer]
-        g = per_prompt(grads.attn[layer])
-        scores[:stop, cols] += torch.einsum("npsd,rnpd->sr", d[:, :, :stop], g).double()
+        scores[:stop, cols] += (d[:stop] @ per_prompt(grads.attn[layer]).T).double()
         col = layout.mlp_col[layer]
         mlp_grad = grads.mlp[layer]
         if col is not None and mlp_grad is not None:
             stop = layout.mlp_sender_stop[layer]
-            scores[:stop, col] += torch.einsum("npsd,npd->s", d[:, :, :stop], per_prompt(mlp_grad)).double()
-    scores[:, -1] += torch.einsum("npsd,npd->s", d, per_prompt(grads.logits)).double()
+            scores[:stop, col] += (d[:stop] @ per_prompt(mlp_grad)).double()
+    scores[:, -1] += (d @ per_prompt(grads.logits)).double()
 
 
 def valid_mask(layout: Layout, n_layers: int) -> Tensor:

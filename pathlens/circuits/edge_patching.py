@@ -134,24 +134,29 @@ class EdgePatcher:
 
 
 class _RunState:
-    """The hooks of one edge-patched forward and what they share: sender differences D (B, P, S, d_model)
-    = z_u − z_u^src filled as the forward reaches each sender, and per-layer residual inputs."""
+    """The hooks of one edge-patched forward and what they share: sender differences D (B, S, P·d_model)
+    = z_u − z_u^src filled as the forward reaches each sender (laid out so that every receiver's correction is
+    one batched matrix product over a prefix of senders), and per-layer residual inputs."""
 
     def __init__(self, patcher: EdgePatcher, removed: Tensor, prompts: Tensor):
         self.p, self.removed, self.prompts = patcher, removed, prompts
         a = patcher.model.arch
         b, seq_len = int(prompts.numel()), patcher.task.seq_len
-        self.d = torch.zeros(b, seq_len, patcher.n_senders, a.d_model, dtype=removed.dtype)
+        self.shape = (b, seq_len, a.d_model)
+        self.d = torch.empty(b, patcher.n_senders, seq_len * a.d_model, dtype=removed.dtype)
         self.resid: dict[int, Tensor] = {}
         self.attn_out: dict[int, Tensor] = {}
         self.inputs: dict[int, Tensor] = {}
 
     def _delta(self, stop: int, cols: Any) -> Tensor:
-        """−Σ_u removed[u, v] D_u for senders [0, stop) and receiver columns `cols`: (B, P, R, d) or (B, P, d)."""
+        """−Σ_u removed[u, v] D_u for senders [0, stop) and receiver columns `cols`: (B, R, P, d), or (B, P, d)
+        for a single column."""
+        b, p, d = self.shape
         rem = self.removed[:, :stop, cols]
-        if rem.ndim == 2:
-            return -torch.einsum("bpsd,bs->bpd", self.d[:, :, :stop], rem)
-        return -torch.einsum("bpsd,bsr->bprd", self.d[:, :, :stop], rem)
+        single = rem.ndim == 2
+        weights = -(rem[:, None, :] if single else rem.transpose(1, 2))
+        out = torch.bmm(weights, self.d[:, :stop]).view(b, -1, p, d)
+        return out[:, 0] if single else out
 
     def hooks(self) -> list[tuple[str, str, Callable[..., Any]]]:
         a = self.p.model.arch
@@ -178,7 +183,7 @@ class _RunState:
             x = args[0] if args else kwargs["hidden_states"]
             self.resid[layer] = x
             if layer == 0:
-                self.d[:, :, 0] = x - self.p.source[Site("resid_pre", 0)][self.prompts]
+                self.d[:, 0] = (x - self.p.source[Site("resid_pre", 0)][self.prompts]).flatten(1)
 
         return hook
 
@@ -189,7 +194,7 @@ class _RunState:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             stop, cols = self.p.layout.sender_stop[layer], self.p.layout.attn_cols[layer]
             x = self.resid[layer]
-            self.inputs[layer] = norm(x[:, :, None] + self._delta(stop, cols))
+            self.inputs[layer] = norm(x[:, None] + self._delta(stop, cols))
 
         return hook
 
@@ -201,7 +206,7 @@ class _RunState:
             y = self.inputs[layer]
             new = output.clone()
             for part in parts:
-                values = qkv.project(part, y[:, :, bounds[part] : bounds[part + 1]])
+                values = qkv.project(part, y[:, bounds[part] : bounds[part + 1]].transpose(1, 2))
                 new[..., qkv.cols[part].flatten()] = values.flatten(-2).to(new.dtype)
             return new
 
@@ -214,7 +219,8 @@ class _RunState:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             z = args[0].unflatten(-1, (a.n_heads, a.d_head))
             dz = z - self.p.source[Site("head_z", layer)][self.prompts]
-            self.d[:, :, first : first + a.n_heads] = torch.einsum("bphe,hed->bphd", dz, self.p.w_o[layer].to(dz.dtype))
+            heads = torch.einsum("bphe,hed->bhpd", dz, self.p.w_o[layer].to(dz.dtype))
+            self.d[:, first : first + a.n_heads] = heads.flatten(2)
 
         return hook
 
@@ -243,7 +249,7 @@ class _RunState:
         sender = self.p.layout.senders.index(f"L{layer}.mlp")
 
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
-            self.d[:, :, sender] = _first(output) - self.p.source[Site("mlp_out", layer)][self.prompts]
+            self.d[:, sender] = (_first(output) - self.p.source[Site("mlp_out", layer)][self.prompts]).flatten(1)
 
         return hook
 
