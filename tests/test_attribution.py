@@ -116,3 +116,28 @@ def test_compare_reports_correlations_overlap_and_a_scatter(tmp_path) -> None:  
     assert (tmp_path / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(pathlens.PathlensError, match="families differ"):
         pathlens.compare({"heads": exact}, {"mlp": estimate})
+
+
+def test_integrated_gradients_completeness_and_linear_exactness() -> None:
+    """IG over a whole family at all positions converges to exactly patching that family (completeness);
+    with steps=1 it is AtP; where the metric is linear in the site it is exact for any number of steps."""
+    from pathlens.attribution import integrated_gradients
+
+    model = tiny_model("llama", weight_scale=2.0)
+    task = padded_task()
+    for sites in ("resid_pre", "heads", "mlp_out"):
+        exact = pathlens.patch(model, task, sites=sites, progress=False)
+        one = integrated_gradients(model, task, sites=sites, steps=1)
+        torch.testing.assert_close(one.values, atp(model, task, sites=sites).values, atol=1e-6, rtol=0)
+        fine = integrated_gradients(model, task, sites=sites, steps=64, max_batch_tokens=200)
+        base = exact.meta["base_metric"]
+        if sites != "heads":  # a (layer,) grid: each cell is the whole family of that layer
+            error = ((fine.values - exact.values).abs() / (exact.values - base).abs().clamp(min=1e-3)).max()
+            assert error < 0.05, (sites, float(error))
+        else:
+            assert fine.corr(exact) >= one.corr(exact) - 1e-3
+    linear = linear_tail_model("neox_parallel")
+    for steps in (1, 7):
+        estimate = integrated_gradients(linear, task, sites="heads", layers=[linear.n_layers - 1], steps=steps)
+        exact = pathlens.patch(linear, task, sites="heads", layers=[linear.n_layers - 1], progress=False)
+        torch.testing.assert_close(estimate.values, exact.values, atol=1e-5, rtol=0)

@@ -5,6 +5,7 @@ from pathlens.attribution.atp import atp
 from pathlens.attribution.atp_star import atp_star
 from pathlens.attribution.compare import Comparison, compare
 from pathlens.attribution.edges import edge_attribution
+from pathlens.attribution.ig import integrated_gradients
 from pathlens.attribution.relp import relp
 
-__all__ = ["Comparison", "atp", "atp_star", "compare", "edge_attribution", "relp"]
+__all__ = ["Comparison", "atp", "atp_star", "compare", "edge_attribution", "integrated_gradients", "relp"]
