@@ -81,7 +81,7 @@ def test_faithfulness_curve_and_completeness_on_a_tiny_model() -> None:
     assert mean.metric_of(graph.valid[None]).item() == pytest.approx(curve.full, abs=1e-6)
 
 
-@pytest.mark.parametrize("method", ["eap-ig", "relp", "patching"])
+@pytest.mark.parametrize("method", ["eap-ig", "relp", "patching", "acdc"])
 def test_discovery_recovers_the_induction_circuit(method: str) -> None:
     model = pathlens.load("induction-2l")
     from pathlens.cli import task_for
@@ -99,14 +99,15 @@ def test_discovery_recovers_the_induction_circuit(method: str) -> None:
     }
 
 
-def test_acdc_and_eap_keep_the_induction_route() -> None:
-    """EAP (first order) and ACDC (threshold 0.01) keep one or two extra edges; both keep the known circuit."""
+def test_eap_and_a_low_threshold_acdc_keep_the_induction_route() -> None:
+    """EAP (first order) and ACDC at threshold 0.01 keep one or two extra (real, small) edges besides the known
+    circuit."""
     model = pathlens.load("induction-2l")
     from pathlens.cli import task_for
 
     task = task_for(model, "induction", 16, 0)
-    for method in ("eap", "acdc"):
-        circuit = discover(model, task, method=method)
+    for method, threshold in (("eap", 0.05), ("acdc", 0.01)):
+        circuit = discover(model, task, method=method, threshold=threshold)
         frame = circuit.to_frame()
         kept = set(zip(frame[frame.in_circuit].sender, frame[frame.in_circuit].receiver, strict=True))
         assert kept >= INDUCTION_CIRCUIT and len(kept) <= 6, (method, kept)

@@ -45,7 +45,7 @@ def discover(
     direction: str = "noise",
     metric: Metric | None = None,
     steps: int = 5,
-    threshold: float = 0.01,
+    threshold: float = 0.05,
     max_batch_tokens: int = DEFAULT_EDGE_BATCH_TOKENS,
 ) -> Graph:
     """Find a circuit for `task` on `model` with `method` (see module docstring); returns a pruned Graph."""
