@@ -236,7 +236,7 @@ def patch(
     console.print(f"wrote {out}/{name}.safetensors/.json/.png/.csv")
 
 
-NODE_METHODS = ("atp", "atp*", "relp")
+NODE_METHODS = ("atp", "atp*", "relp", "ig")
 EDGE_METHODS = {"atp": "eap", "eap": "eap", "eap-ig": "eap-ig", "relp": "relp"}
 
 
@@ -253,7 +253,7 @@ def comparison_table(result: "Comparison", title: str) -> Table:
 def attribute(
     model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
     task: str = typer.Option("ioi", help=f"one of {', '.join(TASKS)}"),
-    method: str = typer.Option("atp", help="atp | atp* | relp | eap | eap-ig"),
+    method: str = typer.Option("atp", help="atp | atp* | relp | ig (nodes) | eap | eap-ig (edges)"),
     sites: str = typer.Option("heads", help="heads | resid | mlp | attn, or any family of pathlens.patch"),
     positions: str = typer.Option("all", help="all | each"),
     direction: Optional[str] = typer.Option(  # noqa: UP045 (typer reads the annotation)
@@ -267,11 +267,11 @@ def attribute(
     out: Path = typer.Option(Path("out/attribute"), help="output folder"),
 ) -> None:
     """Gradient attribution (AtP, AtP*, RelP; EAP / EAP-IG / RelP edges) with an optional exact comparison."""
-    from pathlens.attribution import atp, atp_star, compare, edge_attribution, relp
+    from pathlens.attribution import atp, atp_star, compare, edge_attribution, integrated_gradients, relp
     from pathlens.patching import patch as run_patch
 
     if method not in NODE_METHODS + tuple(EDGE_METHODS):
-        raise PathlensError(f"unknown method {method!r}; use atp, atp*, relp, eap or eap-ig.")
+        raise PathlensError(f"unknown method {method!r}; use atp, atp*, relp, ig, eap or eap-ig.")
     edges = edges or method in ("eap", "eap-ig")
     loaded = _load(model)
     built = task_for(loaded, task, n, seed)
@@ -305,7 +305,7 @@ def attribute(
             console.print(comparison_table(result, "heads: outgoing edge sums vs exact patching"))
         return
     family = CLI_SITES.get(sites, sites)
-    estimator = {"atp": atp, "atp*": atp_star, "relp": relp}[method]
+    estimator = {"atp": atp, "atp*": atp_star, "relp": relp, "ig": integrated_gradients}[method]
     start = time.perf_counter()
     direction = direction or "denoise"
     estimate = estimator(loaded, built, sites=family, positions=positions, direction=direction)
