@@ -74,6 +74,7 @@ class EdgePatcher:
         blocks = get_module(model.hf, a.blocks)
         self.w_o = [output_weight_per_head(get_module(b, a.o_proj), a.n_heads, a.d_head).detach() for b in blocks]
         self.base_ids, source_ids = runs_for(task, direction)
+        self.ablation, self.source_ids = ablation, source_ids
         source_task_ids = self.base_ids if ablation != "patch" else source_ids
         families = [Site("resid_pre", 0)] + [Site("head_z", layer) for layer in range(a.n_layers)]
         families += [Site("mlp_out", layer) for layer in range(a.n_layers)] if a.mlp is not None else []
@@ -94,6 +95,17 @@ class EdgePatcher:
     @property
     def n_receivers(self) -> int:
         return len(self.layout.receivers)
+
+    def endpoints(self) -> tuple[float, float]:
+        """(m(M), m(∅)): every edge kept is the unpatched base run; with interchange ablation, no edge kept is
+        the source run — both plain forwards. Mean / zero ablation need an edge-patched run for m(∅)."""
+        task = self.task
+        full = float(task.score(self.model.run(self.base_ids, attention_mask=task.attention_mask).logits).mean())
+        if self.ablation == "patch":
+            source = self.model.run(self.source_ids, attention_mask=task.attention_mask)
+            return full, float(task.score(source.logits).mean())
+        none = torch.zeros(1, self.n_senders, self.n_receivers, dtype=torch.bool)
+        return full, float(self.metric_of(none)[0])
 
     def metric_of(self, kept: Tensor) -> Tensor:
         """Batch-mean metric (K,) of each circuit in `kept` (K, S, R) bool (True = edge kept, not patched)."""

@@ -96,17 +96,20 @@ def _normalized(values: Tensor, full: float, empty: float) -> list[float]:
 
 
 def faithfulness_curve(patcher: EdgePatcher, graph: Graph, sizes: list[int] | None = None) -> Curve:
-    """Normalized faithfulness of the top-k circuits of `graph` for k in `sizes` (default: 20 log-spaced);
-    all circuits plus the full and empty graphs run as rows of the same batched forwards."""
+    """Normalized faithfulness of the top-k circuits of `graph` for k in `sizes` (default: 20 log-spaced); the
+    circuits run as rows of the same batched forwards, the full and empty graphs as plain runs
+    (`EdgePatcher.endpoints`), and a size holding every edge is the full graph."""
     sizes = sizes or default_sizes(graph.edges_total)
-    valid = graph.valid
-    masks = torch.cat([valid[None], torch.zeros_like(valid)[None], top_k_masks(graph, sizes)])
-    values = patcher.metric_of(masks)
-    full, empty = float(values[0]), float(values[1])
+    full, empty = patcher.endpoints()
+    partial = [s for s in sizes if s < graph.edges_total]
+    measured = (
+        dict(zip(partial, patcher.metric_of(top_k_masks(graph, partial)).tolist(), strict=True)) if partial else {}
+    )
+    values = [measured.get(s, full) for s in sizes]
     return Curve(
         sizes=sizes,
-        faithfulness=_normalized(values[2:], full, empty),
-        metric=[float(v) for v in values[2:]],
+        faithfulness=_normalized(torch.tensor(values, dtype=torch.float64), full, empty),
+        metric=[float(v) for v in values],
         full=full,
         empty=empty,
         edges_total=graph.edges_total,
