@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from pathlens.arch.base import get_module, output_weight_per_head
 from pathlens.attribution.atp import Metric, runs_for
-from pathlens.attribution.lrp import DEFAULT_RULES, normalize_rules
+from pathlens.attribution.lrp import rules_for
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
 from pathlens.interventions import Intervention, Replace
@@ -205,7 +205,7 @@ def edge_attribution(
     direction: str = "noise",
     metric: Metric | None = None,
     steps: int = 5,
-    rules: Collection[str] = DEFAULT_RULES,
+    rules: Collection[str] | None = None,
     max_batch_tokens: int = 4096,
 ) -> Graph:
     """Score every edge of `model`'s graph on `task` (see module docstring) → Graph (batch-mean scores).
@@ -225,7 +225,7 @@ def edge_attribution(
     task = task.with_metric(metric)
     a = model.arch
     n_steps = steps if method == "eap-ig" else 1
-    chosen = normalize_rules(rules) if method == "relp" else frozenset()
+    chosen = rules_for(model, rules) if method == "relp" else frozenset()
     layout = graph_layout(model)
     qkv = [QKV(model, layer) for layer in range(a.n_layers)]
     base_ids, source_ids = runs_for(task, direction)

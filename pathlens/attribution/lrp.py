@@ -11,12 +11,14 @@ y bit for bit while its gradient is that of the surrogate y′:
                 with x̃ = x + ((x == 0) + sign(x))·1e-6.
     "half"      gated MLPs (act(gate) ⊙ up): the product splits its relevance half to each factor,
                 y′ = x/2 on the down projection's input (both factors then receive half their gradient).
-    "AH"        attention probabilities are constants: relevance flows through the values only. Every layer runs
-                the model's eager attention, whose output differs from SDPA's by float rounding only.
+    "AH"        attention probabilities are constants: relevance flows through the values only. Every layer also
+                runs the model's eager attention for the gradient; the value stays the model's own output.
 
-Linear layers keep their plain gradient (the 0-rule). `DEFAULT_RULES` are the rules of the RelP paper's
-configuration ("LN", "identity", "half"). The hooks are registered by `HookSession` and exist only during one
-run, so a model is never left modified.
+Linear layers keep their plain gradient (the 0-rule). `DEFAULT_RULES` are all four: the RelP demo's
+configuration ("LN", "identity", "half") plus "AH", which on SmolLM2 IOI lifts RelP's agreement with exact
+patching above AtP's on the residual stream and MLP outputs, where without it RelP falls below AtP
+(benchmarks/attribution.py). The hooks are registered by `HookSession` and exist only during one run, so a
+model is never left modified.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
     from pathlens.model import Model
 
 RULES = ("LN", "identity", "half", "AH")
-DEFAULT_RULES = ("LN", "identity", "half")
+DEFAULT_RULES = ("LN", "identity", "half", "AH")
 _ALIASES = {
     "ln": "LN",
     "ln-rule": "LN",
@@ -48,6 +50,15 @@ _ALIASES = {
 _ACTIVATION_MODULES = ("transformers.activations", "torch.nn.modules.activation")
 
 Hook = tuple[nn.Module, str, Callable[..., Any]]
+
+
+def rules_for(model: "Model", rules: Collection[str] | None) -> frozenset[str]:
+    """`rules` normalized; None means `DEFAULT_RULES` without "AH" on models whose attention does not go through
+    the transformers attention interface (asking for "AH" there explicitly is an error)."""
+    if rules is not None:
+        return normalize_rules(rules)
+    chosen = normalize_rules(DEFAULT_RULES)
+    return chosen if model.arch.qkv == "interface" else chosen - {"AH"}
 
 
 def normalize_rules(rules: Collection[str]) -> frozenset[str]:

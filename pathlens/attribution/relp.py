@@ -13,7 +13,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from pathlens.attribution.atp import Metric, cells, estimate_scores, first_order
-from pathlens.attribution.lrp import DEFAULT_RULES, normalize_rules
+from pathlens.attribution.lrp import rules_for
 from pathlens.model import Model
 from pathlens.patching.plan import make_plan
 from pathlens.results import Scores
@@ -30,12 +30,13 @@ def relp(
     metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
-    rules: Collection[str] = DEFAULT_RULES,
+    rules: Collection[str] | None = None,
 ) -> Scores:
-    """RelP estimates of `pathlens.patch(model, task, sites, positions, direction)` under `rules`."""
+    """RelP estimates of `pathlens.patch(model, task, sites, positions, direction)` under LRP `rules` (default:
+    `lrp.DEFAULT_RULES` where the model supports them, see `lrp.rules_for`)."""
     metric = metric or task.metric
     assert metric is not None
-    chosen = normalize_rules(rules)
+    chosen = rules_for(model, rules)
     plan = make_plan(model, sites, positions, task.seq_len, layers=layers, neurons=neurons)
     fo = first_order(model, task, plan, direction, metric, rules=chosen)
     meta = {
