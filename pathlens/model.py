@@ -265,6 +265,7 @@ class Model:
         cache_device: torch.device | str | None = None,
         cache_dtype: torch.dtype | None = None,
         rules: Collection[str] = (),
+        logits_at: Tensor | None = None,
     ) -> Run:
         """One forward pass with the given interventions, caching the given sites.
 
@@ -274,6 +275,8 @@ class Model:
         grad: run with autograd so gradients flow to parameters and cached activations (for attribution).
         rules: LRP rules for the backward pass ("LN", "identity", "half", "AH"; `pathlens.attribution.lrp`);
             values are unchanged, gradients become LRP relevance per unit input.
+        logits_at: sorted positions; logits are then (b, len(logits_at), vocab), computed only there (saves a
+            (b, p, vocab) tensor). Models without transformers' `logits_to_keep` compute all and are sliced.
         Returns Run(logits (b, p, vocab), cache). Hooks exist only inside this call.
         """
         from pathlens.attribution.lrp import normalize_rules
@@ -293,8 +296,10 @@ class Model:
             cache_dtype=cache_dtype,
             rules=normalize_rules(rules),
         )
-        out = self.forward(ids, mask, session)
+        out = self.forward(ids, mask, session, logits_at=logits_at)
         logits = out.logits if hasattr(out, "logits") else _first_tensor(out)
+        if logits_at is not None and logits.shape[1] != logits_at.numel():
+            logits = logits[:, logits_at.to(logits.device)]
         return Run(logits=logits if grad else logits.detach(), cache=Cache(session.cache))
 
     def forward(

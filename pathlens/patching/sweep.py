@@ -216,7 +216,8 @@ def patch(
     shared = shared_prefix(base_ids, source_ids) if position_cone and ablation is None else 0
     executed = [executed_variant(v, shared, seq_len) for v in plan.variants]
     families = sorted({v.site.family for v in executed}, key=str)
-    source = model.run(source_ids, attention_mask=task.attention_mask, cache=families)
+    scored = torch.unique(task.answer_pos)
+    source = model.run(source_ids, attention_mask=task.attention_mask, cache=families, logits_at=scored)
     starts = [
         (_NO_OP_LAYER, seq_len)
         if v.positions == ()
@@ -300,7 +301,8 @@ def patch(
     base_metric = (
         float(metric(runner.answer_logits[:, None], scored_view(task, torch.arange(n), 1)).mean()) if runner else None
     )
-    source_metric = float(task.score(source.logits).mean())
+    at_answer = source.logits[torch.arange(n), torch.searchsorted(scored, task.answer_pos)]
+    source_metric = float(metric(at_answer[:, None], scored_view(task, torch.arange(n), 1)).mean())
     clean_m, corrupt_m = (
         (source_metric, base_metric) if direction == "denoise" and ablation is None else (base_metric, source_metric)
     )
