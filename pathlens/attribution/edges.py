@@ -225,7 +225,7 @@ def edge_attribution(
     task = task.with_metric(metric)
     a = model.arch
     n_steps = steps if method == "eap-ig" else 1
-    chosen = rules_for(model, rules) if method == "relp" else frozenset()
+    chosen = rules_for(rules) if method == "relp" else frozenset()
     layout = graph_layout(model)
     qkv = [QKV(model, layer) for layer in range(a.n_layers)]
     base_ids, source_ids = runs_for(task, direction)

@@ -14,11 +14,12 @@ y bit for bit while its gradient is that of the surrogate y′:
     "AH"        attention probabilities are constants: relevance flows through the values only. Every layer also
                 runs the model's eager attention for the gradient; the value stays the model's own output.
 
-Linear layers keep their plain gradient (the 0-rule). `DEFAULT_RULES` are all four: the RelP demo's
-configuration ("LN", "identity", "half") plus "AH", which on SmolLM2 IOI lifts RelP's agreement with exact
-patching above AtP's on the residual stream and MLP outputs, where without it RelP falls below AtP
-(benchmarks/attribution.py). The hooks are registered by `HookSession` and exist only during one run, so a
-model is never left modified.
+Linear layers keep their plain gradient (the 0-rule). `DEFAULT_RULES` are the RelP demo's configuration
+("LN", "identity", "half"). "AH" is opt-in: on SmolLM2 IOI it lifts RelP's node-level agreement with exact
+patching above AtP's on the residual stream and MLP outputs (benchmarks/attribution.py), but it gives every
+query and key zero relevance, so circuits that work through attention patterns (induction: previous-token
+head → induction head via its key) lose their key edges. The hooks are registered by `HookSession` and exist
+only during one run, so a model is never left modified.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from pathlens.model import Model
 
 RULES = ("LN", "identity", "half", "AH")
-DEFAULT_RULES = ("LN", "identity", "half", "AH")
+DEFAULT_RULES = ("LN", "identity", "half")
 _ALIASES = {
     "ln": "LN",
     "ln-rule": "LN",
@@ -52,13 +53,9 @@ _ACTIVATION_MODULES = ("transformers.activations", "torch.nn.modules.activation"
 Hook = tuple[nn.Module, str, Callable[..., Any]]
 
 
-def rules_for(model: "Model", rules: Collection[str] | None) -> frozenset[str]:
-    """`rules` normalized; None means `DEFAULT_RULES` without "AH" on models whose attention does not go through
-    the transformers attention interface (asking for "AH" there explicitly is an error)."""
-    if rules is not None:
-        return normalize_rules(rules)
-    chosen = normalize_rules(DEFAULT_RULES)
-    return chosen if model.arch.qkv == "interface" else chosen - {"AH"}
+def rules_for(rules: Collection[str] | None) -> frozenset[str]:
+    """`rules` normalized; None means `DEFAULT_RULES`."""
+    return normalize_rules(DEFAULT_RULES if rules is None else rules)
 
 
 def normalize_rules(rules: Collection[str]) -> frozenset[str]:

@@ -33,10 +33,10 @@ def relp(
     rules: Collection[str] | None = None,
 ) -> Scores:
     """RelP estimates of `pathlens.patch(model, task, sites, positions, direction)` under LRP `rules` (default:
-    `lrp.DEFAULT_RULES` where the model supports them, see `lrp.rules_for`)."""
+    `lrp.DEFAULT_RULES`; add "AH" to treat attention patterns as constants)."""
     metric = metric or task.metric
     assert metric is not None
-    chosen = rules_for(model, rules)
+    chosen = rules_for(rules)
     plan = make_plan(model, sites, positions, task.seq_len, layers=layers, neurons=neurons)
     fo = first_order(model, task, plan, direction, metric, rules=chosen)
     meta = {
