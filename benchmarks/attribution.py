@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from patching import (  # noqa: E402
     Timed,
     build_gpt2,
+    check_run_args,
     max_abs_diff,
     mean_logit_diff,
     peak_rss_growth_mb,
@@ -764,16 +765,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-memory", action="store_true", help="do not measure EAP's peak memory")
     parser.add_argument("--tol", type=float, default=1e-4, help="largest allowed disagreement (exit 1 above)")
     args = parser.parse_args(argv)
-    args.parts = [p for p in args.parts.split(",") if p]
-    unknown = [p for p in args.parts if p not in PARTS]
-    if unknown:
-        parser.error(f"unknown part: {', '.join(unknown)}")
-    if args.quick:
-        args.repeats = 1
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    if args.threads < 0:
-        parser.error("--threads must be 0 (torch's default) or more")
+    check_run_args(parser, args, PARTS)
     args.threads = args.threads or None
     args.gpt2_prompts = 4 if args.quick else 8
     args.smollm2_prompts = 4 if args.quick else 8

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from patching import build_gpt2, synthetic_ioi_task, time_forward  # noqa: E402
+from patching import build_gpt2, check_run_args, synthetic_ioi_task, time_forward  # noqa: E402
 
 import pathlens  # noqa: E402
 from pathlens.attribution.edges import edge_attribution  # noqa: E402
@@ -365,16 +365,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 keeps torch's default")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts: {', '.join(PARTS)}")
     args = parser.parse_args(argv)
-    args.parts = [p for p in args.parts.split(",") if p]
-    unknown = [p for p in args.parts if p not in PARTS]
-    if unknown:
-        parser.error(f"unknown part: {', '.join(unknown)}")
-    if args.quick:
-        args.repeats = 1
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    if args.threads < 0:
-        parser.error("--threads must be 0 (torch's default) or more")
+    check_run_args(parser, args, PARTS)
     return args
 
 

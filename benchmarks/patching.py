@@ -579,6 +579,21 @@ def disagreements(rows: list[dict[str, Any]], tol: float) -> list[str]:
     ]
 
 
+def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
+    """Checks shared by the attribution and circuits benchmarks: `--parts` (comma list, split in place) names
+    known parts, `--quick` means one repeat, `--repeats` ≥ 1, `--threads` ≥ 0."""
+    args.parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in args.parts if p not in parts]
+    if unknown:
+        parser.error(f"unknown part: {', '.join(unknown)}")
+    if args.quick:
+        args.repeats = 1
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.threads < 0:
+        parser.error("--threads must be 0 (torch's default) or more")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON line per workload")

@@ -324,6 +324,17 @@ class Model:
         with torch.set_grad_enabled(session.grad), session:
             return self.hf(**kwargs)
 
+    def scored_logits(
+        self, ids: Tensor, mask: Tensor | None, session: HookSession, answer_pos: Tensor, use_cache: bool = False
+    ) -> Tensor:
+        """`forward` asking for logits only at the scored positions; returns each row's logits at its own
+        position `answer_pos` (b,) → (b, vocab)."""
+        kept = torch.unique(answer_pos)
+        out = self.forward(ids, mask, session, use_cache=use_cache, logits_at=kept)
+        logits = out.logits if hasattr(out, "logits") else _first_tensor(out)
+        at = torch.searchsorted(kept, answer_pos) if logits.shape[1] == kept.numel() else answer_pos
+        return logits[torch.arange(int(ids.shape[0])), at.to(logits.device)]
+
 
 def _first_tensor(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out

@@ -133,15 +133,10 @@ class EdgePatcher:
         session = HookSession(
             self.model, [], [], batch=int(prompts.numel()), seq_len=self.task.seq_len, extra_hooks=state.hooks()
         )
-        answer_pos = self.task.answer_pos[prompts]
-        kept_positions = torch.unique(answer_pos)
         with torch.no_grad():
-            out = self.model.forward(
-                self.base_ids[prompts], self.task.attention_mask[prompts], session, logits_at=kept_positions
-            )
-        logits = out.logits if hasattr(out, "logits") else _first(out)
-        at = torch.searchsorted(kept_positions, answer_pos) if logits.shape[1] == kept_positions.numel() else answer_pos
-        picked = logits[torch.arange(prompts.numel()), at][:, None]
+            picked = self.model.scored_logits(
+                self.base_ids[prompts], self.task.attention_mask[prompts], session, self.task.answer_pos[prompts]
+            )[:, None]
         return self.metric(picked, scored_view(self.task, prompts, 1))  # type: ignore[misc]
 
 

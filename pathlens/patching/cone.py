@@ -53,12 +53,8 @@ class ConeRunner:
         self.blocks = get_module(model.hf, a.blocks)
         reads = [Site("resid_pre", layer) for layer in range(a.n_layers)]
         session = HookSession(model, reads, [], batch=self.n, seq_len=self.seq_len, record_blocks=True)
-        kept = torch.unique(answer_pos)
         with torch.no_grad():
-            out = model.forward(ids, mask, session, use_cache=True, logits_at=kept)
-        logits = out.logits if hasattr(out, "logits") else _first(out)
-        at = torch.searchsorted(kept, answer_pos) if logits.shape[1] == kept.numel() else answer_pos
-        self.answer_logits = logits[torch.arange(self.n), at].detach()
+            self.answer_logits = model.scored_logits(ids, mask, session, answer_pos, use_cache=True).detach()
         self.resid_pre = {layer: session.cache[Site("resid_pre", layer)] for layer in range(a.n_layers)}
         self.calls = {layer: self._named(layer, *session.block_calls[layer]) for layer in range(a.n_layers)}
         self.cache_arg = self._find_cache_arg()
