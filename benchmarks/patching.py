@@ -56,6 +56,7 @@ TL_VARIANT = (
 )
 NNSIGHT_VARIANT = "nnsight.NNsight around a deep copy of the HF model (NNsight wraps module forwards in place)"
 RSS_POLL_S = 0.002
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 Grid = Tensor
 Runner = Callable[[Task], Grid]
@@ -393,10 +394,26 @@ def memory_child(library: str, workload: str, threads: int | None) -> float:
         return peak_rss_growth_mb(lambda: runner(task))
 
 
-def measure_memory(library: str, workload: str, threads: int | None) -> float:
-    """`memory_child` in a new spawned interpreter, so earlier runs' allocations cannot hide this one's."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(memory_child, library, workload, threads).result()
+def measure_memory(library: str, workload: str, threads: int | None, allocator: str) -> float:
+    """`memory_child` in a new spawned interpreter, so earlier runs' allocations cannot hide this one's.
+
+    `allocator="live"` fixes glibc's mmap threshold at 128 KiB (MALLOC_MMAP_THRESHOLD_) in the child, so every
+    tensor-sized block is mapped on allocation and unmapped on free and RSS follows the memory the run holds
+    live; `"default"` keeps glibc's dynamic threshold, whose RSS also counts freed blocks the heap keeps and so
+    depends on the order and sizes of past allocations."""
+    saved = os.environ.get(MMAP_THRESHOLD_ENV)
+    if allocator == "live":
+        os.environ[MMAP_THRESHOLD_ENV] = str(128 * 1024)
+    else:
+        os.environ.pop(MMAP_THRESHOLD_ENV, None)
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+            return pool.submit(memory_child, library, workload, threads).result()
+    finally:
+        if saved is None:
+            os.environ.pop(MMAP_THRESHOLD_ENV, None)
+        else:
+            os.environ[MMAP_THRESHOLD_ENV] = saved
 
 
 # ---------------------------------------------------------------------------------------------------- timing
@@ -474,7 +491,9 @@ def run_gpt2_workload(
         for peer in PEERS
     }
     peer_diffs = [d for d in diff_pathlens.values() if d is not None]
-    peak = {lib: measure_memory(lib, workload, threads) for lib in (*libraries, "torch")} if memory else None
+    measured = (*libraries, "torch")
+    peak = {lib: measure_memory(lib, workload, threads, "live") for lib in measured} if memory else None
+    peak_default = {lib: measure_memory(lib, workload, threads, "default") for lib in measured} if memory else None
     return {
         "workload": workload,
         "pathlens_s": seconds["pathlens"],
@@ -492,6 +511,7 @@ def run_gpt2_workload(
         "max_abs_diff_vs_torch": diff_ref,
         "grid_abs_max": float(reference.abs().max()),
         "peak_mb": peak,
+        "peak_mb_default_malloc": peak_default,
         "n_patches": shape.n_patches(family, task.seq_len),
         "forward_s": t_forward,
         "cone_gflop": flops / 1e9,
@@ -564,9 +584,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             diffs = ", ".join(f"{k} {v:.1e}" for k, v in row["max_abs_diff_vs_torch"].items())
             scale = f"grid values up to {row['grid_abs_max']:.2f}"
             print(f"{row['workload']}: max |grid - plain-torch reference|: {diffs} ({scale})")
-        if row.get("peak_mb"):
-            peaks = ", ".join(f"{k} {v:.0f} MiB" for k, v in row["peak_mb"].items())
-            print(f"{row['workload']}: peak RSS growth: {peaks}")
+        for key, label in (("peak_mb", "live"), ("peak_mb_default_malloc", "glibc default")):
+            if row.get(key):
+                peaks = ", ".join(f"{k} {v:.0f} MiB" for k, v in row[key].items())
+                print(f"{row['workload']}: peak RSS growth ({label} allocator): {peaks}")
 
 
 def disagreements(rows: list[dict[str, Any]], tol: float) -> list[str]:

@@ -171,10 +171,13 @@ class QKV:
         per_head = torch.arange(h * 3 * dh).view(h, 3, dh)
         return [per_head[:, 0], per_head[:, 1], per_head[:, 2]]
 
-    def project(self, part: int, y: Tensor) -> Tensor:
-        """Projection `part` (0 = q, 1 = k, 2 = v) of per-receiver inputs (B, P, R_part, d) → (B, P, R_part, d_head)."""
-        out = torch.einsum("bprd,red->bpre", y, self.w[part].to(y.dtype))
-        bias = self.bias[part]
+    def project(self, part: int, y: Tensor, receivers: Tensor | None = None) -> Tensor:
+        """Projection `part` (0 = q, 1 = k, 2 = v) of per-receiver inputs (B, P, R, d) → (B, P, R, d_head), for
+        every receiver of the part or for the R given indices `receivers`."""
+        w, bias = self.w[part], self.bias[part]
+        if receivers is not None:
+            w, bias = w[receivers], None if bias is None else bias[receivers]
+        out = torch.einsum("bprd,red->bpre", y, w.to(y.dtype))
         return out if bias is None else out + bias.to(y.dtype)
 
     @property

@@ -22,6 +22,7 @@ corrupted run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -78,15 +79,44 @@ class EdgePatcher:
         source_task_ids = self.base_ids if ablation != "patch" else source_ids
         families = [Site("resid_pre", 0)] + [Site("head_z", layer) for layer in range(a.n_layers)]
         families += [Site("mlp_out", layer) for layer in range(a.n_layers)] if a.mlp is not None else []
-        cache = model.run(source_task_ids, attention_mask=task.attention_mask, cache=families).cache
-        self.source: dict[Site, Tensor] = {}
-        for family in families:
-            value = cache[family]
-            if ablation == "mean":
-                value = value.mean(dim=0, keepdim=True).expand_as(value)
-            elif ablation == "zero":
-                value = torch.zeros_like(value)
-            self.source[family] = value
+        residuals = [Site("resid_pre", layer) for layer in range(1, a.n_layers)] + [Site("resid_post", a.n_layers - 1)]
+        residuals += [Site("resid_mid", layer) for layer in range(a.n_layers)] if a.mlp and not a.parallel else []
+        cache = model.run(source_task_ids, attention_mask=task.attention_mask, cache=families + residuals).cache
+        self.source = {family: self._ablated(cache[family]) for family in families}
+        self.source_resid = self._source_residuals(cache)
+
+    def _ablated(self, value: Tensor) -> Tensor:
+        """A sender's source value from its value in the source run: itself, its prompt mean, or zero."""
+        if self.ablation == "mean":
+            return value.mean(dim=0, keepdim=True).expand_as(value)
+        if self.ablation == "zero":
+            return torch.zeros_like(value)
+        return value
+
+    def _source_residuals(self, cache: dict[Site, Tensor]) -> dict[int, Tensor]:
+        """The residual stream (N, P, d) that receivers read when no edge is kept, keyed by how many senders it
+        holds (a `Layout` stop): Σ_u z_u^src plus what no sender writes (biases such as the attention output
+        bias), i.e. the source run's residual R − Σ_u z_u + Σ_u z_u^src."""
+        a = self.model.arch
+        first = cache[Site("resid_pre", 0)]
+        run, ablated = first, self._ablated(first)
+        out: dict[int, Tensor] = {}
+        for layer in range(a.n_layers):
+            resid = first if layer == 0 else cache[Site("resid_pre", layer)]
+            out[self.layout.sender_stop[layer]] = resid - run + ablated
+            before_heads = (run, ablated)
+            heads = torch.einsum("bphe,hed->bpd", cache[Site("head_z", layer)], self.w_o[layer].to(first.dtype))
+            run, ablated = run + heads, ablated + self._ablated(heads)
+            if a.mlp is None:
+                continue
+            if a.parallel:
+                out[self.layout.mlp_sender_stop[layer]] = resid - before_heads[0] + before_heads[1]
+            else:
+                out[self.layout.mlp_sender_stop[layer]] = cache[Site("resid_mid", layer)] - run + ablated
+            mlp = cache[Site("mlp_out", layer)]
+            run, ablated = run + mlp, ablated + self._ablated(mlp)
+        out[self.n_senders] = cache[Site("resid_post", a.n_layers - 1)] - run + ablated
+        return out
 
     @property
     def n_senders(self) -> int:
@@ -128,8 +158,9 @@ class EdgePatcher:
         return values.view(k, n)
 
     def _run(self, kept: Tensor, circuits: Tensor, prompts: Tensor) -> Tensor:
-        removed = (~kept[circuits]).to(self.source[Site("resid_pre", 0)].dtype)
-        state = _RunState(self, removed, prompts)
+        groups, counts = torch.unique_consecutive(circuits, return_counts=True)
+        removed = (~kept[groups]).to(self.source[Site("resid_pre", 0)].dtype)
+        state = _RunState(self, removed, counts.tolist(), prompts)
         session = HookSession(
             self.model, [], [], batch=int(prompts.numel()), seq_len=self.task.seq_len, extra_hooks=state.hooks()
         )
@@ -140,30 +171,87 @@ class EdgePatcher:
         return self.metric(picked, scored_view(self.task, prompts, 1))  # type: ignore[misc]
 
 
-class _RunState:
-    """The hooks of one edge-patched forward and what they share: sender differences D (B, S, P·d_model)
-    = z_u − z_u^src filled as the forward reaches each sender (laid out so that every receiver's correction is
-    one batched matrix product over a prefix of senders), and per-layer residual inputs."""
+@dataclass
+class _GroupInput:
+    """Corrected inputs of one layer's receivers for one group of rows (one circuit): `base` (n, P, d) is the
+    running residual, or the source residual when `from_source`; receivers `special` (C,) (offsets among the
+    columns asked for) have their own inputs `values` (n, C, P, d); the others read `base`."""
 
-    def __init__(self, patcher: EdgePatcher, removed: Tensor, prompts: Tensor):
+    rows: slice
+    from_source: bool
+    base: Tensor
+    special: Tensor
+    values: Tensor | None
+
+
+def summed_senders(removed: Tensor) -> tuple[bool, Tensor]:
+    """For one circuit's `removed` (S, R) ∈ {0, 1}: (from_source, senders) — start from the source residual and
+    add the kept edges (True) or from the running residual and subtract the removed ones (False), whichever
+    touches fewer senders; `senders` (A,) are the sender indices with any such edge into the R columns."""
+    any_removed = (removed > 0).any(dim=1)
+    any_kept = (removed < 1).any(dim=1)
+    from_source = int(any_kept.sum()) < int(any_removed.sum())
+    return from_source, torch.nonzero(any_kept if from_source else any_removed)[:, 0]
+
+
+class _RunState:
+    """The hooks of one edge-patched forward and what they share: sender differences D (S, B, P·d_model)
+    = z_u − z_u^src filled as the forward reaches each sender, and per-layer residual inputs. Rows come in
+    groups of consecutive rows that share a circuit (`counts`; `removed` (G, S, R) per group), so each group's
+    correction is one matrix product over its own senders."""
+
+    def __init__(self, patcher: EdgePatcher, removed: Tensor, counts: list[int], prompts: Tensor):
         self.p, self.removed, self.prompts = patcher, removed, prompts
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        self.groups = list(zip(starts, counts, strict=True))
         a = patcher.model.arch
         b, seq_len = int(prompts.numel()), patcher.task.seq_len
         self.shape = (b, seq_len, a.d_model)
-        self.d = torch.empty(b, patcher.n_senders, seq_len * a.d_model, dtype=removed.dtype)
+        self.d = torch.empty(patcher.n_senders, b, seq_len * a.d_model, dtype=removed.dtype)
         self.resid: dict[int, Tensor] = {}
         self.attn_out: dict[int, Tensor] = {}
         self.inputs: dict[int, Tensor] = {}
 
-    def _delta(self, stop: int, cols: Any) -> Tensor:
-        """−Σ_u removed[u, v] D_u for senders [0, stop) and receiver columns `cols`: (B, R, P, d), or (B, P, d)
-        for a single column."""
+    def _corrected(self, x: Tensor, stop: int, cols: Any) -> list[_GroupInput]:
+        """The inputs of receiver columns `cols` (a slice, or an int for one column) that read the residual `x`
+        (B, P, d) holding senders [0, stop), per group of rows:
+
+            in_v = x − Σ_{u removed} D_u  =  x^src + Σ_{u kept} D_u
+
+        (x^src = x − Σ_{u<stop} D_u: `EdgePatcher.source_resid`). The second form starts from the source
+        residual; each circuit uses whichever form sums fewer senders
+        (those with any removed, resp. kept, edge into `cols`), so sparse circuits and nearly full ones both cost
+        little more than the forward itself. Columns without such an edge read the form's base."""
         b, p, d = self.shape
-        rem = self.removed[:, :stop, cols]
-        single = rem.ndim == 2
-        weights = -(rem[:, None, :] if single else rem.transpose(1, 2))
-        out = torch.bmm(weights, self.d[:, :stop]).view(b, -1, p, d)
-        return out[:, 0] if single else out
+        removed = self.removed[:, :stop, cols]
+        if removed.ndim == 2:
+            removed = removed[..., None]
+        out = []
+        for group, (first, n) in enumerate(self.groups):
+            from_source, senders = summed_senders(removed[group])
+            base = self.p.source_resid[stop][self.prompts[first : first + n]] if from_source else x[first : first + n]
+            weights = (1 - removed[group] if from_source else -removed[group]).index_select(0, senders)
+            special = torch.nonzero((weights != 0).any(dim=0))[:, 0]
+            values = None
+            if special.numel():
+                rows = self.d[:stop, first : first + n]
+                if senders.numel() * 3 < stop:
+                    rows = rows.index_select(0, senders)
+                else:
+                    weights = torch.zeros(stop, weights.shape[1], dtype=weights.dtype).index_copy_(0, senders, weights)
+                delta = weights[:, special].t() @ rows.reshape(len(weights), -1)
+                values = base[:, None] + delta.view(-1, n, p, d).transpose(0, 1)
+            out.append(_GroupInput(slice(first, first + n), from_source, base, special, values))
+        return out
+
+    def _single(self, x: Tensor, stop: int, col: int) -> list[tuple[slice, Tensor]]:
+        """The changed inputs of the one receiver column `col` reading `x`: (rows, input (n, P, d)) for each group
+        of rows whose input is not `x` itself."""
+        return [
+            (g.rows, g.base if g.values is None else g.values[:, 0])
+            for g in self._corrected(x, stop, col)
+            if g.values is not None or g.from_source
+        ]
 
     def hooks(self) -> list[tuple[str, str, Callable[..., Any]]]:
         a = self.p.model.arch
@@ -190,7 +278,7 @@ class _RunState:
             x = args[0] if args else kwargs["hidden_states"]
             self.resid[layer] = x
             if layer == 0:
-                self.d[:, 0] = (x - self.p.source[Site("resid_pre", 0)][self.prompts]).flatten(1)
+                self.d[0] = (x - self.p.source[Site("resid_pre", 0)][self.prompts]).flatten(1)
 
         return hook
 
@@ -198,24 +286,47 @@ class _RunState:
         a = self.p.model.arch
         norm = get_module(get_module(self.p.model.hf, a.blocks)[layer], a.attn_norm or "")
 
-        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            """Rows of circuits built from the source residual enter attention as its norm (so the model's own
+            projections give every receiver without its own input); receivers with their own input are left
+            to `_projection`."""
             stop, cols = self.p.layout.sender_stop[layer], self.p.layout.attn_cols[layer]
-            x = self.resid[layer]
-            self.inputs[layer] = norm(x[:, None] + self._delta(stop, cols))
+            groups = self._corrected(self.resid[layer], stop, cols)
+            for g in groups:
+                g.values = None if g.values is None else norm(g.values)
+            self.inputs[layer] = groups
+            sourced = [g for g in groups if g.from_source]
+            if not sourced:
+                return None
+            hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+            for g in sourced:
+                hidden[g.rows] = norm(g.base)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
 
         return hook
 
     def _projection(self, layer: int, parts: list[int]) -> Callable[..., Any]:
+        """Rewrites one q/k/v projection's output (B, P, out) in place (the patcher runs without grad): every
+        receiver with its own input gets its head's slice of the projection of that input; the rest keep the
+        model's own values."""
         qkv = self.p.qkv[layer]
         bounds = [0, qkv.h, qkv.h + qkv.g, qkv.h + 2 * qkv.g]
 
-        def hook(module: Any, args: tuple[Any, ...], output: Tensor) -> Tensor:
-            y = self.inputs[layer]
-            new = output.clone()
-            for part in parts:
-                values = qkv.project(part, y[:, bounds[part] : bounds[part + 1]].transpose(1, 2))
-                new[..., qkv.cols[part].flatten()] = values.flatten(-2).to(new.dtype)
-            return new
+        def hook(module: Any, args: tuple[Any, ...], output: Tensor) -> None:
+            groups = self.inputs[layer]
+            for g in groups:
+                if g.values is None:
+                    continue
+                rows = output[g.rows]
+                for part in parts:
+                    inside = (g.special >= bounds[part]) & (g.special < bounds[part + 1])
+                    if not bool(inside.any()):
+                        continue
+                    receivers = g.special[inside] - bounds[part]
+                    values = qkv.project(part, g.values[:, inside].transpose(1, 2), receivers)
+                    rows[..., qkv.cols[part][receivers].flatten()] = values.flatten(-2).to(output.dtype)
 
         return hook
 
@@ -225,9 +336,9 @@ class _RunState:
 
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             z = args[0].unflatten(-1, (a.n_heads, a.d_head))
-            dz = z - self.p.source[Site("head_z", layer)][self.prompts]
-            heads = torch.einsum("bphe,hed->bhpd", dz, self.p.w_o[layer].to(dz.dtype))
-            self.d[:, first : first + a.n_heads] = heads.flatten(2)
+            dz = (z - self.p.source[Site("head_z", layer)][self.prompts]).flatten(0, 1).transpose(0, 1)
+            out = self.d[first : first + a.n_heads].view(a.n_heads, -1, a.d_model)
+            torch.bmm(dz, self.p.w_o[layer].to(dz.dtype), out=out)
 
         return hook
 
@@ -245,7 +356,12 @@ class _RunState:
             col = self.p.layout.mlp_col[layer]
             stop = self.p.layout.mlp_sender_stop[layer]
             x = self.resid[layer] if a.parallel else self.resid[layer] + self.attn_out[layer]
-            new = norm(x + self._delta(stop, col))
+            changed = self._single(x, stop, col)
+            if not changed:
+                return None
+            new = (args[0] if args else kwargs["hidden_states"]).clone()
+            for rows, value in changed:
+                new[rows] = norm(value)
             if args:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": new}
@@ -256,13 +372,19 @@ class _RunState:
         sender = self.p.layout.senders.index(f"L{layer}.mlp")
 
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
-            self.d[:, sender] = (_first(output) - self.p.source[Site("mlp_out", layer)][self.prompts]).flatten(1)
+            self.d[sender] = (_first(output) - self.p.source[Site("mlp_out", layer)][self.prompts]).flatten(1)
 
         return hook
 
     def _final(self) -> Callable[..., Any]:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> Any:
             x = _first(output)
-            return _with_first(output, x + self._delta(self.p.n_senders, -1))
+            changed = self._single(x, self.p.n_senders, len(self.p.layout.receivers) - 1)
+            if not changed:
+                return None
+            new = x.clone()
+            for rows, value in changed:
+                new[rows] = value
+            return _with_first(output, new)
 
         return hook
