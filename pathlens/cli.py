@@ -335,6 +335,7 @@ def run_circuit(
     top_k: int | None = None,
     target: float = 0.8,
     steps: int = 5,
+    by: str = "auto",
 ) -> dict[str, Any]:
     """Discover a circuit, measure it, and write circuit files, PNGs, pathways, circuit.json and report.html."""
     from pathlens.circuits.discover import discover, pathways
@@ -345,7 +346,7 @@ def run_circuit(
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with console.status(f"discovering the {task_name} circuit with {method} …"):
-        circuit = discover(loaded, built, method=method, top_k=top_k, target=target, steps=steps)
+        circuit = discover(loaded, built, method=method, top_k=top_k, target=target, steps=steps, by=by)
         routes = pathways(EdgePatcher(loaded, built), circuit, k=top_paths)
     seconds = time.perf_counter() - start
     circuit.save(out / "circuit")
@@ -367,6 +368,7 @@ def run_circuit(
         "n_edges": circuit.n_edges,
         "edges_total": circuit.edges_total,
         "fraction": circuit.n_edges / circuit.edges_total,
+        "ranked_by": circuit.meta["ranked_by"],
         "ablation": circuit.meta["ablation"],
         "direction": circuit.meta["direction"],
         "metric": circuit.meta["metric"],
@@ -410,13 +412,14 @@ def circuit(
     top_k: Optional[int] = typer.Option(None, help="circuit size in edges (default: smallest reaching --target)"),  # noqa: UP045
     target: float = typer.Option(0.8, help="normalized faithfulness the circuit must reach"),
     steps: int = typer.Option(5, help="integration steps of eap-ig"),
+    by: str = typer.Option("auto", help="edge ranking: auto (the better of abs and support) | abs | support"),
     n: int = typer.Option(8, help="number of prompt pairs"),
     seed: int = typer.Option(0, help="task seed"),
     out: Path = typer.Option(Path("out/circuit"), help="output folder"),
 ) -> None:
     """Circuit discovery with faithfulness curve, pathways and an offline HTML report."""
     loaded = _load(model)
-    run_circuit(loaded, task_for(loaded, task, n, seed), task, method, out, top_paths, top_k, target, steps)
+    run_circuit(loaded, task_for(loaded, task, n, seed), task, method, out, top_paths, top_k, target, steps, by)
 
 
 def main() -> None:

@@ -119,15 +119,27 @@ class Graph:
         self,
         top_k: int | None = None,
         threshold: float | None = None,
-        by: Literal["abs", "value"] = "abs",
+        by: Literal["abs", "value", "support"] = "abs",
     ) -> Graph:
-        """The circuit of the `top_k` edges (or those with score ≥ `threshold`), ranked by |score| ("abs") or
-        by signed score ("value"); a new Graph with `kept` set, scores unchanged."""
+        """The circuit of the `top_k` edges (or those ranking ≥ `threshold`); a new Graph with `kept` set, scores
+        unchanged. Ranked by |score| ("abs"), by signed score ("value"), or by how much the edge supports the
+        clean behaviour ("support": the score oriented by `meta["direction"]` — with "noise" a score is the
+        metric change when the edge is corrupted, so helpful edges score negative; with "denoise" positive).
+        "support" leaves out edges that work against the behaviour (e.g. negative name movers in IOI), so such
+        circuits can score a normalized faithfulness above 1."""
         if (top_k is None) == (threshold is None):
             raise PathlensError("prune: give exactly one of top_k= or threshold=.")
-        if by not in ("abs", "value"):
-            raise PathlensError(f"prune: by must be 'abs' or 'value', got {by!r}.")
+        if by not in ("abs", "value", "support"):
+            raise PathlensError(f"prune: by must be 'abs', 'value' or 'support', got {by!r}.")
         rank = self.scores.abs() if by == "abs" else self.scores
+        if by == "support":
+            direction = self.meta.get("direction")
+            if direction not in ("noise", "denoise"):
+                raise PathlensError(
+                    "prune(by='support') needs meta['direction'] ('noise' or 'denoise', set by edge attribution) "
+                    "to orient the scores; use by='abs' or by='value' for this graph."
+                )
+            rank = -rank if direction == "noise" else rank
         rank = torch.where(self.valid, rank, torch.full_like(rank, -torch.inf))
         if top_k is not None:
             if top_k < 0:
@@ -140,6 +152,32 @@ class Graph:
         else:
             kept = self.valid & (rank >= float(threshold))  # type: ignore[arg-type]
         return replace(self, kept=kept)
+
+    def without_dangling(self) -> Graph:
+        """The circuit without edges that cannot carry a signal, removed until none is left: edges out of a
+        component none of whose inputs is in the circuit (its output is then the ablated one, so the edge
+        changes nothing) and edges into a receiver whose component sends nothing (the logits always count).
+        Edge patching gives the same metric with and without them."""
+        feeds = torch.zeros(len(self.receivers), len(self.senders), dtype=torch.bool)
+        index = {name: i for i, name in enumerate(self.senders)}
+        for j, receiver in enumerate(self.receivers):
+            for node in self.receiver_nodes(receiver):
+                if node in index:
+                    feeds[j, index[node]] = True
+        is_input = torch.tensor([name not in self._components() for name in self.senders])
+        is_logits = torch.tensor([r == "logits" for r in self.receivers])
+        kept = self.in_circuit.clone()
+        while True:
+            fed = (kept.any(dim=0)[:, None] & feeds).any(dim=0) | is_input
+            sends = (feeds & kept.any(dim=1)[None]).any(dim=1) | is_logits
+            pruned = kept & fed[:, None] & sends[None]
+            if torch.equal(pruned, kept):
+                return replace(self, kept=kept)
+            kept = pruned
+
+    def _components(self) -> set[str]:
+        """Senders that have inputs of their own (heads, MLPs): every node some receiver feeds."""
+        return {node for receiver in self.receivers for node in self.receiver_nodes(receiver)}
 
     def nodes_in_circuit(self) -> list[str]:
         """Components touched by a kept edge, as senders or as receivers."""

@@ -8,14 +8,16 @@ induction model, whose circuit is known: previous-token head L0.H1 → induction
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import pathlens
 from pathlens.circuits import edge_patching
-from pathlens.circuits.discover import discover, layer_signature, pathways
+from pathlens.circuits.discover import _choose, discover, layer_signature, pathways
 from pathlens.circuits.edge_patching import EdgePatcher
-from pathlens.circuits.faithfulness import completeness, default_sizes, faithfulness, faithfulness_curve
+from pathlens.circuits.faithfulness import Curve, completeness, default_sizes, faithfulness, faithfulness_curve
 from tests.conftest import tiny_model
 from tests.test_edges import RECEIVERS, _reference_column
 from tests.test_patching import padded_task
@@ -114,6 +116,46 @@ def test_faithfulness_curve_and_completeness_on_a_tiny_model() -> None:
     assert completeness(patcher, graph.prune(top_k=graph.edges_total)) == pytest.approx(0.0, abs=1e-5)
     mean = EdgePatcher(model, task, ablation="mean")
     assert mean.metric_of(graph.valid[None]).item() == pytest.approx(curve.full, abs=1e-6)
+
+
+def test_support_ranking_and_dangling_edges() -> None:
+    """ "support" keeps the edges with the most helpful orientation (noise: negative scores); dropping edges that
+    cannot carry a signal leaves the edge-patched metric unchanged (float32: 1e-6 of its scale)."""
+    model = tiny_model("llama", weight_scale=2.0)
+    task = padded_task()
+    graph = pathlens.edge_attribution(model, task)
+    frame = graph.to_frame()
+    for direction, helpful in (("noise", frame.score.nsmallest(5)), ("denoise", frame.score.nlargest(5))):
+        oriented = dataclasses.replace(graph, meta={**graph.meta, "direction": direction})
+        pruned = oriented.prune(top_k=5, by="support").to_frame()
+        assert sorted(pruned[pruned.in_circuit].score) == sorted(helpful)
+    with pytest.raises(pathlens.PathlensError, match="direction"):
+        dataclasses.replace(graph, meta={}).prune(top_k=5, by="support")
+
+    patcher = EdgePatcher(model, task)
+    gen = torch.Generator().manual_seed(1)
+    circuits = [
+        dataclasses.replace(graph, kept=graph.valid & (torch.rand(graph.valid.shape, generator=gen) < p))
+        for p in (0.05, 0.2)
+    ]
+    trimmed = [c.without_dangling() for c in circuits]
+    assert all(t.n_edges < c.n_edges for t, c in zip(trimmed, circuits, strict=True))
+    values = patcher.metric_of(torch.stack([c.in_circuit for c in circuits + trimmed]))
+    torch.testing.assert_close(values[2:], values[:2], atol=1e-6 * float(values.abs().max()), rtol=0)
+    for t in trimmed:  # a fixed point: every kept sender is the input or fed, every kept receiver sends
+        kept_frame = t.to_frame()[t.to_frame().in_circuit]
+        fed = {node for r in kept_frame.receiver for node in t.receiver_nodes(r)}
+        assert set(kept_frame.sender) <= fed | {"input"}
+        assert all(r == "logits" or set(t.receiver_nodes(r)) & set(kept_frame.sender) for r in kept_frame.receiver)
+
+
+def test_auto_ranking_picks_the_smaller_circuit_reaching_the_target() -> None:
+    def curve(faith: list[float]) -> Curve:
+        return Curve([1, 10, 100], faith, faith, 1.0, 0.0, 100)
+
+    assert _choose({"abs": curve([0.1, 0.9, 1.0]), "support": curve([0.85, 1.2, 1.3])}, 0.8)[::2] == ("support", 1)
+    assert _choose({"abs": curve([0.1, 0.9, 1.0]), "support": curve([0.1, 0.95, 1.3])}, 0.8)[::2] == ("abs", 10)
+    assert _choose({"abs": curve([0.1, 0.5, 0.6]), "support": curve([0.1, 0.7, 0.2])}, 0.8)[::2] == ("support", 10)
 
 
 @pytest.mark.parametrize("method", ["eap-ig", "relp", "patching", "acdc"])

@@ -8,9 +8,15 @@ Methods:
                                receiver: receivers from the logits backwards; all incoming edges of a receiver
                                are tested against the current circuit in one batch, and those whose removal
                                moves the metric by less than `threshold` (in units of m(M) − m(∅)) are removed.
-For the scoring methods the circuit is the top-`top_k` edges, or, without `top_k`, the smallest circuit on
-the faithfulness curve reaching `target`. The returned Graph's meta records the faithfulness of the circuit,
-the curve, the ablation, the direction and the metric.
+For the scoring methods the circuit is the top-`top_k` edges ranked `by` (see `Graph.prune`: "abs" by
+|score|, "support" by how much the edge supports the clean behaviour), or, without `top_k`, the smallest
+circuit on the faithfulness curve reaching `target`. The default "auto" measures the curve of both rankings
+and keeps the smaller circuit reaching `target`: ranking by support leaves out edges that work against the
+behaviour and gives much smaller circuits when the estimates' signs are right (SmolLM2 IOI), while |score|
+is robust when they are not (first-order and IG scores of an attention key route can have the wrong sign).
+Edges that cannot carry a signal are then dropped (`Graph.without_dangling`, same metric). The returned
+Graph's meta records the faithfulness of the circuit, the curve(s), the ranking, the ablation, the direction
+and the metric.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from pathlens.attribution.atp import Metric
 from pathlens.attribution.edges import edge_attribution
 from pathlens.circuits.edge_patching import DEFAULT_EDGE_BATCH_TOKENS, EdgePatcher
-from pathlens.circuits.faithfulness import faithfulness, faithfulness_curve
+from pathlens.circuits.faithfulness import Curve, faithfulness, faithfulness_curve
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
 from pathlens.model import Model
@@ -47,40 +53,62 @@ def discover(
     steps: int = 5,
     threshold: float = 0.05,
     max_batch_tokens: int = DEFAULT_EDGE_BATCH_TOKENS,
+    by: str = "auto",
 ) -> Graph:
     """Find a circuit for `task` on `model` with `method` (see module docstring); returns a pruned Graph."""
     if method not in DISCOVERY_METHODS:
         raise PathlensError(f"method must be one of {', '.join(DISCOVERY_METHODS)}, got {method!r}.")
+    if by not in ("auto", "abs", "value", "support"):
+        raise PathlensError(f"by must be 'auto', 'abs', 'value' or 'support', got {by!r}.")
     metric = metric or task.metric
     assert metric is not None
     patcher = EdgePatcher(model, task, ablation, direction, metric, max_batch_tokens)
     if method == "acdc":
         graph = _acdc(patcher, edge_attribution(model, task, "eap", direction, metric), threshold)
-        circuit = graph
-        curve = None
+        circuit, curve, curves = graph, None, {}
     else:
         if method == "patching":
             graph = _exact_edge_scores(patcher, edge_attribution(model, task, "eap", direction, metric))
         else:
             graph = edge_attribution(model, task, method, direction, metric, steps=steps)
-        curve = faithfulness_curve(patcher, graph, sizes)
-        if top_k is None:
-            reached = [s for s, f in zip(curve.sizes, curve.faithfulness, strict=True) if f >= target]
-            best = max(zip(curve.faithfulness, curve.sizes, strict=True))[1]
-            top_k = reached[0] if reached else best
-        circuit = graph.prune(top_k=top_k)
+        rankings = ("abs", "support") if by == "auto" else (by,)
+        curves = {r: faithfulness_curve(patcher, graph, sizes, r) for r in rankings}
+        by, curve, chosen = _choose(curves, target)
+        circuit = graph.prune(top_k=top_k or chosen, by=by).without_dangling()  # type: ignore[arg-type]
     score = faithfulness(patcher, circuit)
     circuit.meta.update(
         {
             "discovery": method,
+            "ranked_by": None if method == "acdc" else by,
             "faithfulness": score,
             "ablation": ablation,
             "direction": direction,
             "metric": metric_name(metric),
             "curve": None if curve is None else curve.as_dict(),
+            "curves": {r: c.as_dict() for r, c in curves.items()},
         }
     )
     return circuit
+
+
+def _choose(curves: dict[str, Curve], target: float) -> tuple[str, Curve, int]:
+    """(ranking, its curve, size): the smallest curve size reaching `target` over all rankings (the first
+    ranking wins ties), else the size with the best faithfulness."""
+    reached = [
+        (size, i, ranking)
+        for i, (ranking, curve) in enumerate(curves.items())
+        for size, f in zip(curve.sizes, curve.faithfulness, strict=True)
+        if f >= target
+    ]
+    if reached:
+        size, _, ranking = min(reached)
+        return ranking, curves[ranking], size
+    best = max(
+        (f, -i, size, ranking)
+        for i, (ranking, curve) in enumerate(curves.items())
+        for size, f in zip(curve.sizes, curve.faithfulness, strict=True)
+    )
+    return best[3], curves[best[3]], best[2]
 
 
 def _exact_edge_scores(patcher: EdgePatcher, template: Graph) -> Graph:

@@ -80,9 +80,9 @@ def default_sizes(edges_total: int, count: int = 20) -> list[int]:
     return sorted(raw)
 
 
-def top_k_masks(graph: Graph, sizes: list[int]) -> Tensor:
-    """(len(sizes), S, R) kept masks of the top-`size` edges by |score|."""
-    return torch.stack([graph.prune(top_k=size).in_circuit for size in sizes])
+def top_k_masks(graph: Graph, sizes: list[int], by: str = "abs") -> Tensor:
+    """(len(sizes), S, R) kept masks of the top-`size` edges ranked `by` (see `Graph.prune`)."""
+    return torch.stack([graph.prune(top_k=size, by=by).in_circuit for size in sizes])  # type: ignore[arg-type]
 
 
 def _normalized(values: Tensor, full: float, empty: float) -> list[float]:
@@ -95,15 +95,15 @@ def _normalized(values: Tensor, full: float, empty: float) -> list[float]:
     return [float((v - empty) / span) for v in values]
 
 
-def faithfulness_curve(patcher: EdgePatcher, graph: Graph, sizes: list[int] | None = None) -> Curve:
-    """Normalized faithfulness of the top-k circuits of `graph` for k in `sizes` (default: 20 log-spaced); the
-    circuits run as rows of the same batched forwards, the full and empty graphs as plain runs
-    (`EdgePatcher.endpoints`), and a size holding every edge is the full graph."""
+def faithfulness_curve(patcher: EdgePatcher, graph: Graph, sizes: list[int] | None = None, by: str = "abs") -> Curve:
+    """Normalized faithfulness of the top-k circuits of `graph` (ranked `by`, see `Graph.prune`) for k in
+    `sizes` (default: 20 log-spaced); the circuits run as rows of the same batched forwards, the full and empty
+    graphs as plain runs (`EdgePatcher.endpoints`), and a size holding every edge is the full graph."""
     sizes = sizes or default_sizes(graph.edges_total)
     full, empty = patcher.endpoints()
     partial = [s for s in sizes if s < graph.edges_total]
     measured = (
-        dict(zip(partial, patcher.metric_of(top_k_masks(graph, partial)).tolist(), strict=True)) if partial else {}
+        dict(zip(partial, patcher.metric_of(top_k_masks(graph, partial, by)).tolist(), strict=True)) if partial else {}
     )
     values = [measured.get(s, full) for s in sizes]
     return Curve(
@@ -113,6 +113,7 @@ def faithfulness_curve(patcher: EdgePatcher, graph: Graph, sizes: list[int] | No
         full=full,
         empty=empty,
         edges_total=graph.edges_total,
+        meta={"ranked_by": by},
     )
 
 
