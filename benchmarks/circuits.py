@@ -105,9 +105,7 @@ def curve_summary(curve: Curve) -> dict[str, Any]:
 
 
 def path_rows(routes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {"nodes": r["nodes"], "score": r["score"], "faithfulness": r["faithfulness"], "rank": r["rank"]} for r in routes
-    ]
+    return [{k: r[k] for k in ("rank", "nodes", "score", "estimate", "faithfulness")} for r in routes]
 
 
 def overlap(a: set[Any], b: set[Any]) -> dict[str, Any]:
@@ -233,8 +231,11 @@ def ioi_rows(repeats: int, quick: bool, parts: list[str]) -> list[dict[str, Any]
             lambda method=method, task=task: discover(model, task, method=method, max_batch_tokens=EDGE_BATCH_TOKENS),
             1,
         )
-        c = circuit.meta["curve"]
-        curve = Curve(c["sizes"], c["faithfulness"], c["metric"], c["full"], c["empty"], c["edges_total"])
+        curves = {
+            ranking: Curve(c["sizes"], c["faithfulness"], c["metric"], c["full"], c["empty"], c["edges_total"])
+            for ranking, c in circuit.meta["curves"].items()
+        }
+        curve = curves[circuit.meta["ranked_by"]]
         row = {
             "workload": "discover-ioi",
             "model": "smollm2",
@@ -246,7 +247,9 @@ def ioi_rows(repeats: int, quick: bool, parts: list[str]) -> list[dict[str, Any]
             "edges_total": circuit.edges_total,
             "fraction": circuit.n_edges / circuit.edges_total,
             "faithfulness": circuit.meta["faithfulness"],
+            "ranked_by": circuit.meta["ranked_by"],
             **curve_summary(curve),
+            "by_ranking": {ranking: curve_summary(c) for ranking, c in curves.items()},
         }
         if method == "eap-ig":
             patcher = EdgePatcher(model, task, max_batch_tokens=EDGE_BATCH_TOKENS)
@@ -343,7 +346,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
             points = " ".join(
                 f"{s}:{f:.2f}" for s, f in zip(r["curve"]["sizes"], r["curve"]["faithfulness"], strict=True)
             )
-            print(f"  {r['method']} seed {r['seed']} curve (size:faithfulness): {points}")
+            print(f"  {r['method']} seed {r['seed']} curve ranked by {r['ranked_by']} (size:faithfulness): {points}")
         print()
     for r in (r for r in rows if r["workload"] == "pathways-ioi-stability"):
         n, s = r["node_overlap"], r["signature_overlap"]

@@ -358,7 +358,7 @@ def run_circuit(
         Curve(**{k: curve_dict[k] for k in keys}).plot(out / "curve.png", title=f"{method}: faithfulness curve")
     pd.DataFrame(
         [{**r, "nodes": " → ".join(r["nodes"])} for r in routes],
-        columns=["rank", "nodes", "score", "metric", "faithfulness"],
+        columns=["rank", "nodes", "score", "estimate", "metric", "faithfulness"],
     ).to_csv(out / "pathways.csv", index=False)
     record = {
         "model": loaded.name,

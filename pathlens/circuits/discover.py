@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Hashable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from pathlens.tasks.base import Task
 from pathlens.tasks.metrics import metric_name
 
 DISCOVERY_METHODS = ("eap", "eap-ig", "relp", "patching", "acdc")
+EXACT_SCORES = ("patching", "acdc")  # Graph.method prefixes of graphs whose scores are exact edge effects
 
 
 def discover(
@@ -173,18 +175,29 @@ def pathways(
     circuit: Graph,
     k: int = 10,
     signature: Callable[[tuple[str, ...]], Hashable] | None = layer_signature,
+    candidates: int = 3,
 ) -> list[dict[str, Any]]:
     """The top-k diverse input → logits paths through `circuit`, each with its own patching check: the
-    normalized faithfulness of the circuit made of that path's edges alone."""
-    paths = circuit.paths(k=k, signature=signature)
-    if not paths:
+    normalized faithfulness of the circuit made of that path's edges alone.
+
+    Paths are ranked by the product of |edge score| along them. Scores from gradient estimates (eap, eap-ig,
+    relp) can get the size, even the sign, of attention-pattern edges wrong (the induction head's key input),
+    so for those circuits the top `candidates`·k diverse paths are re-ranked on exact edge scores — the metric
+    change when that edge alone is patched in the full model, as `discover(method="patching")` scores every
+    edge — computed for the candidates' edges only (one batched row per edge). Each path reports that exact
+    `score` and the `estimate` it was found with."""
+    estimated = {path.nodes: path.score for path in circuit.paths(k=candidates * k, signature=signature)}
+    if not estimated:
         return []
+    ranked = circuit
+    if not circuit.method.startswith(EXACT_SCORES):
+        ranked = _rescored(patcher, circuit, [_edge_cells(circuit, nodes) for nodes in estimated])
+    paths = ranked.paths(k=k, signature=signature)
     masks = []
     for path in paths:
         mask = torch.zeros_like(circuit.valid)
-        for u, v in zip(path.nodes, path.nodes[1:], strict=False):
-            if u in circuit.senders and v in circuit.receivers:
-                mask[circuit.senders.index(u), circuit.receivers.index(v)] = True
+        for i, j in _edge_cells(circuit, path.nodes):
+            mask[i, j] = True
         masks.append(mask)
     valid = circuit.valid
     values = patcher.metric_of(torch.stack([valid, torch.zeros_like(valid), *masks]))
@@ -195,8 +208,32 @@ def pathways(
             "rank": i + 1,
             "nodes": list(path.nodes),
             "score": path.score,
+            "estimate": estimated.get(path.nodes),
             "metric": float(values[2 + i]),
             "faithfulness": (float(values[2 + i]) - empty) / span,
         }
         for i, path in enumerate(paths)
     ]
+
+
+def _edge_cells(graph: Graph, nodes: tuple[str, ...]) -> list[tuple[int, int]]:
+    """(sender, receiver) indices of the graph edges along a path (sender → receiver input hops)."""
+    return [
+        (graph.senders.index(u), graph.receivers.index(v))
+        for u, v in zip(nodes, nodes[1:], strict=False)
+        if u in graph.senders and v in graph.receivers
+    ]
+
+
+def _rescored(patcher: EdgePatcher, circuit: Graph, paths: list[list[tuple[int, int]]]) -> Graph:
+    """The circuit restricted to the edges of `paths`, each scored exactly: m(all edges but e) − m(all)."""
+    cells = sorted({cell for path in paths for cell in path})
+    valid = circuit.valid
+    masks = valid[None].repeat(len(cells) + 1, 1, 1)
+    for row, (i, j) in enumerate(cells, start=1):
+        masks[row, i, j] = False
+    values = patcher.metric_of(masks)
+    scores = torch.full_like(circuit.scores, float("nan"))
+    for row, (i, j) in enumerate(cells, start=1):
+        scores[i, j] = float(values[row] - values[0])
+    return replace(circuit, scores=scores, kept=~torch.isnan(scores), method="patching:edges")

@@ -239,7 +239,8 @@ def _pathways_table(rows: Sequence[Mapping[str, Any]]) -> str:
         )
     caption = (
         '<p class="caption">Top input → logits paths through the circuit; score: product of |edge score| along '
-        "the path; faithfulness: normalized faithfulness of the circuit made of that path's edges alone.</p>"
+        "the path (exact edge effects: each edge alone patched in the full model); faithfulness: normalized "
+        "faithfulness of the circuit made of that path's edges alone.</p>"
     )
     return caption + "\n" + _table(["rank", "path", "score", "faithfulness"], cells)
 
