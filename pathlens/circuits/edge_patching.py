@@ -81,9 +81,19 @@ class EdgePatcher:
         families += [Site("mlp_out", layer) for layer in range(a.n_layers)] if a.mlp is not None else []
         residuals = [Site("resid_pre", layer) for layer in range(1, a.n_layers)] + [Site("resid_post", a.n_layers - 1)]
         residuals += [Site("resid_mid", layer) for layer in range(a.n_layers)] if a.mlp and not a.parallel else []
-        cache = model.run(source_task_ids, attention_mask=task.attention_mask, cache=families + residuals).cache
-        self.source = {family: self._ablated(cache[family]) for family in families}
-        self.source_resid = self._source_residuals(cache)
+        scored = torch.unique(task.answer_pos)
+        run = model.run(
+            source_task_ids, attention_mask=task.attention_mask, cache=families + residuals, logits_at=scored
+        )
+        self.source = {family: self._ablated(run.cache[family]) for family in families}
+        self.source_resid = self._source_residuals(run.cache)
+        self._source_metric = self._mean_metric(
+            run.logits[torch.arange(task.n), torch.searchsorted(scored, task.answer_pos)]
+        )
+
+    def _mean_metric(self, answer_logits: Tensor) -> float:
+        """Batch-mean metric of logits (N, V) at each prompt's answer position."""
+        return float(self.metric(answer_logits[:, None], scored_view(self.task, torch.arange(self.task.n), 1)).mean())  # type: ignore[misc]
 
     def _ablated(self, value: Tensor) -> Tensor:
         """A sender's source value from its value in the source run: itself, its prompt mean, or zero."""
@@ -127,13 +137,17 @@ class EdgePatcher:
         return len(self.layout.receivers)
 
     def endpoints(self) -> tuple[float, float]:
-        """(m(M), m(∅)): every edge kept is the unpatched base run; with interchange ablation, no edge kept is
-        the source run — both plain forwards. Mean / zero ablation need an edge-patched run for m(∅)."""
+        """(m(M), m(∅)): every edge kept is the unpatched base run (one plain forward, logits at the answer
+        positions only); with interchange ablation, no edge kept is the source run the patcher was built from.
+        Mean / zero ablation need an edge-patched run for m(∅)."""
         task = self.task
-        full = float(task.score(self.model.run(self.base_ids, attention_mask=task.attention_mask).logits).mean())
+        session = HookSession(self.model, [], [], batch=task.n, seq_len=task.seq_len)
+        with torch.no_grad():
+            full = self._mean_metric(
+                self.model.scored_logits(self.base_ids, task.attention_mask, session, task.answer_pos)
+            )
         if self.ablation == "patch":
-            source = self.model.run(self.source_ids, attention_mask=task.attention_mask)
-            return full, float(task.score(source.logits).mean())
+            return full, self._source_metric
         none = torch.zeros(1, self.n_senders, self.n_receivers, dtype=torch.bool)
         return full, float(self.metric_of(none)[0])
 
