@@ -225,6 +225,30 @@ class _RunState:
         self.resid: dict[int, Tensor] = {}
         self.attn_out: dict[int, Tensor] = {}
         self.inputs: dict[int, Tensor] = {}
+        layout = patcher.layout
+        reads = [(layout.sender_stop[layer], layout.attn_cols[layer]) for layer in range(a.n_layers)]
+        reads += [
+            (stop, col) for stop, col in zip(layout.mlp_sender_stop, layout.mlp_col, strict=True) if col is not None
+        ]
+        reads.append((patcher.n_senders, len(layout.receivers) - 1))
+        self.plans = {(stop, str(cols)): self._plan(stop, cols) for stop, cols in reads}
+        self.needed = torch.zeros(patcher.n_senders, dtype=torch.bool)
+        for plan in self.plans.values():
+            for _, senders, _ in plan:
+                self.needed[senders] = True
+
+    def _plan(self, stop: int, cols: Any) -> list[tuple[bool, Tensor, Tensor]]:
+        """Per group, for receiver columns `cols` reading senders [0, stop): (from_source, senders, weights
+        (A, R)) as `summed_senders` chooses them."""
+        removed = self.removed[:, :stop, cols]
+        if removed.ndim == 2:
+            removed = removed[..., None]
+        plan = []
+        for group in range(len(self.groups)):
+            from_source, senders = summed_senders(removed[group])
+            weights = (1 - removed[group] if from_source else -removed[group]).index_select(0, senders)
+            plan.append((from_source, senders, weights))
+        return plan
 
     def _corrected(self, x: Tensor, stop: int, cols: Any) -> list[_GroupInput]:
         """The inputs of receiver columns `cols` (a slice, or an int for one column) that read the residual `x`
@@ -237,19 +261,15 @@ class _RunState:
         (those with any removed, resp. kept, edge into `cols`), so sparse circuits and nearly full ones both cost
         little more than the forward itself. Columns without such an edge read the form's base."""
         b, p, d = self.shape
-        removed = self.removed[:, :stop, cols]
-        if removed.ndim == 2:
-            removed = removed[..., None]
         out = []
-        for group, (first, n) in enumerate(self.groups):
-            from_source, senders = summed_senders(removed[group])
+        every_sender_filled = bool(self.needed[:stop].all())
+        for (first, n), (from_source, senders, weights) in zip(self.groups, self.plans[(stop, str(cols))], strict=True):
             base = self.p.source_resid[stop][self.prompts[first : first + n]] if from_source else x[first : first + n]
-            weights = (1 - removed[group] if from_source else -removed[group]).index_select(0, senders)
             special = torch.nonzero((weights != 0).any(dim=0))[:, 0]
             values = None
             if special.numel():
                 rows = self.d[:stop, first : first + n]
-                if senders.numel() * 3 < stop:
+                if senders.numel() * 3 < stop or not every_sender_filled:
                     rows = rows.index_select(0, senders)
                 else:
                     weights = torch.zeros(stop, weights.shape[1], dtype=weights.dtype).index_copy_(0, senders, weights)
@@ -349,10 +369,16 @@ class _RunState:
         first = self.p.layout.sender_stop[layer]
 
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            heads = torch.nonzero(self.needed[first : first + a.n_heads])[:, 0]
+            if not heads.numel():
+                return
             z = args[0].unflatten(-1, (a.n_heads, a.d_head))
             dz = (z - self.p.source[Site("head_z", layer)][self.prompts]).flatten(0, 1).transpose(0, 1)
-            out = self.d[first : first + a.n_heads].view(a.n_heads, -1, a.d_model)
-            torch.bmm(dz, self.p.w_o[layer].to(dz.dtype), out=out)
+            w_o = self.p.w_o[layer].to(dz.dtype)
+            if heads.numel() == a.n_heads:
+                torch.bmm(dz, w_o, out=self.d[first : first + a.n_heads].view(a.n_heads, -1, a.d_model))
+            else:
+                self.d[first + heads] = torch.bmm(dz[heads], w_o[heads]).view(len(heads), *self.d.shape[1:])
 
         return hook
 
@@ -386,7 +412,8 @@ class _RunState:
         sender = self.p.layout.senders.index(f"L{layer}.mlp")
 
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
-            self.d[sender] = (_first(output) - self.p.source[Site("mlp_out", layer)][self.prompts]).flatten(1)
+            if self.needed[sender]:
+                self.d[sender] = (_first(output) - self.p.source[Site("mlp_out", layer)][self.prompts]).flatten(1)
 
         return hook
 
