@@ -15,7 +15,7 @@ import torch
 
 import pathlens
 from pathlens.circuits import edge_patching
-from pathlens.circuits.discover import _choose, discover, layer_signature, pathways
+from pathlens.circuits.discover import _between, _choose, discover, layer_signature, pathways
 from pathlens.circuits.edge_patching import EdgePatcher
 from pathlens.circuits.faithfulness import Curve, completeness, default_sizes, faithfulness, faithfulness_curve
 from tests.conftest import tiny_model
@@ -150,6 +150,23 @@ def test_support_ranking_and_dangling_edges() -> None:
         assert all(r == "logits" or set(t.receiver_nodes(r)) & set(kept_frame.sender) for r in kept_frame.receiver)
 
 
+def test_the_chosen_size_is_narrowed_between_two_curve_sizes() -> None:
+    model = tiny_model("llama", weight_scale=2.0)
+    task = padded_task()
+    patcher = EdgePatcher(model, task)
+    graph = pathlens.edge_attribution(model, task)
+    curve = faithfulness_curve(patcher, graph)
+    index = next(i for i, s in enumerate(curve.sizes) if s - curve.sizes[i - 1] >= 8 and i > 0)
+    size, below = curve.sizes[index], curve.sizes[index - 1]
+    target = curve.faithfulness[index] - 1e-9
+    chosen = _between(patcher, graph, curve, "abs", size, target)
+    assert below < chosen <= size
+    assert faithfulness(patcher, graph.prune(top_k=chosen)) >= target
+    step = (size - below) / 8
+    smaller = sorted({round(below + step * i) for i in range(1, 8)} - {size})
+    assert all(faithfulness(patcher, graph.prune(top_k=s)) < target for s in smaller if s < chosen)
+
+
 def test_auto_ranking_picks_the_smaller_circuit_reaching_the_target() -> None:
     def curve(faith: list[float]) -> Curve:
         return Curve([1, 10, 100], faith, faith, 1.0, 0.0, 100)
@@ -159,7 +176,7 @@ def test_auto_ranking_picks_the_smaller_circuit_reaching_the_target() -> None:
     assert _choose({"abs": curve([0.1, 0.5, 0.6]), "support": curve([0.1, 0.7, 0.2])}, 0.8)[::2] == ("support", 10)
 
 
-@pytest.mark.parametrize("method", ["eap-ig", "relp", "patching", "acdc"])
+@pytest.mark.parametrize("method", ["eap", "eap-ig", "relp", "patching", "acdc"])
 def test_discovery_recovers_the_induction_circuit(method: str) -> None:
     model = pathlens.load("induction-2l")
     from pathlens.cli import task_for

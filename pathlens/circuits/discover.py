@@ -10,11 +10,14 @@ Methods:
                                moves the metric by less than `threshold` (in units of m(M) − m(∅)) are removed.
 For the scoring methods the circuit is the top-`top_k` edges ranked `by` (see `Graph.prune`: "abs" by
 |score|, "support" by how much the edge supports the clean behaviour), or, without `top_k`, the smallest
-circuit on the faithfulness curve reaching `target`. The default "auto" measures the curve of both rankings
-and keeps the smaller circuit reaching `target`: ranking by support leaves out edges that work against the
+circuit on the faithfulness curve reaching `target` (then narrowed: the smallest of 7 sizes evenly spaced below
+it, down to the curve's previous size, that still reaches `target`). The default "auto" measures the curve of
+both rankings and keeps the smaller circuit reaching `target`: ranking by support leaves out edges that work against the
 behaviour and gives much smaller circuits when the estimates' signs are right (SmolLM2 IOI), while |score|
 is robust when they are not (first-order and IG scores of an attention key route can have the wrong sign).
-Edges that cannot carry a signal are then dropped (`Graph.without_dangling`, same metric). The returned
+Edges that cannot carry a signal are then dropped (`Graph.without_dangling`, same metric), and a circuit of at
+most `refine` edges gets one ACDC pass restricted to its own edges (exact edge patching, `threshold`), which
+drops edges whose removal moves the metric by less than `threshold` (cost: one batched row per edge). The returned
 Graph's meta records the faithfulness of the circuit, the curve(s), the ranking, the ablation, the direction
 and the metric.
 """
@@ -31,7 +34,7 @@ import torch
 from pathlens.attribution.atp import Metric
 from pathlens.attribution.edges import edge_attribution
 from pathlens.circuits.edge_patching import DEFAULT_EDGE_BATCH_TOKENS, EdgePatcher
-from pathlens.circuits.faithfulness import Curve, faithfulness, faithfulness_curve
+from pathlens.circuits.faithfulness import Curve, faithfulness, faithfulness_curve, top_k_masks
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
 from pathlens.model import Model
@@ -56,6 +59,7 @@ def discover(
     threshold: float = 0.05,
     max_batch_tokens: int = DEFAULT_EDGE_BATCH_TOKENS,
     by: str = "auto",
+    refine: int = 64,
 ) -> Graph:
     """Find a circuit for `task` on `model` with `method` (see module docstring); returns a pruned Graph."""
     if method not in DISCOVERY_METHODS:
@@ -76,7 +80,12 @@ def discover(
         rankings = ("abs", "support") if by == "auto" else (by,)
         curves = {r: faithfulness_curve(patcher, graph, sizes, r) for r in rankings}
         by, curve, chosen = _choose(curves, target)
+        if top_k is None:
+            chosen = _between(patcher, graph, curve, by, chosen, target)
         circuit = graph.prune(top_k=top_k or chosen, by=by).without_dangling()  # type: ignore[arg-type]
+        if circuit.n_edges <= refine:
+            refined = _acdc(patcher, circuit, threshold, start=circuit.in_circuit).kept
+            circuit = replace(circuit, kept=refined).without_dangling()
     score = faithfulness(patcher, circuit)
     circuit.meta.update(
         {
@@ -91,6 +100,22 @@ def discover(
         }
     )
     return circuit
+
+
+def _between(
+    patcher: EdgePatcher, graph: Graph, curve: Curve, by: str, size: int, target: float, points: int = 8
+) -> int:
+    """The smallest circuit reaching `target` between the curve size below `size` and `size` itself: `points`
+    evenly spaced sizes in that gap measured in one batch (the curve's sizes are log-spaced, so the gap can be
+    large); `size` when none of them reaches the target or the curve has no smaller size."""
+    below = [s for s in curve.sizes if s < size]
+    if not below or size - below[-1] < 2:
+        return size
+    candidates = sorted({round(below[-1] + (size - below[-1]) * i / points) for i in range(1, points)} - {size})
+    values = patcher.metric_of(top_k_masks(graph, candidates, by))
+    span = curve.full - curve.empty
+    reaching = [s for s, v in zip(candidates, values.tolist(), strict=True) if (v - curve.empty) / span >= target]
+    return reaching[0] if reaching else size
 
 
 def _choose(curves: dict[str, Curve], target: float) -> tuple[str, Curve, int]:
@@ -125,15 +150,16 @@ def _exact_edge_scores(patcher: EdgePatcher, template: Graph) -> Graph:
     return Graph(template.senders, template.receivers, scores, template.metric, "patching:edges", dict(template.meta))
 
 
-def _acdc(patcher: EdgePatcher, template: Graph, threshold: float) -> Graph:
-    """Batched ACDC (see module docstring); scores hold each edge's exact effect when it was tested."""
+def _acdc(patcher: EdgePatcher, template: Graph, threshold: float, start: torch.Tensor | None = None) -> Graph:
+    """Batched ACDC (see module docstring) from every edge, or from the edges `start` (S, R) marks; scores hold
+    each edge's exact effect when it was tested."""
     valid = template.valid
-    ends = patcher.metric_of(torch.stack([valid, torch.zeros_like(valid)]))
+    current = valid.clone() if start is None else start & valid
+    ends = patcher.metric_of(torch.stack([valid, torch.zeros_like(valid), current]))
     span = float(ends[0] - ends[1])
     if abs(span) < 1e-9:
         raise PathlensError("the metric does not change between the full and the empty graph; ACDC has no signal.")
-    current = valid.clone()
-    current_metric = float(ends[0])
+    current_metric = float(ends[2])
     scores = torch.full_like(template.scores, float("nan"))
     for col in reversed(range(len(template.receivers))):
         incoming = torch.nonzero(current[:, col])[:, 0]
