@@ -87,6 +87,7 @@ class EdgePatcher:
         )
         self.source = {family: self._ablated(run.cache[family]) for family in families}
         self.source_resid = self._source_residuals(run.cache)
+        self.source_normed = self._normed_source_residuals(blocks)
         self._source_metric = self._mean_metric(
             run.logits[torch.arange(task.n), torch.searchsorted(scored, task.answer_pos)]
         )
@@ -102,6 +103,21 @@ class EdgePatcher:
         if self.ablation == "zero":
             return torch.zeros_like(value)
         return value
+
+    def _normed_source_residuals(self, blocks: Any) -> dict[tuple[str, int], Tensor]:
+        """The attention and MLP inputs (N, P, d) of each layer when no edge into them is kept: the source
+        residual through that layer's own norm, keyed ("attn" | "mlp", layer)."""
+        a, layout = self.model.arch, self.layout
+        out = {}
+        with torch.no_grad():
+            for layer in range(a.n_layers):
+                block = blocks[layer]
+                norm = get_module(block, a.attn_norm or "")
+                out[("attn", layer)] = norm(self.source_resid[layout.sender_stop[layer]])
+                if a.mlp is not None:
+                    norm = get_module(block, a.mlp_norm or "")
+                    out[("mlp", layer)] = norm(self.source_resid[layout.mlp_sender_stop[layer]])
+        return out
 
     def _source_residuals(self, cache: dict[Site, Tensor]) -> dict[int, Tensor]:
         """The residual stream (N, P, d) that receivers read when no edge is kept, keyed by how many senders it
@@ -198,6 +214,18 @@ class _GroupInput:
     values: Tensor | None
 
 
+@dataclass
+class _Plan:
+    """How one circuit's receivers (some columns) get their inputs: from the source residual plus kept edges
+    (`from_source`) or the running residual minus removed ones, summing `senders` (A,); `special` (C,) are the
+    columns with such an edge and `weights` (C, A) their signed edge weights."""
+
+    from_source: bool
+    senders: Tensor
+    weights: Tensor
+    special: Tensor
+
+
 def summed_senders(removed: Tensor) -> tuple[bool, Tensor]:
     """For one circuit's `removed` (S, R) ∈ {0, 1}: (from_source, senders) — start from the source residual and
     add the kept edges (True) or from the running residual and subtract the removed ones (False), whichever
@@ -234,12 +262,11 @@ class _RunState:
         self.plans = {(stop, str(cols)): self._plan(stop, cols) for stop, cols in reads}
         self.needed = torch.zeros(patcher.n_senders, dtype=torch.bool)
         for plan in self.plans.values():
-            for _, senders, _ in plan:
-                self.needed[senders] = True
+            for group in plan:
+                self.needed[group.senders] = True
 
-    def _plan(self, stop: int, cols: Any) -> list[tuple[bool, Tensor, Tensor]]:
-        """Per group, for receiver columns `cols` reading senders [0, stop): (from_source, senders, weights
-        (A, R)) as `summed_senders` chooses them."""
+    def _plan(self, stop: int, cols: Any) -> list[_Plan]:
+        """Per group, how receiver columns `cols` reading senders [0, stop) get their inputs (see `_Plan`)."""
         removed = self.removed[:, :stop, cols]
         if removed.ndim == 2:
             removed = removed[..., None]
@@ -247,7 +274,8 @@ class _RunState:
         for group in range(len(self.groups)):
             from_source, senders = summed_senders(removed[group])
             weights = (1 - removed[group] if from_source else -removed[group]).index_select(0, senders)
-            plan.append((from_source, senders, weights))
+            special = torch.nonzero((weights != 0).any(dim=0))[:, 0]
+            plan.append(_Plan(from_source, senders, weights[:, special].t().contiguous(), special))
         return plan
 
     def _corrected(self, x: Tensor, stop: int, cols: Any) -> list[_GroupInput]:
@@ -263,29 +291,24 @@ class _RunState:
         b, p, d = self.shape
         out = []
         every_sender_filled = bool(self.needed[:stop].all())
-        for (first, n), (from_source, senders, weights) in zip(self.groups, self.plans[(stop, str(cols))], strict=True):
-            base = self.p.source_resid[stop][self.prompts[first : first + n]] if from_source else x[first : first + n]
-            special = torch.nonzero((weights != 0).any(dim=0))[:, 0]
+        for (first, n), plan in zip(self.groups, self.plans[(stop, str(cols))], strict=True):
+            source = self.p.source_resid[stop]
+            base = source[self.prompts[first : first + n]] if plan.from_source else x[first : first + n]
             values = None
-            if special.numel():
-                rows = self.d[:stop, first : first + n]
-                if senders.numel() * 3 < stop or not every_sender_filled:
-                    rows = rows.index_select(0, senders)
+            if plan.special.numel():
+                rows, weights = self.d[:stop, first : first + n], plan.weights
+                if plan.senders.numel() * 3 < stop or not every_sender_filled:
+                    rows = rows.index_select(0, plan.senders)
                 else:
-                    weights = torch.zeros(stop, weights.shape[1], dtype=weights.dtype).index_copy_(0, senders, weights)
-                delta = weights[:, special].t() @ rows.reshape(len(weights), -1)
-                values = base[:, None] + delta.view(-1, n, p, d).transpose(0, 1)
-            out.append(_GroupInput(slice(first, first + n), from_source, base, special, values))
+                    weights = weights.new_zeros(len(weights), stop).index_copy_(1, plan.senders, weights)
+                delta = (weights @ rows.reshape(weights.shape[1], -1)).view(-1, n, p, d)
+                values = delta.transpose(0, 1).add_(base[:, None])
+            out.append(_GroupInput(slice(first, first + n), plan.from_source, base, plan.special, values))
         return out
 
-    def _single(self, x: Tensor, stop: int, col: int) -> list[tuple[slice, Tensor]]:
-        """The changed inputs of the one receiver column `col` reading `x`: (rows, input (n, P, d)) for each group
-        of rows whose input is not `x` itself."""
-        return [
-            (g.rows, g.base if g.values is None else g.values[:, 0])
-            for g in self._corrected(x, stop, col)
-            if g.values is not None or g.from_source
-        ]
+    def _single(self, x: Tensor, stop: int, col: int) -> list[_GroupInput]:
+        """The groups of rows whose input of the one receiver column `col` reading `x` is not `x` itself."""
+        return [g for g in self._corrected(x, stop, col) if g.values is not None or g.from_source]
 
     def hooks(self) -> list[tuple[str, str, Callable[..., Any]]]:
         a = self.p.model.arch
@@ -333,8 +356,9 @@ class _RunState:
             if not sourced:
                 return None
             hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+            normed = self.p.source_normed[("attn", layer)]
             for g in sourced:
-                hidden[g.rows] = norm(g.base)
+                hidden[g.rows] = normed[self.prompts[g.rows]]
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
@@ -400,8 +424,9 @@ class _RunState:
             if not changed:
                 return None
             new = (args[0] if args else kwargs["hidden_states"]).clone()
-            for rows, value in changed:
-                new[rows] = norm(value)
+            normed = self.p.source_normed[("mlp", layer)]
+            for g in changed:
+                new[g.rows] = normed[self.prompts[g.rows]] if g.values is None else norm(g.values[:, 0])
             if args:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": new}
@@ -424,8 +449,8 @@ class _RunState:
             if not changed:
                 return None
             new = x.clone()
-            for rows, value in changed:
-                new[rows] = value
+            for g in changed:
+                new[g.rows] = g.base if g.values is None else g.values[:, 0]
             return _with_first(output, new)
 
         return hook
