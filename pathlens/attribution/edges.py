@@ -171,14 +171,13 @@ class QKV:
         per_head = torch.arange(h * 3 * dh).view(h, 3, dh)
         return [per_head[:, 0], per_head[:, 1], per_head[:, 2]]
 
-    def project(self, part: int, y: Tensor, receivers: Tensor | None = None) -> Tensor:
-        """Projection `part` (0 = q, 1 = k, 2 = v) of per-receiver inputs (B, P, R, d) → (B, P, R, d_head), for
-        every receiver of the part or for the R given indices `receivers`."""
-        w, bias = self.w[part], self.bias[part]
-        if receivers is not None:
-            w, bias = w[receivers], None if bias is None else bias[receivers]
-        out = torch.einsum("bprd,red->bpre", y, w.to(y.dtype))
-        return out if bias is None else out + bias.to(y.dtype)
+    def project(self, part: int, y: Tensor, receivers: Tensor) -> Tensor:
+        """Projection `part` (0 = q, 1 = k, 2 = v) of per-receiver inputs (R, B, P, d) → (R, B, P, d_head), for the
+        R receivers `receivers` (indices among the part's heads or key-value groups)."""
+        w = self.w[part][receivers].to(y.dtype)
+        out = torch.bmm(y.flatten(1, 2), w.transpose(1, 2)).view(*y.shape[:3], -1)
+        bias = self.bias[part]
+        return out if bias is None else out + bias[receivers][:, None, None].to(y.dtype)
 
     @property
     def sites(self) -> list[Site]:

@@ -205,7 +205,7 @@ class EdgePatcher:
 class _GroupInput:
     """Corrected inputs of one layer's receivers for one group of rows (one circuit): `base` (n, P, d) is the
     running residual, or the source residual when `from_source`; receivers `special` (C,) (offsets among the
-    columns asked for) have their own inputs `values` (n, C, P, d); the others read `base`."""
+    columns asked for) have their own inputs `values` (C, n, P, d); the others read `base`."""
 
     rows: slice
     from_source: bool
@@ -302,7 +302,7 @@ class _RunState:
                 else:
                     weights = weights.new_zeros(len(weights), stop).index_copy_(1, plan.senders, weights)
                 delta = (weights @ rows.reshape(weights.shape[1], -1)).view(-1, n, p, d)
-                values = delta.transpose(0, 1).add_(base[:, None])
+                values = delta.add_(base[None])
             out.append(_GroupInput(slice(first, first + n), plan.from_source, base, plan.special, values))
         return out
 
@@ -378,13 +378,14 @@ class _RunState:
                 if g.values is None:
                     continue
                 rows = output[g.rows]
+                edges = torch.searchsorted(g.special, torch.tensor(bounds)).tolist()
                 for part in parts:
-                    inside = (g.special >= bounds[part]) & (g.special < bounds[part + 1])
-                    if not bool(inside.any()):
+                    first, stop = edges[part], edges[part + 1]
+                    if first == stop:
                         continue
-                    receivers = g.special[inside] - bounds[part]
-                    values = qkv.project(part, g.values[:, inside].transpose(1, 2), receivers)
-                    rows[..., qkv.cols[part][receivers].flatten()] = values.flatten(-2).to(output.dtype)
+                    receivers = g.special[first:stop] - bounds[part]
+                    values = qkv.project(part, g.values[first:stop], receivers)
+                    rows[..., qkv.cols[part][receivers].flatten()] = values.permute(1, 2, 0, 3).flatten(-2)
 
         return hook
 
@@ -426,7 +427,7 @@ class _RunState:
             new = (args[0] if args else kwargs["hidden_states"]).clone()
             normed = self.p.source_normed[("mlp", layer)]
             for g in changed:
-                new[g.rows] = normed[self.prompts[g.rows]] if g.values is None else norm(g.values[:, 0])
+                new[g.rows] = normed[self.prompts[g.rows]] if g.values is None else norm(g.values[0])
             if args:
                 return (new, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": new}
@@ -450,7 +451,7 @@ class _RunState:
                 return None
             new = x.clone()
             for g in changed:
-                new[g.rows] = g.base if g.values is None else g.values[:, 0]
+                new[g.rows] = g.base if g.values is None else g.values[0]
             return _with_first(output, new)
 
         return hook
