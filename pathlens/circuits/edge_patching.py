@@ -252,7 +252,7 @@ class _RunState:
         self.d = torch.empty(patcher.n_senders, b, seq_len * a.d_model, dtype=removed.dtype)
         self.resid: dict[int, Tensor] = {}
         self.attn_out: dict[int, Tensor] = {}
-        self.inputs: dict[int, Tensor] = {}
+        self.inputs: dict[int, list[_GroupInput]] = {}
         layout = patcher.layout
         reads = [(layout.sender_stop[layer], layout.attn_cols[layer]) for layer in range(a.n_layers)]
         reads += [
