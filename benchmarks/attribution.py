@@ -389,27 +389,23 @@ def run_gpt2_nodes(args: argparse.Namespace, problems: list[str], emit: Callable
         if d > args.tol:
             problems.append(f"{GPT2}: pathlens atp(sites={f!r}) differs from the plain-torch floor's AtP by {d:.3g}")
 
-    emit(
-        {
-            "method": "floor",
-            "family": "heads",
-            "model": GPT2,
-            "seconds": _round(floors["heads"]),
-            "floor_seconds": _round(floors["heads"]),
-            "note": "clean forward (no_grad) + corrupt forward + one backward; caches z (attn.c_proj input) and "
-            "its gradient, computes the heads' AtP",
-        }
-    )
-    emit(
-        {
-            "method": "floor",
-            "family": "all",
-            "model": GPT2,
-            "seconds": _round(floors["all"]),
-            "floor_seconds": _round(floors["heads"]),
-            "note": "as floor/heads, caching z, attn_out, mlp_out and resid_pre of every layer",
-        }
-    )
+    floor_notes = {
+        "heads": "clean forward (no_grad) + corrupt forward + one backward; caches z (attn.c_proj input) and its "
+        "gradient, computes the heads' AtP",
+        "all": "as floor/heads, caching z, attn_out, mlp_out and resid_pre of every layer",
+    }
+    for family, note in floor_notes.items():
+        seconds, heads_floor = _round(floors[family]), _round(floors["heads"])
+        emit(
+            {
+                "method": "floor",
+                "family": family,
+                "model": GPT2,
+                "seconds": seconds,
+                "floor_seconds": heads_floor,
+                "note": note,
+            }
+        )
     emit(node_row("atp", "heads", sec["atp:heads"], floors, max_abs_diff_vs_floor=diff_heads))
     emit(
         node_row(

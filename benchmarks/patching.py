@@ -602,11 +602,16 @@ def disagreements(rows: list[dict[str, Any]], tol: float) -> list[str]:
 
 def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
     """Checks shared by the attribution and circuits benchmarks: `--parts` (comma list, split in place) names
-    known parts, `--quick` means one repeat, `--repeats` ≥ 1, `--threads` ≥ 0."""
+    known parts, then `check_repeats_and_threads`."""
     args.parts = [p for p in args.parts.split(",") if p]
     unknown = [p for p in args.parts if p not in parts]
     if unknown:
         parser.error(f"unknown part: {', '.join(unknown)}")
+    check_repeats_and_threads(parser, args)
+
+
+def check_repeats_and_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--quick` means one repeat, `--repeats` ≥ 1, `--threads` ≥ 0 (every benchmark script)."""
     if args.quick:
         args.repeats = 1
     if args.repeats < 1:
@@ -646,13 +651,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown library or workload: {', '.join(unknown)}")
     if any(w in SMOLLM2_WORKLOADS for w in args.workloads) and "pathlens" not in args.libs:
         parser.error("the smollm2 workloads time pathlens alone; keep pathlens in --libs or drop them")
-    if args.quick:
-        args.repeats = 1
-    if args.threads < 0:
-        parser.error("--threads must be 0 (torch's default) or more")
+    check_repeats_and_threads(parser, args)
     args.threads = args.threads or None
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
     return args
 
 
