@@ -70,8 +70,8 @@ def test_single_edge_patch_equals_explicit_recomputation(family: str) -> None:
 
 
 def _forced(from_source: bool):  # type: ignore[no-untyped-def]
-    def choose(removed: torch.Tensor) -> tuple[bool, torch.Tensor]:
-        return from_source, torch.arange(removed.shape[0])
+    def choose(removed: torch.Tensor) -> torch.Tensor:
+        return torch.full((removed.shape[0],), from_source)
 
     return choose
 
@@ -95,7 +95,7 @@ def test_both_correction_forms_agree_on_random_circuits(
     chosen = patcher.metric_of(masks)
     results = []
     for from_source in (False, True):
-        monkeypatch.setattr(edge_patching, "summed_senders", _forced(from_source))
+        monkeypatch.setattr(edge_patching, "cheaper_form", _forced(from_source))
         results.append(patcher.metric_of(masks))
     scale = float(chosen.abs().max())
     for forced in results:
@@ -117,6 +117,15 @@ def test_faithfulness_curve_and_completeness_on_a_tiny_model() -> None:
     assert completeness(patcher, graph.prune(top_k=graph.edges_total)) == pytest.approx(0.0, abs=1e-5)
     mean = EdgePatcher(model, task, ablation="mean")
     assert mean.metric_of(graph.valid[None]).item() == pytest.approx(curve.full, abs=1e-6)
+    with torch.no_grad():
+        clean, corrupt = (
+            model.hf(ids, attention_mask=task.attention_mask).logits for ids in (task.clean_ids, task.corrupt_ids)
+        )
+    assert curve.full == pytest.approx(float(task.metric(clean, task).mean()), abs=1e-5)
+    assert curve.empty == pytest.approx(float(task.metric(corrupt, task).mean()), abs=1e-5)
+    assert faithfulness_curve(patcher, graph, [graph.edges_total]).faithfulness == [1.0]
+    mean_curve = faithfulness_curve(mean, graph, curve.sizes[:2])
+    assert mean_curve.empty == pytest.approx(mean.metric_of(torch.zeros_like(graph.valid)[None]).item(), abs=1e-6)
 
 
 def test_support_ranking_and_dangling_edges() -> None:

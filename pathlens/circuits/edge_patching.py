@@ -86,6 +86,7 @@ class EdgePatcher:
             source_task_ids, attention_mask=task.attention_mask, cache=families + residuals, logits_at=scored
         )
         self.source = {family: self._ablated(run.cache[family]) for family in families}
+        self._buffer = torch.empty(0)
         self.source_resid = self._source_residuals(run.cache)
         self.source_normed = self._normed_source_residuals(blocks)
         self._source_metric = self._mean_metric(
@@ -152,20 +153,10 @@ class EdgePatcher:
     def n_receivers(self) -> int:
         return len(self.layout.receivers)
 
-    def endpoints(self) -> tuple[float, float]:
-        """(m(M), m(∅)): every edge kept is the unpatched base run (one plain forward, logits at the answer
-        positions only); with interchange ablation, no edge kept is the source run the patcher was built from.
-        Mean / zero ablation need an edge-patched run for m(∅)."""
-        task = self.task
-        session = HookSession(self.model, [], [], batch=task.n, seq_len=task.seq_len)
-        with torch.no_grad():
-            full = self._mean_metric(
-                self.model.scored_logits(self.base_ids, task.attention_mask, session, task.answer_pos)
-            )
-        if self.ablation == "patch":
-            return full, self._source_metric
-        none = torch.zeros(1, self.n_senders, self.n_receivers, dtype=torch.bool)
-        return full, float(self.metric_of(none)[0])
+    @property
+    def source_metric(self) -> float:
+        """m(∅) under interchange ablation: every edge patched is the source run the patcher was built from."""
+        return self._source_metric
 
     def metric_of(self, kept: Tensor) -> Tensor:
         """Batch-mean metric (K,) of each circuit in `kept` (K, S, R) bool (True = edge kept, not patched)."""
@@ -182,15 +173,27 @@ class EdgePatcher:
         total = k * n
         values = torch.empty(total, dtype=torch.float64)
         rows_per_chunk = max(1, self.max_batch_tokens // seq_len)
+        rows_held = min(total, rows_per_chunk) + n
+        workspace = self._workspace(self.n_senders * rows_held * seq_len * self.model.arch.d_model)
         for first in range(0, total, rows_per_chunk):
             rows = torch.arange(first, min(total, first + rows_per_chunk))
-            values[rows] = self._run(kept, rows // n, rows % n).double()
+            values[rows] = self._run(kept, rows // n, rows % n, workspace).double()
         return values.view(k, n)
 
-    def _run(self, kept: Tensor, circuits: Tensor, prompts: Tensor) -> Tensor:
+    def _workspace(self, size: int) -> Tensor:
+        """A buffer of at least `size` elements for the sender differences of one chunk, kept between calls
+        (at most senders × (max_batch_tokens + prompts × P) × d_model elements): a fresh one per call costs a page
+        fault per 4 KiB, a tenth of the time of a curve on CPU."""
+        if self._buffer.numel() < size:
+            self._buffer = torch.empty(size, dtype=self.source[Site("resid_pre", 0)].dtype)
+        return self._buffer
+
+    def _run(self, kept: Tensor, circuits: Tensor, prompts: Tensor, workspace: Tensor) -> Tensor:
+        """Metric (B,) of rows (circuit, prompt) `circuits`, `prompts` (B,) in one forward; `workspace` holds at
+        least senders × (B + prompts) × P × d_model elements (sender differences, then the gather buffer)."""
         groups, counts = torch.unique_consecutive(circuits, return_counts=True)
-        removed = (~kept[groups]).to(self.source[Site("resid_pre", 0)].dtype)
-        state = _RunState(self, removed, counts.tolist(), prompts)
+        removed = (~kept[groups]).to(workspace.dtype)
+        state = _RunState(self, removed, counts.tolist(), prompts, workspace)
         session = HookSession(
             self.model, [], [], batch=int(prompts.numel()), seq_len=self.task.seq_len, extra_hooks=state.hooks()
         )
@@ -217,8 +220,9 @@ class _GroupInput:
 @dataclass
 class _Plan:
     """How one circuit's receivers (some columns) get their inputs: from the source residual plus kept edges
-    (`from_source`) or the running residual minus removed ones, summing `senders` (A,); `special` (C,) are the
-    columns with such an edge and `weights` (C, A) their signed edge weights."""
+    (`from_source`) or the running residual minus removed ones; `special` (C,) are the columns with such an
+    edge, `weights` (C, stop) their signed edge weights from every sender before the read point and `senders`
+    (A,) the senders with a nonzero weight."""
 
     from_source: bool
     senders: Tensor
@@ -226,14 +230,27 @@ class _Plan:
     special: Tensor
 
 
-def summed_senders(removed: Tensor) -> tuple[bool, Tensor]:
-    """For one circuit's `removed` (S, R) ∈ {0, 1}: (from_source, senders) — start from the source residual and
-    add the kept edges (True) or from the running residual and subtract the removed ones (False), whichever
-    touches fewer senders; `senders` (A,) are the sender indices with any such edge into the R columns."""
-    any_removed = (removed > 0).any(dim=1)
-    any_kept = (removed < 1).any(dim=1)
-    from_source = int(any_kept.sum()) < int(any_removed.sum())
-    return from_source, torch.nonzero(any_kept if from_source else any_removed)[:, 0]
+# Relative costs on CPU, per sender row of one group, measured with float32 SmolLM2 shapes: copying the row out
+# (`_RunState._gather`) costs about two matrix-vector passes over it, and each further receiver column of the
+# product adds about a quarter of one.
+GATHER_COST = 2.0
+COLUMN_COST = 0.25
+
+
+def _gathering_pays(columns: int, senders: int, stop: int) -> bool:
+    """Whether gathering `senders` rows and multiplying them beats multiplying every one of the `stop` rows
+    (zero weight for the others) for a product with `columns` receiver columns."""
+    product = 1.0 + COLUMN_COST * (columns - 1)
+    return senders * (GATHER_COST + product) < stop * product
+
+
+def cheaper_form(removed: Tensor) -> Tensor:
+    """For circuits' `removed` (G, S, C) ∈ {0, 1} (senders before one read point × the columns read there):
+    (G,) bool — start from the source residual and add the kept edges (True) or from the running residual and
+    subtract the removed ones (False), whichever touches fewer senders."""
+    kept_senders = (removed < 1).any(dim=2).sum(dim=1)
+    removed_senders = (removed > 0).any(dim=2).sum(dim=1)
+    return kept_senders < removed_senders
 
 
 class _RunState:
@@ -242,14 +259,16 @@ class _RunState:
     groups of consecutive rows that share a circuit (`counts`; `removed` (G, S, R) per group), so each group's
     correction is one matrix product over its own senders."""
 
-    def __init__(self, patcher: EdgePatcher, removed: Tensor, counts: list[int], prompts: Tensor):
+    def __init__(self, patcher: EdgePatcher, removed: Tensor, counts: list[int], prompts: Tensor, workspace: Tensor):
         self.p, self.removed, self.prompts = patcher, removed, prompts
         starts = [sum(counts[:i]) for i in range(len(counts))]
         self.groups = list(zip(starts, counts, strict=True))
         a = patcher.model.arch
         b, seq_len = int(prompts.numel()), patcher.task.seq_len
         self.shape = (b, seq_len, a.d_model)
-        self.d = torch.empty(patcher.n_senders, b, seq_len * a.d_model, dtype=removed.dtype)
+        size = patcher.n_senders * b * seq_len * a.d_model
+        self.d = workspace[:size].view(patcher.n_senders, b, -1)
+        self.gathered = workspace[size:]
         self.resid: dict[int, Tensor] = {}
         self.attn_out: dict[int, Tensor] = {}
         self.inputs: dict[int, list[_GroupInput]] = {}
@@ -261,22 +280,24 @@ class _RunState:
         reads.append((patcher.n_senders, len(layout.receivers) - 1))
         self.plans = {(stop, str(cols)): self._plan(stop, cols) for stop, cols in reads}
         self.needed = torch.zeros(patcher.n_senders, dtype=torch.bool)
-        for plan in self.plans.values():
-            for group in plan:
-                self.needed[group.senders] = True
+        self.needed[torch.cat([group.senders for plan in self.plans.values() for group in plan])] = True
+        self.zeroed = 0  # senders [0, zeroed) that no circuit needs are zeroed (see `_every_sender`)
 
     def _plan(self, stop: int, cols: Any) -> list[_Plan]:
         """Per group, how receiver columns `cols` reading senders [0, stop) get their inputs (see `_Plan`)."""
         removed = self.removed[:, :stop, cols]
         if removed.ndim == 2:
             removed = removed[..., None]
-        plan = []
-        for group in range(len(self.groups)):
-            from_source, senders = summed_senders(removed[group])
-            weights = (1 - removed[group] if from_source else -removed[group]).index_select(0, senders)
-            special = torch.nonzero((weights != 0).any(dim=0))[:, 0]
-            plan.append(_Plan(from_source, senders, weights[:, special].t().contiguous(), special))
-        return plan
+        from_source = cheaper_form(removed)
+        weights = torch.where(from_source[:, None, None], 1 - removed, -removed).transpose(1, 2)
+        nonzero = weights != 0
+        has_sender, has_column = nonzero.any(dim=1), nonzero.any(dim=2)
+        senders = torch.nonzero(has_sender)[:, 1].split(has_sender.sum(dim=1).tolist())
+        special = torch.nonzero(has_column)[:, 1].split(has_column.sum(dim=1).tolist())
+        return [
+            _Plan(bool(form), senders[g], weights[g, special[g]], special[g])
+            for g, form in enumerate(from_source.tolist())
+        ]
 
     def _corrected(self, x: Tensor, stop: int, cols: Any) -> list[_GroupInput]:
         """The inputs of receiver columns `cols` (a slice, or an int for one column) that read the residual `x`
@@ -290,21 +311,37 @@ class _RunState:
         little more than the forward itself. Columns without such an edge read the form's base."""
         b, p, d = self.shape
         out = []
-        every_sender_filled = bool(self.needed[:stop].all())
         for (first, n), plan in zip(self.groups, self.plans[(stop, str(cols))], strict=True):
             source = self.p.source_resid[stop]
             base = source[self.prompts[first : first + n]] if plan.from_source else x[first : first + n]
             values = None
             if plan.special.numel():
-                rows, weights = self.d[:stop, first : first + n], plan.weights
-                if plan.senders.numel() * 3 < stop or not every_sender_filled:
-                    rows = rows.index_select(0, plan.senders)
+                if _gathering_pays(len(plan.special), plan.senders.numel(), stop):
+                    weights = plan.weights.index_select(1, plan.senders)
+                    rows = self._gather(plan.senders, first, n)
                 else:
-                    weights = weights.new_zeros(len(weights), stop).index_copy_(1, plan.senders, weights)
-                delta = (weights @ rows.reshape(weights.shape[1], -1)).view(-1, n, p, d)
+                    weights, rows = plan.weights, self._every_sender(stop, first, n)
+                delta = (weights @ rows).view(-1, n, p, d)
                 values = delta.add_(base[None])
             out.append(_GroupInput(slice(first, first + n), plan.from_source, base, plan.special, values))
         return out
+
+    def _every_sender(self, stop: int, first: int, n: int) -> Tensor:
+        """D of senders [0, stop) for rows [first, first + n) as (stop, n·P·d), a view. Senders that no circuit
+        needs are never computed; they are zeroed here, once, so that their zero weights give zero."""
+        if self.zeroed < stop:
+            unset = torch.nonzero(~self.needed[self.zeroed : stop])[:, 0] + self.zeroed
+            self.d.index_fill_(0, unset, 0)
+            self.zeroed = stop
+        return self.d[:stop, first : first + n].reshape(stop, -1)
+
+    def _gather(self, senders: Tensor, first: int, n: int) -> Tensor:
+        """D of `senders` (A,) for rows [first, first + n) as (A, n·P·d), copied into the gather buffer (whole
+        rows of the contiguous (S·B, P·d) view, the fast path of `index_select`)."""
+        b = self.d.shape[1]
+        index = (senders[:, None] * b + torch.arange(first, first + n)[None]).flatten()
+        out = self.gathered[: index.numel() * self.d.shape[2]].view(index.numel(), -1)
+        return torch.index_select(self.d.view(-1, self.d.shape[2]), 0, index, out=out).view(len(senders), -1)
 
     def _single(self, x: Tensor, stop: int, col: int) -> list[_GroupInput]:
         """The groups of rows whose input of the one receiver column `col` reading `x` is not `x` itself."""

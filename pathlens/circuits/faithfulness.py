@@ -95,16 +95,26 @@ def _normalized(values: Tensor, full: float, empty: float) -> list[float]:
     return [float((v - empty) / span) for v in values]
 
 
+def _with_endpoints(patcher: EdgePatcher, valid: Tensor, kept: list[Tensor]) -> tuple[float, float, Tensor]:
+    """(m(M), m(∅), m of each circuit in `kept` (S, R) masks), one batch of rows: the full graph `valid` is one
+    more row (no edge patched: the plain run), m(∅) the patcher's source run under interchange ablation or
+    one more row (mean / zero)."""
+    ends = [valid] if patcher.ablation == "patch" else [valid, torch.zeros_like(valid)]
+    values = patcher.metric_of(torch.stack(ends + kept))
+    empty = patcher.source_metric if patcher.ablation == "patch" else float(values[1])
+    return float(values[0]), empty, values[len(ends) :]
+
+
 def faithfulness_curve(patcher: EdgePatcher, graph: Graph, sizes: list[int] | None = None, by: str = "abs") -> Curve:
     """Normalized faithfulness of the top-k circuits of `graph` (ranked `by`, see `Graph.prune`) for k in
-    `sizes` (default: 20 log-spaced); the circuits run as rows of the same batched forwards, the full and empty
-    graphs as plain runs (`EdgePatcher.endpoints`), and a size holding every edge is the full graph."""
+    `sizes` (default: 20 log-spaced). The circuits and the full graph (m(M)) run as rows of the same batched
+    forwards; m(∅) is the patcher's source run (interchange ablation) or one more row (mean / zero); a size
+    holding every edge is the full graph."""
     sizes = sizes or default_sizes(graph.edges_total)
-    full, empty = patcher.endpoints()
     partial = [s for s in sizes if s < graph.edges_total]
-    measured = (
-        dict(zip(partial, patcher.metric_of(top_k_masks(graph, partial, by)).tolist(), strict=True)) if partial else {}
-    )
+    kept = list(top_k_masks(graph, partial, by)) if partial else []
+    full, empty, circuits = _with_endpoints(patcher, graph.valid, kept)
+    measured = dict(zip(partial, circuits.tolist(), strict=True))
     values = [measured.get(s, full) for s in sizes]
     return Curve(
         sizes=sizes,
@@ -119,9 +129,8 @@ def faithfulness_curve(patcher: EdgePatcher, graph: Graph, sizes: list[int] | No
 
 def faithfulness(patcher: EdgePatcher, circuit: Graph) -> float:
     """Normalized faithfulness of `circuit` (its `kept` edges)."""
-    valid = circuit.valid
-    values = patcher.metric_of(torch.stack([valid, torch.zeros_like(valid), circuit.in_circuit]))
-    return _normalized(values[2:], float(values[0]), float(values[1]))[0]
+    full, empty, value = _with_endpoints(patcher, circuit.valid, [circuit.in_circuit])
+    return _normalized(value, full, empty)[0]
 
 
 def completeness(patcher: EdgePatcher, circuit: Graph, n_sets: int = 8, seed: int = 0) -> float:
