@@ -76,6 +76,27 @@ def _forced(from_source: bool):  # type: ignore[no-untyped-def]
     return choose
 
 
+@pytest.mark.parametrize(("family", "final_norm"), [("gpt2", "transformer.ln_f"), ("llama", "model.norm")])
+def test_single_edge_into_the_logits_equals_explicit_recomputation(family: str, final_norm: str) -> None:
+    """The logits read the final residual: patching u → logits (the last layer's heads and MLP included, which
+    the patcher adds after the last attention read) equals unembedding norm(x + Δz_u) (float64; 1e-5 relative,
+    as above)."""
+    model = tiny_model(family, weight_scale=4.0)
+    model.hf.double()
+    task = padded_task()
+    graph = pathlens.edge_attribution(model, task)
+    patcher = EdgePatcher(model, task)
+    col = graph.receivers.index("logits")
+    senders = torch.nonzero(graph.valid[:, col])[:, 0].tolist()
+    assert graph.senders[senders[-1]].endswith(".mlp") and len(senders) == len(graph.senders)
+    masks = graph.valid[None].repeat(len(senders), 1, 1)
+    masks[torch.arange(len(senders)), senders, col] = False
+    got = patcher.metric_of(masks) - _metric(model, task.clean_ids, task)
+    vocab = list(range(model.hf.config.vocab_size))
+    expected = _reference_column(model, task, graph, "logits", "lm_head", final_norm, vocab, eps_value=1.0)[senders]
+    torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max(), rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("family", "ablation"),
     [(f, "patch") for f in FAMILIES] + [("gpt2", "mean"), ("llama", "zero"), ("neox_parallel", "zero")],
