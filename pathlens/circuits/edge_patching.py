@@ -183,7 +183,7 @@ class EdgePatcher:
     def _workspace(self, size: int) -> Tensor:
         """A buffer of at least `size` elements for the sender differences of one chunk, kept between calls
         (at most senders × (max_batch_tokens + prompts × P) × d_model elements): a fresh one per call costs a page
-        fault per 4 KiB, a tenth of the time of a curve on CPU."""
+        fault per 4 KiB touched, about 190,000 for one SmolLM2 curve."""
         if self._buffer.numel() < size:
             self._buffer = torch.empty(size, dtype=self.source[Site("resid_pre", 0)].dtype)
         return self._buffer
