@@ -142,12 +142,12 @@ def completeness(patcher: EdgePatcher, circuit: Graph, n_sets: int = 8, seed: in
         raise PathlensError("the circuit has no edges; prune it first.")
     gen = torch.Generator().manual_seed(seed)
     valid, kept = circuit.valid, circuit.in_circuit
-    masks = [valid, torch.zeros_like(valid)]
+    masks = []
     for _ in range(n_sets):
         chosen = [s for s in senders if bool(torch.rand((), generator=gen) < 0.5)] or senders[:1]
         out = torch.zeros_like(valid)
         out[[circuit.senders.index(s) for s in chosen]] = True
         masks += [kept & ~out, valid & ~out]
-    values = patcher.metric_of(torch.stack(masks))
-    norm = _normalized(values[2:], float(values[0]), float(values[1]))
+    full, empty, values = _with_endpoints(patcher, valid, masks)
+    norm = _normalized(values, full, empty)
     return max(abs(norm[i] - norm[i + 1]) for i in range(0, len(norm), 2))
