@@ -34,7 +34,7 @@ import torch
 from pathlens.attribution.atp import Metric
 from pathlens.attribution.edges import edge_attribution
 from pathlens.circuits.edge_patching import DEFAULT_EDGE_BATCH_TOKENS, EdgePatcher
-from pathlens.circuits.faithfulness import Curve, faithfulness, faithfulness_curve, top_k_masks
+from pathlens.circuits.faithfulness import Curve, faithfulness, faithfulness_curve, top_k_masks, with_endpoints
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
 from pathlens.model import Model
@@ -155,11 +155,11 @@ def _acdc(patcher: EdgePatcher, template: Graph, threshold: float, start: torch.
     each edge's exact effect when it was tested."""
     valid = template.valid
     current = valid.clone() if start is None else start & valid
-    ends = patcher.metric_of(torch.stack([valid, torch.zeros_like(valid), current]))
-    span = float(ends[0] - ends[1])
+    full, empty, (current_metric,) = with_endpoints(patcher, valid, [current])
+    span = full - empty
     if abs(span) < 1e-9:
         raise PathlensError("the metric does not change between the full and the empty graph; ACDC has no signal.")
-    current_metric = float(ends[2])
+    current_metric = float(current_metric)
     scores = torch.full_like(template.scores, float("nan"))
     for col in reversed(range(len(template.receivers))):
         incoming = torch.nonzero(current[:, col])[:, 0]
@@ -225,9 +225,7 @@ def pathways(
         for i, j in _edge_cells(circuit, path.nodes):
             mask[i, j] = True
         masks.append(mask)
-    valid = circuit.valid
-    values = patcher.metric_of(torch.stack([valid, torch.zeros_like(valid), *masks]))
-    full, empty = float(values[0]), float(values[1])
+    full, empty, values = with_endpoints(patcher, circuit.valid, masks)
     span = full - empty if abs(full - empty) > 1e-9 else float("nan")
     return [
         {
@@ -235,8 +233,8 @@ def pathways(
             "nodes": list(path.nodes),
             "score": path.score,
             "estimate": estimated.get(path.nodes),
-            "metric": float(values[2 + i]),
-            "faithfulness": (float(values[2 + i]) - empty) / span,
+            "metric": float(values[i]),
+            "faithfulness": (float(values[i]) - empty) / span,
         }
         for i, path in enumerate(paths)
     ]

@@ -95,7 +95,7 @@ def _normalized(values: Tensor, full: float, empty: float) -> list[float]:
     return [float((v - empty) / span) for v in values]
 
 
-def _with_endpoints(patcher: EdgePatcher, valid: Tensor, kept: list[Tensor]) -> tuple[float, float, Tensor]:
+def with_endpoints(patcher: EdgePatcher, valid: Tensor, kept: list[Tensor]) -> tuple[float, float, Tensor]:
     """(m(M), m(∅), m of each circuit in `kept` (S, R) masks), one batch of rows: the full graph `valid` is one
     more row (no edge patched: the plain run), m(∅) the patcher's source run under interchange ablation or
     one more row (mean / zero)."""
@@ -113,7 +113,7 @@ def faithfulness_curve(patcher: EdgePatcher, graph: Graph, sizes: list[int] | No
     sizes = sizes or default_sizes(graph.edges_total)
     partial = [s for s in sizes if s < graph.edges_total]
     kept = list(top_k_masks(graph, partial, by)) if partial else []
-    full, empty, circuits = _with_endpoints(patcher, graph.valid, kept)
+    full, empty, circuits = with_endpoints(patcher, graph.valid, kept)
     measured = dict(zip(partial, circuits.tolist(), strict=True))
     values = [measured.get(s, full) for s in sizes]
     return Curve(
@@ -129,7 +129,7 @@ def faithfulness_curve(patcher: EdgePatcher, graph: Graph, sizes: list[int] | No
 
 def faithfulness(patcher: EdgePatcher, circuit: Graph) -> float:
     """Normalized faithfulness of `circuit` (its `kept` edges)."""
-    full, empty, value = _with_endpoints(patcher, circuit.valid, [circuit.in_circuit])
+    full, empty, value = with_endpoints(patcher, circuit.valid, [circuit.in_circuit])
     return _normalized(value, full, empty)[0]
 
 
@@ -148,6 +148,6 @@ def completeness(patcher: EdgePatcher, circuit: Graph, n_sets: int = 8, seed: in
         out = torch.zeros_like(valid)
         out[[circuit.senders.index(s) for s in chosen]] = True
         masks += [kept & ~out, valid & ~out]
-    full, empty, values = _with_endpoints(patcher, valid, masks)
+    full, empty, values = with_endpoints(patcher, valid, masks)
     norm = _normalized(values, full, empty)
     return max(abs(norm[i] - norm[i + 1]) for i in range(0, len(norm), 2))
