@@ -124,6 +124,31 @@ def test_both_correction_forms_agree_on_random_circuits(
     assert float((chosen[0] - chosen[-1]).abs()) > 1e-3 * scale  # the circuits differ in effect
 
 
+@pytest.mark.parametrize(("family", "ablation"), [("gpt2", "patch"), ("llama", "mean"), ("neox_parallel", "zero")])
+def test_rows_left_out_of_a_module_get_its_output_on_the_source(
+    family: str, ablation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row whose circuit keeps no edge into a q/k/v projection or MLP is left out of that module's call and
+    given the module's output on the source input. Sparse circuits alone in their forward (every row left out of
+    most modules, some calls on no row at all) must match the same circuits batched with the full graph and
+    the run where the running form is forced (no row ever left out): float32, 1e-5 of the metric's scale."""
+    model = tiny_model(family, weight_scale=2.0)
+    task = padded_task()
+    patcher = EdgePatcher(model, task, ablation=ablation, max_batch_tokens=64)
+    valid = pathlens.edge_attribution(model, task).valid
+    sparse = torch.zeros((3, *valid.shape), dtype=torch.bool)
+    sparse[0, 0, -1] = True  # input -> logits
+    sparse[1, 0] = valid[0]  # every edge out of the input
+    sparse[2, :, -1] = valid[:, -1]  # every edge into the logits
+    alone = torch.stack([patcher.metric_of(mask[None])[0] for mask in sparse])
+    batched = patcher.metric_of(torch.cat([valid[None], sparse]))[1:]
+    monkeypatch.setattr(edge_patching, "cheaper_form", _forced(False))
+    never_left_out = patcher.metric_of(sparse)
+    scale = float(never_left_out.abs().max())
+    torch.testing.assert_close(alone, never_left_out, atol=1e-5 * scale, rtol=0)
+    torch.testing.assert_close(batched, never_left_out, atol=1e-5 * scale, rtol=0)
+
+
 def test_faithfulness_curve_and_completeness_on_a_tiny_model() -> None:
     model = tiny_model("llama", weight_scale=2.0)
     task = padded_task()

@@ -11,7 +11,10 @@ the source run (corrupted prompts: interchange ablation), its mean over the prom
 A head's q/k/v input goes through the model's own attention-input norm and that head's slice of the q/k/v
 projection; an MLP's input through its own norm; the logits read the final residual stream plus its
 correction. Nothing else of the model is recomputed by pathlens: the hooks rewrite the projection outputs,
-the MLP input and the last block's output, and the model does the rest.
+the MLP input and the last block's output, and the model does the rest. A row whose receivers at a q/k/v
+projection or MLP keep no edge there reads the source residual, so it is left out of that module's call and
+gets the module's output on the source input, computed once per patcher: sparse circuits cost little more
+than the layers they touch.
 
 Rows of one forward are (circuit, prompt) pairs, so a curve over circuit sizes costs a few batched forwards
 (chunked to `max_batch_tokens`). `tests/test_circuits.py` checks single-edge patches against an explicit
@@ -89,6 +92,7 @@ class EdgePatcher:
         self._buffer = torch.empty(0)
         self.source_resid = self._source_residuals(run.cache)
         self.source_normed = self._normed_source_residuals(blocks)
+        self._known: dict[str, Tensor] = {}
         self._source_metric = self._mean_metric(
             run.logits[torch.arange(task.n), torch.searchsorted(scored, task.answer_pos)]
         )
@@ -119,6 +123,16 @@ class EdgePatcher:
                     norm = get_module(block, a.mlp_norm or "")
                     out[("mlp", layer)] = norm(self.source_resid[layout.mlp_sender_stop[layer]])
         return out
+
+    def known_output(self, path: str, reads: tuple[str, int]) -> Tensor:
+        """Output (N, P, ·) of the row-wise module at `path` (an MLP, a q/k/v projection) on the normed source
+        input `source_normed[reads]`: what a row whose receivers there have no kept edge gets, so that row can
+        be left out of the module's call. Computed once per patcher, outside any edge-patched forward
+        (`_RunState` asks before its forward starts)."""
+        if path not in self._known:
+            with torch.no_grad():
+                self._known[path] = _first(get_module(self.model.hf, path)(self.source_normed[reads]))
+        return self._known[path]
 
     def _source_residuals(self, cache: dict[Site, Tensor]) -> dict[int, Tensor]:
         """The residual stream (N, P, d) that receivers read when no edge is kept, keyed by how many senders it
@@ -279,9 +293,38 @@ class _RunState:
         ]
         reads.append((patcher.n_senders, len(layout.receivers) - 1))
         self.plans = {(stop, str(cols)): self._plan(stop, cols) for stop, cols in reads}
+        self.left_out = self._left_out_rows()
         self.needed = torch.zeros(patcher.n_senders, dtype=torch.bool)
         self.needed[torch.cat([group.senders for plan in self.plans.values() for group in plan])] = True
         self.zeroed = 0  # senders [0, zeroed) that no circuit needs are zeroed (see `_every_sender`)
+
+    def _left_out_rows(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per row-wise module (q/k/v projection, MLP) with rows to leave out of its call: the rows kept (K,)
+        and the module's output on the source input (N, P, ·) (`EdgePatcher.known_output`) that the left-out
+        rows get. A row is left out when its circuit reads the source there (`_Plan.from_source`) and keeps no
+        edge into any receiver the module computes: then its input is the normed source residual."""
+        a, layout = self.p.model.arch, self.p.layout
+        out = {}
+
+        def add(path: str, reads: tuple[str, int], plans: list[_Plan], first: int, stop: int) -> None:
+            rows = torch.zeros(self.shape[0], dtype=torch.bool)
+            for (start, n), plan in zip(self.groups, plans, strict=True):
+                computes_special = bool(((plan.special >= first) & (plan.special < stop)).any())
+                rows[start : start + n] = plan.from_source and not computes_special
+            if rows.any():
+                out[path] = (torch.nonzero(~rows)[:, 0], self.p.known_output(path, reads))
+
+        for layer in range(a.n_layers):
+            qkv, bounds = self.p.qkv[layer], _qkv_bounds(self.p.qkv[layer])
+            plans = self.plans[(layout.sender_stop[layer], str(layout.attn_cols[layer]))]
+            for module_index, path in enumerate(qkv.paths):
+                parts = [i for i, m in enumerate(qkv.part_module) if m == module_index]
+                add(path, ("attn", layer), plans, bounds[parts[0]], bounds[parts[-1] + 1])
+            col = layout.mlp_col[layer]
+            if col is not None:
+                plans = self.plans[(layout.mlp_sender_stop[layer], str(col))]
+                add(f"{a.blocks}.{layer}.{a.mlp}", ("mlp", layer), plans, 0, 1)
+        return out
 
     def _plan(self, stop: int, cols: Any) -> list[_Plan]:
         """Per group, how receiver columns `cols` reading senders [0, stop) get their inputs (see `_Plan`)."""
@@ -357,19 +400,21 @@ class _RunState:
             qkv = self.p.qkv[layer]
             for module_index, path in enumerate(qkv.paths):
                 parts = [i for i, m in enumerate(qkv.part_module) if m == module_index]
+                out += self._leave_out(path)
                 out.append((path, "fwd", self._projection(layer, parts)))
             out.append((f"{block}.{a.o_proj}", "pre", self._head_outputs(layer)))
             if a.mlp is not None:
                 if not a.parallel:
                     out.append((f"{block}.{a.attn_out}", "fwd", self._record_attn_out(layer)))
                 out.append((f"{block}.{a.mlp}", "pre", self._mlp_input(layer)))
+                out += self._leave_out(f"{block}.{a.mlp}")
                 out.append((f"{block}.{a.mlp_out}", "fwd", self._mlp_output(layer)))
         out.append((f"{a.blocks}.{a.n_layers - 1}", "fwd", self._final()))
         return out
 
     def _block_input(self, layer: int) -> Callable[..., Any]:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = args[0] if args else kwargs["hidden_states"]
+            x = _input(args, kwargs)
             self.resid[layer] = x
             if layer == 0:
                 self.d[0] = (x - self.p.source[Site("resid_pre", 0)][self.prompts]).flatten(1)
@@ -383,22 +428,20 @@ class _RunState:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             """Rows of circuits built from the source residual enter attention as its norm (so the model's own
             projections give every receiver without its own input); receivers with their own input are left
-            to `_projection`."""
+            to `_projection`. Source rows with no such receiver here are left out of the projections."""
             stop, cols = self.p.layout.sender_stop[layer], self.p.layout.attn_cols[layer]
             groups = self._corrected(self.resid[layer], stop, cols)
             for g in groups:
                 g.values = None if g.values is None else norm(g.values)
             self.inputs[layer] = groups
-            sourced = [g for g in groups if g.from_source]
+            sourced = [g for g in groups if g.from_source and g.values is not None]
             if not sourced:
                 return None
-            hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+            hidden = _input(args, kwargs).clone()
             normed = self.p.source_normed[("attn", layer)]
             for g in sourced:
                 hidden[g.rows] = normed[self.prompts[g.rows]]
-            if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
+            return _with_input(args, kwargs, hidden)
 
         return hook
 
@@ -407,7 +450,7 @@ class _RunState:
         receiver with its own input gets its head's slice of the projection of that input; the rest keep the
         model's own values."""
         qkv = self.p.qkv[layer]
-        bounds = [0, qkv.h, qkv.h + qkv.g, qkv.h + 2 * qkv.g]
+        bounds = _qkv_bounds(qkv)
 
         def hook(module: Any, args: tuple[Any, ...], output: Tensor) -> None:
             groups = self.inputs[layer]
@@ -455,21 +498,35 @@ class _RunState:
         norm = get_module(get_module(self.p.model.hf, a.blocks)[layer], a.mlp_norm or "")
 
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            """Rows with a kept or removed edge into the MLP get their own input; rows that read only the source
+            residual are left out of the call (`_leave_out`)."""
             col = self.p.layout.mlp_col[layer]
             stop = self.p.layout.mlp_sender_stop[layer]
             x = self.resid[layer] if a.parallel else self.resid[layer] + self.attn_out[layer]
-            changed = self._single(x, stop, col)
-            if not changed:
+            corrected = [g for g in self._corrected(x, stop, col) if g.values is not None]
+            if not corrected:
                 return None
-            new = (args[0] if args else kwargs["hidden_states"]).clone()
-            normed = self.p.source_normed[("mlp", layer)]
-            for g in changed:
-                new[g.rows] = normed[self.prompts[g.rows]] if g.values is None else norm(g.values[0])
-            if args:
-                return (new, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": new}
+            new = _input(args, kwargs).clone()
+            for g in corrected:
+                new[g.rows] = norm(g.values[0])  # type: ignore[index]
+            return _with_input(args, kwargs, new)
 
         return hook
+
+    def _leave_out(self, path: str) -> list[tuple[str, str, Callable[..., Any]]]:
+        """Hooks that call the row-wise module at `path` on the rows `_left_out_rows` keeps only and give the
+        others the module's known output on the source input; none when no row is left out."""
+        if path not in self.left_out:
+            return []
+        keep, known = self.left_out[path]
+
+        def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return _with_input(args, kwargs, _input(args, kwargs)[keep])
+
+        def fwd(module: Any, args: tuple[Any, ...], output: Any) -> Any:
+            return _with_first(output, known[self.prompts].index_copy_(0, keep, _first(output)))
+
+        return [(path, "pre", pre), (path, "fwd", fwd)]
 
     def _mlp_output(self, layer: int) -> Callable[..., Any]:
         sender = self.p.layout.senders.index(f"L{layer}.mlp")
@@ -492,3 +549,20 @@ class _RunState:
             return _with_first(output, new)
 
         return hook
+
+
+def _qkv_bounds(qkv: QKV) -> list[int]:
+    """Offsets of the q, k and v receivers among one layer's attention columns: [0, H, H + G, H + 2G]."""
+    return [0, qkv.h, qkv.h + qkv.g, qkv.h + 2 * qkv.g]
+
+
+def _input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """The hidden-state input of a module call, given positionally or as `hidden_states`."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_input(args: tuple[Any, ...], kwargs: dict[str, Any], new: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """(args, kwargs) of a module call with its hidden-state input replaced by `new`."""
+    if args:
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
