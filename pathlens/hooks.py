@@ -161,6 +161,20 @@ def _with_first(output: Any, new: Tensor) -> Any:
     return new
 
 
+def _hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """The hidden-states input of a module call (a pre-hook's args, kwargs): positional or `hidden_states=`."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden_input(
+    args: tuple[Any, ...], kwargs: dict[str, Any], new: Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A pre-hook's (args, kwargs) with the hidden-states input replaced by `new`."""
+    if args:
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
+
+
 @dataclass
 class _Write:
     intervention: Intervention
@@ -414,17 +428,13 @@ class HookSession:
         """A module's hidden-states input, passed positionally or as `hidden_states=` (blocks, attention)."""
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            in_kwargs = not args
-            x = kwargs["hidden_states"] if in_kwargs else args[0]
-            new = self.process(fam, x)
+            new = self.process(fam, _hidden_input(args, kwargs))
             if fam.kind == "resid_pre":
                 assert fam.layer is not None
                 self._resid_pre[fam.layer] = new
             if not self._feeds_back(fam):
                 return None
-            if in_kwargs:
-                return args, {**kwargs, "hidden_states": new}
-            return (new, *args[1:]), kwargs
+            return _with_hidden_input(args, kwargs, new)
 
         return hook
 

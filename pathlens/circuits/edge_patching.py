@@ -35,7 +35,7 @@ from pathlens.arch.base import get_module, output_weight_per_head
 from pathlens.attribution.atp import Metric, runs_for
 from pathlens.attribution.edges import QKV, check_supported, graph_layout
 from pathlens.errors import PathlensError
-from pathlens.hooks import HookSession, _first, _with_first
+from pathlens.hooks import HookSession, _first, _hidden_input, _with_first, _with_hidden_input
 from pathlens.model import Model
 from pathlens.patching.sweep import scored_view
 from pathlens.sites import Site
@@ -414,7 +414,7 @@ class _RunState:
 
     def _block_input(self, layer: int) -> Callable[..., Any]:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = _input(args, kwargs)
+            x = _hidden_input(args, kwargs)
             self.resid[layer] = x
             if layer == 0:
                 self.d[0] = (x - self.p.source[Site("resid_pre", 0)][self.prompts]).flatten(1)
@@ -437,11 +437,11 @@ class _RunState:
             sourced = [g for g in groups if g.from_source and g.values is not None]
             if not sourced:
                 return None
-            hidden = _input(args, kwargs).clone()
+            hidden = _hidden_input(args, kwargs).clone()
             normed = self.p.source_normed[("attn", layer)]
             for g in sourced:
                 hidden[g.rows] = normed[self.prompts[g.rows]]
-            return _with_input(args, kwargs, hidden)
+            return _with_hidden_input(args, kwargs, hidden)
 
         return hook
 
@@ -506,10 +506,10 @@ class _RunState:
             corrected = [g for g in self._corrected(x, stop, col) if g.values is not None]
             if not corrected:
                 return None
-            new = _input(args, kwargs).clone()
+            new = _hidden_input(args, kwargs).clone()
             for g in corrected:
                 new[g.rows] = norm(g.values[0])  # type: ignore[index]
-            return _with_input(args, kwargs, new)
+            return _with_hidden_input(args, kwargs, new)
 
         return hook
 
@@ -521,7 +521,7 @@ class _RunState:
         keep, known = self.left_out[path]
 
         def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            return _with_input(args, kwargs, _input(args, kwargs)[keep])
+            return _with_hidden_input(args, kwargs, _hidden_input(args, kwargs)[keep])
 
         def fwd(module: Any, args: tuple[Any, ...], output: Any) -> Any:
             return _with_first(output, known[self.prompts].index_copy_(0, keep, _first(output)))
@@ -554,15 +554,3 @@ class _RunState:
 def _qkv_bounds(qkv: QKV) -> list[int]:
     """Offsets of the q, k and v receivers among one layer's attention columns: [0, H, H + G, H + 2G]."""
     return [0, qkv.h, qkv.h + qkv.g, qkv.h + 2 * qkv.g]
-
-
-def _input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    """The hidden-state input of a module call, given positionally or as `hidden_states`."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_input(args: tuple[Any, ...], kwargs: dict[str, Any], new: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """(args, kwargs) of a module call with its hidden-state input replaced by `new`."""
-    if args:
-        return (new, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": new}
