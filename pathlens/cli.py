@@ -84,7 +84,7 @@ def demo(
     """IOI on an embedded model: clean vs corrupted logit difference, top heads by direct logit attribution,
     activation patching of every head and of the residual stream per (layer, position), and an EAP-IG circuit
     with its faithfulness curve, pathways and HTML report."""
-    from pathlens.diagnostics.lens import head_logit_attribution
+    from pathlens.diagnostics.dla import head_logit_attribution
     from pathlens.tasks import ioi
 
     loaded = _load(model)

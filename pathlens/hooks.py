@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from pathlens.arch.base import get_module, output_weight_per_head
+from pathlens.arch.calls import first_output, hidden_input, with_first_output, with_hidden_input
 from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, Selection, resolve_index
 from pathlens.sites import Site
@@ -147,32 +148,6 @@ def _process_new_positions(session: "HookSession", family: Site, states: Tensor)
     prefix = states.shape[2] - session.seq_len
     new = session.process(family, states[:, :, prefix:].transpose(1, 2)).transpose(1, 2)
     return torch.cat([states[:, :, :prefix], new], dim=2) if prefix else new
-
-
-def _first(output: Any) -> Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _with_first(output: Any, new: Tensor) -> Any:
-    if isinstance(output, tuple):
-        return (new, *output[1:])
-    if isinstance(output, list):
-        return [new, *output[1:]]
-    return new
-
-
-def _hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    """The hidden-states input of a module call (a pre-hook's args, kwargs): positional or `hidden_states=`."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden_input(
-    args: tuple[Any, ...], kwargs: dict[str, Any], new: Tensor
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A pre-hook's (args, kwargs) with the hidden-states input replaced by `new`."""
-    if args:
-        return (new, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": new}
 
 
 @dataclass
@@ -392,12 +367,12 @@ class HookSession:
 
     def _output_hook(self, fam: Site, split_heads: bool = False) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            out = _first(output)
+            out = first_output(output)
             shaped = out.unflatten(-1, (-1, self.model.arch.d_head)) if split_heads else out
             new = self.process(fam, shaped)
             if not self._feeds_back(fam):
                 return None
-            return _with_first(output, new.flatten(-2) if split_heads else new)
+            return with_first_output(output, new.flatten(-2) if split_heads else new)
 
         return hook
 
@@ -428,13 +403,13 @@ class HookSession:
         """A module's hidden-states input, passed positionally or as `hidden_states=` (blocks, attention)."""
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            new = self.process(fam, _hidden_input(args, kwargs))
+            new = self.process(fam, hidden_input(args, kwargs))
             if fam.kind == "resid_pre":
                 assert fam.layer is not None
                 self._resid_pre[fam.layer] = new
             if not self._feeds_back(fam):
                 return None
-            return _with_hidden_input(args, kwargs, new)
+            return with_hidden_input(args, kwargs, new)
 
         return hook
 
@@ -442,7 +417,7 @@ class HookSession:
         attn_fam, mid_fam = Site("attn_out", layer), Site("resid_mid", layer)
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            attn = self.process(attn_fam, _first(output))
+            attn = self.process(attn_fam, first_output(output))
             changed = attn_fam in self._writes
             if self.wants(mid_fam):
                 pre = self._resid_pre[layer]
@@ -453,7 +428,7 @@ class HookSession:
                     attn, changed = attn + (mid - mid.detach()), True
                 else:
                     self.process(mid_fam, pre + attn)
-            return _with_first(output, attn) if changed else None
+            return with_first_output(output, attn) if changed else None
 
         return hook
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from pathlens.arch.base import ArchMap, get_module
+from pathlens.arch.calls import first_output
 from pathlens.arch.generic import arch_for
 from pathlens.errors import PathlensError
 from pathlens.hooks import HookSession
@@ -297,7 +298,7 @@ class Model:
             rules=normalize_rules(rules),
         )
         out = self.forward(ids, mask, session, logits_at=logits_at)
-        logits = out.logits if hasattr(out, "logits") else _first_tensor(out)
+        logits = out.logits if hasattr(out, "logits") else first_output(out)
         if logits_at is not None and logits.shape[1] != logits_at.numel():
             logits = logits[:, logits_at.to(logits.device)]
         return Run(logits=logits if grad else logits.detach(), cache=Cache(session.cache))
@@ -331,13 +332,9 @@ class Model:
         position `answer_pos` (b,) → (b, vocab)."""
         kept = torch.unique(answer_pos)
         out = self.forward(ids, mask, session, use_cache=use_cache, logits_at=kept)
-        logits = out.logits if hasattr(out, "logits") else _first_tensor(out)
+        logits = out.logits if hasattr(out, "logits") else first_output(out)
         at = torch.searchsorted(kept, answer_pos) if logits.shape[1] == kept.numel() else answer_pos
         return logits[torch.arange(int(ids.shape[0])), at.to(logits.device)]
-
-
-def _first_tensor(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _display_kind(kind: str) -> str:

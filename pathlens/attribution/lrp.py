@@ -6,7 +6,7 @@ y bit for bit while its gradient is that of the surrogate y′:
 
     "LN"        LayerNorm / RMSNorm (every module whose class name ends in "Norm"): the normalizer is a constant,
                 y′ = g ⊙ c(x) / σ(x).detach(), c the centering (if the norm centers); g, centering and eps are
-                measured by probing the module (`pathlens.diagnostics.lens.norm_parts`).
+                measured by probing the module (`pathlens.arch.norms.norm_parts`).
     "identity"  elementwise activations inside MLPs (GELU, SiLU, ...): backward act(x)/x, y′ = x ⊙ (y/x̃).detach()
                 with x̃ = x + ((x == 0) + sign(x))·1e-6.
     "half"      gated MLPs (act(gate) ⊙ up): the product splits its relevance half to each factor,
@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from pathlens.arch.base import get_module
+from pathlens.arch.norms import norm_parts
 from pathlens.errors import PathlensError
 
 if TYPE_CHECKING:
@@ -84,8 +85,6 @@ def _norm_width(norm: nn.Module, default: int) -> int:
 
 def _norm_hook(norm: nn.Module, width: int) -> Callable[..., Any]:
     """LN rule for one norm module, measured once before its hook exists (probing calls the module)."""
-    from pathlens.diagnostics.lens import norm_parts
-
     centers, gain, eps = norm_parts(norm, width)
     gain32 = gain.to(torch.float32)
 

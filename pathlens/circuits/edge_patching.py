@@ -32,10 +32,11 @@ import torch
 from torch import Tensor
 
 from pathlens.arch.base import get_module, output_weight_per_head
+from pathlens.arch.calls import first_output, hidden_input, with_first_output, with_hidden_input
 from pathlens.attribution.atp import Metric, runs_for
 from pathlens.attribution.edges import QKV, check_supported, graph_layout
 from pathlens.errors import PathlensError
-from pathlens.hooks import HookSession, _first, _hidden_input, _with_first, _with_hidden_input
+from pathlens.hooks import HookSession
 from pathlens.model import Model
 from pathlens.patching.sweep import scored_view
 from pathlens.sites import Site
@@ -131,7 +132,7 @@ class EdgePatcher:
         (`_RunState` asks before its forward starts)."""
         if path not in self._known:
             with torch.no_grad():
-                self._known[path] = _first(get_module(self.model.hf, path)(self.source_normed[reads]))
+                self._known[path] = first_output(get_module(self.model.hf, path)(self.source_normed[reads]))
         return self._known[path]
 
     def _source_residuals(self, cache: dict[Site, Tensor]) -> dict[int, Tensor]:
@@ -414,7 +415,7 @@ class _RunState:
 
     def _block_input(self, layer: int) -> Callable[..., Any]:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = _hidden_input(args, kwargs)
+            x = hidden_input(args, kwargs)
             self.resid[layer] = x
             if layer == 0:
                 self.d[0] = (x - self.p.source[Site("resid_pre", 0)][self.prompts]).flatten(1)
@@ -437,11 +438,11 @@ class _RunState:
             sourced = [g for g in groups if g.from_source and g.values is not None]
             if not sourced:
                 return None
-            hidden = _hidden_input(args, kwargs).clone()
+            hidden = hidden_input(args, kwargs).clone()
             normed = self.p.source_normed[("attn", layer)]
             for g in sourced:
                 hidden[g.rows] = normed[self.prompts[g.rows]]
-            return _with_hidden_input(args, kwargs, hidden)
+            return with_hidden_input(args, kwargs, hidden)
 
         return hook
 
@@ -489,7 +490,7 @@ class _RunState:
 
     def _record_attn_out(self, layer: int) -> Callable[..., Any]:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
-            self.attn_out[layer] = _first(output)
+            self.attn_out[layer] = first_output(output)
 
         return hook
 
@@ -506,10 +507,10 @@ class _RunState:
             corrected = [g for g in self._corrected(x, stop, col) if g.values is not None]
             if not corrected:
                 return None
-            new = _hidden_input(args, kwargs).clone()
+            new = hidden_input(args, kwargs).clone()
             for g in corrected:
                 new[g.rows] = norm(g.values[0])  # type: ignore[index]
-            return _with_hidden_input(args, kwargs, new)
+            return with_hidden_input(args, kwargs, new)
 
         return hook
 
@@ -521,10 +522,10 @@ class _RunState:
         keep, known = self.left_out[path]
 
         def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            return _with_hidden_input(args, kwargs, _hidden_input(args, kwargs)[keep])
+            return with_hidden_input(args, kwargs, hidden_input(args, kwargs)[keep])
 
         def fwd(module: Any, args: tuple[Any, ...], output: Any) -> Any:
-            return _with_first(output, known[self.prompts].index_copy_(0, keep, _first(output)))
+            return with_first_output(output, known[self.prompts].index_copy_(0, keep, first_output(output)))
 
         return [(path, "pre", pre), (path, "fwd", fwd)]
 
@@ -533,20 +534,20 @@ class _RunState:
 
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
             if self.needed[sender]:
-                self.d[sender] = (_first(output) - self.p.source[Site("mlp_out", layer)][self.prompts]).flatten(1)
+                self.d[sender] = (first_output(output) - self.p.source[Site("mlp_out", layer)][self.prompts]).flatten(1)
 
         return hook
 
     def _final(self) -> Callable[..., Any]:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> Any:
-            x = _first(output)
+            x = first_output(output)
             changed = self._single(x, self.p.n_senders, len(self.p.layout.receivers) - 1)
             if not changed:
                 return None
             new = x.clone()
             for g in changed:
                 new[g.rows] = g.base if g.values is None else g.values[0]
-            return _with_first(output, new)
+            return with_first_output(output, new)
 
         return hook
 

@@ -45,8 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from pathlens.arch.base import get_module
+from pathlens.arch.calls import first_output, with_first_output
 from pathlens.errors import PathlensError
-from pathlens.hooks import _first, _with_first
 from pathlens.interventions import Intervention, Replace, Scale
 from pathlens.model import Model
 from pathlens.sites import Site
@@ -391,15 +391,15 @@ class _ModuleBackend:
 
         def hook_for(i: int) -> Callable[..., Any]:
             def hook(module: nn.Module, args: Any, output: Any) -> Any:
-                out = _first(output)
+                out = first_output(output)
                 new = edit(i, self._unit(out, i))
                 if new is None:
                     return None
                 if self.token is None:
-                    return _with_first(output, new.to(out.dtype))
+                    return with_first_output(output, new.to(out.dtype))
                 full = out.clone()
                 full[:, self.token] = new.to(out.dtype)
-                return _with_first(output, full)
+                return with_first_output(output, full)
 
             return hook
 
@@ -411,7 +411,7 @@ class _ModuleBackend:
         finally:
             for handle in handles:
                 handle.remove()
-        logits = out.logits if hasattr(out, "logits") else _first(out)
+        logits = out.logits if hasattr(out, "logits") else first_output(out)
         if not isinstance(logits, Tensor) or logits.ndim != 2:
             raise PathlensError(
                 "neuron_path_module needs the module's output to be logits (batch, classes) (or a tuple / an object "

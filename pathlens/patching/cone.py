@@ -23,7 +23,8 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache
 
 from pathlens.arch.base import get_module
-from pathlens.hooks import HookSession, _first
+from pathlens.arch.calls import first_output
+from pathlens.hooks import HookSession
 from pathlens.interventions import Intervention, Op
 from pathlens.model import Model
 from pathlens.sites import LAYER_KINDS, Site
@@ -125,7 +126,7 @@ class ConeRunner:
         with torch.no_grad(), session:
             for index in range(layer, len(self.blocks)):
                 kwargs = self._call(index, layer, start, rows, k)
-                hidden = _first(self.blocks[index](hidden, **kwargs))
+                hidden = first_output(self.blocks[index](hidden, **kwargs))
             pos = (self.answer_pos[rows] - start).repeat(k)
             inside = pos >= 0
             picked = hidden[torch.arange(k * r), pos.clamp(min=0)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pathlens.diagnostics.lens import frozen_final_norm, head_logit_attribution, logit_direction
+from pathlens.diagnostics.dla import frozen_final_norm, head_logit_attribution, logit_direction
 from pathlens.tasks.base import Task
 from tests.conftest import VOCAB, tiny_model, token_batch
 
