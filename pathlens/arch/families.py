@@ -1,7 +1,7 @@
 """Architecture maps of the supported transformers families, keyed by `config.model_type`.
 
 Each builder reads sizes from the config; module paths follow transformers 5.x. A family not listed here is
-tried by `pathlens.arch.generic.discover`, and a user can always pass an `ArchMap` of their own.
+tried by `pathlens.arch.generic.infer_arch`, and a user can always pass an `ArchMap` of their own.
 """
 
 from __future__ import annotations

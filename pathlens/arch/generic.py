@@ -34,7 +34,7 @@ def arch_for(model: nn.Module) -> ArchMap:
     model_type = getattr(cfg, "model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type](cfg)
-    return discover(model)
+    return infer_arch(model)
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -97,7 +97,7 @@ def _final_norm(model: nn.Module, blocks_path: str) -> str | None:
     return None
 
 
-def discover(model: nn.Module) -> ArchMap:
+def infer_arch(model: nn.Module) -> ArchMap:
     """Infer an ArchMap from module structure and config fields (see module docstring)."""
     cfg = getattr(model, "config", None)
     blocks_path, blocks = _find_blocks(model)

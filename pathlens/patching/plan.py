@@ -1,7 +1,8 @@
 """What a patching sweep patches: site families × positions → variants, and the dims of the resulting Scores.
 
 A *variant* is one patched forward of the whole task batch: one indexed site (e.g. L3.H2) at a set of positions
-(all of them, or one). Families name the sites the field sweeps:
+(all of them, or one). `SWEEP_GROUPS` names the groups of sites the field sweeps (not to be confused with the
+architecture families of `pathlens.arch.families`):
 
     heads  (layer, head)     z / q (layer, head)      k / v (layer, group)
     attn_out, mlp_in, mlp_out, resid_pre, resid_mid, resid_post   (layer,)
@@ -22,7 +23,7 @@ from pathlens.errors import PathlensError
 from pathlens.model import Model
 from pathlens.sites import Site
 
-FAMILIES = {
+SWEEP_GROUPS = {  # the `sites=` name of a sweep → the site kind it patches at every layer
     "heads": "head",
     "z": "head_z",
     "q": "q",
@@ -70,7 +71,7 @@ def _positions(spec: "str | Sequence[int]", seq_len: int) -> list[tuple[int, ...
         return [(p,) for p in range(seq_len)]
     if isinstance(spec, str):
         raise PathlensError(f"positions must be 'all', 'each' or a list of ints, got {spec!r}.")
-    out = []
+    out: list[tuple[int, ...] | None] = []
     for p in spec:
         if not -seq_len <= int(p) < seq_len:
             raise PathlensError(f"position {p} out of range for prompts of {seq_len} tokens (valid 0..{seq_len - 1}).")
@@ -93,11 +94,11 @@ def _site_grid(
         ]
         return ("site",), {"site": [str(s) for s in chosen]}, chosen
     if isinstance(sites, str):
-        if sites not in FAMILIES:
+        if sites not in SWEEP_GROUPS:
             raise PathlensError(
-                f"unknown site family {sites!r}; use one of {', '.join(FAMILIES)}, 'neurons', or a list of sites."
+                f"unknown site family {sites!r}; use one of {', '.join(SWEEP_GROUPS)}, 'neurons', or a list of sites."
             )
-        kind = FAMILIES[sites]
+        kind = SWEEP_GROUPS[sites]
         layer_list = list(range(a.n_layers)) if layers is None else [int(x) for x in layers]
         for layer in layer_list:
             model.resolve(Site(kind, layer))
