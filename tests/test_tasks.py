@@ -267,6 +267,99 @@ def test_make_task_errors(tiny: PreTrainedTokenizerFast) -> None:
         make_task("t", tiny, ["Mary gave"], ["John gave"], [" to"], [" a"], roles={"IO": [0, 1]})
 
 
+# ------------------------------------------------------------------------------------------- Task.from_ids
+
+
+def assert_same_task(a: Task, b: Task) -> None:
+    """Field-by-field equality of two tasks (tensors compared exactly, dtypes included)."""
+    for fname in ("clean_ids", "corrupt_ids", "answer_ids", "wrong_ids", "answer_pos", "attention_mask"):
+        x, y = getattr(a, fname), getattr(b, fname)
+        assert x.dtype == y.dtype and torch.equal(x, y), fname
+    assert (a.name, a.metric, a.prompts, a.corrupt_prompts, a.meta) == (
+        b.name,
+        b.metric,
+        b.prompts,
+        b.corrupt_prompts,
+        b.meta,
+    )
+    assert a.roles.keys() == b.roles.keys() and all(torch.equal(a.roles[k], b.roles[k]) for k in a.roles)
+
+
+def test_from_ids_without_padding_equals_task_built_by_hand() -> None:
+    clean = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    corrupt = torch.tensor([[5, 6, 3, 8], [9, 10, 4, 12]])
+    by_hand = Task(
+        name="custom",
+        clean_ids=clean,
+        corrupt_ids=corrupt,
+        answer_ids=torch.tensor([1, 2]),
+        wrong_ids=torch.tensor([3, 3]),
+        answer_pos=torch.tensor([3, 3]),
+        attention_mask=torch.ones(2, 4, dtype=torch.long),
+    )
+    assert_same_task(Task.from_ids(clean, corrupt, [1, 2], 3), by_hand)
+    assert_same_task(Task.from_ids(clean.tolist(), corrupt.tolist(), torch.tensor([1, 2]), [3, 3]), by_hand)
+    assert Task.from_ids(clean, corrupt, [1, 2], 3).metric is logit_diff
+
+
+def test_from_ids_derives_mask_and_answer_pos_from_pad_id() -> None:
+    pad = 0
+    clean = [[4, 0, 6, 7], [4, 5, 0, 0], [8, 9, 10, 0]]  # the 0 inside row 0 is a real token, not padding
+    corrupt = [[4, 0, 2, 7], [3, 5, 0, 0], [8, 2, 10, 0]]
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    roles = {"END": [3, 1, 2]}
+    task = Task.from_ids(clean, corrupt, [1, 2, 3], [4, 5, 6], name="synthetic", pad_id=pad, roles=roles, meta={"v": 1})
+    by_hand = Task(
+        name="synthetic",
+        clean_ids=torch.tensor(clean),
+        corrupt_ids=torch.tensor(corrupt),
+        answer_ids=torch.tensor([1, 2, 3]),
+        wrong_ids=torch.tensor([4, 5, 6]),
+        answer_pos=torch.tensor([3, 1, 2]),
+        attention_mask=mask,
+        roles={"END": torch.tensor([3, 1, 2])},
+        meta={"v": 1},
+    )
+    assert_same_task(task, by_hand)
+    given_mask = Task.from_ids(clean, corrupt, [1, 2, 3], [4, 5, 6], name="synthetic", attention_mask=mask)
+    assert torch.equal(given_mask.answer_pos, by_hand.answer_pos)
+    assert torch.equal(given_mask.attention_mask, mask)
+
+
+def test_from_ids_scores_like_the_task_built_by_hand() -> None:
+    task = Task.from_ids([[1, 2, 0]], [[3, 2, 0]], [1], [2], pad_id=0, metric=Probability())
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 1, 1] = 2.0
+    logits[0, 2, 1] = 100.0  # the padding position: never scored
+    expected = torch.tensor([2.0]).exp() / (torch.tensor([2.0]).exp() + 3)
+    assert torch.allclose(task.score(logits), expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"clean_ids": [1, 2, 3]}, r"clean_ids must be a non-empty \(N, P\) array"),
+        ({"clean_ids": [[1, 2], [3]]}, r"clean_ids could not be read"),
+        ({"clean_ids": [[1.0, 2.0]]}, r"clean_ids must hold integer token ids"),
+        ({"corrupt_ids": [[1, 2, 3]]}, r"corrupt_ids has shape \(1, 3\) but clean_ids has \(1, 2\)"),
+        ({"answer_ids": [1, 2]}, r"answer_ids must give one token id per prompt, shape \(1,\)"),
+        ({"wrong_ids": [[4]]}, r"wrong_ids must give one token id per prompt"),
+        ({"attention_mask": [[1, 1, 1]]}, r"attention_mask must have the shape of clean_ids \(1, 2\)"),
+        ({"attention_mask": [[0, 1]]}, r"attention_mask row 0 has a real token after padding"),
+        ({"attention_mask": [[1, 2]]}, r"attention_mask must hold only 0"),
+        ({"attention_mask": [[1, 1]], "pad_id": 0}, r"pass attention_mask or pad_id, not both"),
+        ({"pad_id": 7, "clean_ids": [[7, 7]]}, r"clean_ids row 0 is all pad_id"),
+        ({"pad_id": 2}, r"corrupt_ids row 0 has tokens where clean_ids row 0 is padded"),
+        ({"roles": {"END": [1, 1]}}, r"role 'END' must give one position per prompt"),
+    ],
+)
+def test_from_ids_errors_name_the_argument(kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {"clean_ids": [[1, 2]], "corrupt_ids": [[3, 4]], "answer_ids": 5, "wrong_ids": 6}
+    args |= kwargs
+    with pytest.raises(PathlensError, match=message):
+        Task.from_ids(**args)  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------------------------------- ioi
 
 

@@ -4,21 +4,49 @@ A task holds N prompt pairs already tokenized for one model's tokenizer. Rows ar
 length P; `answer_pos[i]` is the position whose next-token prediction is scored (the last real token of row i),
 so padding never changes a scored value (causal attention: positions before the pad never see it).
 Clean and corrupted prompts of one row always have the same length, so positions line up between them.
+
+The default metric, `logit_diff`, lives here with the `answer_logits` reader it is built on, so that `Task`
+needs nothing from `pathlens.tasks.metrics` (which holds the other metrics and builds on this module).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pathlens.errors import PathlensError
 
-if TYPE_CHECKING:
-    from pathlens.tasks.metrics import Metric
+Metric = Callable[[Tensor, "Task"], Tensor]
+"""A metric: logits (N, P, V) of a run on a task's rows and the task -> one value per prompt (N,)."""
+
+IdsLike = Tensor | Sequence[Sequence[int]]
+"""Token ids of N prompts: an (N, P) tensor or N equal-length lists of ints."""
+
+
+def answer_logits(logits: Tensor, task: Task) -> Tensor:
+    """The (N, V) logits at each row's `answer_pos`, taken from run logits of shape (N, P, V)."""
+    if logits.ndim != 3 or logits.shape[0] != task.n or logits.shape[1] <= int(task.answer_pos.max()):
+        raise PathlensError(
+            f"metric: expected logits of shape (N={task.n}, P>{int(task.answer_pos.max())}, V) for task "
+            f"{task.name!r}, got {tuple(logits.shape)}; pass the full-sequence logits of a run on this task's rows."
+        )
+    rows = torch.arange(task.n, device=logits.device)
+    return logits[rows, task.answer_pos.to(logits.device)]
+
+
+def logit_diff(logits: Tensor, task: Task) -> Tensor:
+    """Per-prompt logit(answer) − logit(wrong) at the answer position: (N, P, V) -> (N,)."""
+    final = answer_logits(logits, task)
+    answer = final.gather(1, task.answer_ids.to(final.device)[:, None])[:, 0]
+    wrong = final.gather(1, task.wrong_ids.to(final.device)[:, None])[:, 0]
+    return answer - wrong
+
+
+logit_diff.name = "logit_diff"  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -46,18 +74,68 @@ class Task:
     wrong_ids: Tensor
     answer_pos: Tensor
     attention_mask: Tensor
-    metric: Callable[[Tensor, "Task"], Tensor] | None = None
+    metric: Metric = logit_diff
     prompts: list[str] | None = None
     corrupt_prompts: list[str] | None = None
     roles: dict[str, Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.metric is None:
-            from pathlens.tasks.metrics import logit_diff
-
-            self.metric = logit_diff
         self.validate()
+
+    @classmethod
+    def from_ids(
+        cls,
+        clean_ids: IdsLike,
+        corrupt_ids: IdsLike,
+        answer_ids: int | Sequence[int] | Tensor,
+        wrong_ids: int | Sequence[int] | Tensor,
+        *,
+        name: str = "custom",
+        pad_id: int | None = None,
+        attention_mask: IdsLike | None = None,
+        metric: Metric = logit_diff,
+        roles: Mapping[str, Sequence[int] | Tensor] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Task:
+        """A task from your own token ids, with no tokenizer (e.g. a model trained on a synthetic vocabulary).
+
+        `clean_ids` / `corrupt_ids` are (N, P) ids, right-padded alike; `answer_ids` / `wrong_ids` one id per
+        prompt, or one id for every prompt. The attention mask is all ones, unless `attention_mask` is given
+        (1 = real token, right-padded) or `pad_id` marks the trailing padding of `clean_ids`; `answer_pos` is the
+        last real token of each row. Raises PathlensError naming the argument whose shape or content is wrong.
+        """
+        clean = _id_rows(clean_ids, "clean_ids", name)
+        corrupt = _id_rows(corrupt_ids, "corrupt_ids", name)
+        if corrupt.shape != clean.shape:
+            raise PathlensError(
+                f"task {name!r}: corrupt_ids has shape {tuple(corrupt.shape)} but clean_ids has "
+                f"{tuple(clean.shape)}; each corrupted prompt must have as many tokens as its clean prompt, "
+                "padded alike."
+            )
+        if attention_mask is not None and pad_id is not None:
+            raise PathlensError(
+                f"task {name!r}: pass attention_mask or pad_id, not both (the mask is derived from pad_id)."
+            )
+        if attention_mask is not None:
+            mask = _given_mask(attention_mask, clean.shape, name)
+        elif pad_id is not None:
+            mask = _mask_from_pad(clean, corrupt, pad_id, name)
+        else:
+            mask = torch.ones_like(clean)
+        n = clean.shape[0]
+        return cls(
+            name=name,
+            clean_ids=clean,
+            corrupt_ids=corrupt,
+            answer_ids=_one_per_row(answer_ids, "answer_ids", n, name),
+            wrong_ids=_one_per_row(wrong_ids, "wrong_ids", n, name),
+            answer_pos=mask.sum(1) - 1,
+            attention_mask=mask,
+            metric=metric,
+            roles=role_positions(name, roles, n),
+            meta=dict(meta or {}),
+        )
 
     @property
     def n(self) -> int:
@@ -94,7 +172,7 @@ class Task:
         if int(self.answer_pos.min()) < 0 or int(self.answer_pos.max()) >= p:
             raise PathlensError(f"task {self.name!r}: answer_pos must lie in [0, {p - 1}].")
 
-    def rows(self, index: Tensor | slice | list[int]) -> "Task":
+    def rows(self, index: Tensor | slice | list[int]) -> Task:
         """A task with only the given rows (same metric, roles sliced alike)."""
         idx = index if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
 
@@ -121,14 +199,102 @@ class Task:
             roles={k: pick(v) for k, v in self.roles.items()},
         )
 
-    def tile(self, k: int) -> "Task":
+    def tile(self, k: int) -> Task:
         """The task repeated k times along the batch (row r*N + i is prompt i): for K variants in one forward."""
         return self.rows(torch.arange(self.n).repeat(k))
 
-    def with_metric(self, metric: "Metric | Callable[[Tensor, Task], Tensor]") -> "Task":
+    def with_metric(self, metric: Metric) -> Task:
         return replace(self, metric=metric)
 
     def score(self, logits: Tensor) -> Tensor:
         """Per-prompt metric values (N,) for logits (N, P, V) of a run on this task's rows."""
-        assert self.metric is not None
         return self.metric(logits, self)
+
+
+def role_positions(name: str, roles: Mapping[str, Sequence[int] | Tensor] | None, n: int) -> dict[str, Tensor]:
+    """`roles` as (N,) long position tensors, one per role; PathlensError if a role does not give N positions."""
+    out = {k: torch.as_tensor(v, dtype=torch.long) for k, v in (roles or {}).items()}
+    for role, pos in out.items():
+        if pos.shape != (n,):
+            raise PathlensError(
+                f"task {name!r}: role {role!r} must give one position per prompt ({n},), got {tuple(pos.shape)}."
+            )
+    return out
+
+
+def _id_rows(value: IdsLike, arg: str, name: str) -> Tensor:
+    """`value` as a non-empty (N, P) long tensor of integers; PathlensError naming `arg` otherwise."""
+    try:
+        ids = torch.as_tensor(value)
+    except (ValueError, TypeError) as err:
+        raise PathlensError(
+            f"task {name!r}: {arg} could not be read as an (N, P) array of token ids ({err}); rows of different "
+            "lengths must be right-padded to one length (pass pad_id or attention_mask to mark the padding)."
+        ) from err
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise PathlensError(f"task {name!r}: {arg} must hold integer token ids, got dtype {ids.dtype}.")
+    if ids.ndim != 2 or 0 in ids.shape:
+        raise PathlensError(
+            f"task {name!r}: {arg} must be a non-empty (N, P) array (N prompts of P tokens), got shape "
+            f"{tuple(ids.shape)}; for a single prompt pass [ids]."
+        )
+    return ids.long()
+
+
+def _one_per_row(value: int | Sequence[int] | Tensor, arg: str, n: int, name: str) -> Tensor:
+    """`value` as (N,) long ids: one per prompt, or a single id repeated for every prompt."""
+    ids = torch.as_tensor(value)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise PathlensError(f"task {name!r}: {arg} must hold integer token ids, got dtype {ids.dtype}.")
+    if ids.ndim == 0:
+        return ids.long().expand(n).clone()
+    if ids.shape != (n,):
+        raise PathlensError(
+            f"task {name!r}: {arg} must give one token id per prompt, shape ({n},), or a single id; got shape "
+            f"{tuple(ids.shape)}."
+        )
+    return ids.long()
+
+
+def _given_mask(value: IdsLike, shape: torch.Size, name: str) -> Tensor:
+    """A user's attention mask checked to be (N, P), 0/1 and right-padded with a real token in every row."""
+    mask = torch.as_tensor(value)
+    if mask.shape != shape:
+        raise PathlensError(
+            f"task {name!r}: attention_mask must have the shape of clean_ids {tuple(shape)}, got {tuple(mask.shape)}."
+        )
+    mask = mask.long()
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise PathlensError(f"task {name!r}: attention_mask must hold only 0 (padding) and 1 (real token).")
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):
+        row = int((mask[:, 1:] > mask[:, :-1]).any(1).nonzero()[0])
+        raise PathlensError(
+            f"task {name!r}: attention_mask row {row} has a real token after padding; tasks are right-padded "
+            "(real tokens first, then padding), so move each row's padding to its end."
+        )
+    if bool((mask[:, 0] == 0).any()):
+        row = int((mask[:, 0] == 0).nonzero()[0])
+        raise PathlensError(f"task {name!r}: attention_mask row {row} has no real token; drop the row.")
+    return mask
+
+
+def _mask_from_pad(clean: Tensor, corrupt: Tensor, pad_id: int, name: str) -> Tensor:
+    """The right-padding mask of `clean`: 1 up to each row's last token that is not `pad_id`, 0 after it.
+
+    A pad id inside a prompt (e.g. an EOS used as pad) stays a real token; only the trailing run is padding.
+    """
+    p = clean.shape[1]
+    positions = torch.arange(1, p + 1)  # (P,)
+    lengths = ((clean != pad_id).long() * positions).max(1).values  # (N,) last real position + 1, 0 if none
+    if bool((lengths == 0).any()):
+        row = int((lengths == 0).nonzero()[0])
+        raise PathlensError(f"task {name!r}: clean_ids row {row} is all pad_id ({pad_id}); drop the row.")
+    mask = (positions[None] <= lengths[:, None]).long()  # (N, P)
+    longer = ((mask == 0) & (corrupt != pad_id)).any(1)  # (N,)
+    if bool(longer.any()):
+        row = int(longer.nonzero()[0])
+        raise PathlensError(
+            f"task {name!r}: corrupt_ids row {row} has tokens where clean_ids row {row} is padded (pad_id "
+            f"{pad_id}); each corrupted prompt must have as many tokens as its clean prompt, padded alike."
+        )
+    return mask

@@ -270,6 +270,7 @@ def _render(template: str, a: str, b: str, s2: str, place: str, obj: str) -> tup
     for match in _SLOT.finditer(template):
         text += template[last : match.start()]
         slot = match.group(1)
+        role: str | None
         if slot == "B":
             word, role = (b, "S1") if b_count == 0 else (s2, "S2")
             b_count += 1

@@ -3,45 +3,18 @@
 Every metric reads the logits at `task.answer_pos` (the last real token of each right-padded row), so padding
 never enters a score. A metric is any callable with that signature; the ones here also carry a `name`
 (and `__name__`) so results can be labelled. Nothing needs registering: pass your own function anywhere a
-metric is accepted.
+metric is accepted. The default metric `logit_diff` and the `answer_logits` reader are defined with `Task` in
+`pathlens.tasks.base` and re-exported here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
 
 from pathlens.errors import PathlensError
-
-if TYPE_CHECKING:
-    from pathlens.tasks.base import Task
-
-Metric = Callable[[Tensor, "Task"], Tensor]
-
-
-def answer_logits(logits: Tensor, task: Task) -> Tensor:
-    """The (N, V) logits at each row's `answer_pos`, taken from run logits of shape (N, P, V)."""
-    if logits.ndim != 3 or logits.shape[0] != task.n or logits.shape[1] <= int(task.answer_pos.max()):
-        raise PathlensError(
-            f"metric: expected logits of shape (N={task.n}, P>{int(task.answer_pos.max())}, V) for task "
-            f"{task.name!r}, got {tuple(logits.shape)}; pass the full-sequence logits of a run on this task's rows."
-        )
-    rows = torch.arange(task.n, device=logits.device)
-    return logits[rows, task.answer_pos.to(logits.device)]
-
-
-def logit_diff(logits: Tensor, task: Task) -> Tensor:
-    """Per-prompt logit(answer) − logit(wrong) at the answer position: (N, P, V) -> (N,)."""
-    final = answer_logits(logits, task)
-    answer = final.gather(1, task.answer_ids.to(final.device)[:, None])[:, 0]
-    wrong = final.gather(1, task.wrong_ids.to(final.device)[:, None])[:, 0]
-    return answer - wrong
-
-
-logit_diff.name = "logit_diff"  # type: ignore[attr-defined]
+from pathlens.tasks.base import Metric, Task, answer_logits, logit_diff
 
 
 class NormalizedLogitDiff:
@@ -148,3 +121,15 @@ def metric_from_name(name: str) -> Metric:
 def metric_name(metric: Metric) -> str:
     """A label for any metric: its `name`, else its `__name__`, else its class name."""
     return str(getattr(metric, "name", None) or getattr(metric, "__name__", None) or type(metric).__name__)
+
+
+__all__ = [
+    "KL",
+    "Metric",
+    "NormalizedLogitDiff",
+    "Probability",
+    "answer_logits",
+    "logit_diff",
+    "metric_from_name",
+    "metric_name",
+]

@@ -15,12 +15,10 @@ import torch
 from torch import Tensor
 
 from pathlens.errors import PathlensError
-from pathlens.tasks.base import Task
+from pathlens.tasks.base import Metric, Task, logit_diff, role_positions
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from pathlens.tasks.metrics import Metric
 
 Span = tuple[int, int]
 
@@ -70,7 +68,7 @@ def locate_spans(tokenizer: PreTrainedTokenizerBase, text: str, spans: Mapping[s
 
 
 def _pieces(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:
-    return [tokenizer.decode([i]) for i in ids]
+    return [str(tokenizer.decode([i])) for i in ids]
 
 
 def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str, what: str = "answer") -> int:
@@ -154,16 +152,6 @@ def _check_pairs(
             )
 
 
-def _role_tensors(name: str, roles: Mapping[str, Sequence[int] | Tensor] | None, n: int) -> dict[str, Tensor]:
-    out = {k: torch.as_tensor(v, dtype=torch.long) for k, v in (roles or {}).items()}
-    for role, pos in out.items():
-        if pos.shape != (n,):
-            raise PathlensError(
-                f"task {name!r}: role {role!r} must give one position per prompt ({n},), got {tuple(pos.shape)}."
-            )
-    return out
-
-
 def make_task(
     name: str,
     tokenizer: PreTrainedTokenizerBase,
@@ -171,7 +159,7 @@ def make_task(
     corrupt_prompts: Sequence[str],
     answers: Sequence[str | int],
     wrongs: Sequence[str | int],
-    metric: Metric | None = None,
+    metric: Metric = logit_diff,
     roles: Mapping[str, Sequence[int] | Tensor] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> Task:
@@ -199,6 +187,6 @@ def make_task(
         metric=metric,
         prompts=list(clean_prompts),
         corrupt_prompts=list(corrupt_prompts),
-        roles=_role_tensors(name, roles, len(clean)),
+        roles=role_positions(name, roles, len(clean)),
         meta=dict(meta or {}),
     )
