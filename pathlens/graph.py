@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from pathlens.errors import PathlensError
-from pathlens.results import load_pair, save_pair
+from pathlens.results.io import load_pair, save_pair
 
 _FORMAT_NAME = "pathlens.Graph"
 _HEADER_KEYS = ("senders", "receivers", "metric", "method", "meta")
@@ -252,8 +252,8 @@ class Graph:
         position = {}
         for y, level in enumerate(levels):
             members = rows[level]
-            for x, node in enumerate(members):
-                position[node] = ((x + 1) / (len(members) + 1), y)
+            for i, node in enumerate(members):
+                position[node] = ((i + 1) / (len(members) + 1), y)
         fig = Figure(figsize=(7.0, 1.0 + 0.9 * len(levels)), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()

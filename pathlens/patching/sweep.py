@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from rich.progress import Progress
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from pathlens.errors import PathlensError
@@ -34,6 +34,7 @@ from pathlens.model import Model
 from pathlens.patching.cone import ConePatch, ConeRunner, cone_start
 from pathlens.patching.plan import Plan, Variant, make_plan
 from pathlens.results import Scores
+from pathlens.results.io import write_bytes, write_safetensors
 from pathlens.sites import Site
 from pathlens.tasks.base import Task
 from pathlens.tasks.metrics import metric_name
@@ -117,21 +118,13 @@ class _Checkpoint:
                 tensors = load_file(state)
                 self.values, self.done = tensors["values"], tensors["done"]
         else:
-            _atomic_write(plan_file, json.dumps(fingerprint, indent=1).encode())
+            write_bytes(plan_file, json.dumps(fingerprint, indent=1).encode())
 
     def record(self, chunk_index: int, variants: Sequence[int], rows: slice, values: Tensor) -> None:
         self.values[list(variants), rows] = values.double()
         self.done[chunk_index] = 1
         if self.out is not None:
-            tmp = self.out / f".progress.{os.getpid()}.tmp"
-            save_file({"values": self.values, "done": self.done}, str(tmp))
-            os.replace(tmp, self.out / "progress.safetensors")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+            write_safetensors(self.out / "progress.safetensors", {"values": self.values, "done": self.done})
 
 
 def _fingerprint(model: Model, task: Task, plan: Plan, settings: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,9 @@ from matplotlib.colors import to_hex
 
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
-from pathlens.results import Scores, _colormap, _write_temp
+from pathlens.results import Scores
+from pathlens.results.io import write_text
+from pathlens.results.plots import colormap
 
 __all__ = ["render_report", "write_report"]
 
@@ -150,15 +152,12 @@ def write_report(
     prompts: Sequence[str] = (),
     summary: Mapping[str, Any] | None = None,
 ) -> Path:
-    """`render_report(...)` written to `path` as UTF-8, atomically (a temporary file, then `os.replace`);
-    returns the path."""
+    """`render_report(...)` written to `path` as UTF-8, atomically (`pathlens.results.io.write_text`: a
+    temporary file, fsynced, then `os.replace`); returns the path."""
     document = render_report(
         title, circuit=circuit, heatmaps=heatmaps, curve=curve, pathways=pathways, prompts=prompts, summary=summary
     )
-    target = Path(os.fspath(path)).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(_write_temp(target, document.encode("utf-8")), target)
-    return target
+    return write_text(Path(os.fspath(path)).expanduser(), document)
 
 
 # ---- text ---------------------------------------------------------------------------------------------
@@ -489,8 +488,8 @@ def _heatmap_svg(index: int, name: str, scores: Scores) -> str:
     n_rows, n_cols = values.shape
     finite = np.abs(values[np.isfinite(values)])
     limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    colours = _colormap()(np.clip(values / limit, -1.0, 1.0) / 2 + 0.5)
-    colours[~np.isfinite(values)] = _colormap().get_bad()
+    colours = colormap()(np.clip(values / limit, -1.0, 1.0) / 2 + 0.5)
+    colours[~np.isfinite(values)] = colormap().get_bad()
     cell_w = min(40.0, max(10.0, 640.0 / n_cols))
     cell_h = min(28.0, max(10.0, 320.0 / n_rows))
     rotate = n_cols > 12 or any(len(t) > 3 for t in col_ticks)
@@ -540,7 +539,7 @@ def _heatmap_svg(index: int, name: str, scores: Scores) -> str:
 
 def _colour_bar(ident: str, x: float, y: float, height: float, limit: float, metric: str) -> str:
     """A vertical colour bar from -limit (bottom) to +limit (top), labelled with the metric."""
-    cmap = _colormap()
+    cmap = colormap()
     stops = "".join(f'<stop offset="{k / 10:.1f}" stop-color="{to_hex(cmap(1.0 - k / 10))}"/>' for k in range(11))
     return (
         f'<defs><linearGradient id="{ident}-bar" x1="0" y1="0" x2="0" y2="1">{stops}</linearGradient></defs>'

@@ -7,46 +7,35 @@ reads every other method's the same way: `.top(k)` for the strongest cells, `.to
 for a heatmap, `.corr()` to compare two methods cell by cell, and `.save()` / `.load()` to keep the result.
 
 Saved results are two plain files: `<name>.safetensors` holds only the values and `<name>.json` holds the
-labels and provenance. Nothing is pickled, so loading a result never runs code.
+labels and provenance (written atomically by `pathlens.results.io`). Nothing is pickled, so loading a result
+never runs code. Pictures are drawn by `pathlens.results.plots`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import safetensors.torch
 import torch
-from matplotlib import colormaps
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from torch import Tensor
 
 from pathlens.errors import PathlensError
+from pathlens.results.io import load_pair, save_pair
+from pathlens.results.plots import plot_scores
 
-__all__ = ["FORMAT_VERSION", "Scores"]
-
-FORMAT_VERSION = 1
-"""Version of the on-disk layout written by `Scores.save`; bumped when the JSON layout changes."""
+__all__ = ["Scores"]
 
 _FORMAT_NAME = "pathlens.Scores"
 _HEADER_KEYS = ("dims", "coords", "metric", "method", "meta", "pos_labels", "values_sha256")
 _RESERVED_DIMS = ("value", "pos_label")
-_MAX_TICKS = 40
 _REPR_TOP = 5
-_CMAP = "RdBu_r"
 
 
 @dataclass(eq=False, repr=False)
@@ -213,22 +202,22 @@ class Scores:
             x, y = _average_ranks(x), _average_ranks(y)
         elif not (np.isfinite(x).all() and np.isfinite(y).all()):
             raise PathlensError("corr(): Pearson correlation is undefined with infinite values; use method='spearman'.")
-        x, y = _unit_centered(x), _unit_centered(y)
-        for arr, scores in ((x, self), (y, other)):
-            if arr is None:
-                raise PathlensError(
-                    f"corr(): the {scores.method!r} result is constant over all cells, so its correlation is "
-                    "undefined; check that the method actually changed the metric."
-                )
-        return max(-1.0, min(1.0, float(x @ y)))
+        unit_x, unit_y = _unit_centered(x), _unit_centered(y)
+        if unit_x is None or unit_y is None:
+            constant = self if unit_x is None else other
+            raise PathlensError(
+                f"corr(): the {constant.method!r} result is constant over all cells, so its correlation is "
+                "undefined; check that the method actually changed the metric."
+            )
+        return max(-1.0, min(1.0, float(unit_x @ unit_y)))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write `<path>.safetensors` (the values only) and `<path>.json` (everything else).
 
         `path` may end in ".safetensors" or ".json" or have neither; missing parent folders are created.
-        Each file is written to a temporary name and moved into place with `os.replace`, so a reader never
-        sees a half-written file. The JSON records a SHA-256 of the tensor file, so `load` detects a pair
-        of files that come from different saves.
+        Both are written atomically (`pathlens.results.io`), so a reader never sees a half-written file, and a
+        save that fails leaves an earlier save in place. The JSON records a SHA-256 of the tensor file, so
+        `load` detects a pair of files that come from different saves.
         """
         header = {
             "dims": list(self.dims),
@@ -271,45 +260,7 @@ class Scores:
         (nothing pops up and no global backend changes). When `path` is given the figure is also written
         there, as PNG unless the path's extension names another format.
         """
-        if self.values.ndim not in (1, 2):
-            if self.values.ndim == 0:
-                raise PathlensError(f"plot(): this result is one value ({self.values.item():.6g}); print it instead.")
-            raise PathlensError(
-                f"plot() draws 1 or 2 dims, this result has {len(self.dims)} {self.dims}; reduce it first, e.g. "
-                f".sel({self.dims[-1]}={self.coords[self.dims[-1]][0]!r}) or .sum({self.dims[-1]!r})."
-            )
-        if self.values.numel() == 0:
-            raise PathlensError(f"plot(): nothing to draw, shape is {self.shape}.")
-        values = self.values.to(torch.float64).numpy()
-        finite = np.abs(values[np.isfinite(values)])
-        limit = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-        norm = Normalize(vmin=-limit, vmax=limit)
-        if ax is None:
-            fig = Figure(figsize=self._figsize(), layout="constrained")
-            FigureCanvasAgg(fig)
-            ax = fig.add_subplot()
-        else:
-            fig = ax.get_figure(root=True)
-        cmap = _colormap()
-        metric = _plain(self.metric)
-        if values.ndim == 2:
-            image = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
-            fig.colorbar(image, ax=ax, label=metric)
-            self._ticks(ax, "y", self.dims[0])
-            self._ticks(ax, "x", self.dims[1])
-            ax.set_ylabel(_plain(self.dims[0]))
-        else:
-            positions = np.arange(values.size)
-            ax.bar(positions, values, color=cmap(norm(values)), edgecolor="0.3", linewidth=0.5)
-            ax.axhline(0.0, color="0.3", linewidth=0.8)
-            ax.set_xlim(-0.6, values.size - 0.4)
-            self._ticks(ax, "x", self.dims[0])
-            ax.set_ylabel(metric)
-        ax.set_xlabel(_plain(self.dims[-1]))
-        ax.set_title(title if title is not None else self._default_title())
-        if path is not None:
-            fig.savefig(os.fspath(path), dpi=150)
-        return fig
+        return plot_scores(self, path, title, ax)
 
     def __repr__(self) -> str:
         shape = " x ".join(f"{d}={n}" for d, n in zip(self.dims, self.shape, strict=True)) or "scalar"
@@ -353,10 +304,11 @@ class Scores:
         if any(p.meta != common for p in parts):
             meta["stacked_meta"] = [{k: v for k, v in p.meta.items() if k not in common} for p in parts]
         first_labels = parts[0].pos_labels
+        stacked_coords: dict[str, Any] = {dim: coords, **parts[0].coords}  # validated by Scores, like any coords
         return Scores(
             values=torch.stack([p.values for p in parts]),
             dims=(dim, *parts[0].dims),
-            coords={dim: coords, **parts[0].coords},
+            coords=stacked_coords,
             metric=parts[0].metric,
             method=parts[0].method,
             meta=meta,
@@ -424,36 +376,6 @@ class Scores:
                 columns["pos_label"] = [self.pos_labels[i] for i in index[axis]]
         columns["value"] = self.values.to(torch.float64).flatten().numpy()[flat]
         return pd.DataFrame(columns)
-
-    def _ticks(self, ax: Axes, axis: str, dim: str) -> None:
-        """Tick labels of one plot axis from the coords of `dim`, thinned to at most `_MAX_TICKS`."""
-        if dim == "pos" and self.pos_labels is not None:
-            labels = [_token_text(t) for t in self.pos_labels]
-        else:
-            labels = [_plain(str(c)) for c in self.coords[dim]]
-        step = max(1, math.ceil(len(labels) / _MAX_TICKS))
-        positions = list(range(0, len(labels), step))
-        shown = [labels[i] for i in positions]
-        if axis == "x":
-            rotate = any(len(s) > 3 for s in shown) or len(shown) > 20
-            ax.set_xticks(positions, shown, rotation=90 if rotate else 0)
-        else:
-            ax.set_yticks(positions, shown)
-
-    def _figsize(self) -> tuple[float, float]:
-        """Figure size in inches that keeps cells and tick labels readable for this shape."""
-        if self.values.ndim == 2:
-            rows, cols = self.shape
-            return (
-                min(16.0, max(5.0, 0.35 * min(cols, 2 * _MAX_TICKS) + 3.0)),
-                min(12.0, max(3.5, 0.3 * min(rows, 2 * _MAX_TICKS) + 2.0)),
-            )
-        return (min(16.0, max(5.0, 0.3 * min(self.shape[0], 2 * _MAX_TICKS) + 2.0)), 4.0)
-
-    def _default_title(self) -> str:
-        """Method and metric, plus the model and task from `meta` when recorded."""
-        parts = [self.method, self.metric] + [str(self.meta[k]) for k in ("model", "task") if k in self.meta]
-        return _plain(" · ".join(parts))
 
 
 def _check_dims(dims: Any, values: torch.Tensor) -> tuple[str, ...]:
@@ -619,114 +541,3 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     ranks = np.empty(x.size, dtype=np.float64)
     ranks[order] = ((starts + ends + 1) / 2.0)[group]
     return ranks
-
-
-def save_pair(
-    path: str | os.PathLike[str], format_name: str, tensors: dict[str, Tensor], header: dict[str, Any]
-) -> None:
-    """Write `tensors` to `<path>.safetensors` and `header` (+ format, version, checksum) to `<path>.json`,
-    each atomically (temporary file, then `os.replace`)."""
-    tensor_path, json_path = _file_pair(path)
-    tensor_bytes = safetensors.torch.save(tensors)
-    full = {
-        "format": format_name,
-        "format_version": FORMAT_VERSION,
-        **header,
-        "values_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
-    }
-    json_bytes = (json.dumps(full, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    tensor_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_tensor = _write_temp(tensor_path, tensor_bytes)
-    try:
-        tmp_json = _write_temp(json_path, json_bytes)
-    except BaseException:
-        tmp_tensor.unlink(missing_ok=True)
-        raise
-    os.replace(tmp_tensor, tensor_path)
-    os.replace(tmp_json, json_path)
-
-
-def load_pair(
-    path: str | os.PathLike[str], format_name: str, tensor_names: Sequence[str], header_keys: Sequence[str]
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read and check a pair written by `save_pair`: (tensors, header). Errors say what is wrong with which file."""
-    owner = f"{format_name.removeprefix('pathlens.')}.load"
-    tensor_path, json_path = _file_pair(path)
-    for p in (json_path, tensor_path):
-        if not p.is_file():
-            raise PathlensError(
-                f"{owner}: {p} does not exist; save writes both {json_path.name} and {tensor_path.name}, keep "
-                "them together."
-            )
-    try:
-        header = json.loads(json_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PathlensError(f"{owner}: {json_path} is not valid JSON ({exc}).") from exc
-    if not isinstance(header, dict) or header.get("format") != format_name:
-        raise PathlensError(f"{owner}: {json_path} was not written by {format_name.removeprefix('pathlens.')}.save.")
-    missing = [k for k in header_keys if k not in header]
-    if missing:
-        raise PathlensError(f"{owner}: {json_path} lacks {missing}; it is damaged, save the result again.")
-    version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise PathlensError(
-            f"{owner}: {json_path} has format version {version!r}, this pathlens reads up to {FORMAT_VERSION}; "
-            "upgrade pathlens."
-        )
-    tensor_bytes = tensor_path.read_bytes()
-    if hashlib.sha256(tensor_bytes).hexdigest() != header.get("values_sha256"):
-        raise PathlensError(
-            f"{owner}: {tensor_path.name} does not match {json_path.name} (they come from different saves, or "
-            "one was modified); save the result again."
-        )
-    tensors = safetensors.torch.load(tensor_bytes)
-    if set(tensors) != set(tensor_names):
-        raise PathlensError(f"{owner}: {tensor_path} should hold {sorted(tensor_names)}, has {sorted(tensors)}.")
-    return tensors, header
-
-
-def _file_pair(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """The (.safetensors, .json) paths for a save path given with either suffix or none."""
-    base = Path(os.fspath(path)).expanduser()
-    if base.suffix in (".safetensors", ".json"):
-        base = base.with_suffix("")
-    if not base.name:
-        raise PathlensError(f"Scores: {os.fspath(path)!r} is not a file path.")
-    return base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
-
-
-def _write_temp(target: Path, data: bytes) -> Path:
-    """Write `data` to a new hidden file next to `target`, flushed to disk; returns its path.
-
-    The file is created with the usual umask permissions (unlike `tempfile.mkstemp`'s 0600), so the final
-    file after `os.replace` looks like any other file the user writes.
-    """
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
-def _colormap() -> Any:
-    """The diverging colour map shared by heatmaps and bars; NaN cells are grey."""
-    return colormaps[_CMAP].with_extremes(bad="0.8")
-
-
-def _plain(text: str) -> str:
-    """`text` with "$" escaped so matplotlib shows it literally instead of parsing math."""
-    return text.replace("$", r"\$")
-
-
-def _token_text(token: str) -> str:
-    """A token as a readable tick label: control characters escaped, whitespace-only tokens quoted."""
-    shown = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    if not shown.strip():
-        shown = repr(token)
-    return _plain(shown)
