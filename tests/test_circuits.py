@@ -18,10 +18,7 @@ from pathlens.circuits import edge_patching
 from pathlens.circuits.discover import _between, _choose, discover, layer_signature, pathways
 from pathlens.circuits.edge_patching import EdgePatcher
 from pathlens.circuits.faithfulness import Curve, completeness, default_sizes, faithfulness, faithfulness_curve
-from tests.conftest import tiny_model
-from tests.test_edges import RECEIVERS, _reference_column
-from tests.test_patching import padded_task
-from tests.test_safety_and_errors import assert_untouched, snapshot
+from tests.helpers import RECEIVERS, assert_untouched, padded_task, reference_column, snapshot, tiny_model
 
 FAMILIES = ("gpt2", "gpt_neo", "neox_parallel", "neox_sequential", "llama", "qwen3", "attn_only", "olmo_generic")
 KEY_ROUTE = ("input", "L0.H1.v", "L0.H1", "L1.H0.k", "L1.H0", "logits")
@@ -48,7 +45,7 @@ def test_all_edges_kept_is_clean_and_none_is_corrupt(family: str) -> None:
 @pytest.mark.parametrize("family", list(RECEIVERS))
 def test_single_edge_patch_equals_explicit_recomputation(family: str) -> None:
     """Patching one edge u → v (sender u upstream of v, so u's own value is the clean one) equals feeding v's
-    projection norm(x + Δz_u) — `_reference_column` with ε = 1 is its first-order version, so compare
+    projection norm(x + Δz_u) — `reference_column` with ε = 1 is its first-order version, so compare
     against a direct evaluation of the same hook at ε = 1."""
     model = tiny_model(family, weight_scale=4.0)
     model.hf.double()
@@ -62,7 +59,7 @@ def test_single_edge_patch_equals_explicit_recomputation(family: str) -> None:
         masks = valid[None].repeat(len(senders), 1, 1)
         masks[torch.arange(len(senders)), senders, col] = False
         got = patcher.metric_of(masks) - _metric(model, task.clean_ids, task)
-        expected = _reference_column(model, task, graph, receiver, proj, norm, columns, eps_value=1.0)[senders]
+        expected = reference_column(model, task, graph, receiver, proj, norm, columns, eps_value=1.0)[senders]
         scale = expected.abs().max()
         assert scale > 1e-5, receiver
         # Llama-style RMSNorms compute in float32 even in a float64 model, hence ~1e-6 relative agreement
@@ -93,7 +90,7 @@ def test_single_edge_into_the_logits_equals_explicit_recomputation(family: str, 
     masks[torch.arange(len(senders)), senders, col] = False
     got = patcher.metric_of(masks) - _metric(model, task.clean_ids, task)
     vocab = list(range(model.hf.config.vocab_size))
-    expected = _reference_column(model, task, graph, "logits", "lm_head", final_norm, vocab, eps_value=1.0)[senders]
+    expected = reference_column(model, task, graph, "logits", "lm_head", final_norm, vocab, eps_value=1.0)[senders]
     torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max(), rtol=1e-5)
 
 

@@ -20,18 +20,9 @@ import torch
 import pathlens
 from pathlens import Ablate, Intervention, Model, Replace
 from pathlens.tasks.base import Task
-from tests.conftest import FAMILIES, tiny_model, token_batch
+from tests.helpers import FAMILIES, padded_task, tiny_model
 
 TOL = 1e-5
-
-
-def padded_task(n: int = 3, p: int = 9) -> Task:
-    """Prompt pairs of different lengths (right-padded), answers scored at each row's last real token."""
-    clean, corrupt = token_batch(n=n, p=p), token_batch(n=n, p=p, seed=7)
-    lengths = torch.tensor([p, p - 2, p - 1][:n])
-    mask = (torch.arange(p)[None, :] < lengths[:, None]).long()
-    clean, corrupt = clean * mask, corrupt * mask
-    return Task("padded", clean, corrupt, torch.arange(n) + 1, torch.arange(n) + 5, lengths - 1, mask)
 
 
 _SOURCES: dict[tuple[int, int, str, str], tuple[Model, Task, torch.Tensor]] = {}
@@ -184,8 +175,7 @@ RESUME_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {root!r})
     import pathlens
     from pathlens.patching import cone
-    from tests.conftest import tiny_model
-    from tests.test_patching import padded_task
+    from tests.helpers import padded_task, tiny_model
     kill_after = int(os.environ.get("KILL_AFTER", "0"))
     calls = [0]
     original = cone.ConeRunner.run
