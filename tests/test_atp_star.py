@@ -18,9 +18,7 @@ from pathlens import Model, PathlensError
 from pathlens.attribution.atp import atp
 from pathlens.attribution.atp_star import atp_star
 from pathlens.tasks.base import Task
-from tests.conftest import tiny_model
-from tests.test_patching import padded_task
-from tests.test_safety_and_errors import assert_untouched, snapshot
+from tests.helpers import assert_untouched, padded_task, snapshot, tiny_model
 
 TOL = 1e-5
 

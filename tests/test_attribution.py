@@ -11,8 +11,7 @@ import torch
 
 import pathlens
 from pathlens.attribution import atp
-from tests.conftest import tiny_model
-from tests.test_patching import padded_task
+from tests.helpers import assert_untouched, llama_like, padded_task, snapshot, tiny_model
 
 
 def linear_tail_model(family: str) -> pathlens.Model:
@@ -46,8 +45,6 @@ def test_atp_is_exact_where_the_metric_is_linear_in_the_site() -> None:
 
 
 def test_atp_tracks_exact_patching_and_leaves_the_model_untouched() -> None:
-    from tests.test_safety_and_errors import assert_untouched, snapshot
-
     model = tiny_model("llama", weight_scale=2.0)
     task = padded_task()
     before = snapshot(model)
@@ -66,10 +63,8 @@ def test_verified_top_k_equals_the_full_sweeps_top_k() -> None:
     """patch(top_k=K): exact values on every verified cell, NaN elsewhere, and the same top K as the full sweep."""
     import transformers
 
-    from tests.conftest import _llama_like
-
     torch.manual_seed(0)
-    hf = _llama_like(
+    hf = llama_like(
         transformers.LlamaConfig, transformers.LlamaForCausalLM, num_hidden_layers=4, num_attention_heads=8
     )()
     with torch.no_grad():
