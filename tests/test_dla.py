@@ -7,7 +7,7 @@ import torch
 
 from pathlens.diagnostics.dla import frozen_final_norm, head_logit_attribution, logit_direction
 from pathlens.tasks.base import Task
-from tests.conftest import VOCAB, tiny_model, token_batch
+from tests.helpers import VOCAB, tiny_model, token_batch
 
 
 def token_task(n: int = 3) -> Task:

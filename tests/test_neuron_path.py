@@ -11,8 +11,7 @@ from torch import Tensor, nn
 
 from pathlens import PathlensError
 from pathlens.circuits.neuron_path import NeuronPathResult, neuron_path, neuron_path_module
-from tests.conftest import tiny_model, token_batch
-from tests.test_safety_and_errors import assert_untouched, snapshot
+from tests.helpers import assert_untouched, snapshot, tiny_model, token_batch
 
 ROUTE, DECOY = [0, 2, 1], [1, 0, 3]
 
