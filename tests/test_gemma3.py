@@ -12,7 +12,7 @@ import torch
 import pathlens
 from pathlens import Intervention, Model, Replace
 from pathlens.tasks import ioi
-from tests.test_safety_and_errors import assert_untouched, snapshot
+from tests.helpers import assert_untouched, snapshot
 
 
 def test_architecture_and_ioi(gemma3: Model) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from pathlens import Intervention, Model, Replace
 from pathlens.tasks import ioi
-from tests.test_safety_and_errors import assert_untouched, snapshot
+from tests.helpers import assert_untouched, snapshot
 
 
 def test_architecture(smollm2: Model) -> None:
