@@ -34,7 +34,7 @@ from torch import Tensor
 from pathlens.arch.base import get_module, output_weight_per_head
 from pathlens.arch.calls import first_output, hidden_input, with_first_output, with_hidden_input
 from pathlens.attribution.atp import Metric, runs_for
-from pathlens.attribution.edges import QKV, check_supported, graph_layout
+from pathlens.circuits.layout import QKV, check_supported, graph_layout
 from pathlens.errors import PathlensError
 from pathlens.hooks import HookSession
 from pathlens.model import Model

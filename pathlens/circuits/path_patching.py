@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from pathlens.attribution.edges import valid_mask
 from pathlens.circuits.edge_patching import EdgePatcher
+from pathlens.circuits.layout import valid_mask
 from pathlens.errors import PathlensError
 from pathlens.results import Scores
 from pathlens.tasks.metrics import metric_name
