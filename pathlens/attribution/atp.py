@@ -14,23 +14,21 @@ The result is a `Scores` with exactly the dims, coords and meaning (the patched 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention
 from pathlens.model import Model, Run
-from pathlens.patching.plan import Plan, make_plan
+from pathlens.patching.plan import Plan
+from pathlens.patching.spec import Direction, PatchSpec, Positions, ResolvedSpec, Sites
 from pathlens.results import Scores
 from pathlens.sites import INDEX_LETTER, Site
 from pathlens.tasks.base import Task
-from pathlens.tasks.metrics import metric_name
-
-Metric = Callable[[Tensor, Task], Tensor]
+from pathlens.tasks.metrics import Metric
 
 
 @dataclass
@@ -56,26 +54,18 @@ class FirstOrder:
         return float(self.per_prompt.detach().mean())
 
 
-def runs_for(task: Task, direction: str) -> tuple[Tensor, Tensor]:
-    """(base ids, source ids) of a direction: denoise runs the corrupted prompts with clean activations."""
-    if direction not in ("denoise", "noise"):
-        raise PathlensError(f"direction must be 'denoise' or 'noise', got {direction!r}.")
-    return (task.corrupt_ids, task.clean_ids) if direction == "denoise" else (task.clean_ids, task.corrupt_ids)
-
-
 def first_order(
-    model: Model,
-    task: Task,
+    setup: ResolvedSpec,
     plan: Plan,
-    direction: str,
-    metric: Metric,
     rules: Collection[str] = (),
     interventions: Sequence[Intervention] = (),
 ) -> FirstOrder:
     """Source run, base run with gradients (under `rules`, see `pathlens.attribution.lrp`), and the per-prompt
-    products (n_s − n_b) · ∂m/∂n for every family of `plan`. `interventions` are applied to the base run only
-    (GradDrop uses them to stop gradients; they must not change values)."""
-    base_ids, source_ids = runs_for(task, direction)
+    products (n_s − n_b) · ∂m/∂n for every family of `plan` (the spec's own plan, or one extended with the
+    families an estimator needs besides). `interventions` are applied to the base run only (GradDrop uses them
+    to stop gradients; they must not change values)."""
+    model, task, metric = setup.model, setup.task, setup.metric
+    base_ids, source_ids = setup.runs
     families = sorted({v.site.family for v in plan.variants}, key=str)
     source = model.run(source_ids, attention_mask=task.attention_mask, cache=families)
     base = model.run(
@@ -111,32 +101,31 @@ def cells(plan: Plan, effect: dict[Site, Tensor]) -> Tensor:
     return values
 
 
-def estimate_scores(plan: Plan, per_cell: Tensor, base_metric: float, method: str, meta: dict[str, Any]) -> Scores:
-    """Scores in patch()'s layout from per-variant, per-prompt effects (n_variants, N): base + batch mean."""
+def estimate_scores(setup: ResolvedSpec, per_cell: Tensor, base_metric: float, method: str, **meta: Any) -> Scores:
+    """Scores in patch()'s layout from per-variant, per-prompt effects (n_variants, N): base + batch mean; `meta`
+    adds to the spec's meta (model, task, n_prompts) before the base metric."""
+    plan = setup.plan
     return Scores(
         values=(base_metric + per_cell.mean(dim=1)).reshape(plan.shape).float(),
         dims=plan.dims,
         coords=plan.coords,
-        metric=meta.pop("metric"),
+        metric=setup.metric_name,
         method=method,
-        meta={**meta, "base_metric": base_metric},
+        meta=setup.meta(**meta, base_metric=base_metric),
     )
 
 
 def atp(
     model: Model,
     task: Task,
-    sites: Any = "heads",
-    positions: "str | Sequence[int]" = "all",
-    direction: str = "denoise",
+    sites: Sites = "heads",
+    positions: Positions = "all",
+    direction: Direction = "denoise",
     metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
 ) -> Scores:
     """AtP estimates of `pathlens.patch(model, task, sites, positions, direction)`: same Scores layout."""
-    metric = metric or task.metric
-    assert metric is not None
-    plan = make_plan(model, sites, positions, task.seq_len, layers=layers, neurons=neurons)
-    fo = first_order(model, task, plan, direction, metric)
-    meta = {"model": model.name, "task": task.name, "n_prompts": task.n, "metric": metric_name(metric)}
-    return estimate_scores(plan, cells(plan, fo.effect), fo.base_metric, f"atp:{direction}", meta)
+    setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
+    fo = first_order(setup, setup.plan)
+    return estimate_scores(setup, cells(setup.plan, fo.effect), fo.base_metric, f"atp:{direction}")

@@ -30,20 +30,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from pathlens.arch.base import get_module
-from pathlens.attribution.atp import Metric, cells, estimate_scores, first_order
+from pathlens.attribution.atp import cells, estimate_scores, first_order
 from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, StopGradient
 from pathlens.model import Model
-from pathlens.patching.plan import Plan, Variant, make_plan
+from pathlens.patching.plan import Variant
+from pathlens.patching.spec import Direction, PatchSpec, Positions, ResolvedSpec, Sites
 from pathlens.results import Scores
 from pathlens.sites import Site
 from pathlens.tasks.base import Task
-from pathlens.tasks.metrics import metric_name
+from pathlens.tasks.metrics import Metric
 
 _QK = ("q", "k")
 
@@ -51,9 +53,9 @@ _QK = ("q", "k")
 def atp_star(
     model: Model,
     task: Task,
-    sites: "str | Sequence[Site | str]" = "heads",
-    positions: "str | Sequence[int]" = "all",
-    direction: str = "denoise",
+    sites: Sites = "heads",
+    positions: Positions = "all",
+    direction: Direction = "denoise",
     metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
@@ -70,36 +72,33 @@ def atp_star(
         "atp*:graddrop:<direction>", metric "|Δ <metric>|" — scores to rank nodes by, not patched metrics.
         Costs one forward and backward more per layer; needs at least two layers.
     """
-    metric = metric or task.metric
-    assert metric is not None
-    plan = make_plan(model, sites, positions, task.seq_len, layers=layers, neurons=neurons)
+    setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
+    plan = setup.plan
     qk_families = sorted({v.site.family for v in plan.variants if v.site.kind in _QK}, key=str) if qk_fix else []
     if qk_families:
         _check_qk_fix(model)
-    name = metric_name(metric)
-    meta = {"model": model.name, "task": task.name, "n_prompts": task.n}
     if not grad_drop:
-        per_cell, base_metric = _estimate(model, task, plan, direction, metric, qk_families, ())
-        return estimate_scores(plan, per_cell, base_metric, f"atp*:{direction}", {**meta, "metric": name})
+        per_cell, base_metric = _estimate(setup, qk_families, ())
+        return estimate_scores(setup, per_cell, base_metric, f"atp*:{direction}")
     n_layers = model.n_layers
     if n_layers < 2:
         raise PathlensError("grad_drop needs a model with at least two layers (it averages over L − 1 layers).")
     total = torch.zeros(len(plan.variants), task.n, dtype=torch.float64)
     for layer in range(n_layers):
-        per_cell, base_metric = _estimate(model, task, plan, direction, metric, qk_families, _drop(model, layer))
+        per_cell, base_metric = _estimate(setup, qk_families, _drop(model, layer))
         total += per_cell.abs()
     return Scores(
         values=(total.mean(dim=1) / (n_layers - 1)).reshape(plan.shape).float(),
         dims=plan.dims,
         coords=plan.coords,
-        metric=f"|Δ {name}|",
+        metric=f"|Δ {setup.metric_name}|",
         method=f"atp*:graddrop:{direction}",
-        meta={**meta, "base_metric": base_metric},
+        meta=setup.meta(base_metric=base_metric),
     )
 
 
 def _check_qk_fix(model: Model) -> None:
-    config = model.hf.config
+    config: Any = model.hf.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if model.arch.qkv != "interface":
         raise PathlensError(
@@ -120,26 +119,14 @@ def _drop(model: Model, layer: int) -> list[Intervention]:
 
 
 def _estimate(
-    model: Model,
-    task: Task,
-    plan: Plan,
-    direction: str,
-    metric: Metric,
-    qk_families: list[Site],
-    interventions: Sequence[Intervention],
+    setup: ResolvedSpec, qk_families: list[Site], interventions: Sequence[Intervention]
 ) -> tuple[Tensor, float]:
     """Per-variant, per-prompt estimates (n_variants, N), QK-fixed for `qk_families`, and the base metric."""
+    model, plan = setup.model, setup.plan
     attn_layers = sorted({f.layer for f in qk_families if f.layer is not None})
     needed = [Site(kind, layer) for layer in attn_layers for kind in ("attn_pattern", "q", "k")]
     extra = tuple(Variant(site, None, -1) for site in needed)
-    fo = first_order(
-        model,
-        task,
-        replace(plan, variants=plan.variants + extra),
-        direction,
-        metric,
-        interventions=interventions,
-    )
+    fo = first_order(setup, replace(plan, variants=plan.variants + extra), interventions=interventions)
     effect = dict(fo.effect)
     joint = plan.variants[0].positions is None
     for family in qk_families:
@@ -164,7 +151,8 @@ def _estimate(
 
 def _scale(model: Model, layer: int) -> float:
     """The factor the model multiplies q·k by before the softmax."""
-    attn = get_module(get_module(model.hf, model.arch.blocks)[layer], model.arch.attn or "")
+    a = model.arch
+    attn = get_module(model.hf, f"{a.blocks}.{layer}" + (f".{a.attn}" if a.attn else ""))
     scaling = getattr(attn, "scaling", None)
     return float(model.arch.d_head**-0.5 if scaling is None else scaling)
 

@@ -33,30 +33,32 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from pathlens.arch.base import get_module, output_weight_per_head
-from pathlens.attribution.atp import Metric, runs_for
 from pathlens.attribution.lrp import rules_for
 from pathlens.circuits.layout import QKV, Layout, check_supported, graph_layout, valid_mask
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
 from pathlens.interventions import Intervention, Replace
 from pathlens.model import Model
+from pathlens.patching.spec import Direction, PatchSpec, check_option
 from pathlens.sites import Site
 from pathlens.tasks.base import Task
-from pathlens.tasks.metrics import metric_name
+from pathlens.tasks.metrics import Metric
 
-METHODS = ("eap", "eap-ig", "relp")
+EdgeMethod = Literal["eap", "eap-ig", "relp"]
+METHODS: tuple[str, ...] = get_args(EdgeMethod)
 
 
 def edge_attribution(
     model: Model,
     task: Task,
-    method: str = "eap",
-    direction: str = "noise",
+    method: EdgeMethod = "eap",
+    direction: Direction = "noise",
     metric: Metric | None = None,
     steps: int = 5,
     rules: Collection[str] | None = None,
@@ -67,22 +69,20 @@ def edge_attribution(
     method: "eap" | "eap-ig" (with `steps` interpolation points, chunked to `max_batch_tokens` tokens per
     forward) | "relp" (LRP `rules`). direction: "noise" (default) or "denoise".
     """
-    if method not in METHODS:
-        raise PathlensError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
+    check_option("method", method, METHODS)
     if steps < 1:
         raise PathlensError(f"steps must be at least 1, got {steps}.")
     if max_batch_tokens < 1:
         raise PathlensError("max_batch_tokens must be at least 1.")
     check_supported(model)
-    metric = metric or task.metric
-    assert metric is not None
-    task = task.with_metric(metric)
+    setup = PatchSpec(direction=direction, metric=metric).resolve(model, task)
+    task = setup.task
     a = model.arch
     n_steps = steps if method == "eap-ig" else 1
     chosen = rules_for(rules) if method == "relp" else frozenset()
     layout = graph_layout(model)
     qkv = [QKV(model, layer) for layer in range(a.n_layers)]
-    base_ids, source_ids = runs_for(task, direction)
+    base_ids, source_ids = setup.runs
     deltas, base_input, source_input = _sender_deltas(model, task, base_ids, source_ids)
 
     scores = torch.zeros(len(layout.senders), len(layout.receivers), dtype=torch.float64)
@@ -103,18 +103,15 @@ def edge_attribution(
         senders=layout.senders,
         receivers=layout.receivers,
         scores=scores.float(),
-        metric=metric_name(metric),
+        metric=setup.metric_name,
         method=f"{method}:{direction}",
-        meta={
-            "model": model.name,
-            "task": task.name,
-            "n_prompts": task.n,
-            "direction": direction,
-            "steps": n_steps,
-            "rules": sorted(chosen),
-            "base_metric": base_metric / task.n,
-            "heads_per_group": a.n_heads // a.n_kv_heads,
-        },
+        meta=setup.meta(
+            direction=direction,
+            steps=n_steps,
+            rules=sorted(chosen),
+            base_metric=base_metric / task.n,
+            heads_per_group=a.n_heads // a.n_kv_heads,
+        ),
     )
 
 

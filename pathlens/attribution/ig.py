@@ -15,28 +15,27 @@ to `max_batch_tokens`. For the input-interpolating variant over all edges, see `
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from pathlens.attribution.atp import Metric, cells, estimate_scores, runs_for
+from pathlens.attribution.atp import cells, estimate_scores
 from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, Replace
-from pathlens.model import Model
-from pathlens.patching.plan import make_plan
+from pathlens.model import Model, Run
+from pathlens.patching.spec import Direction, PatchSpec, Positions, Sites
 from pathlens.results import Scores
 from pathlens.sites import INDEX_LETTER, Site
 from pathlens.tasks.base import Task
-from pathlens.tasks.metrics import metric_name
+from pathlens.tasks.metrics import Metric
 
 
 def integrated_gradients(
     model: Model,
     task: Task,
-    sites: Any = "heads",
-    positions: "str | Sequence[int]" = "all",
-    direction: str = "denoise",
+    sites: Sites = "heads",
+    positions: Positions = "all",
+    direction: Direction = "denoise",
     metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
@@ -46,27 +45,25 @@ def integrated_gradients(
     """IG estimates of `pathlens.patch(model, task, sites, positions, direction)`: same Scores layout."""
     if steps < 1:
         raise PathlensError(f"steps must be at least 1, got {steps}.")
-    metric = metric or task.metric
-    assert metric is not None
-    plan = make_plan(model, sites, positions, task.seq_len, layers=layers, neurons=neurons)
-    families = sorted({v.site.family for v in plan.variants}, key=str)
-    base_ids, source_ids = runs_for(task, direction)
+    setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
+    families = sorted({v.site.family for v in setup.plan.variants}, key=str)
+    base_ids, source_ids = setup.runs
     base = model.run(base_ids, attention_mask=task.attention_mask, cache=families)
     source = model.run(source_ids, attention_mask=task.attention_mask, cache=families)
-    per_prompt = metric(base.logits, task).detach()
+    per_prompt = setup.metric(base.logits, setup.task).detach()
     effect = {
-        f: _family_effect(model, task, f, base, source, base_ids, metric, steps, max_batch_tokens) for f in families
+        f: _family_effect(model, setup.task, f, base, source, base_ids, setup.metric, steps, max_batch_tokens)
+        for f in families
     }
-    meta = {"model": model.name, "task": task.name, "n_prompts": task.n, "metric": metric_name(metric), "steps": steps}
-    return estimate_scores(plan, cells(plan, effect), float(per_prompt.mean()), f"ig:{direction}", meta)
+    return estimate_scores(setup, cells(setup.plan, effect), float(per_prompt.mean()), f"ig:{direction}", steps=steps)
 
 
 def _family_effect(
     model: Model,
     task: Task,
     family: Site,
-    base: Any,
-    source: Any,
+    base: Run,
+    source: Run,
     base_ids: Tensor,
     metric: Metric,
     steps: int,

@@ -10,23 +10,22 @@ as `pathlens.patch` and `atp`.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Any
 
-from pathlens.attribution.atp import Metric, cells, estimate_scores, first_order
+from pathlens.attribution.atp import cells, estimate_scores, first_order
 from pathlens.attribution.lrp import rules_for
 from pathlens.model import Model
-from pathlens.patching.plan import make_plan
+from pathlens.patching.spec import Direction, PatchSpec, Positions, Sites
 from pathlens.results import Scores
 from pathlens.tasks.base import Task
-from pathlens.tasks.metrics import metric_name
+from pathlens.tasks.metrics import Metric
 
 
 def relp(
     model: Model,
     task: Task,
-    sites: Any = "heads",
-    positions: "str | Sequence[int]" = "all",
-    direction: str = "denoise",
+    sites: Sites = "heads",
+    positions: Positions = "all",
+    direction: Direction = "denoise",
     metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
@@ -34,16 +33,9 @@ def relp(
 ) -> Scores:
     """RelP estimates of `pathlens.patch(model, task, sites, positions, direction)` under LRP `rules` (default:
     `lrp.DEFAULT_RULES`; add "AH" to treat attention patterns as constants)."""
-    metric = metric or task.metric
-    assert metric is not None
+    setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
     chosen = rules_for(rules)
-    plan = make_plan(model, sites, positions, task.seq_len, layers=layers, neurons=neurons)
-    fo = first_order(model, task, plan, direction, metric, rules=chosen)
-    meta = {
-        "model": model.name,
-        "task": task.name,
-        "n_prompts": task.n,
-        "metric": metric_name(metric),
-        "rules": sorted(chosen),
-    }
-    return estimate_scores(plan, cells(plan, fo.effect), fo.base_metric, f"relp:{direction}", meta)
+    fo = first_order(setup, setup.plan, rules=chosen)
+    return estimate_scores(
+        setup, cells(setup.plan, fo.effect), fo.base_metric, f"relp:{direction}", rules=sorted(chosen)
+    )

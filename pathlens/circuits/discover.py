@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-from pathlens.attribution.atp import Metric
 from pathlens.attribution.edges import edge_attribution
 from pathlens.circuits.edge_patching import DEFAULT_EDGE_BATCH_TOKENS, EdgePatcher
 from pathlens.circuits.faithfulness import Curve, faithfulness, faithfulness_curve, top_k_masks, with_endpoints
@@ -39,7 +38,7 @@ from pathlens.errors import PathlensError
 from pathlens.graph import Graph
 from pathlens.model import Model
 from pathlens.tasks.base import Task
-from pathlens.tasks.metrics import metric_name
+from pathlens.tasks.metrics import Metric, metric_name
 
 DISCOVERY_METHODS = ("eap", "eap-ig", "relp", "patching", "acdc")
 EXACT_SCORES = ("patching", "acdc")  # Graph.method prefixes of graphs whose scores are exact edge effects

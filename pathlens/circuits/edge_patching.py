@@ -33,14 +33,15 @@ from torch import Tensor
 
 from pathlens.arch.base import get_module, output_weight_per_head
 from pathlens.arch.calls import first_output, hidden_input, with_first_output, with_hidden_input
-from pathlens.attribution.atp import Metric, runs_for
 from pathlens.circuits.layout import QKV, check_supported, graph_layout
 from pathlens.errors import PathlensError
 from pathlens.hooks import HookSession
 from pathlens.model import Model
+from pathlens.patching.spec import runs_for
 from pathlens.patching.sweep import scored_view
 from pathlens.sites import Site
 from pathlens.tasks.base import Task
+from pathlens.tasks.metrics import Metric
 
 ABLATIONS = ("patch", "mean", "zero")
 DEFAULT_EDGE_BATCH_TOKENS = 512

@@ -20,8 +20,9 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from rich.progress import Progress
@@ -30,17 +31,21 @@ from torch import Tensor
 
 from pathlens.errors import PathlensError
 from pathlens.interventions import Ablate, Intervention, Op, Replace
-from pathlens.model import Model
+from pathlens.model import Model, Run
 from pathlens.patching.cone import ConePatch, ConeRunner, cone_start
-from pathlens.patching.plan import Plan, Variant, make_plan
+from pathlens.patching.plan import Plan, Variant
+from pathlens.patching.spec import Direction, PatchSpec, Positions, ResolvedSpec, Sites, check_option
 from pathlens.results import Scores
 from pathlens.results.io import write_bytes, write_safetensors
-from pathlens.sites import Site
 from pathlens.tasks.base import Task
-from pathlens.tasks.metrics import metric_name
+from pathlens.tasks.metrics import Metric
 
+Ablation = Literal["zero", "mean", "resample"]
+ABLATIONS: tuple[str, ...] = get_args(Ablation)
+Prefilter = Literal["atp*", "relp", "atp"]
+"""The estimator that ranks cells for `patch(top_k=...)`: AtP with the QK fix, RelP, or plain AtP."""
+PREFILTERS: tuple[str, ...] = get_args(Prefilter)
 DEFAULT_MAX_BATCH_TOKENS = 2048
-PREFILTERS = ("atp*", "relp", "atp")
 _NO_OP_LAYER = -1  # chunk layer of variants that patch nothing (see `executed_variant`); they start at P
 
 
@@ -149,11 +154,11 @@ def _fingerprint(model: Model, task: Task, plan: Plan, settings: dict[str, Any])
 def patch(
     model: Model,
     task: Task,
-    sites: "str | Sequence[Site | str]" = "heads",
-    positions: "str | Sequence[int]" = "all",
-    direction: str = "denoise",
-    ablation: str | None = None,
-    metric: Callable[[Tensor, Task], Tensor] | None = None,
+    sites: Sites = "heads",
+    positions: Positions = "all",
+    direction: Direction = "denoise",
+    ablation: Ablation | None = None,
+    metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
@@ -162,17 +167,17 @@ def patch(
     cone: bool = True,
     seed: int = 0,
     top_k: int | None = None,
-    prefilter: str = "atp*",
+    prefilter: Prefilter = "atp*",
 ) -> Scores:
     """Patch (or ablate) every site of `sites` at `positions`; return the patched metric per cell as Scores.
 
-    sites: a family ("heads", "z", "q", "k", "v", "attn_out", "mlp_in", "mlp_out", "resid_pre", "resid_mid",
+    sites: a group ("heads", "z", "q", "k", "v", "attn_out", "mlp_in", "mlp_out", "resid_pre", "resid_mid",
         "resid_post", "neurons" with `neurons={layer: [i, ...]}`) or a list of sites ("L3.H2", "module:a.b", ...).
     positions: "all" (one patch over every position), "each" (one per position, adds a `pos` dim) or a list.
     direction: "denoise" (corrupted run, clean activation patched in) or "noise" (the reverse).
     ablation: "zero" | "mean" | "resample" to ablate on the clean prompts instead of patching.
     metric: per-prompt metric (logits, task) -> (N,); it sees logits (N, 1, V) at the scored positions.
-    layers: restrict a family to these layers. max_batch_tokens: the most tokens one patched forward holds.
+    layers: restrict a group to these layers. max_batch_tokens: the most tokens one patched forward holds.
     out: folder for resumable progress (a re-run with the same arguments resumes). cone=False runs every
         variant through the whole model (the slow path the tests compare against).
     top_k: exact answers at gradient cost — rank every cell with `prefilter` ("atp*": AtP with the QK fix,
@@ -180,50 +185,13 @@ def patch(
         the exact top K by |patched − base| (see `_verify_in_order`). Unverified cells are NaN;
         meta["verified"] counts the verified ones.
     """
-    if direction not in ("denoise", "noise"):
-        raise PathlensError(f"direction must be 'denoise' or 'noise', got {direction!r}.")
-    if ablation not in (None, "zero", "mean", "resample"):
-        raise PathlensError(f"ablation must be None, 'zero', 'mean' or 'resample', got {ablation!r}.")
-    if max_batch_tokens < 1:
-        raise PathlensError("max_batch_tokens must be at least 1.")
-    if top_k is not None and (ablation is not None or out is not None or top_k < 1):
-        raise PathlensError(
-            "top_k= needs top_k >= 1 and works for patching (not ablation) without out= (a verified top-k run is "
-            "short, so it is not checkpointed)."
-        )
-    if prefilter not in PREFILTERS:
-        raise PathlensError(f"prefilter must be one of {', '.join(PREFILTERS)}, got {prefilter!r}.")
-    metric = metric or task.metric
-    assert metric is not None
-    task = task.with_metric(metric)
-    n, seq_len = task.n, task.seq_len
-    plan = make_plan(model, sites, positions, seq_len, layers=layers, neurons=neurons)
-    if ablation is not None:
-        base_ids, source_ids = task.clean_ids, task.clean_ids
-    elif direction == "denoise":
-        base_ids, source_ids = task.corrupt_ids, task.clean_ids
-    else:
-        base_ids, source_ids = task.clean_ids, task.corrupt_ids
-    runner = ConeRunner(model, base_ids, task.attention_mask, task.answer_pos) if cone else None
-    position_cone = runner is not None and runner.supports_position_cone
-    shared = shared_prefix(base_ids, source_ids) if position_cone and ablation is None else 0
-    executed = [executed_variant(v, shared, seq_len) for v in plan.variants]
-    families = sorted({v.site.family for v in executed}, key=str)
-    scored = torch.unique(task.answer_pos)
-    source = model.run(source_ids, attention_mask=task.attention_mask, cache=families, logits_at=scored)
-    starts = [
-        (_NO_OP_LAYER, seq_len)
-        if v.positions == ()
-        else cone_start(v.site, v.positions, position_cone)
-        if runner
-        else None
-        for v in executed
-    ]
-    chunks = _chunks(range(len(executed)), starts, n, seq_len, max_batch_tokens)
+    setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
+    _check_options(ablation, max_batch_tokens, top_k, out, prefilter)
+    sweep = _Sweep.start(setup, ablation, cone, seed, max_batch_tokens)
     settings = {
         "direction": direction,
         "ablation": ablation,
-        "metric": metric_name(metric),
+        "metric": setup.metric_name,
         "max_batch_tokens": max_batch_tokens,
         "cone": cone,
         "seed": seed,
@@ -231,105 +199,200 @@ def patch(
     }
     state = _Checkpoint(
         Path(out) if out is not None else None,
-        _fingerprint(model, task, plan, settings),
-        len(plan.variants),
-        n,
-        len(chunks),
+        _fingerprint(model, setup.task, setup.plan, settings),
+        len(setup.plan.variants),
+        setup.task.n,
+        len(sweep.chunks),
     )
+    if top_k is None:
+        _run_chunks(sweep, state, progress)
+        return _assemble(sweep, state.values, settings)
+    estimate = _prefilter(prefilter)(
+        model,
+        setup.task,
+        sites=sites,
+        positions=positions,
+        direction=direction,
+        metric=setup.metric,
+        layers=layers,
+        neurons=neurons,
+    )
+    verified = _verify_in_order(
+        estimate.values.flatten() - estimate.meta["base_metric"],
+        top_k,
+        sweep.chunks_of,
+        sweep.run_chunk,
+        state.values,
+        estimate.meta["base_metric"],
+        progress,
+    )
+    return _assemble(sweep, state.values, settings, {"top_k": top_k, "prefilter": prefilter, "verified": len(verified)})
 
-    def op_for(variant: Variant) -> Op:
-        value = source.cache[variant.site.family]
+
+def _check_options(
+    ablation: Ablation | None, max_batch_tokens: int, top_k: int | None, out: object, prefilter: Prefilter
+) -> None:
+    """Reject option values `patch` cannot run, before any forward."""
+    check_option("ablation", ablation, (None, *ABLATIONS))
+    if max_batch_tokens < 1:
+        raise PathlensError("max_batch_tokens must be at least 1.")
+    if top_k is not None and (ablation is not None or out is not None or top_k < 1):
+        raise PathlensError(
+            "top_k= needs top_k >= 1 and works for patching (not ablation) without out= (a verified top-k run is "
+            "short, so it is not checkpointed)."
+        )
+    check_option("prefilter", prefilter, PREFILTERS)
+
+
+@dataclass(frozen=True)
+class _Sweep:
+    """A planned sweep after its base runs: the variants as executed (`executed_variant`), where each one's
+    cone starts, the source run whose activations are patched in, and the chunks of the whole sweep."""
+
+    setup: ResolvedSpec
+    ablation: Ablation | None
+    seed: int
+    max_batch_tokens: int
+    base_ids: Tensor
+    runner: ConeRunner | None  # None: every variant runs the whole model
+    source: Run
+    scored: Tensor  # the distinct answer positions, where `source` holds logits
+    executed: list[Variant]
+    starts: list[tuple[int, int] | None]  # (layer, position) each variant's cone starts at
+
+    @classmethod
+    def start(
+        cls, setup: ResolvedSpec, ablation: Ablation | None, cone: bool, seed: int, max_batch_tokens: int
+    ) -> _Sweep:
+        """The base runs: the base prompts into a `ConeRunner` (with `cone`), the source prompts with the cache
+        of every patched site family. Ablation runs the clean prompts and ablates with their activations."""
+        model, task, seq_len = setup.model, setup.task, setup.task.seq_len
+        base_ids, source_ids = (task.clean_ids, task.clean_ids) if ablation is not None else setup.runs
+        runner = ConeRunner(model, base_ids, task.attention_mask, task.answer_pos) if cone else None
+        position_cone = runner is not None and runner.supports_position_cone
+        shared = shared_prefix(base_ids, source_ids) if position_cone and ablation is None else 0
+        executed = [executed_variant(v, shared, seq_len) for v in setup.plan.variants]
+        families = sorted({v.site.family for v in executed}, key=str)
+        scored = torch.unique(task.answer_pos)
+        source = model.run(source_ids, attention_mask=task.attention_mask, cache=families, logits_at=scored)
+        starts = [
+            (_NO_OP_LAYER, seq_len)
+            if v.positions == ()
+            else cone_start(v.site, v.positions, position_cone)
+            if runner
+            else None
+            for v in executed
+        ]
+        return cls(setup, ablation, seed, max_batch_tokens, base_ids, runner, source, scored, executed, starts)
+
+    @cached_property
+    def chunks(self) -> list[Chunk]:
+        """Every variant's chunks, in the order an uninterrupted sweep runs (and a checkpoint counts) them."""
+        return self.chunks_of(range(len(self.executed)))
+
+    def chunks_of(self, indices: Sequence[int]) -> list[Chunk]:
+        return _chunks(indices, self.starts, self.setup.task.n, self.setup.task.seq_len, self.max_batch_tokens)
+
+    def op_for(self, variant: Variant) -> Op:
+        """What a variant writes at its site: the source activation, or the ablation built on it."""
+        value = self.source.cache[variant.site.family]
         if variant.site.index is not None:
             value = value.select(2, variant.site.index)
-        if ablation is None:
+        if self.ablation is None:
             return Replace(value)
-        return Ablate(ablation, reference=value, seed=seed)  # type: ignore[arg-type]
+        return Ablate(self.ablation, reference=value, seed=self.seed)
 
-    def run_chunk(chunk: Chunk) -> Tensor:
+    def run_chunk(self, chunk: Chunk) -> Tensor:
         """Per-row metric values (variants, rows) of one chunk."""
+        task, metric = self.setup.task, self.setup.metric
         rows = torch.arange(chunk.row_start, chunk.row_stop)
-        variants = [executed[i] for i in chunk.variants]
-        if chunk.start == seq_len:
-            assert runner is not None
-            values = metric(runner.answer_logits[rows][:, None], scored_view(task, rows, 1)).repeat(len(variants))
-        elif runner is not None and chunk.layer is not None:
-            patches = [ConePatch(v.site, op_for(v), v.positions) for v in variants]
-            logits = runner.run(chunk.layer, chunk.start, patches, rows)
+        variants = [self.executed[i] for i in chunk.variants]
+        if chunk.start == task.seq_len:
+            assert self.runner is not None
+            base = self.runner.answer_logits[rows][:, None]
+            values = metric(base, scored_view(task, rows, 1)).repeat(len(variants))
+        elif self.runner is not None and chunk.layer is not None:
+            patches = [ConePatch(v.site, self.op_for(v), v.positions) for v in variants]
+            logits = self.runner.run(chunk.layer, chunk.start, patches, rows)
             values = metric(logits[:, None], scored_view(task, rows, len(variants)))
         else:
-            values = _full_run(model, task, base_ids, variants, op_for, rows)
+            values = _full_run(self.setup.model, task, self.base_ids, variants, self.op_for, rows)
         return values.reshape(len(variants), -1)
 
-    verified: list[int] | None = None
-    if top_k is not None:
-        estimate = _prefilter(prefilter)(
-            model,
-            task,
-            sites=sites,
-            positions=positions,
-            direction=direction,
-            metric=metric,
-            layers=layers,
-            neurons=neurons,
+    def base_metric(self) -> float | None:
+        """Batch-mean metric of the unpatched base run (None without the cone runner, which holds its logits)."""
+        if self.runner is None:
+            return None
+        task = self.setup.task
+        return float(
+            self.setup.metric(self.runner.answer_logits[:, None], scored_view(task, torch.arange(task.n), 1)).mean()
         )
-        verified = _verify_in_order(
-            estimate.values.flatten() - estimate.meta["base_metric"],
-            top_k,
-            lambda indices: _chunks(indices, starts, n, seq_len, max_batch_tokens),
-            run_chunk,
-            state.values,
-            estimate.meta["base_metric"],
-            progress,
+
+    def source_metric(self) -> float:
+        """Batch-mean metric of the source run."""
+        task = self.setup.task
+        at_answer = self.source.logits[torch.arange(task.n), torch.searchsorted(self.scored, task.answer_pos)]
+        return float(self.setup.metric(at_answer[:, None], scored_view(task, torch.arange(task.n), 1)).mean())
+
+
+def _run_chunks(sweep: _Sweep, state: _Checkpoint, progress: bool) -> None:
+    """Run every chunk the checkpoint has not finished, recording each as it completes."""
+    chunks = sweep.chunks
+    todo = [i for i, _ in enumerate(chunks) if not state.done[i]]
+    with Progress(disable=not progress, transient=True) as bar:
+        job = bar.add_task(
+            f"patching {len(sweep.executed)} variants", total=len(chunks), completed=len(chunks) - len(todo)
         )
-    else:
-        todo = [i for i, _ in enumerate(chunks) if not state.done[i]]
-        with Progress(disable=not progress, transient=True) as bar:
-            job = bar.add_task(
-                f"patching {len(plan.variants)} variants", total=len(chunks), completed=len(chunks) - len(todo)
-            )
-            for index in todo:
-                chunk = chunks[index]
-                state.record(index, chunk.variants, slice(chunk.row_start, chunk.row_stop), run_chunk(chunk))
-                bar.advance(job)
-    base_metric = (
-        float(metric(runner.answer_logits[:, None], scored_view(task, torch.arange(n), 1)).mean()) if runner else None
-    )
-    at_answer = source.logits[torch.arange(n), torch.searchsorted(scored, task.answer_pos)]
-    source_metric = float(metric(at_answer[:, None], scored_view(task, torch.arange(n), 1)).mean())
+        for index in todo:
+            chunk = chunks[index]
+            state.record(index, chunk.variants, slice(chunk.row_start, chunk.row_stop), sweep.run_chunk(chunk))
+            bar.advance(job)
+
+
+def _assemble(
+    sweep: _Sweep, values: Tensor, settings: dict[str, Any], verification: dict[str, Any] | None = None
+) -> Scores:
+    """The Scores of a sweep from its per-variant, per-row metric values (n_variants, N): the batch mean per
+    cell, with the clean / corrupted / base metrics and the settings in `meta`."""
+    setup, ablation = sweep.setup, sweep.ablation
+    model, task, plan = setup.model, setup.task, setup.plan
+    base_metric, source_metric = sweep.base_metric(), sweep.source_metric()
     clean_m, corrupt_m = (
-        (source_metric, base_metric) if direction == "denoise" and ablation is None else (base_metric, source_metric)
+        (source_metric, base_metric)
+        if setup.direction == "denoise" and ablation is None
+        else (base_metric, source_metric)
     )
     pos_labels = None
     if "pos" in plan.dims:
         pos_labels = [model.to_str_tokens(task.clean_ids[0, p : p + 1])[0] for p in plan.coords["pos"]]
+    sites = setup.spec.sites
+    method = f"ablate:{ablation}" if ablation else f"patch:{setup.direction}"
     return Scores(
-        values=state.values.mean(dim=1).reshape(plan.shape).float(),
+        values=values.mean(dim=1).reshape(plan.shape).float(),
         dims=plan.dims,
         coords=plan.coords,
-        metric=metric_name(metric),
-        method=f"ablate:{ablation}" if ablation else f"patch:{direction}" + ("" if top_k is None else ":verified-topk"),
-        meta={
-            "model": model.name,
-            "task": task.name,
-            "n_prompts": n,
-            "sites": sites if isinstance(sites, str) else [str(s) for s in sites],
-            "positions": settings["positions"],
-            "clean_metric": clean_m,
-            "corrupt_metric": corrupt_m,
-            "base_metric": base_metric,
-            "cone": cone,
-            "max_batch_tokens": max_batch_tokens,
-            **({} if verified is None else {"top_k": top_k, "prefilter": prefilter, "verified": len(verified)}),
-        },
+        metric=setup.metric_name,
+        method=method if verification is None else f"{method}:verified-topk",
+        meta=setup.meta(
+            sites=sites if isinstance(sites, str) else [str(s) for s in sites],
+            positions=settings["positions"],
+            clean_metric=clean_m,
+            corrupt_metric=corrupt_m,
+            base_metric=base_metric,
+            cone=settings["cone"],
+            max_batch_tokens=settings["max_batch_tokens"],
+            **(verification or {}),
+        ),
         pos_labels=pos_labels,
     )
 
 
-def _prefilter(name: str) -> Callable[..., Scores]:
+def _prefilter(name: Prefilter) -> Callable[..., Scores]:
     """The estimator behind a prefilter name (imported here: pathlens.attribution builds on this package)."""
     from pathlens.attribution import atp, atp_star, relp
 
-    return {"atp*": atp_star, "relp": relp, "atp": atp}[name]
+    estimators: dict[str, Callable[..., Scores]] = {"atp*": atp_star, "relp": relp, "atp": atp}
+    return estimators[name]
 
 
 def _verify_in_order(

@@ -1,0 +1,114 @@
+"""What a patching experiment is, said once for every method that runs or estimates one.
+
+`patch`, `atp`, `relp`, `atp_star` and `integrated_gradients` share their first eight parameters: the model,
+the task, and the six options a `PatchSpec` holds (`edge_attribution` shares the direction and the metric).
+`PatchSpec.resolve(model, task)` does what each of them did first: pick the metric (the task's unless one is
+given), give the task that metric, choose the base and source prompts of the direction, plan the variants, and
+start the `meta` dict every result records. The option types (`Direction`, `SweepGroup`, `Positions`) are
+`Literal`s, so a type checker catches a misspelt option before a run does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal, get_args
+
+from torch import Tensor
+
+from pathlens.errors import PathlensError
+from pathlens.model import Model
+from pathlens.patching.plan import Plan, make_plan
+from pathlens.sites import Site
+from pathlens.tasks.base import Task
+from pathlens.tasks.metrics import Metric, metric_name
+
+Direction = Literal["denoise", "noise"]
+""""denoise": the corrupted prompts run with clean activations patched in; "noise": the reverse."""
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
+
+SweepGroup = Literal[
+    "heads",
+    "z",
+    "q",
+    "k",
+    "v",
+    "attn_out",
+    "mlp_in",
+    "mlp_out",
+    "resid_pre",
+    "resid_mid",
+    "resid_post",
+    "neurons",
+]
+"""A named group of sites to sweep (see `pathlens.patching.plan`); "neurons" takes `neurons={layer: [i, ...]}`."""
+
+Sites = SweepGroup | Sequence[Site | str]
+Positions = Literal["all", "each"] | Sequence[int]
+
+
+def check_option(name: str, value: object, choices: Collection[object]) -> None:
+    """Raise PathlensError naming the option, its valid values and the value given, unless `value` is one."""
+    if value not in choices:
+        raise PathlensError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
+
+def runs_for(task: Task, direction: Direction) -> tuple[Tensor, Tensor]:
+    """(base ids, source ids) of a direction: denoise runs the corrupted prompts with clean activations."""
+    check_option("direction", direction, DIRECTIONS)
+    return (task.corrupt_ids, task.clean_ids) if direction == "denoise" else (task.clean_ids, task.corrupt_ids)
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """The patching experiment a method runs or estimates: `sites` at `positions`, patched in `direction`,
+    scored by `metric` (None: the task's), restricted to `layers`, with `neurons` for sites="neurons"."""
+
+    sites: Sites = "heads"
+    positions: Positions = "all"
+    direction: Direction = "denoise"
+    metric: Metric | None = None
+    layers: Sequence[int] | None = None
+    neurons: Mapping[int, Sequence[int]] | None = None
+
+    def __post_init__(self) -> None:
+        check_option("direction", self.direction, DIRECTIONS)
+
+    def resolve(self, model: Model, task: Task) -> ResolvedSpec:
+        """This spec for `model` and `task`: the metric chosen and the task carrying it."""
+        metric = task.metric if self.metric is None else self.metric
+        return ResolvedSpec(self, model, task.with_metric(metric), metric)
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """A `PatchSpec` for one model and task: what every method needs before its first forward."""
+
+    spec: PatchSpec
+    model: Model
+    task: Task  # carries `metric`
+    metric: Metric
+
+    @property
+    def direction(self) -> Direction:
+        return self.spec.direction
+
+    @property
+    def metric_name(self) -> str:
+        return metric_name(self.metric)
+
+    @property
+    def runs(self) -> tuple[Tensor, Tensor]:
+        """(base ids, source ids) of the direction (see `runs_for`)."""
+        return runs_for(self.task, self.direction)
+
+    @cached_property
+    def plan(self) -> Plan:
+        """The variants of the sweep (planned on first use: edge methods need none)."""
+        s = self.spec
+        return make_plan(self.model, s.sites, s.positions, self.task.seq_len, layers=s.layers, neurons=s.neurons)
+
+    def meta(self, **extra: Any) -> dict[str, Any]:
+        """The meta every result records (model, task, number of prompts), then `extra`."""
+        return {"model": self.model.name, "task": self.task.name, "n_prompts": self.task.n, **extra}
