@@ -1,9 +1,21 @@
-"""The one mechanism that reads and writes sites: a `HookSession` that exists only inside a run.
+"""The one mechanism that reads and writes sites: a `HookSession` whose hooks exist only inside its block.
 
 On entry it registers PyTorch hooks on the real modules (and, for query/key/value/pattern sites, routes the
 transformers attention-function interface through `_attention` for the duration); on exit — also after an
 exception or KeyboardInterrupt — it removes every hook and restores the attention setting, so the model is
-left exactly as it was.
+left exactly as it was. `Model.run` is one session around one forward; `Model.session` holds one across any
+number of the model's own forwards (generation with a key/value cache, runs of different lengths, training).
+
+Selections resolve per forward. A pre-hook on the wrapped model reads each call's `attention_mask`,
+`past_key_values` / `cache_position` and input length: a call that continues a cached prefix of n tokens holds
+positions n..n+p−1, and each row's left padding is counted, so explicit positions are each row's own token
+positions. Blocks called directly (the causal-cone runner) have no such call: their selections resolve from
+the value's own (batch, pos) shape. Cached reads of a call that continues the previous one are appended along
+the position axis, so a session's cache holds the whole sequence (attention patterns padded with zeros for
+keys not yet present).
+
+Backward rules (e.g. LRP rules of `pathlens.attribution.lrp`) are objects with `hooks(model)` and a
+`constant_attention` flag; the session registers their hooks before the site hooks and never names a rule.
 
 Each site kind is handled at one hook point, where its value exists in the model's computation, in the
 site layout (batch, pos, ...):
@@ -39,7 +51,7 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +59,32 @@ from torch import Tensor, nn
 from pathlens.arch.base import get_module, output_weight_per_head
 from pathlens.arch.calls import first_output, hidden_input, with_first_output, with_hidden_input
 from pathlens.errors import PathlensError
-from pathlens.interventions import Intervention, Selection, resolve_index
-from pathlens.sites import Site
+from pathlens.interventions import Intervention, Op, Selection, resolve_index
+from pathlens.sites import Site, parse_site
+
+Hook = tuple[nn.Module, str, Callable[..., Any]]
+
+
+class Cache(dict[Site, Tensor]):
+    """Cached activations, keyed by Site; string keys ("L3.resid_pre") work too."""
+
+    def __getitem__(self, key: "Site | str") -> Tensor:
+        site = parse_site(key)
+        if not super().__contains__(site):
+            raise KeyError(f"{site} was not cached in this run; cached: {[str(s) for s in self]}")
+        return super().__getitem__(site)
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(parse_site(key) if isinstance(key, (str, Site)) else key)
+
+
+class BackwardRule(Protocol):
+    """A rule that changes the backward pass only (e.g. an LRP rule): the hooks that put it in place on a model,
+    and whether it needs attention probabilities held constant. The session registers what it is given."""
+
+    constant_attention: bool
+
+    def hooks(self, model: "Model") -> list[Hook]: ...
 
 if TYPE_CHECKING:
     from pathlens.model import Model
@@ -120,10 +156,11 @@ def _attention(
         raise PathlensError("pathlens attention was called outside a pathlens run; reload the model.")
     session, layer, own = entry
     query = session.process(Site("q", layer), query.transpose(1, 2)).transpose(1, 2)
-    key = _process_new_positions(session, Site("k", layer), key)
-    value = _process_new_positions(session, Site("v", layer), value)
+    q_len = query.shape[2]
+    key = _process_new_positions(session, Site("k", layer), key, q_len)
+    value = _process_new_positions(session, Site("v", layer), value, q_len)
     pattern_site = Site("attn_pattern", layer)
-    constant_pattern = "AH" in session.rules
+    constant_pattern = session.constant_attention
     if not session.wants(pattern_site) and not constant_pattern:
         return own(module, query, key, value, attention_mask, *args, **kwargs)
     eager = _eager_function(module)
@@ -134,65 +171,161 @@ def _attention(
         n_rep = query.shape[1] // value.shape[1]
         out = torch.matmul(probs.to(value.dtype), _repeat_kv(value, n_rep)).transpose(1, 2).contiguous()
     if constant_pattern and not session.writes_to(pattern_site):
-        # the AH rule changes gradients only: the value is the model's own attention output, bit for bit
+        # constant attention changes gradients only: the value is the model's own attention output, bit for bit
         reference = own(module, query, key, value, attention_mask, *args, **kwargs)[0]
         out = reference.detach() + (out - out.detach())
     return out, new
 
 
-def _process_new_positions(session: "HookSession", family: Site, states: Tensor) -> Tensor:
-    """Process keys/values (b, G, p, d); with a key/value cache only the run's own (last seq_len) positions
-    are the site — the cached prefix comes from an earlier run and is left as it is."""
+def _process_new_positions(session: "HookSession", family: Site, states: Tensor, q_len: int) -> Tensor:
+    """Process keys/values (b, G, p, d); with a key/value cache only the call's own (last q_len) positions
+    are the site — the cached prefix comes from an earlier forward and is left as it is."""
     if not session.wants(family):
         return states
-    prefix = states.shape[2] - session.seq_len
+    prefix = states.shape[2] - q_len
     new = session.process(family, states[:, :, prefix:].transpose(1, 2)).transpose(1, 2)
     return torch.cat([states[:, :, :prefix], new], dim=2) if prefix else new
 
 
-@dataclass
-class _Write:
-    intervention: Intervention
-    sel: Selection | None = None
+@dataclass(frozen=True)
+class CallContext:
+    """Where one forward sits in its sequence: `batch` rows of `length` new tokens after `offset` tokens already
+    in the key/value cache; per row, `pad` left-padding tokens, `real` real tokens through this call and `last`
+    the absolute column of its last real token (None: no padding — every row is `offset + length` real tokens)."""
+
+    batch: int
+    length: int
+    offset: int = 0
+    pad: Tensor | None = None
+    real: Tensor | None = None
+    last: Tensor | None = None
+
+    @staticmethod
+    def of_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> "CallContext | None":
+        """The context of a call of the wrapped model (its forward's args and kwargs), or None if it has no
+        (batch, pos) token input."""
+        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if not isinstance(ids, Tensor) or ids.ndim < 2:
+            return None
+        batch, length = int(ids.shape[0]), int(ids.shape[1])
+        mask = kwargs.get("attention_mask")
+        mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+        offset = _cached_length(kwargs, mask, length)
+        if mask is None or bool(mask.all()):
+            return CallContext(batch, length, offset)
+        real_cells = mask.to(torch.bool)  # (B, offset + length)
+        columns = torch.arange(real_cells.shape[1], device=real_cells.device)
+        pad = (real_cells.cumsum(1) == 0).sum(1).cpu()  # (B,)
+        last = torch.where(real_cells, columns, -1).amax(1).cpu()  # (B,)
+        real = real_cells.sum(1).cpu()  # (B,)
+        return CallContext(batch, length, offset, pad=pad if bool(pad.any()) else None, real=real, last=last)
+
+
+def _cached_length(kwargs: dict[str, Any], mask: Tensor | None, length: int) -> int:
+    """How many tokens of the sequence a call's key/value cache already holds."""
+    position = kwargs.get("cache_position")
+    if isinstance(position, Tensor) and position.numel():
+        return int(position.reshape(-1)[0])
+    past = kwargs.get("past_key_values", kwargs.get("cache"))
+    if past is not None and hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    if mask is not None:
+        return int(mask.shape[1]) - length
+    return 0
+
+
+def resolve_selection(iv: Intervention, ctx: CallContext) -> Selection | None:
+    """The cells of `iv` that the call `ctx` holds, or None if it holds none of them."""
+    rows = resolve_index(iv.rows, ctx.batch, f"rows of the intervention on {iv.site}")
+    pos = iv.positions
+    if pos is None or (isinstance(pos, str) and pos == "all"):
+        cols = torch.arange(ctx.length)[None]
+        return Selection(rows, cols, ctx.batch, ctx.length)
+    if isinstance(pos, str):
+        if pos != "last":
+            raise PathlensError(
+                f"positions of the intervention on {iv.site}: unknown policy {pos!r}; use 'all', 'last', "
+                "explicit positions or a slice."
+            )
+        if ctx.last is None:
+            cols = torch.full((1, 1), ctx.offset + ctx.length - 1)
+        else:
+            cols = ctx.last[rows][:, None]  # (R, 1) absolute
+        return _selection(rows, cols - ctx.offset, ctx)
+    row_len = torch.full((rows.numel(),), ctx.offset + ctx.length) if ctx.real is None else ctx.real[rows]
+    if isinstance(pos, slice):
+        wanted = torch.arange(int(row_len.max()))[pos]
+    else:
+        wanted = torch.as_tensor(pos, dtype=torch.long).reshape(-1)
+        if wanted.numel() == 0:
+            raise PathlensError(
+                f"positions of the intervention on {iv.site}: empty selection; pass at least one index or None for all."
+            )
+    if wanted.numel() == 0:
+        return None
+    relative = torch.where(wanted[None] < 0, row_len[:, None] + wanted[None], wanted[None])  # (R, P')
+    pad = torch.zeros(rows.numel(), dtype=torch.long) if ctx.pad is None else ctx.pad[rows]
+    cols = pad[:, None] + relative - ctx.offset  # (R, P') call-local
+    if ctx.pad is None and not bool((wanted < 0).any()):
+        cols = cols[:1]
+    return _selection(rows, cols, ctx)
+
+
+def _selection(rows: Tensor, cols: Tensor, ctx: CallContext) -> Selection | None:
+    """A Selection of call-local `cols` (R or 1, P'), marking the cells outside the call as absent."""
+    inside = (cols >= 0) & (cols < ctx.length)
+    if not bool(inside.any()):
+        return None
+    present = None if bool(inside.all()) else inside.expand(rows.numel(), -1)
+    return Selection(rows, cols.clamp(0, ctx.length - 1), ctx.batch, ctx.length, present)
 
 
 @dataclass
 class HookSession:
-    """Hooks for one run: `reads` to cache and `interventions` to apply, for a batch of (batch, seq_len).
+    """Hooks that `reads` (caches) sites and applies `interventions`, for as many forwards as run inside it.
 
+    `model` is a `pathlens.Model`, or a plain `nn.Module` for `module:<path>` sites and extra hooks only.
+
+    `grad_hooks` — (module, "pre" | "fwd", hook) — are backward-rule hooks, registered before the site hooks so
+    that a site read at the same module sees what the rest of the model sees; `constant_attention` runs every
+    layer's attention through the model's eager function with the probabilities held constant for gradients.
     `extra_hooks` — (module path, "pre" | "fwd", hook) — let an engine that is not a site intervention (edge
-    patching) hook the model through the same registration and guaranteed removal.
+    patching) hook the model through the same registration and guaranteed removal. `record_blocks` keeps the
+    arguments of every block call (for the causal-cone runner).
     """
 
-    model: "Model"
-    reads: Sequence[Site]
-    interventions: Sequence[Intervention]
-    batch: int
-    seq_len: int
+    model: "Model | nn.Module"
+    reads: Sequence[Site] = ()
+    interventions: Sequence[Intervention] = ()
     grad: bool = False
     cache_device: torch.device | str | None = None
     cache_dtype: torch.dtype | None = None
     record_blocks: bool = False
-    rules: frozenset[str] = frozenset()
+    grad_hooks: Sequence[Hook] = ()
+    constant_attention: bool = False
     extra_hooks: Sequence[tuple[str, str, Callable[..., Any]]] = ()
-    cache: dict[Site, Tensor] = field(default_factory=dict)
+    cache: Cache = field(default_factory=Cache)
     block_calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
-    _writes: dict[Site, list[_Write]] = field(default_factory=dict)
+    _writes: dict[Site, list[Intervention]] = field(default_factory=dict)
     _reads: dict[Site, list[Site]] = field(default_factory=dict)
     _resid_pre: dict[int, Tensor] = field(default_factory=dict)
     _stack: ExitStack = field(default_factory=ExitStack)
+    _call: CallContext | None = None
+    _active: bool = False
+    _resolved: dict[tuple[int, int, int], tuple[Intervention, Selection | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for site in self.reads:
             self._reads.setdefault(site.family, []).append(site)
         for iv in self.interventions:
-            sel = Selection(
-                rows=resolve_index(iv.rows, self.batch, f"rows of the intervention on {iv.site}"),
-                positions=resolve_index(iv.positions, self.seq_len, f"positions of the intervention on {iv.site}"),
-                full_batch=self.batch,
-                full_len=self.seq_len,
-            )
-            self._writes.setdefault(iv.site.family, []).append(_Write(iv, sel))
+            self._writes.setdefault(iv.site.family, []).append(iv)
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are registered (inside the `with` block)."""
+        return self._active
 
     def wants(self, family: Site) -> bool:
         return family in self._reads or family in self._writes
@@ -205,32 +338,59 @@ class HookSession:
         writes = self._writes.get(family)
         if writes:
             value = value.clone()
-            for w in writes:
-                value = self._apply(w, value)
+            for iv in writes:
+                value = self._apply(iv, value)
         for site in self._reads.get(family, ()):
             self._store(site, value)
         return value
 
-    def _apply(self, w: _Write, value: Tensor) -> Tensor:
-        iv, sel = w.intervention, w.sel
-        assert sel is not None
-        rows, pos = sel.rows.to(value.device)[:, None], sel.positions.to(value.device)[None, :]
-        if value.shape[0] != self.batch or value.shape[1] != self.seq_len:
+    def _context(self, value: Tensor) -> CallContext:
+        """The current call's context; blocks called directly (no model call) take it from the value's shape."""
+        if self._call is not None:
+            return self._call
+        return CallContext(int(value.shape[0]), int(value.shape[1]))
+
+    def _resolve(self, iv: Intervention, ctx: CallContext) -> tuple[Intervention, Selection | None]:
+        """`iv` for this call — its op cut to the call's window (`_in_window`) — and its cells; resolved once per
+        (intervention, call shape)."""
+        key = (id(iv), ctx.batch, ctx.length)
+        hit = self._resolved.get(key)
+        if hit is None:
+            op = _in_window(iv.op, ctx)
+            call_iv = iv if op is iv.op else Intervention(iv.site, op, iv.positions, iv.rows)
+            hit = self._resolved[key] = (call_iv, resolve_selection(iv, ctx))
+        return hit
+
+    def _apply(self, intervention: Intervention, value: Tensor) -> Tensor:
+        ctx = self._context(value)
+        iv, sel = self._resolve(intervention, ctx)
+        if value.shape[0] != ctx.batch or value.shape[1] != ctx.length:
             raise PathlensError(
                 f"{iv.site}: its value has shape {tuple(value.shape)}, not "
-                f"(batch={self.batch}, pos={self.seq_len}, ...); "
+                f"(batch={ctx.batch}, pos={ctx.length}, ...); "
                 "rows and positions only apply to sites laid out (batch, pos, ...)."
             )
-        index: tuple[Any, ...] = (rows, pos) if iv.site.index is None else (rows, pos, iv.site.index)
+        if sel is None:
+            return value
+        rows = sel.rows.to(value.device)[:, None]  # (R, 1)
+        cols = sel.cols.to(value.device)  # (R or 1, P')
+        index: tuple[Any, ...] = (rows, cols) if iv.site.index is None else (rows, cols, iv.site.index)
         full = value if iv.site.index is None else value.select(_INDEXED_AXIS, iv.site.index)
-        x = value[index]
+        x = value[index]  # (R, P', *rest)
         new = iv.op.apply(x, full, sel)
         if new.shape != x.shape:
             raise PathlensError(
                 f"{type(iv.op).__name__} on {iv.site} produced shape {tuple(new.shape)}, expected {tuple(x.shape)} "
                 "(selected rows x positions x the site's own dims)."
             )
-        value[index] = new.to(value.dtype)
+        if sel.present is None:
+            value[index] = new.to(value.dtype)
+            return value
+        present = sel.present.to(value.device)  # (R, P')
+        cells = (rows.expand_as(present)[present], cols.expand_as(present)[present])
+        if iv.site.index is not None:
+            cells = (*cells, iv.site.index)
+        value[cells] = new[present].to(value.dtype)
         return value
 
     def _store(self, site: Site, value: Tensor) -> None:
@@ -239,19 +399,29 @@ class HookSession:
             v = v.detach()
         if self.cache_device is not None or self.cache_dtype is not None:
             v = v.to(device=self.cache_device or v.device, dtype=self.cache_dtype or v.dtype)
+        earlier = self.cache.get(site)
+        if self._call is not None and self._call.offset and earlier is not None and _continues(earlier, v, self._call):
+            if site.kind == "attn_pattern":
+                earlier = torch.nn.functional.pad(earlier, (0, v.shape[-1] - earlier.shape[-1]))
+            v = torch.cat([earlier, v], dim=1)
         self.cache[site] = v
 
     # ---- registration -------------------------------------------------------------------------------
 
     def __enter__(self) -> "HookSession":
+        if self._active:
+            raise PathlensError("this session is already open; a HookSession is entered once at a time.")
         try:
             self._register()
         except BaseException:
             self._stack.close()
             raise
+        self._active = True
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._active, self._call = False, None
+        self._resolved.clear()
         self._stack.close()
 
     def _hook(self, module: nn.Module, kind: str, fn: Callable[..., Any]) -> None:
@@ -262,15 +432,27 @@ class HookSession:
         self._stack.callback(handle.remove)
 
     def _register(self) -> None:
-        arch, root = self.model.arch, self.model.hf
         families = set(self._reads) | set(self._writes)
+        if isinstance(self.model, nn.Module):
+            self._register_on_module(self.model, families)
+            return
+        arch, root = self.model.arch, self.model.hf
         blocks = get_module(root, arch.blocks)
+        self._hook(root, "pre", self._call_start_hook)
+        self._hook(root, "fwd", self._call_end_hook)
         if self.record_blocks:
             for layer, block in enumerate(blocks):
                 self._hook(block, "pre", self._record_hook(layer))
         attn_layers: set[int] = set()
-        if self.rules:
-            self._register_rules(blocks, attn_layers)
+        if self.constant_attention:
+            if arch.qkv != "interface":
+                raise PathlensError(
+                    f"constant attention (the AH rule) needs attention through the transformers attention interface, "
+                    f"which {arch.family} does not use; drop 'AH' from rules=."
+                )
+            attn_layers.update(range(len(blocks)))
+        for module, kind, fn in self.grad_hooks:
+            self._hook(module, kind, fn)
         for fam in sorted(families, key=str):
             if fam.kind == "embed":
                 self._hook(get_module(root, arch.embed), "fwd", self._output_hook(fam))
@@ -286,20 +468,27 @@ class HookSession:
         for path, kind, fn in self.extra_hooks:
             self._hook(get_module(root, path), kind, fn)
 
-    def _register_rules(self, blocks: nn.ModuleList, attn_layers: set[int]) -> None:
-        """LRP rules (`pathlens.attribution.lrp`), registered before the site hooks so that a site read at the
-        same module sees the value and gradient the rest of the model sees."""
-        from pathlens.attribution.lrp import rule_hooks
-
-        if "AH" in self.rules:
-            if self.model.arch.qkv != "interface":
+    def _register_on_module(self, root: nn.Module, families: set[Site]) -> None:
+        """A session over a plain `nn.Module` (no architecture map): `module:path` sites and extra hooks only."""
+        for fam in sorted(families, key=str):
+            if fam.kind != "module":
                 raise PathlensError(
-                    f"the AH rule needs attention through the transformers attention interface, which "
-                    f"{self.model.arch.family} does not use; drop 'AH' from rules=."
+                    f"site {fam} needs a wrapped model (pathlens.Model); on a plain nn.Module only "
+                    "'module:<path>' sites exist."
                 )
-            attn_layers.update(range(len(blocks)))
-        for module, kind, fn in rule_hooks(self.model, self.rules):
-            self._hook(module, kind, fn)
+            self._hook(get_module(root, fam.path or ""), "fwd", self._output_hook(fam))
+        self._hook(root, "pre", self._call_start_hook)
+        self._hook(root, "fwd", self._call_end_hook)
+        for path, kind, fn in self.extra_hooks:
+            self._hook(get_module(root, path), kind, fn)
+
+    def _call_start_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._call = CallContext.of_call(args, kwargs)
+        self._resolved.clear()
+
+    def _call_end_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._call = None
+        self._resolved.clear()
 
     def _register_layer_site(self, fam: Site, block: nn.Module, attn_layers: set[int]) -> None:
         arch, layer = self.model.arch, fam.layer
@@ -456,3 +645,23 @@ class HookSession:
             return None
 
         return hook
+
+
+def _continues(earlier: Tensor, new: Tensor, ctx: CallContext) -> bool:
+    """Whether `new` (a call's read) continues `earlier` (the reads so far of the same rows)."""
+    return earlier.shape[0] == new.shape[0] == ctx.batch and earlier.shape[1] == ctx.offset
+
+
+def _in_window(op: Op, ctx: CallContext) -> Op:
+    """`op` cut to the call's positions offset..offset+length when its (batch, pos, ...) tensors cover more than the
+    call (a source laid out along the whole sequence, read by a prefix forward and then by each cached step);
+    tensors of the call's own length, the selected length or 1 are used as they are."""
+    end = ctx.offset + ctx.length
+    lengths = [
+        int(t.shape[1])
+        for t in (getattr(op, name) for name in op.laid_out)
+        if isinstance(t, Tensor) and t.ndim >= op.laid_out_ndim and t.shape[1] != 1
+    ]
+    if not lengths or not all(n >= end and n > ctx.length for n in lengths):
+        return op
+    return op.restrict(None, slice(ctx.offset, end))

@@ -9,17 +9,25 @@ Ops: `Replace(source)`, `Add(vector, scale)`, `Ablate("zero"|"mean"|"resample")`
 selected rows, P' selected positions, `rest` the site's remaining dims (e.g. (d_model,), (d_head,), or (H, d_head)
 for a whole-layer head site) — and returns the new values of the same shape.
 
+Positions: `None` or `"all"` (every position of the call), `"last"` (each row's last real token, if the call
+holds it), explicit positions (an int, a list, a tensor; negatives count from each row's end) or a `slice`.
+Explicit positions count each row's own tokens, so a left-padded row's position 0 is its first real token;
+they are resolved per forward by the session (`pathlens.hooks`), so under generation with a key/value cache
+the position n is touched by whichever forward holds it.
+
 Sources and references are given in the site's own layout (the shape `model.run` caches) and are aligned to
 the selection axis by axis: along the batch axis a tensor with the full batch size is indexed by `rows`, one
 with R rows is used as is, one with 1 row is broadcast; the position axis is treated the same way with the
-full sequence length, P', or 1.
+call's length (indexed by each row's columns), P', or 1. `Op.restrict(rows, positions)` cuts an op's tensors
+to given rows and a position range (a causal-cone run, a forward that continues a cached prefix).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -28,20 +36,28 @@ from pathlens.errors import PathlensError
 from pathlens.sites import Site, parse_site
 
 Index = None | int | slice | Sequence[int] | Tensor
+Positions = Index | Literal["all", "last"]
 
 
 @dataclass
 class Selection:
-    """Which cells of a site's value an intervention touches.
+    """Which cells of a site's value an intervention touches in one forward.
 
-    `rows` (R,) and `positions` (P',) are resolved long tensors; `full_batch` / `full_len` are the sizes of the
-    running batch, used to align sources (see module docstring).
+    `rows` (R,) are batch rows of the call; `cols` (R or 1, P') the call-local column of each selected
+    (row, position) — one row when every row has the same columns; `present` (R, P') marks the cells the call
+    holds (None: all of them). `full_batch` / `full_len` are the call's batch size and length, used to align
+    sources (see module docstring).
     """
 
     rows: Tensor
-    positions: Tensor
+    cols: Tensor
     full_batch: int
     full_len: int
+    present: Tensor | None = None
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.cols.shape[1])
 
     def align(self, source: Tensor, what: str) -> Tensor:
         """Index/broadcast `source` (batch, pos, *rest) to (R, P', *rest)."""
@@ -51,7 +67,24 @@ class Selection:
                 f"{tuple(source.shape)}; use Add for a single vector."
             )
         src = _align_axis(source, 0, self.rows, self.full_batch, what, "batch")
-        return _align_axis(src, 1, self.positions, self.full_len, what, "position")
+        return self.align_positions(src, what)
+
+    def align_positions(self, t: Tensor, what: str) -> Tensor:
+        """Index/broadcast axis 1 of `t` (R or 1, pos, *rest) to the selected positions (.., P', *rest)."""
+        size, n_sel = t.shape[1], self.n_positions
+        if size == n_sel:
+            return t
+        if size == 1:
+            return t.expand(t.shape[0], n_sel, *t.shape[2:])
+        if size == self.full_len:
+            cols = self.cols.to(t.device).clamp(max=size - 1)  # (R or 1, P')
+            if cols.shape[0] == 1:
+                return t.index_select(1, cols[0])
+            return t[torch.arange(cols.shape[0], device=t.device)[:, None], cols]
+        raise PathlensError(
+            f"{what}: its position axis has size {size}, but the run has {self.full_len} and the intervention "
+            f"selects {n_sel}; give the full size, the selected size, or 1."
+        )
 
 
 def _align_axis(t: Tensor, axis: int, index: Tensor, full: int, what: str, axis_name: str) -> Tensor:
@@ -68,6 +101,13 @@ def _align_axis(t: Tensor, axis: int, index: Tensor, full: int, what: str, axis_
     )
 
 
+def restrict_tensor(t: Tensor, rows: Tensor | None, positions: slice) -> Tensor:
+    """A (batch, pos, ...) tensor cut to `rows` (None: all) and `positions`; axes of size 1 broadcast and stay."""
+    if rows is not None and t.shape[0] != 1:
+        t = t[rows.to(t.device)]
+    return t if t.shape[1] == 1 else t[:, positions]
+
+
 class Op:
     """Base class: `apply(x, full, sel)` -> new values for the selected cells (same shape as x).
 
@@ -76,9 +116,24 @@ class Op:
     """
 
     name: str = "op"
+    laid_out: ClassVar[tuple[str, ...]] = ()
+    example_rows: ClassVar[tuple[str, ...]] = ()
+    laid_out_ndim: ClassVar[int] = 2
 
     def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
         raise NotImplementedError
+
+    def restrict(self, rows: Tensor | None, positions: slice) -> "Op":
+        """This op for a run of the given task `rows` (None: all) at absolute `positions` only: its tensors laid
+        out (batch, pos, ...) — the fields named in `laid_out` — are cut to match; tensors of examples that are
+        not batch rows (`example_rows`, e.g. a mean-ablation reference) are cut along positions only.
+        Tensors with fewer than two axes (a (d,) vector) apply everywhere and are kept."""
+        changes: dict[str, Tensor] = {}
+        for name in self.laid_out:
+            value = getattr(self, name)
+            if isinstance(value, Tensor) and value.ndim >= self.laid_out_ndim:
+                changes[name] = restrict_tensor(value, None if name in self.example_rows else rows, positions)
+        return dataclasses.replace(self, **changes) if changes else self  # type: ignore[type-var]
 
 
 @dataclass
@@ -87,6 +142,7 @@ class Replace(Op):
 
     source: Tensor
     name: str = "replace"
+    laid_out: ClassVar[tuple[str, ...]] = ("source",)
 
     def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
         src = sel.align(self.source, "Replace source").to(device=x.device, dtype=x.dtype)
@@ -100,6 +156,8 @@ class Add(Op):
     vector: Tensor
     scale: float = 1.0
     name: str = "add"
+    laid_out: ClassVar[tuple[str, ...]] = ("vector",)
+    laid_out_ndim: ClassVar[int] = 3  # a (d,) or (H, d) vector applies everywhere; (batch, pos, ...) is laid out
 
     def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
         vec = self.vector.to(device=x.device, dtype=x.dtype)
@@ -132,6 +190,8 @@ class Ablate(Op):
     reference: Tensor | None = None
     seed: int = 0
     name: str = field(default="ablate")
+    laid_out: ClassVar[tuple[str, ...]] = ("reference",)
+    example_rows: ClassVar[tuple[str, ...]] = ("reference",)
 
     def __post_init__(self) -> None:
         if self.how not in ("zero", "mean", "resample"):
@@ -146,7 +206,7 @@ class Ablate(Op):
             return sel.align(mean, "Ablate mean reference").expand_as(x).clone()
         gen = torch.Generator().manual_seed(self.seed)
         pick = torch.randint(ref.shape[0], (x.shape[0],), generator=gen).to(ref.device)
-        return _align_axis(ref.index_select(0, pick), 1, sel.positions, sel.full_len, "Ablate resample", "position")
+        return sel.align_positions(ref.index_select(0, pick), "Ablate resample")
 
 
 @dataclass
@@ -159,6 +219,7 @@ class Project(Op):
     basis: Tensor
     source: Tensor
     name: str = "project"
+    laid_out: ClassVar[tuple[str, ...]] = ("source",)
 
     def __post_init__(self) -> None:
         b = self.basis
@@ -192,11 +253,11 @@ class StopGradient(Op):
 
 @dataclass
 class Intervention:
-    """Apply `op` to `site` at `positions` (None = all) in batch `rows` (None = all)."""
+    """Apply `op` to `site` at `positions` (None or "all", "last", explicit, a slice) in batch `rows` (None = all)."""
 
     site: Site
     op: Op
-    positions: Index = None
+    positions: Positions = None
     rows: Index = None
 
     def __post_init__(self) -> None:

@@ -9,7 +9,8 @@ written only through hooks that exist inside `Model.run`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,8 @@ from pathlens.arch.base import ArchMap, get_module
 from pathlens.arch.calls import first_output
 from pathlens.arch.generic import arch_for
 from pathlens.errors import PathlensError
-from pathlens.hooks import HookSession
-from pathlens.interventions import Intervention
+from pathlens.hooks import BackwardRule, Cache, HookSession
+from pathlens.interventions import Intervention, resolve_index
 from pathlens.sites import GLOBAL_KINDS, LAYER_KINDS, Site, parse_site
 
 _DESCRIPTIONS = {
@@ -52,25 +53,6 @@ class SiteInfo:
     shape: tuple[str | int, ...]
     layers: str
     description: str
-
-
-class Cache(Mapping[Site, Tensor]):
-    """Cached activations of a run, keyed by Site; string keys ("L3.resid_pre") work too."""
-
-    def __init__(self, values: dict[Site, Tensor]):
-        self._values = values
-
-    def __getitem__(self, key: "Site | str") -> Tensor:
-        site = parse_site(key)
-        if site not in self._values:
-            raise KeyError(f"{site} was not cached in this run; cached: {[str(s) for s in self._values]}")
-        return self._values[site]
-
-    def __iter__(self) -> Iterator[Site]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
 
 
 @dataclass
@@ -255,53 +237,83 @@ class Model:
 
     # ---- runs ---------------------------------------------------------------------------------------
 
+    @contextmanager
+    def session(
+        self,
+        interventions: Sequence[Intervention] = (),
+        cache: "Sequence[Site | str] | Site | str" = (),
+        *,
+        grad: bool = False,
+        cache_device: torch.device | str | None = None,
+        cache_dtype: torch.dtype | None = None,
+        rules: Sequence[BackwardRule] = (),
+    ) -> Iterator[HookSession]:
+        """Interventions and reads held across every forward of the wrapped model inside the block.
+
+        Any number of `model.hf` forwards — including `model.hf.generate(...)` with its key/value cache, runs of
+        different lengths, a training loop — see `interventions`; positions resolve per forward from that
+        forward's absolute positions and each row's padding (`pathlens.hooks`). The yielded session's `.cache`
+        holds the reads of the current sequence (a forward that continues a cached prefix is appended).
+        grad: keep cached reads in the autograd graph (gradients are enabled or not by the caller).
+        rules: backward rules (objects with `hooks(model)` and `constant_attention`, e.g.
+        `pathlens.attribution.lrp.rule_objects(...)`), registered before the site hooks.
+        Every hook is removed when the block ends, also after an exception or KeyboardInterrupt.
+        """
+        reads = [self.resolve(s) for s in _site_list(cache)]
+        for iv in interventions:
+            iv.site = self.resolve(iv.site, write=True)
+        grad_hooks = [hook for rule in rules for hook in rule.hooks(self)]
+        with HookSession(
+            self,
+            reads,
+            list(interventions),
+            grad=grad,
+            cache_device=cache_device,
+            cache_dtype=cache_dtype,
+            grad_hooks=grad_hooks,
+            constant_attention=any(rule.constant_attention for rule in rules),
+        ) as session:
+            yield session
+
     def run(
         self,
         inputs: Any,
         *,
-        cache: Sequence["Site | str"] = (),
+        cache: "Sequence[Site | str] | Site | str" = (),
         interventions: Sequence[Intervention] = (),
         attention_mask: Tensor | None = None,
         grad: bool = False,
         cache_device: torch.device | str | None = None,
         cache_dtype: torch.dtype | None = None,
-        rules: Collection[str] = (),
+        rules: Sequence[BackwardRule] = (),
         logits_at: Tensor | None = None,
     ) -> Run:
-        """One forward pass with the given interventions, caching the given sites.
+        """One forward pass with the given interventions, caching the given sites: one `session` around one
+        forward.
 
-        inputs: text, list of texts (tokenized and right-padded), token ids (b, p), or a tokenizer output.
+        inputs: text, list of texts (tokenized and right-padded), token ids (b, p), or a tokenizer output; a
+            left-padded mask gets position ids counted from each row's first real token.
         cache: sites to return (only these are computed and kept), on `cache_device` / `cache_dtype` if given.
         interventions: applied in order; each acts on its own positions and rows of the batch.
         grad: run with autograd so gradients flow to parameters and cached activations (for attribution).
-        rules: LRP rules for the backward pass ("LN", "identity", "half", "AH"; `pathlens.attribution.lrp`);
-            values are unchanged, gradients become LRP relevance per unit input.
+        rules: backward rules for the backward pass (`pathlens.attribution.lrp.rule_objects("LN", ...)`); values
+            are unchanged, gradients become LRP relevance per unit input.
         logits_at: sorted positions; logits are then (b, len(logits_at), vocab), computed only there (saves a
             (b, p, vocab) tensor). Models without transformers' `logits_to_keep` compute all and are sliced.
         Returns Run(logits (b, p, vocab), cache). Hooks exist only inside this call.
         """
-        from pathlens.attribution.lrp import normalize_rules
-
         ids, mask = self._prepare(inputs, attention_mask)
-        reads = [self.resolve(s) for s in cache]
         for iv in interventions:
-            iv.site = self.resolve(iv.site, write=True)
-        session = HookSession(
-            self,
-            reads,
-            list(interventions),
-            batch=int(ids.shape[0]),
-            seq_len=int(ids.shape[1]),
-            grad=grad,
-            cache_device=cache_device,
-            cache_dtype=cache_dtype,
-            rules=normalize_rules(rules),
-        )
-        out = self.forward(ids, mask, session, logits_at=logits_at)
+            if iv.positions is not None and not isinstance(iv.positions, (str, slice)):
+                resolve_index(iv.positions, int(ids.shape[1]), f"positions of the intervention on {iv.site}")
+        with self.session(
+            interventions, cache, grad=grad, cache_device=cache_device, cache_dtype=cache_dtype, rules=rules
+        ) as session:
+            out = self.forward(ids, mask, session, logits_at=logits_at)
         logits = out.logits if hasattr(out, "logits") else first_output(out)
         if logits_at is not None and logits.shape[1] != logits_at.numel():
             logits = logits[:, logits_at.to(logits.device)]
-        return Run(logits=logits if grad else logits.detach(), cache=Cache(session.cache))
+        return Run(logits=logits if grad else logits.detach(), cache=session.cache)
 
     def forward(
         self,
@@ -311,18 +323,26 @@ class Model:
         use_cache: bool = False,
         logits_at: Tensor | None = None,
     ) -> Any:
-        """The wrapped model's own forward on token ids (b, p), with `session`'s hooks in place; returns its output.
+        """The wrapped model's own forward on token ids (b, p), inside `session` (entered here if it is not
+        already); returns its output.
 
         `use_cache=True` also returns the model's key/value cache (for engines that reuse it). `logits_at`
         (sorted positions) asks the model for logits at those positions only (transformers' `logits_to_keep`),
         which saves a (b, p, vocab) tensor; models without that argument return logits at every position.
+        A left-padded `mask` gets position ids counted from each row's first real token, so a padded row gives
+        the results it gives alone.
         """
+        params = inspect.signature(self.hf.forward).parameters
         kwargs: dict[str, Any] = {"input_ids": ids.to(self.device), "use_cache": use_cache}
         if mask is not None:
             kwargs["attention_mask"] = mask.to(self.device)
-        if logits_at is not None and "logits_to_keep" in inspect.signature(self.hf.forward).parameters:
+            if mask.ndim == 2 and not bool(mask[:, 0].all()) and "position_ids" in params:
+                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0).to(self.device)
+        if logits_at is not None and "logits_to_keep" in params:
             kwargs["logits_to_keep"] = logits_at.to(self.device)
-        with torch.set_grad_enabled(session.grad), session:
+        with torch.set_grad_enabled(session.grad), ExitStack() as stack:
+            if not session.active:
+                stack.enter_context(session)
             return self.hf(**kwargs)
 
     def scored_logits(
@@ -339,3 +359,8 @@ class Model:
 
 def _display_kind(kind: str) -> str:
     return {"head_z": "z", "attn_pattern": "pattern"}.get(kind, kind)
+
+
+def _site_list(cache: "Sequence[Site | str] | Site | str") -> list[Site | str]:
+    """A site list; one site given alone (`cache="L0.resid_pre"`) is a list of one."""
+    return [cache] if isinstance(cache, (str, Site)) else list(cache)

@@ -8,11 +8,9 @@ from torch import nn
 
 import pathlens
 from pathlens.attribution import atp, relp
-from pathlens.attribution.lrp import _identity_hook, rule_hooks
+from pathlens.attribution.lrp import HalfRule, identity_hook, rule_objects
 from pathlens.sites import Site
-from tests.conftest import tiny_model
-from tests.test_patching import padded_task
-from tests.test_safety_and_errors import assert_untouched, snapshot
+from tests.helpers import assert_untouched, padded_task, snapshot, tiny_model
 
 RULE_FAMILIES = ("gpt2", "llama", "neox_parallel", "gemma3", "qwen3", "olmo_generic", "attn_only")
 
@@ -28,12 +26,12 @@ def test_rules_leave_forward_values_bit_identical_and_the_model_untouched(family
         attention_mask=task.attention_mask,
         cache=["L1.resid_pre"],
         grad=True,
-        rules=("LN", "identity", "half"),
+        rules=rule_objects(("LN", "identity", "half")),
     )
     assert torch.equal(plain.logits, ruled.logits.detach())
     assert torch.equal(plain.cache["L1.resid_pre"], ruled.cache["L1.resid_pre"].detach())
     if model.arch.qkv == "interface":  # AH computes eager attention for the gradient, keeps the model's values
-        ah = model.run(task.clean_ids, attention_mask=task.attention_mask, grad=True, rules=("AH",))
+        ah = model.run(task.clean_ids, attention_mask=task.attention_mask, grad=True, rules=rule_objects(("AH",)))
         assert torch.equal(ah.logits.detach(), plain.logits)
     assert_untouched(model, before)
 
@@ -43,7 +41,7 @@ def test_identity_rule_conserves_relevance_on_a_small_mlp() -> None:
     torch.manual_seed(0)
     for act in (nn.GELU(), nn.SiLU(), nn.Tanh()):
         net = nn.Sequential(nn.Linear(6, 16, bias=False), act, nn.Linear(16, 3, bias=False)).double()
-        handle = act.register_forward_hook(_identity_hook)
+        handle = act.register_forward_hook(identity_hook)
         try:
             x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
             y = net(x)
@@ -66,7 +64,7 @@ def test_all_rules_conserve_relevance_through_a_tiny_llama() -> None:
     ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(3))
 
     def relevance(rules: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        run = model.run(ids, cache=["embed"], grad=True, rules=rules)
+        run = model.run(ids, cache=["embed"], grad=True, rules=rule_objects(rules))
         logit = run.logits[:, -1, 5]
         (grad,) = torch.autograd.grad(logit.sum(), run.cache["embed"])
         return (run.cache["embed"].detach() * grad).sum(dim=(1, 2)), logit.detach()
@@ -80,10 +78,10 @@ def test_all_rules_conserve_relevance_through_a_tiny_llama() -> None:
 
 def test_half_rule_applies_to_gated_mlps_only() -> None:
     model = tiny_model("llama")
-    hooks = rule_hooks(model, frozenset({"half"}))
+    hooks = HalfRule().hooks(model)
     down = model.hf.model.layers[0].mlp.down_proj
     assert any(module is down and kind == "pre" for module, kind, _ in hooks)
-    assert not rule_hooks(tiny_model("gpt2"), frozenset({"half"}))
+    assert not HalfRule().hooks(tiny_model("gpt2"))
 
 
 def test_relp_has_patch_layout_tracks_exact_patching_and_equals_atp_without_rules() -> None:
@@ -109,5 +107,5 @@ def test_rule_errors_say_what_to_do() -> None:
         relp(tiny_model("gpt_neo"), task, rules=("AH",))
     before = snapshot(model)
     with pytest.raises(pathlens.PathlensError):
-        model.run(task.clean_ids, grad=True, rules=("LN",), cache=[Site("resid_pre", 7)])
+        model.run(task.clean_ids, grad=True, rules=rule_objects(("LN",)), cache=[Site("resid_pre", 7)])
     assert_untouched(model, before)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pathlens.attribution.lrp import rule_objects
 from pathlens.interventions import Intervention
 from pathlens.model import Model, Run
 from pathlens.patching.plan import Plan
@@ -73,7 +74,7 @@ def first_order(
         attention_mask=task.attention_mask,
         cache=families,
         grad=True,
-        rules=rules,
+        rules=rule_objects(rules),
         interventions=interventions,
     )
     per_prompt = metric(base.logits, task)

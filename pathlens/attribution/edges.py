@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from pathlens.arch.base import get_module, output_weight_per_head
-from pathlens.attribution.lrp import rules_for
+from pathlens.attribution.lrp import rule_objects, rules_for
 from pathlens.circuits.layout import QKV, Layout, check_supported, graph_layout, valid_mask
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
@@ -178,7 +178,7 @@ def _receiver_grads(
         cache=list(dict.fromkeys(families)),
         interventions=interventions,
         grad=True,
-        rules=rules,
+        rules=rule_objects(rules),
     )
     per_row = task.metric(run.logits, sub)  # type: ignore[misc]
     wanted = [run.cache[Site("resid_post", last)]]

@@ -19,12 +19,14 @@ Linear layers keep their plain gradient (the 0-rule). `DEFAULT_RULES` are the Re
 patching above AtP's on the residual stream and MLP outputs (benchmarks/attribution.py), but it gives every
 query and key zero relevance, so circuits that work through attention patterns (induction: previous-token
 head → induction head via its key) lose their key edges. The hooks are registered by `HookSession` and exist
-only during one run, so a model is never left modified.
+only during one run, so a model is never left modified. Each rule is an object (`LNRule`, `IdentityRule`,
+`HalfRule`, `AHRule`) that knows how to hook a model; `rule_objects(names)` gives them for `Model.run(rules=...)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 from pathlens.arch.base import get_module
 from pathlens.arch.norms import norm_parts
 from pathlens.errors import PathlensError
+from pathlens.hooks import Hook
 
 if TYPE_CHECKING:
     from pathlens.model import Model
@@ -51,7 +54,6 @@ _ALIASES = {
 }
 _ACTIVATION_MODULES = ("transformers.activations", "torch.nn.modules.activation")
 
-Hook = tuple[nn.Module, str, Callable[..., Any]]
 
 
 def rules_for(rules: Collection[str] | None) -> frozenset[str]:
@@ -99,7 +101,8 @@ def _norm_hook(norm: nn.Module, width: int) -> Callable[..., Any]:
     return hook
 
 
-def _identity_hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+def identity_hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    """The identity rule as a forward hook for one elementwise activation module (any `nn.Module`)."""
     x = args[0]
     shifted = x + ((x == 0).to(x.dtype) + torch.sign(x)) * 1e-6
     return _surrogate(output, x * (output / shifted).detach())
@@ -124,31 +127,83 @@ def _is_gated(mlp: nn.Module) -> bool:
     return hasattr(mlp, "gate_proj") or hasattr(mlp, "gate_up_proj")
 
 
-def rule_hooks(model: "Model", rules: frozenset[str]) -> list[Hook]:
-    """(module, "fwd" | "pre", hook) triples that put `rules` into the backward pass ("AH" is applied by the
-    session's attention routing instead). Raises if a rule cannot be applied to this model."""
-    arch, root = model.arch, model.hf
-    hooks: list[Hook] = []
-    if "LN" in rules:
-        norms = list(_norms(root))
+@dataclass(frozen=True)
+class LNRule:
+    """LayerNorm / RMSNorm with a constant normalizer, on every module whose class name ends in "Norm"."""
+
+    name: str = "LN"
+    constant_attention: bool = False
+
+    def hooks(self, model: "Model") -> list[Hook]:
+        norms = list(_norms(model.hf))
         if not norms:
             raise PathlensError(
-                f"the LN rule found no normalization module (class name ending in 'Norm') in {type(root).__name__}."
+                f"the LN rule found no normalization module (class name ending in 'Norm') in {type(model.hf).__name__}."
             )
-        hooks += [(m, "fwd", _norm_hook(m, _norm_width(m, arch.d_model))) for m in norms]
-    if arch.mlp is None or not rules & {"identity", "half"}:
-        return hooks
-    blocks = get_module(root, arch.blocks)
-    for layer, block in enumerate(blocks):
-        mlp = get_module(block, arch.mlp)
-        if "identity" in rules:
+        return [(m, "fwd", _norm_hook(m, _norm_width(m, model.arch.d_model))) for m in norms]
+
+
+@dataclass(frozen=True)
+class IdentityRule:
+    """Elementwise activations inside every MLP pass relevance through unchanged."""
+
+    name: str = "identity"
+    constant_attention: bool = False
+
+    def hooks(self, model: "Model") -> list[Hook]:
+        hooks: list[Hook] = []
+        for layer, mlp in _mlps(model):
             acts = _activations(mlp)
             if not acts:
                 raise PathlensError(
                     f"the identity rule found no activation module in layer {layer}'s MLP ({type(mlp).__name__}); "
                     "its activation is a plain function. Drop 'identity' from rules= for this model."
                 )
-            hooks += [(m, "fwd", _identity_hook) for m in acts]
-        if "half" in rules and _is_gated(mlp) and arch.mlp_down is not None:
-            hooks.append((get_module(block, arch.mlp_down), "pre", _half_hook))
-    return hooks
+            hooks += [(m, "fwd", identity_hook) for m in acts]
+        return hooks
+
+
+@dataclass(frozen=True)
+class HalfRule:
+    """Gated MLPs split a product's relevance half to each factor (on the down projection's input)."""
+
+    name: str = "half"
+    constant_attention: bool = False
+
+    def hooks(self, model: "Model") -> list[Hook]:
+        arch = model.arch
+        blocks = get_module(model.hf, arch.blocks)
+        return [
+            (get_module(blocks[layer], arch.mlp_down), "pre", _half_hook)
+            for layer, mlp in _mlps(model)
+            if _is_gated(mlp) and arch.mlp_down is not None
+        ]
+
+
+@dataclass(frozen=True)
+class AHRule:
+    """Attention probabilities are constants for the backward pass: the session's constant-attention flag."""
+
+    name: str = "AH"
+    constant_attention: bool = True
+
+    def hooks(self, model: "Model") -> list[Hook]:
+        return []
+
+
+Rule = LNRule | IdentityRule | HalfRule | AHRule
+_RULE_TYPES: dict[str, type[Rule]] = {"LN": LNRule, "identity": IdentityRule, "half": HalfRule, "AH": AHRule}
+
+
+def rule_objects(rules: Collection[str]) -> tuple[Rule, ...]:
+    """The rule objects for rule names (in `RULES` order), ready for `Model.run(rules=...)` / `Model.session`."""
+    names = normalize_rules(rules)
+    return tuple(_RULE_TYPES[name]() for name in RULES if name in names)
+
+
+def _mlps(model: "Model") -> list[tuple[int, nn.Module]]:
+    arch = model.arch
+    if arch.mlp is None:
+        return []
+    blocks = get_module(model.hf, arch.blocks)
+    return [(layer, get_module(block, arch.mlp)) for layer, block in enumerate(blocks)]

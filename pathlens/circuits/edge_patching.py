@@ -210,9 +210,7 @@ class EdgePatcher:
         groups, counts = torch.unique_consecutive(circuits, return_counts=True)
         removed = (~kept[groups]).to(workspace.dtype)
         state = _RunState(self, removed, counts.tolist(), prompts, workspace)
-        session = HookSession(
-            self.model, [], [], batch=int(prompts.numel()), seq_len=self.task.seq_len, extra_hooks=state.hooks()
-        )
+        session = HookSession(self.model, extra_hooks=state.hooks())
         with torch.no_grad():
             picked = self.model.scored_logits(
                 self.base_ids[prompts], self.task.attention_mask[prompts], session, self.task.answer_pos[prompts]

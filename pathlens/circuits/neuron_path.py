@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from pathlens.arch.base import get_module
 from pathlens.arch.calls import first_output, with_first_output
 from pathlens.errors import PathlensError
+from pathlens.hooks import HookSession
 from pathlens.interventions import Intervention, Replace, Scale
 from pathlens.model import Model
 from pathlens.sites import Site
@@ -355,7 +356,7 @@ def neuron_path(
 
 @dataclass
 class _ModuleBackend:
-    """Plain forward hooks on the named activation modules, registered per call and removed in `finally`.
+    """Forward hooks on the named activation modules, held by a `HookSession` for one call.
 
     inputs: the module's positional inputs, batch first (B, ...); targets (B,); token: the unit's token index in
     an activation (B, T, d), or None for activations (B, d).
@@ -403,14 +404,9 @@ class _ModuleBackend:
 
             return hook
 
-        handles = []
-        try:
-            for i, path in enumerate(self.paths):
-                handles.append(get_module(self.module, path).register_forward_hook(hook_for(i)))
+        hooks = [(path, "fwd", hook_for(i)) for i, path in enumerate(self.paths)]
+        with HookSession(self.module, extra_hooks=hooks):
             out = self.module(*(x.repeat(repeat, *([1] * (x.ndim - 1))) for x in self.inputs))
-        finally:
-            for handle in handles:
-                handle.remove()
         logits = out.logits if hasattr(out, "logits") else first_output(out)
         if not isinstance(logits, Tensor) or logits.ndim != 2:
             raise PathlensError(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,7 +53,7 @@ class ConeRunner:
         a = model.arch
         self.blocks = get_module(model.hf, a.blocks)
         reads = [Site("resid_pre", layer) for layer in range(a.n_layers)]
-        session = HookSession(model, reads, [], batch=self.n, seq_len=self.seq_len, record_blocks=True)
+        session = HookSession(model, reads, record_blocks=True)
         with torch.no_grad():
             self.answer_logits = model.scored_logits(ids, mask, session, answer_pos, use_cache=True).detach()
         self.resid_pre = {layer: session.cache[Site("resid_pre", layer)] for layer in range(a.n_layers)}
@@ -111,18 +111,17 @@ class ConeRunner:
         change and take the base run's logits.
         """
         k, r = len(patches), int(rows.numel())
-        suffix = self.seq_len - start
         hidden = _rows_tiled(self.resid_pre[layer][:, start:], rows, k)
         interventions = [
             Intervention(
                 p.site,
-                _shift(p.op, start, rows),
+                p.op.restrict(rows, slice(start, None)),
                 positions=None if p.positions is None else [q - start for q in p.positions],
                 rows=slice(i * r, (i + 1) * r),
             )
             for i, p in enumerate(patches)
         ]
-        session = HookSession(self.model, [], interventions, batch=k * r, seq_len=suffix)
+        session = HookSession(self.model, interventions=interventions)
         with torch.no_grad(), session:
             for index in range(layer, len(self.blocks)):
                 kwargs = self._call(index, layer, start, rows, k)
@@ -204,16 +203,6 @@ def _slice_and_tile(value: Any, name: str, n: int, seq_len: int, start: int, row
     if value.ndim >= 1 and value.shape[0] == n and n > 1:
         value = _rows_tiled(value, rows, k)
     return value
-
-
-def _shift(op: Op, start: int, rows: Tensor) -> Op:
-    """The op with its source tensors restricted to task `rows` and positions start.. (sources are (N, P, ...))."""
-    changes = {}
-    for f in fields(op):  # type: ignore[arg-type]
-        value = getattr(op, f.name)
-        if isinstance(value, Tensor) and f.name in ("source", "reference") and value.ndim >= 2:
-            changes[f.name] = value[rows, start:] if f.name == "source" else value[:, start:]
-    return replace(op, **changes) if changes else op  # type: ignore[type-var]
 
 
 def cone_start(site: Site, positions: tuple[int, ...] | None, position_cone: bool) -> tuple[int, int] | None:
