@@ -1,4 +1,6 @@
-"""Runs, caches and interventions on tiny models of every family: decomposition identities and exactness.
+"""The hook session that reads and writes sites, on tiny models of every family: decomposition identities,
+exact writes, gradients through cached sites, and the model left exactly as it was after every call (also one
+that raised or was interrupted).
 
 Tolerances: fp32 identities that reorder a sum (heads vs the fused projection) are checked to 1e-5;
 a Replace with the value the site already has must change nothing bit for bit.
@@ -9,9 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pathlens import Ablate, Add, Intervention, Model, Project, Replace, Scale, Site
+from pathlens import Intervention, Model, PathlensError, Replace, Scale, Site
 from pathlens.arch.base import get_module, output_weight_per_head
-from tests.conftest import tiny_model, token_batch
+from pathlens.interventions import Op, Selection
+from tests.helpers import assert_untouched, snapshot, tiny_model, token_batch
 
 
 def all_sites(model: Model, layer: int) -> list[str]:
@@ -21,13 +24,6 @@ def all_sites(model: Model, layer: int) -> list[str]:
     if not model.arch.parallel:
         kinds.append("resid_mid")
     return [f"L{layer}.{k}" for k in kinds]
-
-
-def test_plain_run_matches_model(model: Model) -> None:
-    ids = token_batch()
-    with torch.no_grad():
-        expected = model.hf(ids, use_cache=False).logits
-    assert torch.equal(model.run(ids).logits, expected)
 
 
 def test_reading_sites_does_not_change_logits(model: Model) -> None:
@@ -117,67 +113,6 @@ def test_patching_a_whole_layer_reproduces_the_corrupted_run(model: Model) -> No
     assert torch.equal(resid.logits, corrupt_run.logits)
 
 
-def test_positions_and_rows_limit_the_effect(model: Model) -> None:
-    ids = token_batch(n=4)
-    base = model.run(ids).logits
-    patched = model.run(ids, interventions=[Intervention("L0.H1", Scale(0.0), positions=[5], rows=[2])]).logits
-    changed = (patched - base).abs().amax(dim=-1) > 0
-    assert not changed[[0, 1, 3]].any()
-    assert not changed[2, :5].any()
-    assert changed[2, 5]
-
-
-def test_batched_interventions_equal_separate_forwards(model: Model) -> None:
-    """K interventions on K slices of a K*N batch give the same logits as K separate runs (<= 1e-5)."""
-    clean, corrupt = token_batch(n=2, seed=3), token_batch(n=2, seed=4)
-    sites = ["L0.H0", "L1.H3", "L0.resid_pre", "L1.attn_out"]
-    source = model.run(corrupt, cache=sites).cache
-    separate = [
-        model.run(clean, interventions=[Intervention(s, Replace(source[s]), positions=[3, 4])]).logits for s in sites
-    ]
-    k, n = len(sites), clean.shape[0]
-    batched_ivs = [
-        Intervention(s, Replace(source[s]), positions=[3, 4], rows=slice(i * n, (i + 1) * n))
-        for i, s in enumerate(sites)
-    ]
-    batched = model.run(clean.repeat(k, 1), interventions=batched_ivs).logits
-    torch.testing.assert_close(batched, torch.cat(separate), atol=1e-5, rtol=0)
-
-
-def test_ops_match_hand_computation() -> None:
-    model = tiny_model("llama")
-    ids, other = token_batch(n=4), token_batch(n=4, seed=9)
-    site = "L0.attn_out"
-    value = model.run(ids, cache=[site]).cache[site]
-    other_value = model.run(other, cache=[site]).cache[site]
-    vec = torch.randn(model.arch.d_model)
-    basis = torch.linalg.qr(torch.randn(model.arch.d_model, 3)).Q
-    expected = {
-        "add": value + 2.0 * vec,
-        "scale": value * 3.0,
-        "zero": torch.zeros_like(value),
-        "mean": value.mean(0, keepdim=True).expand_as(value),
-        "mean_ref": other_value.mean(0, keepdim=True).expand_as(value),
-        "project": value + ((other_value - value) @ basis) @ basis.T,
-    }
-    ops = {
-        "add": Add(vec, 2.0),
-        "scale": Scale(3.0),
-        "zero": Ablate("zero"),
-        "mean": Ablate("mean"),
-        "mean_ref": Ablate("mean", reference=other_value),
-        "project": Project(basis, other_value),
-    }
-    for name, op in ops.items():
-        got = model.run(ids, cache=[site], interventions=[Intervention(site, op)]).cache[site]
-        torch.testing.assert_close(got, expected[name], atol=1e-6, rtol=1e-6, msg=name)
-    resampled = model.run(
-        ids, cache=[site], interventions=[Intervention(site, Ablate("resample", reference=other_value, seed=3))]
-    )
-    rows = resampled.cache[site]
-    assert all(any(torch.equal(r, o) for o in other_value) for r in rows)
-
-
 def test_pattern_write_recomputes_head_output() -> None:
     model = tiny_model("llama")
     ids = token_batch()
@@ -225,3 +160,60 @@ def test_cache_device_and_dtype() -> None:
     run = model.run(token_batch(), cache=["L0.resid_pre"], cache_dtype=torch.float64)
     assert run.cache["L0.resid_pre"].dtype == torch.float64
     assert run.cache[Site("resid_pre", 0)].shape == (3, 9, 32)
+
+
+class Boom(Op):
+    """An op that raises mid-forward (after some hooks already ran)."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def apply(self, x: torch.Tensor, full: torch.Tensor, sel: Selection) -> torch.Tensor:
+        raise self.exc
+
+
+ALL_READS = [
+    "embed",
+    "L0.resid_pre",
+    "L0.q",
+    "L0.k",
+    "L0.pattern",
+    "L0.head",
+    "L0.z",
+    "L1.attn_out",
+    "L1.resid_post",
+    "logits",
+]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_model_untouched_after_a_call_that_raises(family: str, exc: BaseException) -> None:
+    model = tiny_model(family)
+    before = snapshot(model)
+    with pytest.raises(type(exc)):
+        model.run(token_batch(), cache=ALL_READS, interventions=[Intervention("L1.H0", Boom(exc))])
+    assert_untouched(model, before)
+    attn_write = "L0.pattern" if model.arch.qkv == "interface" else "L0.q"
+    with pytest.raises(type(exc)):
+        model.run(token_batch(), cache=ALL_READS, interventions=[Intervention(attn_write, Boom(exc))])
+    assert_untouched(model, before)
+
+
+def test_model_untouched_after_successful_calls(family: str) -> None:
+    model = tiny_model(family)
+    before = snapshot(model)
+    run = model.run(token_batch(), cache=ALL_READS, grad=True)
+    run.logits[:, -1].sum().backward()
+    model.run(token_batch(), interventions=[Intervention("L0.H1", Scale(2.0)), Intervention("L1.q", Scale(0.5))])
+    model.hf.zero_grad(set_to_none=True)
+    assert_untouched(model, before)
+
+
+def test_model_untouched_after_bad_input() -> None:
+    model = tiny_model("llama")
+    before = snapshot(model)
+    with pytest.raises(PathlensError):
+        model.run(
+            token_batch(), cache=["L0.q"], interventions=[Intervention("L0.resid_pre", Scale(0.0), positions=[99])]
+        )
+    assert_untouched(model, before)
