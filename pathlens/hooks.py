@@ -86,6 +86,7 @@ class BackwardRule(Protocol):
 
     def hooks(self, model: "Model") -> list[Hook]: ...
 
+
 if TYPE_CHECKING:
     from pathlens.model import Model
 

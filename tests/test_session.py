@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import FAMILIES, assert_untouched, snapshot, tiny_model
 
 from pathlens import Intervention, Model
 from pathlens.errors import PathlensError
 from pathlens.interventions import Ablate, Add, Project, Replace, Scale, Selection
+from tests.helpers import FAMILIES, assert_untouched, snapshot, tiny_model
 
 KV_FAMILIES = [f for f in FAMILIES if f != "attn_only"]
 
@@ -127,9 +127,7 @@ def test_generate_inside_a_session_sees_the_interventions_at_every_step(family: 
     vector = 3.0 * torch.randn(model.arch.d_model, generator=gen)
     ids, mask = _padded(rows, left=True)
     with torch.no_grad(), model.session([Intervention("L1.resid_pre", Add(vector))]):
-        out = model.hf.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0
-        )
+        out = model.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     plain = model.hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert not torch.equal(out, plain)
     for i, r in enumerate(rows):
@@ -177,8 +175,11 @@ def test_every_hook_is_gone_after_the_block_even_when_it_raised(raised: type[Bas
 
 def test_session_positions_policy_errors_name_the_policy() -> None:
     model = tiny_model("gpt2")
-    with pytest.raises(PathlensError, match="'first'"), model.session(
-        [Intervention("L0.resid_post", Scale(0.0), positions="first")]  # type: ignore[arg-type]
+    with (
+        pytest.raises(PathlensError, match="'first'"),
+        model.session(
+            [Intervention("L0.resid_post", Scale(0.0), positions="first")]  # type: ignore[arg-type]
+        ),
     ):
         model.hf(input_ids=torch.tensor([[1, 2, 3]]))
 

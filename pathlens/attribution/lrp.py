@@ -55,7 +55,6 @@ _ALIASES = {
 _ACTIVATION_MODULES = ("transformers.activations", "torch.nn.modules.activation")
 
 
-
 def rules_for(rules: Collection[str] | None) -> frozenset[str]:
     """`rules` normalized; None means `DEFAULT_RULES`."""
     return normalize_rules(DEFAULT_RULES if rules is None else rules)
