@@ -45,7 +45,7 @@ def test_heads_sum_to_attention_output(model: Model) -> None:
     o_proj = get_module(model.hf, o_proj_path)
     heads_total = run.cache["L1.head"].sum(dim=2)
     if o_proj.bias is not None:
-        heads_total = heads_total + o_proj.bias
+        heads_total = heads_total + o_proj.bias  # type: ignore[operator]
     assert torch.allclose(heads_total, run.cache[f"module:{o_proj_path}"], atol=1e-5)
     if a.attn_out == a.attn:
         assert torch.allclose(heads_total, run.cache["L1.attn_out"], atol=1e-5)
