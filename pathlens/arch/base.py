@@ -78,11 +78,11 @@ def output_weight_per_head(o_proj: nn.Module, n_heads: int, d_head: int) -> torc
     Handles torch `nn.Linear` (weight (d_model, n_heads*d_head)) and transformers' `Conv1D` (GPT-2;
     weight (n_heads*d_head, d_model)).
     """
-    weight = o_proj.weight
+    w_in_out: torch.Tensor
     if type(o_proj).__name__ == "Conv1D":
-        w_in_out = weight
+        w_in_out = o_proj.weight  # type: ignore[assignment]  # transformers' Conv1D keeps (in, out) weights
     elif isinstance(o_proj, nn.Linear):
-        w_in_out = weight.t()
+        w_in_out = o_proj.weight.t()  # (in, out) from nn.Linear's (out, in)
     else:
         raise PathlensError(
             f"the attention output projection is a {type(o_proj).__name__}; pathlens reads per-head outputs from "

@@ -79,6 +79,13 @@ class AttnOnlyConfig(PretrainedConfig):
             )
 
 
+def _embedding(value: nn.Module) -> nn.Embedding:
+    """`value` if it is an ``nn.Embedding`` (the token embedding is looked up by id), else a TypeError."""
+    if not isinstance(value, nn.Embedding):
+        raise TypeError(f"the token embedding must be an nn.Embedding, got {type(value).__name__}.")
+    return value
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -233,9 +240,9 @@ class AttnOnlyModel(AttnOnlyPreTrainedModel):
         """The token embedding ``(vocab_size, hidden_size)``."""
         return self.embed_tokens
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        """Replace the token embedding."""
-        self.embed_tokens = value
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the token embedding (an ``nn.Embedding``, as ``get_input_embeddings`` returns)."""
+        self.embed_tokens = _embedding(value)
 
     @capture_outputs
     def forward(
@@ -266,18 +273,21 @@ class AttnOnlyModel(AttnOnlyPreTrainedModel):
             raise ValueError("Specify exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+        positions = (
+            torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+            if position_ids is None
+            else position_ids
+        )
 
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             past_key_values=None,
-            position_ids=position_ids,
+            position_ids=positions,
         )
 
-        hidden_states = inputs_embeds + self.embed_positions(position_ids)
+        hidden_states = inputs_embeds + self.embed_positions(positions)
         for block in self.layers:
             hidden_states = block(hidden_states, attention_mask=causal_mask, **kwargs)
         return BaseModelOutput(last_hidden_state=self.norm(hidden_states))
@@ -296,9 +306,9 @@ class AttnOnlyForCausalLM(AttnOnlyPreTrainedModel):
         """The token embedding ``(vocab_size, hidden_size)``."""
         return self.model.embed_tokens
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        """Replace the token embedding."""
-        self.model.embed_tokens = value
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace the token embedding (an ``nn.Embedding``, as ``get_input_embeddings`` returns)."""
+        self.model.embed_tokens = _embedding(value)
 
     def get_output_embeddings(self) -> nn.Linear:
         """The unembedding ``lm_head`` (weight ``(vocab_size, hidden_size)``)."""

@@ -191,7 +191,7 @@ def load_gguf_direct(
             f"{path} loaded as model type {model.config.model_type!r}, expected {spec.model_type!r}; the "
             f"installed package does not hold the expected model, reinstall it with `{spec.pip_command}`."
         )
-    return model.to(dtype).eval(), tokenizer
+    return model.to(dtype).eval(), tokenizer  # type: ignore[arg-type]  # @wraps(nn.Module.to) confuses mypy
 
 
 def load_gguf_model(
@@ -232,7 +232,7 @@ def _package_dir(spec: EmbeddedGGUF) -> Path:
             f"`{spec.pip_command}`. {_NEVER_LLAMA_CPP}"
         )
     module_spec = importlib.util.find_spec(spec.package)
-    locations = list(module_spec.submodule_search_locations or [])
+    locations = list(module_spec.submodule_search_locations or []) if module_spec is not None else []
     if not locations:
         raise PathlensError(
             f"{spec.package!r} is installed as a single module, not a package folder, so it cannot hold the "

@@ -211,7 +211,7 @@ def build_model(settings: TrainSettings) -> AttnOnlyForCausalLM:
         num_attention_heads=settings.num_heads,
         max_position_embeddings=settings.seq_len,
         bos_token_id=BOS_TOKEN_ID,
-        attn_implementation="sdpa",
+        attn_implementation="sdpa",  # type: ignore[call-arg]  # a PretrainedConfig keyword outside the fields
     )
     model = AttnOnlyForCausalLM(config)
     nn.init.normal_(model.model.embed_tokens.weight, std=settings.embedding_init_std)
