@@ -1,6 +1,7 @@
 """Builders and references the tests share: tiny random models of every supported family (built from configs,
-no downloads), token batches and a padded task, the check that a model is left exactly as it was, and the slow
-per-receiver reference for edge scores. Test modules import these from here; conftest.py holds only fixtures."""
+no downloads), token batches and a padded task, the check that a model is left exactly as it was, the slow
+per-receiver reference for edge scores, and small `Scores`. Test modules import these from here; conftest.py
+holds only fixtures."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from pathlens import Model
 from pathlens.graph import Graph
+from pathlens.results import Scores
 from pathlens.sites import Site
 from pathlens.tasks.base import Task
 
@@ -314,3 +316,19 @@ RECEIVERS = {
         ),
     ],
 }
+
+
+# ---- results ----------------------------------------------------------------------------------------
+
+SCORES_2X3 = [[0.5, -3.0, 1.0], [2.0, -0.1, -2.5]]
+"""Values of a small ("layer", "head") result: distinct magnitudes, both signs."""
+
+
+def make_scores(values: list | torch.Tensor, dims: tuple[str, ...] = ("layer", "head"), **kwargs) -> Scores:
+    """A Scores over `values` with integer coords 0..n-1 on every dim."""
+    values = torch.as_tensor(values, dtype=torch.float32)
+    coords = {d: list(range(n)) for d, n in zip(dims, values.shape, strict=True)}
+    kwargs.setdefault("metric", "logit_diff")
+    kwargs.setdefault("method", "patch:denoise")
+    kwargs.setdefault("meta", {})
+    return Scores(values=values, dims=dims, coords=coords, **kwargs)
