@@ -29,4 +29,6 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check pathlens tests
+	$(BIN)/ruff check pathlens tests benchmarks
+	$(BIN)/ruff format --check pathlens tests benchmarks
+	$(BIN)/mypy pathlens

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from pathlens.arch.base import get_module, output_weight_per_head
+from pathlens.arch.base import get_blocks, get_module, output_weight_per_head
 from pathlens.arch.calls import first_output, hidden_input, with_first_output, with_hidden_input
 from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, Op, Selection, resolve_index
@@ -324,6 +324,13 @@ class HookSession:
             self._writes.setdefault(iv.site.family, []).append(iv)
 
     @property
+    def wrapped(self) -> "Model":
+        """The wrapped model (site hooks need its architecture map; a plain-module session has none)."""
+        if isinstance(self.model, nn.Module):
+            raise PathlensError("this session is over a plain nn.Module: only 'module:<path>' sites exist.")
+        return self.model
+
+    @property
     def active(self) -> bool:
         """Whether the hooks are registered (inside the `with` block)."""
         return self._active
@@ -388,7 +395,7 @@ class HookSession:
             value[index] = new.to(value.dtype)
             return value
         present = sel.present.to(value.device)  # (R, P')
-        cells = (rows.expand_as(present)[present], cols.expand_as(present)[present])
+        cells: tuple[Any, ...] = (rows.expand_as(present)[present], cols.expand_as(present)[present])
         if iv.site.index is not None:
             cells = (*cells, iv.site.index)
         value[cells] = new[present].to(value.dtype)
@@ -437,8 +444,8 @@ class HookSession:
         if isinstance(self.model, nn.Module):
             self._register_on_module(self.model, families)
             return
-        arch, root = self.model.arch, self.model.hf
-        blocks = get_module(root, arch.blocks)
+        arch, root = self.wrapped.arch, self.wrapped.hf
+        blocks = get_blocks(root, arch.blocks)
         self._hook(root, "pre", self._call_start_hook)
         self._hook(root, "fwd", self._call_end_hook)
         if self.record_blocks:
@@ -492,7 +499,7 @@ class HookSession:
         self._resolved.clear()
 
     def _register_layer_site(self, fam: Site, block: nn.Module, attn_layers: set[int]) -> None:
-        arch, layer = self.model.arch, fam.layer
+        arch, layer = self.wrapped.arch, fam.layer
         assert layer is not None
         if fam.kind == "resid_pre":
             self._hook(block, "pre", self._block_input_hook(layer))
@@ -525,7 +532,7 @@ class HookSession:
 
     def _register_projection_site(self, fam: Site, block: nn.Module) -> None:
         """q/k/v as outputs of the projection layers; patterns read from the attention module's output."""
-        arch = self.model.arch
+        arch = self.wrapped.arch
         assert arch.qkv_proj is not None and arch.attn is not None
         if fam.kind == "attn_pattern":
             self._hook(get_module(block, arch.attn), "fwd", self._pattern_output_hook(fam))
@@ -537,8 +544,8 @@ class HookSession:
         """Send every layer's attention through `_attention` (layers without attention sites pass through)."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        arch, config = self.model.arch, self.model.hf.config
-        previous = config._attn_implementation
+        arch, config = self.wrapped.arch, self.wrapped.config
+        previous = str(config._attn_implementation)
         routed = _register_attention_interface(previous)
         for layer in range(len(blocks)):
             attn = get_module(blocks[layer], arch.attn or "")
@@ -558,7 +565,7 @@ class HookSession:
     def _output_hook(self, fam: Site, split_heads: bool = False) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             out = first_output(output)
-            shaped = out.unflatten(-1, (-1, self.model.arch.d_head)) if split_heads else out
+            shaped = out.unflatten(-1, (-1, self.wrapped.arch.d_head)) if split_heads else out
             new = self.process(fam, shaped)
             if not self._feeds_back(fam):
                 return None
@@ -569,7 +576,7 @@ class HookSession:
     def _first_input_hook(self, fam: Site, split_heads: bool) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             x = args[0]
-            shaped = x.unflatten(-1, (self.model.arch.n_heads, -1)) if split_heads else x
+            shaped = x.unflatten(-1, (self.wrapped.arch.n_heads, -1)) if split_heads else x
             new = self.process(fam, shaped)
             if not self._feeds_back(fam):
                 return None
@@ -624,7 +631,7 @@ class HookSession:
 
     def _head_hook(self, layer: int, o_proj: nn.Module) -> Callable[..., Any]:
         fam = Site("head", layer)
-        arch = self.model.arch
+        arch = self.wrapped.arch
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             z = args[0].unflatten(-1, (arch.n_heads, arch.d_head))

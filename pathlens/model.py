@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pathlens.arch.base import ArchMap, get_module
+from pathlens.arch.base import ArchMap, get_blocks, get_module
 from pathlens.arch.calls import first_output
 from pathlens.arch.generic import arch_for
 from pathlens.errors import PathlensError
@@ -76,7 +76,7 @@ class Model:
         self.tokenizer = tokenizer
         self.arch = arch or arch_for(hf_model)
         self.name = name or getattr(getattr(hf_model, "config", None), "_name_or_path", None) or type(hf_model).__name__
-        get_module(hf_model, self.arch.blocks)
+        get_blocks(hf_model, self.arch.blocks)
 
     def __repr__(self) -> str:
         a = self.arch
@@ -92,6 +92,11 @@ class Model:
     @property
     def n_heads(self) -> int:
         return self.arch.n_heads
+
+    @property
+    def config(self) -> Any:
+        """The wrapped model's configuration (`hf.config`; a transformers PretrainedConfig)."""
+        return getattr(self.hf, "config", None)
 
     @property
     def device(self) -> torch.device:
@@ -120,14 +125,14 @@ class Model:
             if self._unavailable(kind) is None:
                 shape = self._family_shape(kind)
                 rows.append(SiteInfo(f"L{{l}}.{_display_kind(kind)}", shape, layers, _DESCRIPTIONS[kind]))
-        vocab = get_module(self.hf, a.unembed).weight.shape[0]
-        rows.append(SiteInfo("logits", ("b", "p", int(vocab)), "-", _DESCRIPTIONS["logits"]))
+        vocab = _out_features(get_module(self.hf, a.unembed))
+        rows.append(SiteInfo("logits", ("b", "p", vocab), "-", _DESCRIPTIONS["logits"]))
         rows.append(SiteInfo("module:<path>", ("b", "p", "..."), "-", "output of any nn.Module by its path"))
         return rows
 
     def _family_shape(self, kind: str) -> tuple[str | int, ...]:
         a = self.arch
-        return {
+        shapes: dict[str, tuple[str | int, ...]] = {
             "head": ("b", "p", a.n_heads, a.d_model),
             "head_z": ("b", "p", a.n_heads, a.d_head),
             "q": ("b", "p", a.n_heads, a.d_head),
@@ -135,7 +140,8 @@ class Model:
             "v": ("b", "p", a.n_kv_heads, a.d_head),
             "attn_pattern": ("b", "p", a.n_heads, "p"),
             "mlp_post": ("b", "p", a.d_mlp or 0),
-        }.get(kind, ("b", "p", a.d_model))
+        }
+        return shapes.get(kind, ("b", "p", a.d_model))
 
     def _unavailable(self, kind: str, write: bool = False) -> str | None:
         """Why a site kind does not exist for this architecture (None if it does)."""
@@ -364,3 +370,10 @@ def _display_kind(kind: str) -> str:
 def _site_list(cache: "Sequence[Site | str] | Site | str") -> list[Site | str]:
     """A site list; one site given alone (`cache="L0.resid_pre"`) is a list of one."""
     return [cache] if isinstance(cache, (str, Site)) else list(cache)
+
+
+def _out_features(unembed: nn.Module) -> int:
+    """The vocabulary size an unembedding module writes (rows of its weight)."""
+    weight = unembed.weight
+    assert isinstance(weight, Tensor)
+    return int(weight.shape[0])

@@ -72,6 +72,17 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
         ) from exc
 
 
+def get_blocks(root: nn.Module, path: str) -> nn.ModuleList:
+    """The list of transformer blocks at `path` (an ArchMap's `blocks`); a clear error if it is not a list."""
+    blocks = get_module(root, path)
+    if not isinstance(blocks, nn.ModuleList):
+        raise PathlensError(
+            f"{path!r} in {type(root).__name__} is a {type(blocks).__name__}, not the list of blocks (nn.ModuleList); "
+            "pass an ArchMap whose `blocks` names it."
+        )
+    return blocks
+
+
 def output_weight_per_head(o_proj: nn.Module, n_heads: int, d_head: int) -> torch.Tensor:
     """W_O split per head: (n_heads, d_head, d_model), so head h writes z_h @ W_O[h] into the stream.
 

@@ -38,7 +38,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from pathlens.arch.base import get_module, output_weight_per_head
+from pathlens.arch.base import get_blocks, get_module, output_weight_per_head
 from pathlens.attribution.lrp import rule_objects, rules_for
 from pathlens.circuits.layout import QKV, Layout, check_supported, graph_layout, valid_mask
 from pathlens.errors import PathlensError
@@ -123,7 +123,7 @@ def _sender_deltas(model: Model, task: Task, base_ids: Tensor, source_ids: Tenso
         families += [Site("mlp_out", layer) for layer in range(a.n_layers)]
     base = model.run(base_ids, attention_mask=task.attention_mask, cache=families).cache
     source = model.run(source_ids, attention_mask=task.attention_mask, cache=families).cache
-    blocks = get_module(model.hf, a.blocks)
+    blocks = get_blocks(model.hf, a.blocks)
     parts = [(source["L0.resid_pre"] - base["L0.resid_pre"])[None]]
     for layer in range(a.n_layers):
         w_o = output_weight_per_head(get_module(blocks[layer], a.o_proj), a.n_heads, a.d_head).detach()

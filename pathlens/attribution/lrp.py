@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from pathlens.arch.base import get_module
+from pathlens.arch.base import get_blocks, get_module
 from pathlens.arch.norms import norm_parts
 from pathlens.errors import PathlensError
 from pathlens.hooks import Hook
@@ -171,7 +171,7 @@ class HalfRule:
 
     def hooks(self, model: "Model") -> list[Hook]:
         arch = model.arch
-        blocks = get_module(model.hf, arch.blocks)
+        blocks = get_blocks(model.hf, arch.blocks)
         return [
             (get_module(blocks[layer], arch.mlp_down), "pre", _half_hook)
             for layer, mlp in _mlps(model)
@@ -204,5 +204,5 @@ def _mlps(model: "Model") -> list[tuple[int, nn.Module]]:
     arch = model.arch
     if arch.mlp is None:
         return []
-    blocks = get_module(model.hf, arch.blocks)
+    blocks = get_blocks(model.hf, arch.blocks)
     return [(layer, get_module(block, arch.mlp)) for layer, block in enumerate(blocks)]

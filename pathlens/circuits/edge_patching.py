@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pathlens.arch.base import get_module, output_weight_per_head
+from pathlens.arch.base import get_blocks, get_module, output_weight_per_head
 from pathlens.arch.calls import first_output, hidden_input, with_first_output, with_hidden_input
 from pathlens.circuits.layout import QKV, check_supported, graph_layout
 from pathlens.errors import PathlensError
@@ -77,8 +77,9 @@ class EdgePatcher:
         self.task = task.with_metric(self.metric)  # type: ignore[arg-type]
         self.layout = graph_layout(model)
         self.qkv = [QKV(model, layer) for layer in range(a.n_layers)]
-        blocks = get_module(model.hf, a.blocks)
+        blocks = get_blocks(model.hf, a.blocks)
         self.w_o = [output_weight_per_head(get_module(b, a.o_proj), a.n_heads, a.d_head).detach() for b in blocks]
+        self.direction = direction
         self.base_ids, source_ids = runs_for(task, direction)
         self.ablation, self.source_ids = ablation, source_ids
         source_task_ids = self.base_ids if ablation != "patch" else source_ids
@@ -287,7 +288,9 @@ class _RunState:
         self.attn_out: dict[int, Tensor] = {}
         self.inputs: dict[int, list[_GroupInput]] = {}
         layout = patcher.layout
-        reads = [(layout.sender_stop[layer], layout.attn_cols[layer]) for layer in range(a.n_layers)]
+        reads: list[tuple[int, slice | int]] = [
+            (layout.sender_stop[layer], layout.attn_cols[layer]) for layer in range(a.n_layers)
+        ]
         reads += [
             (stop, col) for stop, col in zip(layout.mlp_sender_stop, layout.mlp_col, strict=True) if col is not None
         ]
@@ -423,7 +426,7 @@ class _RunState:
 
     def _attention_input(self, layer: int) -> Callable[..., Any]:
         a = self.p.model.arch
-        norm = get_module(get_module(self.p.model.hf, a.blocks)[layer], a.attn_norm or "")
+        norm = get_module(get_blocks(self.p.model.hf, a.blocks)[layer], a.attn_norm or "")
 
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             """Rows of circuits built from the source residual enter attention as its norm (so the model's own
@@ -495,7 +498,7 @@ class _RunState:
 
     def _mlp_input(self, layer: int) -> Callable[..., Any]:
         a = self.p.model.arch
-        norm = get_module(get_module(self.p.model.hf, a.blocks)[layer], a.mlp_norm or "")
+        norm = get_module(get_blocks(self.p.model.hf, a.blocks)[layer], a.mlp_norm or "")
 
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             """Rows with a kept or removed edge into the MLP get their own input; rows that read only the source

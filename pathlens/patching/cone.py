@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache
 
-from pathlens.arch.base import get_module
+from pathlens.arch.base import get_blocks, get_module
 from pathlens.arch.calls import first_output
 from pathlens.hooks import HookSession
 from pathlens.interventions import Intervention, Op
@@ -51,7 +51,7 @@ class ConeRunner:
         self.model, self.ids, self.mask, self.answer_pos = model, ids, mask, answer_pos
         self.n, self.seq_len = int(ids.shape[0]), int(ids.shape[1])
         a = model.arch
-        self.blocks = get_module(model.hf, a.blocks)
+        self.blocks = get_blocks(model.hf, a.blocks)
         reads = [Site("resid_pre", layer) for layer in range(a.n_layers)]
         session = HookSession(model, reads, record_blocks=True)
         with torch.no_grad():
@@ -96,7 +96,7 @@ class ConeRunner:
         kv = []
         for layer in layers:
             keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-            if not isinstance(keys, Tensor) or keys.shape[-2] != self.seq_len:
+            if not isinstance(keys, Tensor) or not isinstance(values, Tensor) or keys.shape[-2] != self.seq_len:
                 return None
             kv.append((keys, values))
         return kv
@@ -175,7 +175,7 @@ class ConeRunner:
         if mask is None and start > 0:
             q = torch.arange(start, self.seq_len)[:, None]
             allowed = torch.arange(self.seq_len)[None, :] <= q
-            if self.model.hf.config._attn_implementation == "eager":
+            if self.model.config._attn_implementation == "eager":
                 dtype = self.resid_pre[0].dtype
                 return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
             return allowed[None, None]
