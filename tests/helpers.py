@@ -215,7 +215,7 @@ def _moved_input_hook(
 
 
 def _record_input(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-    module.recorded = args[0]  # type: ignore[assignment]
+    module.recorded = args[0]
 
 
 def reference_column(
@@ -233,7 +233,7 @@ def reference_column(
     deltas = _deltas(model, task, graph)
     with torch.no_grad():
         clean_logits = model.hf(input_ids=task.clean_ids, attention_mask=task.attention_mask).logits
-        clean_value = task.metric(clean_logits, task).mean()  # type: ignore[misc]
+        clean_value = task.metric(clean_logits, task).mean()
     out = []
     norm_module = model.hf.get_submodule(norm)
     proj_module = model.hf.get_submodule(proj)
@@ -249,7 +249,7 @@ def reference_column(
         try:
             with torch.enable_grad():
                 logits = model.hf(input_ids=task.clean_ids, attention_mask=task.attention_mask).logits
-                value = task.metric(logits, task).mean()  # type: ignore[misc]
+                value = task.metric(logits, task).mean()
                 if eps_value is None:
                     (grad,) = torch.autograd.grad(value, eps)
                 else:
