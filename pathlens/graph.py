@@ -14,7 +14,6 @@ logits (`pathlens.circuits.paths`).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -25,10 +24,10 @@ from torch import Tensor
 
 from pathlens.errors import PathlensError
 from pathlens.results.io import load_pair, save_pair
+from pathlens.sites import Node, parse_node
 
 _FORMAT_NAME = "pathlens.Graph"
 _HEADER_KEYS = ("senders", "receivers", "metric", "method", "meta")
-_RECEIVER_RE = re.compile(r"^L(\d+)\.([HG])(\d+)\.([qkv])$")
 
 
 @dataclass
@@ -78,14 +77,14 @@ class Graph:
     def receiver_nodes(self, receiver: str) -> list[str]:
         """The component(s) a receiver input belongs to: "L4.H1.q" → ["L4.H1"]; a key-value group's input
         feeds every query head of the group; "L4.mlp" → ["L4.mlp"]; "logits" → ["logits"]."""
-        match = _RECEIVER_RE.match(receiver)
-        if match is None:
+        node = parse_node(receiver)
+        if node is None or node.kind not in ("q", "k", "v") or node.index is None:
             return [receiver]
-        layer, letter, index = int(match[1]), match[2], int(match[3])
-        if letter == "H":
-            return [f"L{layer}.H{index}"]
+        if not node.grouped:
+            return [str(Node("head", node.layer, node.index))]
         per_group = int(self.meta.get("heads_per_group", 1))
-        return [f"L{layer}.H{h}" for h in range(index * per_group, (index + 1) * per_group)]
+        heads = range(node.index * per_group, (node.index + 1) * per_group)
+        return [str(Node("head", node.layer, h)) for h in heads]
 
     # ---- tables -------------------------------------------------------------------------------------
 
@@ -319,5 +318,5 @@ def _layer_of(node: str) -> int:
         return -1
     if node == "logits":
         return 1 << 20
-    match = re.match(r"^L(\d+)\.", node)
-    return int(match[1]) if match else -1
+    parsed = parse_node(node)
+    return -1 if parsed is None or parsed.layer is None else parsed.layer

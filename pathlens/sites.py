@@ -165,66 +165,54 @@ def _garbage(text: object) -> str:
     )
 
 
-def embed() -> Site:
-    return Site("embed")
+#: kinds of the components of a model's edge graph (`pathlens.graph.Graph`), named by `parse_node`.
+NODE_KINDS = ("input", "head", "mlp", "q", "k", "v", "logits")
 
 
-def logits() -> Site:
-    return Site("logits")
+@dataclass(frozen=True)
+class Node:
+    """A component of the model's edge graph, by the name `pathlens.graph.Graph` gives it:
+
+        input  logits         the residual stream entering layer 0; the final residual stream
+        L3.H2                 head 2 of layer 3 (a sender: its write into the residual stream)
+        L3.mlp                layer 3's MLP (a sender: its output; a receiver: its input)
+        L4.H1.q               the query input of head 1 of layer 4
+        L4.G0.k  L4.G0.v      the key / value input of key-value group 0 (L4.H1.k when each head has its own)
+
+    `index` is the head, or the key-value group when `grouped`.
+    """
+
+    kind: str
+    layer: int | None = None
+    index: int | None = None
+    grouped: bool = False
+
+    def __str__(self) -> str:
+        if self.kind in ("input", "logits"):
+            return self.kind
+        if self.kind == "mlp":
+            return f"L{self.layer}.mlp"
+        head = f"L{self.layer}.{'G' if self.grouped else 'H'}{self.index}"
+        return head if self.kind == "head" else f"{head}.{self.kind}"
 
 
-def module(path: str) -> Site:
-    """The output of any nn.Module of the model, by its dotted path (first element if it returns a tuple)."""
-    return Site("module", path=path)
-
-
-def resid_pre(layer: int) -> Site:
-    return Site("resid_pre", layer)
-
-
-def resid_mid(layer: int) -> Site:
-    return Site("resid_mid", layer)
-
-
-def resid_post(layer: int) -> Site:
-    return Site("resid_post", layer)
-
-
-def attn_out(layer: int) -> Site:
-    return Site("attn_out", layer)
-
-
-def mlp_in(layer: int) -> Site:
-    return Site("mlp_in", layer)
-
-
-def mlp_post(layer: int, neuron: int | None = None) -> Site:
-    return Site("mlp_post", layer, neuron)
-
-
-def mlp_out(layer: int) -> Site:
-    return Site("mlp_out", layer)
-
-
-def head(layer: int, h: int | None = None) -> Site:
-    return Site("head", layer, h)
-
-
-def head_z(layer: int, h: int | None = None) -> Site:
-    return Site("head_z", layer, h)
-
-
-def q(layer: int, h: int | None = None) -> Site:
-    return Site("q", layer, h)
-
-
-def k(layer: int, group: int | None = None) -> Site:
-    return Site("k", layer, group)
-
-
-def v(layer: int, group: int | None = None) -> Site:
-    return Site("v", layer, group)
-
-
-def attn_pattern(layer: int, h: int | None = None) -> Site:
-    return Site("attn_pattern", layer, h)
+def parse_node(name: str) -> Node | None:
+    """The `Node` an edge-graph component name denotes, read with the site grammar's layer and index forms; None
+    for a name outside that grammar (a Graph built by hand may name its components freely)."""
+    if name in ("input", "logits"):
+        return Node(name)
+    m = _LAYER_RE.match(name)
+    if not m:
+        return None
+    layer, rest = int(m.group(1)), m.group(2)
+    if rest == "mlp":
+        return Node("mlp", layer)
+    im = _INDEXED_RE.match(rest)
+    if not im:
+        return None
+    letter, index, suffix = im.group(1), int(im.group(2)), im.group(3)
+    if letter == "H" and suffix in (None, "q", "k", "v"):
+        return Node(suffix or "head", layer, index)
+    if letter == "G" and suffix in ("k", "v"):
+        return Node(suffix, layer, index, grouped=True)
+    return None

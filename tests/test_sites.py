@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pathlens import PathlensError, Site, parse_site
-from pathlens.sites import INDEX_LETTER, LAYER_KINDS
+from pathlens.sites import INDEX_LETTER, LAYER_KINDS, Node, parse_node
 
 
 def site_strategy() -> st.SearchStrategy[Site]:
@@ -60,3 +60,26 @@ def test_garbage_site_strings_are_rejected_clearly(text: str) -> None:
 def test_key_sites_name_the_group_fix() -> None:
     with pytest.raises(PathlensError, match="key-value group"):
         parse_site("L3.H2.k")
+
+
+@pytest.mark.parametrize(
+    ("name", "node"),
+    [
+        ("input", Node("input")),
+        ("logits", Node("logits")),
+        ("L3.H2", Node("head", 3, 2)),
+        ("L3.mlp", Node("mlp", 3)),
+        ("L4.H1.q", Node("q", 4, 1)),
+        ("L4.H1.k", Node("k", 4, 1)),
+        ("L4.G0.k", Node("k", 4, 0, grouped=True)),
+        ("L4.G2.v", Node("v", 4, 2, grouped=True)),
+    ],
+)
+def test_graph_node_names_parse_and_print_back(name: str, node: Node) -> None:
+    assert parse_node(name) == node
+    assert str(node) == name
+
+
+@pytest.mark.parametrize("name", ["a", "L0.s", "L3.foo", "L4.G0.q", "L4.G0", "L3.N5", "L3.H2.z", "resid"])
+def test_names_outside_the_node_grammar_parse_to_none(name: str) -> None:
+    assert parse_node(name) is None

@@ -24,64 +24,67 @@ and the metric.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Hashable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from pathlens.attribution.edges import edge_attribution
+from pathlens.circuits.edge_effects import edge_effects
 from pathlens.circuits.edge_patching import DEFAULT_EDGE_BATCH_TOKENS, EdgePatcher
 from pathlens.circuits.faithfulness import Curve, faithfulness, faithfulness_curve, top_k_masks, with_endpoints
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
 from pathlens.model import Model
+from pathlens.patching.spec import Direction, check_option
+from pathlens.sites import parse_node
 from pathlens.tasks.base import Task
 from pathlens.tasks.metrics import Metric, metric_name
 
-DISCOVERY_METHODS = ("eap", "eap-ig", "relp", "patching", "acdc")
+DiscoveryMethod = Literal["eap", "eap-ig", "relp", "patching", "acdc"]
+DISCOVERY_METHODS: tuple[str, ...] = get_args(DiscoveryMethod)
+Ranking = Literal["auto", "abs", "value", "support"]
 EXACT_SCORES = ("patching", "acdc")  # Graph.method prefixes of graphs whose scores are exact edge effects
 
 
 def discover(
     model: Model,
     task: Task,
-    method: str = "eap-ig",
+    method: DiscoveryMethod = "eap-ig",
     top_k: int | None = None,
     target: float = 0.8,
     sizes: list[int] | None = None,
     ablation: str = "patch",
-    direction: str = "noise",
+    direction: Direction = "noise",
     metric: Metric | None = None,
     steps: int = 5,
     threshold: float = 0.05,
     max_batch_tokens: int = DEFAULT_EDGE_BATCH_TOKENS,
-    by: str = "auto",
+    by: Ranking = "auto",
     refine: int = 64,
 ) -> Graph:
     """Find a circuit for `task` on `model` with `method` (see module docstring); returns a pruned Graph."""
-    if method not in DISCOVERY_METHODS:
-        raise PathlensError(f"method must be one of {', '.join(DISCOVERY_METHODS)}, got {method!r}.")
-    if by not in ("auto", "abs", "value", "support"):
-        raise PathlensError(f"by must be 'auto', 'abs', 'value' or 'support', got {by!r}.")
+    check_option("method", method, DISCOVERY_METHODS)
+    check_option("by", by, get_args(Ranking))
     metric = metric or task.metric
     assert metric is not None
     patcher = EdgePatcher(model, task, ablation, direction, metric, max_batch_tokens)
     if method == "acdc":
         graph = _acdc(patcher, edge_attribution(model, task, "eap", direction, metric), threshold)
-        circuit, curve, curves = graph, None, {}
+        circuit, curve, curves, ranking = graph, None, {}, None
     else:
         if method == "patching":
-            graph = _exact_edge_scores(patcher, edge_attribution(model, task, "eap", direction, metric))
+            template = edge_attribution(model, task, "eap", direction, metric)
+            graph = replace(edge_effects(patcher), meta=dict(template.meta))
         else:
             graph = edge_attribution(model, task, method, direction, metric, steps=steps)
         rankings = ("abs", "support") if by == "auto" else (by,)
         curves = {r: faithfulness_curve(patcher, graph, sizes, r) for r in rankings}
-        by, curve, chosen = _choose(curves, target)
+        ranking, curve, chosen = _choose(curves, target)
         if top_k is None:
-            chosen = _between(patcher, graph, curve, by, chosen, target)
-        circuit = graph.prune(top_k=top_k or chosen, by=by).without_dangling()  # type: ignore[arg-type]
+            chosen = _between(patcher, graph, curve, ranking, chosen, target)
+        circuit = graph.prune(top_k=top_k or chosen, by=ranking).without_dangling()  # type: ignore[arg-type]
         if circuit.n_edges <= refine:
             refined = _acdc(patcher, circuit, threshold, start=circuit.in_circuit).kept
             circuit = replace(circuit, kept=refined).without_dangling()
@@ -89,7 +92,7 @@ def discover(
     circuit.meta.update(
         {
             "discovery": method,
-            "ranked_by": None if method == "acdc" else by,
+            "ranked_by": ranking,
             "faithfulness": score,
             "ablation": ablation,
             "direction": direction,
@@ -137,18 +140,6 @@ def _choose(curves: dict[str, Curve], target: float) -> tuple[str, Curve, int]:
     return best[3], curves[best[3]], best[2]
 
 
-def _exact_edge_scores(patcher: EdgePatcher, template: Graph) -> Graph:
-    """Every edge scored by exact patching: m(all edges but e) − m(all edges), one batched row per edge."""
-    valid = template.valid
-    edges = torch.nonzero(valid)
-    masks = valid[None].repeat(len(edges) + 1, 1, 1)
-    masks[torch.arange(1, len(edges) + 1), edges[:, 0], edges[:, 1]] = False
-    values = patcher.metric_of(masks)
-    scores = torch.full_like(template.scores, float("nan"))
-    scores[edges[:, 0], edges[:, 1]] = (values[1:] - values[0]).float()
-    return Graph(template.senders, template.receivers, scores, template.metric, "patching:edges", dict(template.meta))
-
-
 def _acdc(patcher: EdgePatcher, template: Graph, threshold: float, start: torch.Tensor | None = None) -> Graph:
     """Batched ACDC (see module docstring) from every edge, or from the edges `start` (S, R) marks; scores hold
     each edge's exact effect when it was tested."""
@@ -186,12 +177,9 @@ def _acdc(patcher: EdgePatcher, template: Graph, threshold: float, start: torch.
 def layer_signature(nodes: tuple[str, ...]) -> Hashable:
     """Diversity signature of a path: its sequence of node types by layer ("L3.head", "L4.k", "L2.mlp", ...)."""
     out = []
-    for node in nodes:
-        match = re.match(r"^L(\d+)\.(?:[HG]\d+\.)?([a-z]+)$", node)
-        if match:
-            out.append(f"L{match[1]}.{match[2]}")
-        else:
-            out.append(re.sub(r"^L(\d+)\.H\d+$", r"L\1.head", node))
+    for name in nodes:
+        node = parse_node(name)
+        out.append(name if node is None or node.layer is None else f"L{node.layer}.{node.kind}")
     return tuple(out)
 
 
@@ -249,14 +237,10 @@ def _edge_cells(graph: Graph, nodes: tuple[str, ...]) -> list[tuple[int, int]]:
 
 
 def _rescored(patcher: EdgePatcher, circuit: Graph, paths: list[list[tuple[int, int]]]) -> Graph:
-    """The circuit restricted to the edges of `paths`, each scored exactly: m(all edges but e) − m(all)."""
-    cells = sorted({cell for path in paths for cell in path})
-    valid = circuit.valid
-    masks = valid[None].repeat(len(cells) + 1, 1, 1)
-    for row, (i, j) in enumerate(cells, start=1):
-        masks[row, i, j] = False
-    values = patcher.metric_of(masks)
-    scores = torch.full_like(circuit.scores, float("nan"))
-    for row, (i, j) in enumerate(cells, start=1):
-        scores[i, j] = float(values[row] - values[0])
+    """The circuit restricted to the edges of `paths`, each scored exactly (`edge_effects`)."""
+    edges = torch.zeros_like(circuit.valid)
+    for path in paths:
+        for i, j in path:
+            edges[i, j] = True
+    scores = edge_effects(patcher, edges).scores
     return replace(circuit, scores=scores, kept=~torch.isnan(scores), method="patching:edges")

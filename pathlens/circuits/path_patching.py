@@ -11,13 +11,15 @@ also lets u act on R through the MLPs between them; here those MLPs see the unpa
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
+import torch
+
+from pathlens.circuits.edge_effects import metrics_without
 from pathlens.circuits.edge_patching import EdgePatcher
-from pathlens.circuits.layout import valid_mask
 from pathlens.errors import PathlensError
 from pathlens.results import Scores
+from pathlens.sites import Node, parse_node
 from pathlens.tasks.metrics import metric_name
 
 
@@ -29,12 +31,12 @@ def receiver_inputs(patcher: EdgePatcher, receivers: Sequence[str]) -> list[int]
     kv_letter = "H" if per_group == 1 else "G"
     cols: list[int] = []
     for name in receivers:
-        head = re.match(r"^L(\d+)\.H(\d+)$", name)
-        wanted = (
-            [f"L{head[1]}.H{head[2]}.q"] + [f"L{head[1]}.{kv_letter}{int(head[2]) // per_group}.{x}" for x in "kv"]
-            if head
-            else [name]
-        )
+        node = parse_node(name)
+        wanted = [name]
+        if node is not None and node.kind == "head" and node.index is not None:
+            group = node.index // per_group
+            wanted = [str(Node("q", node.layer, node.index))]
+            wanted += [str(Node(kind, node.layer, group, grouped=per_group > 1)) for kind in ("k", "v")]
         for w in wanted:
             if w not in names:
                 raise PathlensError(
@@ -53,14 +55,12 @@ def path_patch(patcher: EdgePatcher, senders: Sequence[str], receivers: Sequence
     unknown = [s for s in senders if s not in names]
     if unknown:
         raise PathlensError(f"unknown senders {unknown}; senders are 'input', heads 'L3.H1' and MLPs 'L3.mlp'.")
-    valid = valid_mask(patcher.layout, patcher.model.arch.n_layers)
-    masks = valid[None].repeat(len(senders) + 1, 1, 1)
-    for i, sender in enumerate(senders):
-        row = names.index(sender)
-        masks[i + 1, row, cols] = False
-    values = patcher.metric_of(masks)
-    base = float(values[0])
-    patched = values[1:].float()
+    n, k = len(senders), len(cols)
+    circuit = torch.arange(n).repeat_interleave(k)  # circuit i drops sender i's edges into every column
+    sender = torch.tensor([names.index(s) for s in senders], dtype=torch.long).repeat_interleave(k)
+    receiver = torch.tensor(cols, dtype=torch.long).repeat(n)
+    base, values = metrics_without(patcher, n, circuit, sender, receiver)
+    patched = values.float()
     return Scores(
         values=patched,
         dims=("sender",),

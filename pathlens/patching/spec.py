@@ -54,7 +54,7 @@ def check_option(name: str, value: object, choices: Collection[object]) -> None:
         raise PathlensError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
-def runs_for(task: Task, direction: Direction) -> tuple[Tensor, Tensor]:
+def runs_for(task: Task, direction: str) -> tuple[Tensor, Tensor]:
     """(base ids, source ids) of a direction: denoise runs the corrupted prompts with clean activations."""
     check_option("direction", direction, DIRECTIONS)
     return (task.corrupt_ids, task.clean_ids) if direction == "denoise" else (task.clean_ids, task.corrupt_ids)
