@@ -83,22 +83,27 @@ def get_blocks(root: nn.Module, path: str) -> nn.ModuleList:
     return blocks
 
 
-def output_weight_per_head(o_proj: nn.Module, n_heads: int, d_head: int) -> torch.Tensor:
-    """W_O split per head: (n_heads, d_head, d_model), so head h writes z_h @ W_O[h] into the stream.
+def is_linear(module: nn.Module) -> bool:
+    """Whether `module` is a linear layer pathlens can read weights from: nn.Linear or transformers' Conv1D."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
-    Handles torch `nn.Linear` (weight (d_model, n_heads*d_head)) and transformers' `Conv1D` (GPT-2;
-    weight (n_heads*d_head, d_model)).
-    """
-    w_in_out: torch.Tensor
-    if type(o_proj).__name__ == "Conv1D":
-        w_in_out = o_proj.weight  # type: ignore[assignment]  # transformers' Conv1D keeps (in, out) weights
-    elif isinstance(o_proj, nn.Linear):
-        w_in_out = o_proj.weight.t()  # (in, out) from nn.Linear's (out, in)
-    else:
-        raise PathlensError(
-            f"the attention output projection is a {type(o_proj).__name__}; pathlens reads per-head outputs from "
-            "nn.Linear or transformers Conv1D only. Pass an ArchMap whose o_proj names such a layer."
-        )
+
+def weight_out_in(module: nn.Module, role: str) -> torch.Tensor:
+    """A linear layer's weight as (out_features, in_features): nn.Linear stores it that way, transformers' Conv1D
+    (GPT-2) stores the transpose. `role` names the layer in the error raised for any other module."""
+    if type(module).__name__ == "Conv1D":
+        return module.get_parameter("weight").t()
+    if isinstance(module, nn.Linear):
+        return module.weight
+    raise PathlensError(
+        f"the {role} is a {type(module).__name__}; pathlens reads the weights of nn.Linear or transformers' Conv1D "
+        "only. Pass an ArchMap whose paths name such layers."
+    )
+
+
+def output_weight_per_head(o_proj: nn.Module, n_heads: int, d_head: int) -> torch.Tensor:
+    """W_O split per head: (n_heads, d_head, d_model), so head h writes z_h @ W_O[h] into the stream."""
+    w_in_out = weight_out_in(o_proj, "attention output projection (ArchMap o_proj)").t()  # (n_heads*d_head, d_model)
     if w_in_out.shape[0] != n_heads * d_head:
         raise PathlensError(
             f"output projection input size {w_in_out.shape[0]} != n_heads*d_head = {n_heads}*{d_head}; "

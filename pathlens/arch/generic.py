@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from pathlens.arch.base import ArchMap
+from pathlens.arch.base import ArchMap, is_linear
 from pathlens.arch.families import FAMILIES
 from pathlens.errors import PathlensError
 
@@ -35,10 +35,6 @@ def arch_for(model: nn.Module) -> ArchMap:
     if model_type in FAMILIES:
         return FAMILIES[model_type](cfg)
     return infer_arch(model)
-
-
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
 
 def _path_of(root: nn.Module, target: nn.Module) -> str:
@@ -73,7 +69,7 @@ def _child(block: nn.Module, names: tuple[str, ...], what: str, required: bool) 
 
 
 def _last_linear(module: nn.Module, prefix: str, what: str) -> str:
-    linears = [n for n, m in module.named_modules() if n and _is_linear(m)]
+    linears = [n for n, m in module.named_modules() if n and is_linear(m)]
     if not linears:
         raise PathlensError(f"no linear layer found in {prefix!r} to use as the {what}. {_HOW_TO}")
     return f"{prefix}.{linears[-1]}"

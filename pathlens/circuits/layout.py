@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from pathlens.arch.base import get_module
+from pathlens.arch.base import get_module, weight_out_in
 from pathlens.errors import PathlensError
 from pathlens.model import Model
 from pathlens.sites import Site
@@ -82,15 +82,6 @@ def check_supported(model: Model) -> None:
         )
 
 
-def _out_in(module: nn.Module) -> Tensor:
-    """A projection's weight as (out_features, in_features), for nn.Linear and transformers' Conv1D."""
-    if type(module).__name__ == "Conv1D":
-        return module.get_parameter("weight").t()
-    if isinstance(module, nn.Linear):
-        return module.weight
-    raise PathlensError(f"q/k/v projection is a {type(module).__name__}; edge attribution reads nn.Linear or Conv1D.")
-
-
 class QKV:
     """One layer's q/k/v projections: which module outputs to read, and how to turn the gradient at them into
     per-receiver gradients at the projection input, (B, P, H + 2G, d_model), in the receiver order q, k, v."""
@@ -102,7 +93,7 @@ class QKV:
         self.h, self.g, self.dh, self.layout = a.n_heads, a.n_kv_heads, a.d_head, a.qkv_layout
         self.paths = list(dict.fromkeys(f"{block}.{p}" for p in a.qkv_proj))
         modules = [get_module(model.hf, p) for p in self.paths]
-        weights = [_out_in(m).detach() for m in modules]
+        weights = [weight_out_in(m, "q/k/v projection (ArchMap qkv_proj)").detach() for m in modules]
         d = weights[0].shape[1]
         self.cols, self.part_module = self._columns(), [0, 1, 2] if self.layout == "separate" else [0, 0, 0]
         biases: list[Tensor | None] = [getattr(m, "bias", None) for m in modules]
