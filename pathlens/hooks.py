@@ -82,7 +82,8 @@ class BackwardRule(Protocol):
     """A rule that changes the backward pass only (e.g. an LRP rule): the hooks that put it in place on a model,
     and whether it needs attention probabilities held constant. The session registers what it is given."""
 
-    constant_attention: bool
+    @property
+    def constant_attention(self) -> bool: ...
 
     def hooks(self, model: "Model") -> list[Hook]: ...
 

@@ -47,7 +47,9 @@ def frozen_final_norm(model: Model, resid_final: Tensor) -> Callable[[Tensor], T
 
 def logit_direction(model: Model, task: Task) -> Tensor:
     """W_U[answer] − W_U[wrong] per prompt: (N, d_model), float64."""
-    w_u = get_module(model.hf, model.arch.unembed).weight.detach().double()
+    weight = get_module(model.hf, model.arch.unembed).weight
+    assert isinstance(weight, Tensor)
+    w_u = weight.detach().double()  # (vocab, d_model)
     return w_u[task.answer_ids] - w_u[task.wrong_ids]
 
 
