@@ -167,7 +167,7 @@ def gpt2_curve_row(repeats: int) -> dict[str, Any]:
 
 def induction_rows(repeats: int) -> list[dict[str, Any]]:
     """Every discovery method on induction-2l: time (median), size, faithfulness, exactness, top pathway."""
-    from pathlens.cli import task_for
+    from pathlens.report.studies import task_for
 
     model = pathlens.load("induction-2l")
     task = task_for(model, "induction", N_INDUCTION, 0)

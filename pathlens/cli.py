@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
-import pandas as pd
 import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from pathlens.attribution.edges import EdgeMethod
+from pathlens.circuits.discover import DiscoveryMethod, Ranking
 from pathlens.errors import PathlensError
 from pathlens.loading import EMBEDDED, load
 from pathlens.model import Model
+from pathlens.patching.spec import Direction
 from pathlens.patching.sweep import DEFAULT_MAX_BATCH_TOKENS
-from pathlens.results import Scores
-from pathlens.tasks import TASKS, build_task
-from pathlens.tasks.base import Task
+from pathlens.report.studies import SweepSummary, circuit_study, demo_study, task_for, write_sweep
+from pathlens.tasks import TASKS
 
 if TYPE_CHECKING:
     from pathlens.attribution.compare import Comparison
@@ -84,121 +84,47 @@ def demo(
     """IOI on an embedded model: clean vs corrupted logit difference, top heads by direct logit attribution,
     activation patching of every head and of the residual stream per (layer, position), and an EAP-IG circuit
     with its faithfulness curve, pathways and HTML report."""
-    from pathlens.diagnostics.dla import head_logit_attribution
-    from pathlens.tasks import ioi
-
     loaded = _load(model)
-    task = ioi(loaded.tokenizer, n=n, seed=seed)
+    console.print("running the IOI demo: metric, direct logit attribution, patching sweeps, circuit …")
+    study = demo_study(loaded, out, n=n, seed=seed, progress=True)
+    task = study.task
+    example = task.prompts[0] if task.prompts else ""
     console.print(
-        f"IOI task: {task.n} prompt pairs, e.g. [italic]{task.prompts[0]!r}[/] → "
+        f"IOI task: {task.n} prompt pairs, e.g. [italic]{example!r}[/] → "
         f"{loaded.to_str_tokens(task.answer_ids[:1])[0]!r}"
     )
-    with console.status("running clean and corrupted prompts …"):
-        clean = loaded.run(task.clean_ids, attention_mask=task.attention_mask)
-        corrupt = loaded.run(task.corrupt_ids, attention_mask=task.attention_mask)
-        clean_ld, corrupt_ld = task.score(clean.logits), task.score(corrupt.logits)
-        rows = torch.arange(task.n)
-        top1 = clean.logits[rows, task.answer_pos].argmax(-1) == task.answer_ids
-        dla = head_logit_attribution(loaded, task)
-    summary = {
-        "model": loaded.name,
-        "task": "ioi",
-        "n_prompts": task.n,
-        "seed": seed,
-        "clean_logit_diff": float(clean_ld.mean()),
-        "corrupt_logit_diff": float(corrupt_ld.mean()),
-        "accuracy_answer_over_wrong": float((clean_ld > 0).float().mean()),
-        "top1_accuracy": float(top1.float().mean()),
-    }
     table = Table(title="IOI: metric")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     for key in ("clean_logit_diff", "corrupt_logit_diff", "accuracy_answer_over_wrong", "top1_accuracy"):
-        table.add_row(key, f"{summary[key]:.3f}")
+        table.add_row(key, f"{study.summary[key]:.3f}")
     console.print(table)
-    top = dla.top(10)
     heads = Table(title="top 10 heads by direct logit attribution (logit diff, mean over prompts)")
     for col in ("head", "DLA"):
         heads.add_column(col, justify="right")
-    for row in top.to_dict("records"):
+    for row in study.top_heads.to_dict("records"):
         heads.add_row(f"L{row['layer']}.H{row['head']}", f"{row['value']:+.3f}")
     console.print(heads)
-    out.mkdir(parents=True, exist_ok=True)
-    dla.plot(out / "dla_heads.png", title=f"{loaded.name}: IOI direct logit attribution per head")
-    dla.save(out / "dla_heads")
-    top.to_csv(out / "top_heads.csv", index=False)
-    from pathlens.patching import patch as run_patch
-
-    heads = run_patch(loaded, task, sites="heads", positions="all", progress=True)
-    console.print(write_sweep(heads, out, "patch_heads", f"{loaded.name} IOI: heads patched clean→corrupt"))
-    from pathlens.tasks.ioi import BABA_TEMPLATES
-
-    one_template = ioi(loaded.tokenizer, n=min(n, DEMO_RESID_PROMPTS), seed=seed, templates=[BABA_TEMPLATES[0]])
-    resid = run_patch(loaded, one_template, sites="resid_pre", positions="each", progress=True)
-    console.print(write_sweep(resid, out, "patch_resid", f"{loaded.name} IOI: resid_pre per position"))
-    summary["patch_heads_top"] = [
-        {"layer": int(r.layer), "head": int(r.head), "effect": float(r.value - heads.meta["corrupt_metric"])}
-        for r in heads.top(5, by="value").itertuples()
-    ]
-    record = run_circuit(loaded, task, "ioi", "eap-ig", out / "circuit", top_paths=5)
-    summary["circuit"] = {k: record[k] for k in ("faithfulness", "n_edges", "edges_total", "curve_area", "seconds")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    for sweep in study.sweeps:
+        console.print(sweep_table(sweep))
+    print_circuit(study.circuit, out / "circuit")
     console.print(
         f"wrote {out}/: dla_heads, patch_heads, patch_resid (.png/.safetensors/.json/.csv), circuit/ (report.html), "
         "summary.json"
     )
 
 
-DEMO_RESID_PROMPTS = 4  # the per-(layer, position) sweep is the demo's longest step; 4 prompts keep it short
+CliPositions = Literal["all", "each"]  # the position choices a command line can name (a library call may list ints)
 CLI_SITES = {"heads": "heads", "resid": "resid_pre", "mlp": "mlp_out", "attn": "attn_out"}
 
 
-def task_for(model: Model, name: str, n: int, seed: int) -> Task:
-    """Build task `name` for `model` (token-only models get induction over their vocabulary)."""
-    if name not in TASKS:
-        raise PathlensError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}.")
-    if model.tokenizer is None:
-        if name != "induction":
-            raise PathlensError(f"{model.name} has no tokenizer, so only the token-level 'induction' task applies.")
-        cfg = model.hf.config
-        return build_task(
-            name, None, vocab_size=cfg.vocab_size, bos_id=getattr(cfg, "bos_token_id", None), n=n, seed=seed
-        )
-    return build_task(name, model.tokenizer, n=n, seed=seed)
-
-
-def plottable(scores: Scores) -> Scores:
-    """A 2-D view for plotting: (layer, head, pos) becomes (head, pos) with heads labelled L{l}.H{h}."""
-    if scores.values.ndim != 3:
-        return scores
-    first, second, last = scores.dims
-    labels = [
-        f"L{a}.{'H' if second == 'head' else 'G'}{b}" for a in scores.coords[first] for b in scores.coords[second]
-    ]
-    return Scores(
-        values=scores.values.reshape(len(labels), -1),
-        dims=("component", last),
-        coords={"component": labels, last: scores.coords[last]},
-        metric=scores.metric,
-        method=scores.method,
-        meta=scores.meta,
-        pos_labels=scores.pos_labels,
-    )
-
-
-def write_sweep(scores: Scores, out: Path, name: str, title: str) -> Table:
-    """Save scores (safetensors + JSON), a heatmap PNG and a CSV table; return the top-10 table for printing."""
-    out.mkdir(parents=True, exist_ok=True)
-    scores.save(out / name)
-    plottable(scores).plot(out / f"{name}.png", title=title)
-    ranked = scores.with_values(scores.values - scores.meta["base_metric"])
-    top = ranked.top(10)
-    ranked.to_frame().to_csv(out / f"{name}.csv", index=False)
-    table = Table(title=f"{title}: top 10 by |effect| (patched − base run)")
-    for col in [*scores.dims, "effect"]:
+def sweep_table(sweep: SweepSummary) -> Table:
+    """The top-10 table of a written sweep, for printing."""
+    table = Table(title=f"{sweep.title}: top 10 by |effect| (patched − base run)")
+    for col in [*sweep.dims, "effect"]:
         table.add_column(col, justify="right")
-    for row in top.to_dict("records"):
-        table.add_row(*[str(row[d]) for d in scores.dims], f"{row['value']:+.3f}")
+    for row in sweep.top.to_dict("records"):
+        table.add_row(*[str(row[d]) for d in sweep.dims], f"{row['value']:+.3f}")
     return table
 
 
@@ -207,8 +133,8 @@ def patch(
     model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
     task: str = typer.Option("ioi", help=f"one of {', '.join(TASKS)}"),
     sites: str = typer.Option("heads", help="heads | resid | mlp | attn, or any family of pathlens.patch"),
-    positions: str = typer.Option("all", help="all | each"),
-    direction: str = typer.Option("denoise", help="denoise | noise"),
+    positions: CliPositions = typer.Option("all", help="all | each"),
+    direction: Direction = typer.Option("denoise", help="denoise | noise"),
     n: int = typer.Option(8, help="number of prompt pairs"),
     seed: int = typer.Option(0, help="task seed"),
     max_batch_tokens: int = typer.Option(DEFAULT_MAX_BATCH_TOKENS, help="most tokens in one patched forward"),
@@ -232,12 +158,12 @@ def patch(
     )
     console.print(f"clean metric {scores.meta['clean_metric']:.3f}, corrupted {scores.meta['corrupt_metric']:.3f}")
     name = f"{family}_{positions}"
-    console.print(write_sweep(scores, out, name, f"{loaded.name} {task}: {family} ({direction})"))
+    console.print(sweep_table(write_sweep(scores, out, name, f"{loaded.name} {task}: {family} ({direction})")))
     console.print(f"wrote {out}/{name}.safetensors/.json/.png/.csv")
 
 
 NODE_METHODS = ("atp", "atp*", "relp", "ig")
-EDGE_METHODS = {"atp": "eap", "eap": "eap", "eap-ig": "eap-ig", "relp": "relp"}
+EDGE_METHODS: dict[str, EdgeMethod] = {"atp": "eap", "eap": "eap", "eap-ig": "eap-ig", "relp": "relp"}
 
 
 def comparison_table(result: "Comparison", title: str) -> Table:
@@ -255,8 +181,8 @@ def attribute(
     task: str = typer.Option("ioi", help=f"one of {', '.join(TASKS)}"),
     method: str = typer.Option("atp", help="atp | atp* | relp | ig (nodes) | eap | eap-ig (edges)"),
     sites: str = typer.Option("heads", help="heads | resid | mlp | attn, or any family of pathlens.patch"),
-    positions: str = typer.Option("all", help="all | each"),
-    direction: Optional[str] = typer.Option(  # noqa: UP045 (typer reads the annotation)
+    positions: CliPositions = typer.Option("all", help="all | each"),
+    direction: Optional[Direction] = typer.Option(  # noqa: UP045 (typer reads the annotation)
         None, help="denoise | noise (default: denoise for nodes, noise for edges)"
     ),
     edges: bool = typer.Option(False, "--edges", help="score every edge of the model's graph instead of nodes"),
@@ -311,7 +237,8 @@ def attribute(
     estimate = estimator(loaded, built, sites=family, positions=positions, direction=direction)
     seconds = time.perf_counter() - start
     name = f"{method.replace('*', '_star')}_{family}_{positions}"
-    console.print(write_sweep(estimate, out, name, f"{loaded.name} {task}: {method} {family} ({seconds:.1f} s)"))
+    title = f"{loaded.name} {task}: {method} {family} ({seconds:.1f} s)"
+    console.print(sweep_table(write_sweep(estimate, out, name, title)))
     if compare_exact:
         start = time.perf_counter()
         exact = run_patch(loaded, built, sites=family, positions=positions, direction=direction, progress=True)
@@ -325,70 +252,9 @@ def attribute(
     console.print(f"wrote {out}/{name}.*")
 
 
-def run_circuit(
-    loaded: Model,
-    built: Task,
-    task_name: str,
-    method: str,
-    out: Path,
-    top_paths: int = 10,
-    top_k: int | None = None,
-    target: float = 0.8,
-    steps: int = 5,
-    by: str = "auto",
-) -> dict[str, Any]:
-    """Discover a circuit, measure it, and write circuit files, PNGs, pathways, circuit.json and report.html."""
-    from pathlens.circuits.discover import discover, pathways
-    from pathlens.circuits.edge_patching import EdgePatcher
-    from pathlens.circuits.faithfulness import Curve
-    from pathlens.report.html import write_report
-
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with console.status(f"discovering the {task_name} circuit with {method} …"):
-        circuit = discover(loaded, built, method=method, top_k=top_k, target=target, steps=steps, by=by)
-        routes = pathways(EdgePatcher(loaded, built), circuit, k=top_paths)
-    seconds = time.perf_counter() - start
-    circuit.save(out / "circuit")
-    circuit.to_frame().to_csv(out / "edges.csv", index=False)
-    circuit.plot(out / "circuit.png", title=f"{loaded.name} {task_name}: {method} circuit")
-    curve_dict = circuit.meta.get("curve")
-    if curve_dict:
-        keys = ("sizes", "faithfulness", "metric", "full", "empty", "edges_total")
-        Curve(**{k: curve_dict[k] for k in keys}).plot(out / "curve.png", title=f"{method}: faithfulness curve")
-    pd.DataFrame(
-        [{**r, "nodes": " → ".join(r["nodes"])} for r in routes],
-        columns=["rank", "nodes", "score", "estimate", "metric", "faithfulness"],
-    ).to_csv(out / "pathways.csv", index=False)
-    record = {
-        "model": loaded.name,
-        "task": task_name,
-        "method": method,
-        "faithfulness": circuit.meta["faithfulness"],
-        "n_edges": circuit.n_edges,
-        "edges_total": circuit.edges_total,
-        "fraction": circuit.n_edges / circuit.edges_total,
-        "ranked_by": circuit.meta["ranked_by"],
-        "ablation": circuit.meta["ablation"],
-        "direction": circuit.meta["direction"],
-        "metric": circuit.meta["metric"],
-        "curve": None
-        if not curve_dict
-        else {str(s): f for s, f in zip(curve_dict["sizes"], curve_dict["faithfulness"], strict=True)},
-        "curve_area": None if not curve_dict else curve_dict["area"],
-        "paths": routes,
-        "seconds": seconds,
-    }
-    (out / "circuit.json").write_text(json.dumps(record, indent=1))
-    write_report(
-        out / "report.html",
-        title=f"{loaded.name} · {task_name} · {method} circuit",
-        circuit=circuit,
-        curve=curve_dict,
-        pathways=routes,
-        prompts=list(built.prompts or [])[:8],
-        summary={k: v for k, v in record.items() if k not in ("paths", "curve")},
-    )
+def print_circuit(record: dict[str, Any], out: Path) -> None:
+    """Print a circuit study's pathways table and one line of its figures."""
+    routes = record["paths"]
     table = Table(title=f"top {len(routes)} pathways (own faithfulness: only that path's edges kept)")
     for col in ("rank", "path", "score", "own F"):
         table.add_column(col, justify="right")
@@ -396,30 +262,33 @@ def run_circuit(
         table.add_row(str(r["rank"]), " → ".join(r["nodes"]), f"{r['score']:.3g}", f"{r['faithfulness']:+.3f}")
     console.print(table)
     console.print(
-        f"circuit: {circuit.n_edges} of {circuit.edges_total} edges ({record['fraction']:.1%}), normalized "
+        f"circuit: {record['n_edges']} of {record['edges_total']} edges ({record['fraction']:.1%}), normalized "
         f"faithfulness {record['faithfulness']:.3f} ({record['ablation']} ablation, {record['direction']}, "
-        f"{record['metric']}); {seconds:.1f} s; wrote {out}/report.html, circuit.json, curve.png, circuit.png"
+        f"{record['metric']}); {record['seconds']:.1f} s; wrote {out}/report.html, circuit.json, curve.png, "
+        "circuit.png"
     )
-    return record
 
 
 @app.command()
 def circuit(
     model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
     task: str = typer.Option("ioi", help=f"one of {', '.join(TASKS)}"),
-    method: str = typer.Option("eap-ig", help="eap | eap-ig | relp | patching | acdc"),
+    method: DiscoveryMethod = typer.Option("eap-ig", help="eap | eap-ig | relp | patching | acdc"),
     top_paths: int = typer.Option(10, help="how many diverse pathways to list"),
     top_k: Optional[int] = typer.Option(None, help="circuit size in edges (default: smallest reaching --target)"),  # noqa: UP045
     target: float = typer.Option(0.8, help="normalized faithfulness the circuit must reach"),
     steps: int = typer.Option(5, help="integration steps of eap-ig"),
-    by: str = typer.Option("auto", help="edge ranking: auto (the better of abs and support) | abs | support"),
+    by: Ranking = typer.Option("auto", help="edge ranking: auto (the better of abs and support) | abs | support"),
     n: int = typer.Option(8, help="number of prompt pairs"),
     seed: int = typer.Option(0, help="task seed"),
     out: Path = typer.Option(Path("out/circuit"), help="output folder"),
 ) -> None:
     """Circuit discovery with faithfulness curve, pathways and an offline HTML report."""
     loaded = _load(model)
-    run_circuit(loaded, task_for(loaded, task, n, seed), task, method, out, top_paths, top_k, target, steps, by)
+    built = task_for(loaded, task, n, seed)
+    with console.status(f"discovering the {task} circuit with {method} …"):
+        record = circuit_study(loaded, built, task, method, out, top_paths, top_k, target, steps, by)
+    print_circuit(record, out)
 
 
 def main() -> None:

@@ -231,7 +231,7 @@ def test_auto_ranking_picks_the_smaller_circuit_reaching_the_target() -> None:
 @pytest.mark.parametrize("method", ["eap", "eap-ig", "relp", "patching", "acdc"])
 def test_discovery_recovers_the_induction_circuit(method: str) -> None:
     model = pathlens.load("induction-2l")
-    from pathlens.cli import task_for
+    from pathlens.report.studies import task_for
 
     task = task_for(model, "induction", 16, 0)
     circuit = discover(model, task, method=method)
@@ -247,7 +247,7 @@ def test_eap_and_a_low_threshold_acdc_keep_the_induction_route() -> None:
     """EAP (first order) and ACDC at threshold 0.01 keep one or two extra (real, small) edges besides the known
     circuit."""
     model = pathlens.load("induction-2l")
-    from pathlens.cli import task_for
+    from pathlens.report.studies import task_for
 
     task = task_for(model, "induction", 16, 0)
     for method, threshold in (("acdc", 0.01), ("eap", 0.05)):

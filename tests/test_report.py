@@ -80,7 +80,7 @@ def _check(document: str) -> _Checker:
 @pytest.fixture(scope="module")
 def study() -> dict[str, Any]:
     """Real results on the shipped induction model: a circuit with its curve and pathways, and head patching."""
-    from pathlens.cli import task_for
+    from pathlens.report.studies import task_for
 
     model = pathlens.load("induction-2l")
     task = task_for(model, "induction", 8, 0)

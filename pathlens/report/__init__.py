@@ -1,5 +1,25 @@
-"""Reports: one self-contained HTML page for a circuit study (`render_report`, `write_report`)."""
+"""Reports: one self-contained HTML page for a circuit study (`render_report`, `write_report`), and the studies
+the command line runs as library calls (`circuit_study`, `demo_study`, `write_sweep`, `task_for`)."""
 
 from pathlens.report.html import render_report, write_report
+from pathlens.report.studies import (
+    DemoStudy,
+    SweepSummary,
+    circuit_study,
+    demo_study,
+    plottable,
+    task_for,
+    write_sweep,
+)
 
-__all__ = ["render_report", "write_report"]
+__all__ = [
+    "DemoStudy",
+    "SweepSummary",
+    "circuit_study",
+    "demo_study",
+    "plottable",
+    "render_report",
+    "task_for",
+    "write_report",
+    "write_sweep",
+]
