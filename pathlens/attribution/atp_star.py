@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pathlens.arch.base import get_module
+from pathlens.arch.base import get_blocks, get_module
 from pathlens.attribution.atp import cells, estimate_scores, first_order
 from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, StopGradient
@@ -151,8 +151,7 @@ def _estimate(
 
 def _scale(model: Model, layer: int) -> float:
     """The factor the model multiplies q·k by before the softmax."""
-    a = model.arch
-    attn = get_module(model.hf, f"{a.blocks}.{layer}" + (f".{a.attn}" if a.attn else ""))
+    attn = get_module(get_blocks(model.hf, model.arch.blocks)[layer], model.arch.attn or "")
     scaling = getattr(attn, "scaling", None)
     return float(model.arch.d_head**-0.5 if scaling is None else scaling)
 

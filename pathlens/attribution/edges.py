@@ -180,7 +180,7 @@ def _receiver_grads(
         grad=True,
         rules=rule_objects(rules),
     )
-    per_row = task.metric(run.logits, sub)  # type: ignore[misc]
+    per_row = task.metric(run.logits, sub)
     wanted = [run.cache[Site("resid_post", last)]]
     for layer in range(a.n_layers):
         wanted += [run.cache[s] for s in qkv[layer].sites]
@@ -189,7 +189,8 @@ def _receiver_grads(
     raw = torch.autograd.grad(per_row.sum(), wanted, retain_graph=True, allow_unused=True)
     got = [torch.zeros_like(w) if g is None else g for w, g in zip(wanted, raw, strict=True)]
     logits_grad, cursor = got[0], 1
-    attn, mlp = [], []
+    attn: list[Tensor] = []
+    mlp: list[Tensor | None] = []
     for layer in range(a.n_layers):
         n_proj = len(qkv[layer].sites)
         at_input = qkv[layer].input_grads(got[cursor : cursor + n_proj])
