@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from pathlens.arch.base import get_blocks, get_module, output_weight_per_head
@@ -157,7 +158,7 @@ def _attention(
     if entry is None:
         raise PathlensError("pathlens attention was called outside a pathlens run; reload the model.")
     session, layer, own = entry
-    query = session.process(Site("q", layer), query.transpose(1, 2)).transpose(1, 2)
+    query = rearrange(session.process(Site("q", layer), rearrange(query, "b h p d -> b p h d")), "b p h d -> b h p d")
     q_len = query.shape[2]
     key = _process_new_positions(session, Site("k", layer), key, q_len)
     value = _process_new_positions(session, Site("v", layer), value, q_len)
@@ -167,11 +168,12 @@ def _attention(
         return own(module, query, key, value, attention_mask, *args, **kwargs)
     eager = _eager_function(module)
     out, weights = eager(module, query, key, value, _additive_mask(attention_mask, query, key), *args, **kwargs)
-    new = session.process(pattern_site, weights.transpose(1, 2)).transpose(1, 2)
+    new = rearrange(session.process(pattern_site, rearrange(weights, "b h q k -> b q h k")), "b q h k -> b h q k")
     if session.writes_to(pattern_site) or constant_pattern or session.grad:
         probs = new.detach() if constant_pattern else new
         n_rep = query.shape[1] // value.shape[1]
-        out = torch.matmul(probs.to(value.dtype), _repeat_kv(value, n_rep)).transpose(1, 2).contiguous()
+        out = torch.matmul(probs.to(value.dtype), _repeat_kv(value, n_rep))  # (b, H, p_q, d_head)
+        out = rearrange(out, "b h p d -> b p h d").contiguous()
     if constant_pattern and not session.writes_to(pattern_site):
         # constant attention changes gradients only: the value is the model's own attention output, bit for bit
         reference = own(module, query, key, value, attention_mask, *args, **kwargs)[0]
@@ -185,7 +187,8 @@ def _process_new_positions(session: "HookSession", family: Site, states: Tensor,
     if not session.wants(family):
         return states
     prefix = states.shape[2] - q_len
-    new = session.process(family, states[:, :, prefix:].transpose(1, 2)).transpose(1, 2)
+    new = session.process(family, rearrange(states[:, :, prefix:], "b g p d -> b p g d"))  # (b, p, G, d_head)
+    new = rearrange(new, "b p g d -> b g p d")
     return torch.cat([states[:, :, :prefix], new], dim=2) if prefix else new
 
 
@@ -635,9 +638,9 @@ class HookSession:
         arch = self.wrapped.arch
 
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            z = args[0].unflatten(-1, (arch.n_heads, arch.d_head))
+            z = rearrange(args[0], "b p (h d) -> b p h d", h=arch.n_heads)  # (b, p, H, d_head)
             w_o = output_weight_per_head(o_proj, arch.n_heads, arch.d_head)
-            heads = torch.einsum("bphd,hde->bphe", z, w_o.to(z.dtype))
+            heads = torch.einsum("bphd,hde->bphe", z, w_o.to(z.dtype))  # (b, p, H, d_model)
             new = self.process(fam, heads)
             if fam in self._writes:
                 return output + (new - heads).sum(dim=2)
@@ -650,7 +653,7 @@ class HookSession:
 
     def _pattern_output_hook(self, fam: Site) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            self.process(fam, output[1].transpose(1, 2))
+            self.process(fam, rearrange(output[1], "b h q k -> b q h k"))
             return None
 
         return hook

@@ -111,7 +111,7 @@ class ConeRunner:
         change and take the base run's logits.
         """
         k, r = len(patches), int(rows.numel())
-        hidden = _rows_tiled(self.resid_pre[layer][:, start:], rows, k)
+        hidden = _rows_tiled(self.resid_pre[layer][:, start:], rows, k)  # (K·R, P − start, d_model)
         interventions = [
             Intervention(
                 p.site,
@@ -125,12 +125,12 @@ class ConeRunner:
         with torch.no_grad(), session:
             for index in range(layer, len(self.blocks)):
                 kwargs = self._call(index, layer, start, rows, k)
-                hidden = first_output(self.blocks[index](hidden, **kwargs))
-            pos = (self.answer_pos[rows] - start).repeat(k)
+                hidden = first_output(self.blocks[index](hidden, **kwargs))  # (K·R, P − start, d_model)
+            pos = (self.answer_pos[rows] - start).repeat(k)  # (K·R,)
             inside = pos >= 0
-            picked = hidden[torch.arange(k * r), pos.clamp(min=0)]
-            logits = self._logits(picked)
-        base = self.answer_logits[rows].repeat(k, 1)
+            picked = hidden[torch.arange(k * r), pos.clamp(min=0)]  # (K·R, d_model)
+            logits = self._logits(picked)  # (K·R, V)
+        base = self.answer_logits[rows].repeat(k, 1)  # (K·R, V)
         return torch.where(inside[:, None], logits, base)
 
     def _logits(self, hidden: Tensor) -> Tensor:
