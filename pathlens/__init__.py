@@ -1,40 +1,63 @@
 """pathlens: find, verify and steer the pathways inside neural networks.
 
 The nouns: `Model` (an unmodified model plus its sites), `Site` (a named activation point), `Intervention`
-(one way to change a site during a run), `Task` (the behaviour to explain), `Scores` (the one result type).
+(one way to change a site during a run: an `Op` — `Replace`, `Add`, `Ablate`, `Scale`, `Project`,
+`StopGradient`), `Task` (the behaviour to explain), `Scores` and `Graph` (the result types).
+The verbs: `load`, `patch`, `atp`, `atp_star`, `relp`, `integrated_gradients`, `compare`, `edge_attribution`;
+circuits (`pathlens.circuits.discover`, ...), task generators and metrics (`pathlens.tasks.ioi`, ...),
+diagnostics and reports live in their packages, which `import pathlens` loads.
 """
 
+# pathlens.circuits loads before pathlens.attribution: circuits.discover builds on attribution.edges, which reads
+# circuits.layout, so loading circuits first lets each package finish before the other one reads it.
+from pathlens import circuits  # isort: skip
+from pathlens import arch, attribution, diagnostics, patching, report, results, tasks
 from pathlens.arch.base import ArchMap
-from pathlens.attribution import atp, atp_star, compare, edge_attribution, relp
+from pathlens.attribution import atp, atp_star, compare, edge_attribution, integrated_gradients, relp
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
-from pathlens.interventions import Ablate, Add, Intervention, Project, Replace, Scale
+from pathlens.interventions import Ablate, Add, Intervention, Op, Project, Replace, Scale, StopGradient
 from pathlens.loading import EMBEDDED, load
 from pathlens.model import Cache, Model, Run
 from pathlens.patching import patch
+from pathlens.results import Scores
 from pathlens.sites import Site, parse_site
+from pathlens.tasks import Task
 
 __all__ = [
+    "EMBEDDED",
     "Ablate",
     "Add",
     "ArchMap",
     "Cache",
-    "EMBEDDED",
     "Graph",
     "Intervention",
     "Model",
+    "Op",
     "PathlensError",
     "Project",
     "Replace",
     "Run",
     "Scale",
+    "Scores",
+    "Site",
+    "StopGradient",
+    "Task",
+    "arch",
     "atp",
     "atp_star",
+    "attribution",
+    "circuits",
     "compare",
+    "diagnostics",
     "edge_attribution",
-    "relp",
-    "Site",
+    "integrated_gradients",
     "load",
     "parse_site",
     "patch",
+    "patching",
+    "relp",
+    "report",
+    "results",
+    "tasks",
 ]

@@ -4,21 +4,24 @@ Python blocks are executed as they stand (on the embedded models, in a temporary
 `pathlens ...` line of a bash block is parsed against the command line (unknown commands or options fail), and
 run through it unless it is a study on SmolLM2 (`demo`, `patch`, `attribute`, `circuit` take minutes there;
 tests/test_cli.py runs the demo and the same commands on the induction model). Other bash lines (`make`, `pip`,
-benchmark scripts) are not run.
+benchmark scripts) are not run. The public names the README uses are exported from `pathlens` and its packages.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+import torch
 from typer.core import TyperGroup
 from typer.main import get_command
 from typer.testing import CliRunner
 
+import pathlens
 from pathlens.cli import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -81,3 +84,43 @@ def test_python_block_runs(index: int, tmp_path: Path, monkeypatch: pytest.Monke
     exec(compile(source, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
     for written in re.findall(r"\.plot\(\"([^\"]+\.png)\"\)", source):
         assert (tmp_path / written).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", written
+
+
+PACKAGES = (
+    "pathlens",
+    *(f"pathlens.{p}" for p in pathlens.__all__ if isinstance(getattr(pathlens, p), type(pathlens))),
+)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_every_exported_name_exists(package: str) -> None:
+    module = importlib.import_module(package)
+    assert module.__all__, package
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert not missing, f"{package}.__all__ names {missing}, which it does not define"
+
+
+def test_the_readme_nouns_and_verbs_are_exported() -> None:
+    for name in ("Task", "Model", "load", "Intervention", "Replace", "Add", "Ablate", "Scale", "Project", "Scores"):
+        assert name in pathlens.__all__, name
+    for name in ("Graph", "patch", "atp", "atp_star", "relp", "compare", "edge_attribution"):
+        assert name in pathlens.__all__, name
+    for name in ("ioi", "induction", "greater_than", "factual", "logit_diff", "NormalizedLogitDiff", "KL"):
+        assert name in pathlens.tasks.__all__, name
+
+
+def test_circuit_functions_shadow_their_modules_without_hiding_them() -> None:
+    """`pathlens.circuits.discover` is the function (as the README calls it), and the module it lives in stays
+    importable by path."""
+    from pathlens.circuits.discover import discover, pathways
+    from pathlens.circuits.faithfulness import completeness
+    from pathlens.circuits.neuron_path import neuron_path
+
+    assert pathlens.circuits.discover is discover and pathlens.circuits.pathways is pathways
+    assert pathlens.circuits.neuron_path is neuron_path and pathlens.circuits.completeness is completeness
+    assert importlib.import_module("pathlens.circuits.discover").discover is discover
+
+
+def test_task_from_ids_is_reachable_from_the_top() -> None:
+    task = pathlens.Task.from_ids(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 4, 3]]), 5, 6)
+    assert task.answer_pos.tolist() == [2] and task.metric is pathlens.tasks.logit_diff

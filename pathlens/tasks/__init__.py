@@ -1,7 +1,9 @@
 """Tasks: what behaviour to explain — clean/corrupted prompt pairs, answers and a metric.
 
 Generators build a `Task` for a given tokenizer: `ioi`, `induction`, `greater_than`, `factual`, or
-`build_task(name, tokenizer, **kw)` by name. `make_task` turns your own prompt pairs into a Task.
+`build_task(name, tokenizer, **kw)` by name. `make_task` turns your own prompt pairs into a Task, and
+`Task.from_ids` your own token ids (no tokenizer). Metrics: `logit_diff` (the default), `NormalizedLogitDiff`,
+`Probability`, `KL`, or any callable (logits, task) -> (N,); `answer_logits` reads the scored positions.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlens.tasks.metrics import (
     Metric,
     NormalizedLogitDiff,
     Probability,
+    answer_logits,
     logit_diff,
     metric_from_name,
     metric_name,
@@ -51,6 +54,7 @@ __all__ = [
     "NormalizedLogitDiff",
     "Probability",
     "Task",
+    "answer_logits",
     "build_task",
     "factual",
     "greater_than",
