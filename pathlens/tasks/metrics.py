@@ -27,7 +27,7 @@ class NormalizedLogitDiff:
     name = "normalized_logit_diff"
     __name__ = name
 
-    def __init__(self, clean: float, corrupt: float) -> None:
+    def __init__(self, clean: float | Tensor, corrupt: float | Tensor) -> None:
         clean, corrupt = float(clean), float(corrupt)
         if clean == corrupt:
             raise PathlensError(
