@@ -8,12 +8,10 @@ circuits (`pathlens.circuits.discover`, ...), task generators and metrics (`path
 diagnostics and reports live in their packages, which `import pathlens` loads.
 """
 
-# pathlens.circuits loads before pathlens.attribution: circuits.discover builds on attribution.edges, which reads
-# circuits.layout, so loading circuits first lets each package finish before the other one reads it.
-from pathlens import circuits  # isort: skip
-from pathlens import arch, attribution, diagnostics, patching, report, results, tasks
+from pathlens import arch, attribution, circuits, diagnostics, patching, report, results, tasks
 from pathlens.arch.base import ArchMap
-from pathlens.attribution import atp, atp_star, compare, edge_attribution, integrated_gradients, relp
+from pathlens.attribution import atp, atp_star, compare, integrated_gradients, relp
+from pathlens.circuits import edge_attribution
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
 from pathlens.interventions import Ablate, Add, Intervention, Op, Project, Replace, Scale, StopGradient

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pathlens.attribution.edges import EdgeMethod
 from pathlens.circuits.discover import DiscoveryMethod, Ranking
+from pathlens.circuits.edge_attribution import EdgeMethod
 from pathlens.errors import PathlensError
 from pathlens.loading import EMBEDDED, load
 from pathlens.model import Model
@@ -193,7 +193,8 @@ def attribute(
     out: Path = typer.Option(Path("out/attribute"), help="output folder"),
 ) -> None:
     """Gradient attribution (AtP, AtP*, RelP; EAP / EAP-IG / RelP edges) with an optional exact comparison."""
-    from pathlens.attribution import atp, atp_star, compare, edge_attribution, integrated_gradients, relp
+    from pathlens.attribution import atp, atp_star, compare, integrated_gradients, relp
+    from pathlens.circuits import edge_attribution
     from pathlens.patching import patch as run_patch
 
     if method not in NODE_METHODS + tuple(EDGE_METHODS):

@@ -13,7 +13,7 @@ import torch
 
 import pathlens
 from pathlens.attribution import atp, relp
-from pathlens.attribution.edges import edge_attribution
+from pathlens.circuits.edge_attribution import edge_attribution
 from pathlens.graph import Graph
 from tests.helpers import RECEIVERS, assert_untouched, padded_task, reference_column, snapshot, tiny_model
 

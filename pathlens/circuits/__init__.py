@@ -1,5 +1,6 @@
 """Circuits: which edges between model components carry a behaviour, and how faithful that explanation is.
 
+- `edge_attribution(model, task, method="eap" | "eap-ig" | "relp")`: every edge scored in one backward (a `Graph`);
 - `discover(model, task, method=...)`: a circuit (a pruned `Graph`) found by edge attribution, exact edge
   patching or ACDC, measured by exact edge patching; `pathways(patcher, circuit)`: its top-K diverse
   input → logits routes, each with its own patching check;
@@ -16,6 +17,7 @@ name is the function (`pathlens.circuits.discover(model, task)`), while the modu
 """
 
 from pathlens.circuits.discover import DISCOVERY_METHODS, discover, pathways
+from pathlens.circuits.edge_attribution import edge_attribution
 from pathlens.circuits.edge_effects import edge_effects
 from pathlens.circuits.edge_patching import EdgePatcher
 from pathlens.circuits.faithfulness import Curve, completeness, faithfulness, faithfulness_curve
@@ -33,6 +35,7 @@ __all__ = [
     "Path",
     "completeness",
     "discover",
+    "edge_attribution",
     "edge_effects",
     "faithfulness",
     "faithfulness_curve",

@@ -30,7 +30,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from pathlens.attribution.edges import edge_attribution
+from pathlens.circuits.edge_attribution import edge_attribution
 from pathlens.circuits.edge_effects import edge_effects
 from pathlens.circuits.edge_patching import DEFAULT_EDGE_BATCH_TOKENS, EdgePatcher
 from pathlens.circuits.faithfulness import Curve, faithfulness, faithfulness_curve, top_k_masks, with_endpoints

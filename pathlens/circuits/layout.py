@@ -3,7 +3,7 @@ which sender precedes which receiver, and each layer's q/k/v projections per rec
 
 Senders: the input embedding, every head, every MLP. Receivers: every head's query, every key-value group's key
 and value, every MLP, the logits. A receiver reads the senders before it (in a parallel block the MLP reads only
-the senders before its layer's attention). Edge attribution (`pathlens.attribution.edges`), edge patching and
+the senders before its layer's attention). Edge attribution (`pathlens.circuits.edge_attribution`), edge patching and
 path patching all index their sender × receiver matrices by this one layout.
 """
 
