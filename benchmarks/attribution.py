@@ -2,11 +2,11 @@
 
 Four parts, all in one process (peak memory in a spawned one):
 
-- gpt2-nodes: GPT-2-small shape (random init, the model and IOI-shaped task of `patching.py`). The floor is a
-  plain-torch clean forward + corrupt forward + one backward with hooks caching the head outputs (z, the input
-  of `attn.c_proj`) and their gradients; "floor all" also caches attn_out, mlp_out and resid_pre. Timed against
-  it: pathlens `atp`, `relp` (heads; and all node families in one call) and `atp_star` (heads), plus
-  TransformerLens 4.3's node attribution patching.
+- gpt2-nodes: GPT-2-small shape (random init, the model and IOI-shaped task of `patching.py`, from `common.py`).
+  The floor is a plain-torch clean forward + corrupt forward + one backward with hooks caching the head outputs
+  (z, the input of `attn.c_proj`) and their gradients; "floor all" also caches attn_out, mlp_out and resid_pre.
+  Timed against it: pathlens `atp`, `relp` (heads; and all node families in one call) and `atp_star` (heads),
+  plus TransformerLens 4.3's node attribution patching.
 - gpt2-eap: `edge_attribution(model, task, method="eap")` over all edges against the same floor and against
   TransformerLens 4.3's `attribution_patch(..., EdgeAttributionConfig(granularity="edge"))` on the same weights
   (scores compared edge by edge); pathlens' peak RSS growth.
@@ -21,48 +21,52 @@ Run `python benchmarks/attribution.py --json` for one JSON line per row; see ben
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ.setdefault("TQDM_DISABLE", "1")
+if not __package__:  # run as `python benchmarks/attribution.py`: import the package from the repo root, as -m does
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import benchmarks  # noqa: F401  (turns tqdm off before torch imports it: see benchmarks/__init__.py)
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import functools  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from importlib.metadata import version  # noqa: E402
-from multiprocessing import get_context  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import functools
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Literal
 
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from patching import (  # noqa: E402
-    Timed,
+import pathlens
+from benchmarks.common import (
+    SEED,
+    Emitter,
+    Runner,
     build_gpt2,
-    check_run_args,
+    check_parts,
+    check_repeats_and_threads,
+    in_fresh_process,
     max_abs_diff,
     mean_logit_diff,
     peak_rss_growth_mb,
     ratio,
+    round_robin,
+    set_threads,
     synthetic_ioi_task,
+    time_once,
+    tl_bridge,
+    versions,
 )
-
-import pathlens  # noqa: E402
-from pathlens.attribution.lrp import DEFAULT_RULES  # noqa: E402
-from pathlens.tasks.base import Task  # noqa: E402
+from pathlens.attribution.lrp import DEFAULT_RULES
+from pathlens.results import Scores
+from pathlens.tasks import Task
 
 PARTS = ("gpt2-nodes", "gpt2-eap", "smollm2-corr", "smollm2-topk")
 NODE_FAMILIES = ("heads", "attn_out", "mlp_out", "resid_pre")  # what the "all node families" rows cover
 CORR_FAMILIES = ("resid_pre", "attn_out", "mlp_out", "heads")
 RELP_AH_RULES = (*DEFAULT_RULES, "AH")
-ESTIMATORS: dict[str, Callable[..., pathlens.Scores]] = {
+ESTIMATORS: dict[str, Callable[..., Scores]] = {
     "atp": pathlens.atp,
     "atp*": pathlens.atp_star,
     "relp": pathlens.relp,
@@ -71,7 +75,6 @@ ESTIMATORS: dict[str, Callable[..., pathlens.Scores]] = {
 GPT2 = "gpt2-small-shape"
 SMOLLM2 = "smollm2"
 TOP_K = 20
-SEED = 0
 TL_EDGE_VARIANT = (
     "transformer_lens.tools.analysis.attribution_patching.attribution_patch(bridge, clean, corrupt, metric_fn, "
     "EdgeAttributionConfig(granularity=...)) on a TransformerBridge built by build_bridge_from_module around a "
@@ -79,22 +82,13 @@ TL_EDGE_VARIANT = (
     "one pair, and it loops over pairs one at a time internally anyway), scores averaged over the pairs"
 )
 
-Runner = Callable[[], Any]
-
 
 # ------------------------------------------------------------------------------------------- plain-torch floor
 
 
-def _get(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def module_paths(hf: nn.Module) -> dict[str, Any]:
+def module_paths(config: Any) -> dict[str, Any]:
     """Blocks, and per block the module whose input is z (all heads' outputs before W_O, concatenated), the
-    attention module and the MLP, for GPT-2 and Llama-family HF models."""
-    config = hf.config
+    attention module and the MLP, for GPT-2 and Llama-family HF models (read from the model's config)."""
     if config.model_type == "gpt2":
         return {
             "blocks": "transformer.h",
@@ -127,8 +121,8 @@ def plain_floor(hf: nn.Module, task: Task, families: tuple[str, ...]) -> dict[st
     block inputs) on both runs and their gradients on the corrupted one, and returns the AtP estimates they
     give (denoising: base = corrupted, source = clean) as effects over the base metric: heads (layer, head)
     summed over positions, the others (layer, pos); batch means. So the floor does all of AtP's arithmetic."""
-    paths = module_paths(hf)
-    blocks = _get(hf, paths["blocks"])
+    paths = module_paths(hf.config)
+    blocks = hf.get_submodule(paths["blocks"])
     n_heads = paths["heads"]
     live: dict[tuple[str, int], Tensor] = {}
 
@@ -145,15 +139,17 @@ def plain_floor(hf: nn.Module, task: Task, families: tuple[str, ...]) -> dict[st
         return hook
 
     handles = []
-    for layer, block in enumerate(blocks):
+    for layer, block in enumerate(blocks.children()):
         if "heads" in families:
             handles.append(
-                _get(block, paths["o_proj"]).register_forward_pre_hook(keep_input(("heads", layer)), with_kwargs=True)
+                block.get_submodule(paths["o_proj"]).register_forward_pre_hook(
+                    keep_input(("heads", layer)), with_kwargs=True
+                )
             )
         if "attn_out" in families:
-            handles.append(_get(block, paths["attn"]).register_forward_hook(keep_output(("attn_out", layer))))
+            handles.append(block.get_submodule(paths["attn"]).register_forward_hook(keep_output(("attn_out", layer))))
         if "mlp_out" in families:
-            handles.append(_get(block, paths["mlp"]).register_forward_hook(keep_output(("mlp_out", layer))))
+            handles.append(block.get_submodule(paths["mlp"]).register_forward_hook(keep_output(("mlp_out", layer))))
         if "resid_pre" in families:
             handles.append(block.register_forward_pre_hook(keep_input(("resid_pre", layer)), with_kwargs=True))
     try:
@@ -180,7 +176,7 @@ def plain_floor(hf: nn.Module, task: Task, families: tuple[str, ...]) -> dict[st
     return {family: torch.stack(rows) for family, rows in out.items()}
 
 
-def effects(scores: pathlens.Scores) -> Tensor:
+def effects(scores: Scores) -> Tensor:
     """An estimate's (or a patch's) values minus its base metric, float64."""
     return scores.values.double() - float(scores.meta["base_metric"])
 
@@ -202,28 +198,7 @@ def split_all_sites(values: Tensor, n_layers: int, n_heads: int) -> dict[str, Te
     return out
 
 
-# ------------------------------------------------------------------------------------------------------ timing
-
-
-def round_robin(runners: dict[str, Runner], repeats: int) -> dict[str, Timed]:
-    """Run every runner once untimed (keeping its result), then `repeats` rounds of one timed run each.
-
-    Like `patching.time_round_robin`, but with autograd on (attribution needs it) and no forward timing."""
-    results = {name: Timed(grid=run()) for name, run in runners.items()}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            gc.collect()
-            start = time.perf_counter()
-            run()
-            results[name].seconds.append(time.perf_counter() - start)
-    return results
-
-
-def timed_once(fn: Runner) -> tuple[Any, float]:
-    gc.collect()
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
+# -------------------------------------------------------------------------------------------------- formatting
 
 
 def _round(x: float | None, digits: int = 4) -> float | None:
@@ -233,16 +208,6 @@ def _round(x: float | None, digits: int = 4) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------- TransformerLens
-
-
-def tl_bridge(hf: nn.Module) -> Any:
-    """A TransformerBridge around a deep copy of `hf` (the bridge replaces submodules in place), eval mode."""
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
-
-    model = copy.deepcopy(hf)
-    bridge = build_bridge_from_module(model, type(model).__name__, hf_config=model.config)
-    bridge.eval()
-    return bridge
 
 
 def tl_runner(bridge: Any, task: Task, granularity: str) -> Runner:
@@ -314,8 +279,7 @@ def tl_edge_matrix(results: list[Any], senders: list[str], receivers: list[str])
 
 def eap_memory_child(threads: int | None, n_prompts: int) -> float:
     """In a fresh process: build the GPT-2 model, task and pathlens Model, then one EAP run's peak RSS growth."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     hf = build_gpt2()
     task = gpt2_task(hf, n_prompts)
     model = pathlens.Model(hf)
@@ -323,14 +287,13 @@ def eap_memory_child(threads: int | None, n_prompts: int) -> float:
 
 
 def measure_eap_memory(threads: int | None, n_prompts: int) -> float:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(eap_memory_child, threads, n_prompts).result()
+    return in_fresh_process(eap_memory_child, threads, n_prompts)
 
 
 # -------------------------------------------------------------------------------------------------- GPT-2 parts
 
 
-def gpt2_task(hf: nn.Module, n_prompts: int) -> Task:
+def gpt2_task(hf: PreTrainedModel, n_prompts: int) -> Task:
     task = synthetic_ioi_task(hf.config.vocab_size)
     return task if n_prompts >= task.n else task.rows(torch.arange(n_prompts))
 
@@ -374,11 +337,11 @@ def run_gpt2_nodes(args: argparse.Namespace, problems: list[str], emit: Callable
     floors = {"heads": sec["floor:heads"], "all": sec["floor:all"]}
 
     # agreement: the floor's own AtP arithmetic against pathlens', and pathlens' one-call "all" against per-family
-    floor_heads = timed["floor:heads"].grid["heads"]
-    floor_all = timed["floor:all"].grid
-    atp_all = split_all_sites(effects(timed["atp:all"].grid), n_layers, n_heads)
-    per_family = dict(zip(NODE_FAMILIES, timed["atp:per-family"].grid, strict=True))
-    diff_heads = max_abs_diff(effects(timed["atp:heads"].grid), floor_heads)
+    floor_heads = timed["floor:heads"].result["heads"]
+    floor_all = timed["floor:all"].result
+    atp_all = split_all_sites(effects(timed["atp:all"].result), n_layers, n_heads)
+    per_family = dict(zip(NODE_FAMILIES, timed["atp:per-family"].result, strict=True))
+    diff_heads = max_abs_diff(effects(timed["atp:heads"].result), floor_heads)
     diff_all = {f: max_abs_diff(atp_all[f], floor_all[f]) for f in NODE_FAMILIES}
     diff_per_family = {f: max_abs_diff(effects(per_family[f]), floor_all[f]) for f in NODE_FAMILIES}
     scale = max(float(g.abs().max()) for g in floor_all.values())
@@ -422,7 +385,7 @@ def run_gpt2_nodes(args: argparse.Namespace, problems: list[str], emit: Callable
     )
     emit(node_row("relp", "heads", sec["relp:heads"], floors))
     emit(node_row("relp", "all", sec["relp:all"], floors, calls="one call, same site list and positions as atp/all"))
-    atp_star_diff = max_abs_diff(effects(timed["atp*:heads"].grid), effects(timed["atp:heads"].grid))
+    atp_star_diff = max_abs_diff(effects(timed["atp*:heads"].result), effects(timed["atp:heads"].result))
     emit(
         node_row(
             "atp*",
@@ -435,9 +398,9 @@ def run_gpt2_nodes(args: argparse.Namespace, problems: list[str], emit: Callable
         )
     )
     if "tl:node" in timed:
-        tl = tl_node_grids(timed["tl:node"].grid, n_layers, n_heads, task.seq_len)
+        tl = tl_node_grids(timed["tl:node"].result, n_layers, n_heads, task.seq_len)
         diff_tl = max(
-            max_abs_diff(tl["heads"], effects(timed["atp:heads"].grid)),
+            max_abs_diff(tl["heads"], effects(timed["atp:heads"].result)),
             max_abs_diff(tl["mlp_out"], effects(per_family["mlp_out"])),
         )
         if diff_tl > args.tol:
@@ -470,7 +433,7 @@ def run_gpt2_eap(args: argparse.Namespace, problems: list[str], emit: Callable[[
     timed = round_robin(runners, args.repeats)
     sec = {name: t.median for name, t in timed.items()}
     floors = {"heads": sec["floor:heads"], "all": sec["floor:all"]}
-    graph = timed["eap"].grid
+    graph = timed["eap"].result
 
     # identity: a head's outgoing edge scores sum to its node AtP (noising, heads over all positions)
     atp_noise = effects(pathlens.atp(model, task, sites="heads", direction="noise")).flatten()
@@ -492,7 +455,7 @@ def run_gpt2_eap(args: argparse.Namespace, problems: list[str], emit: Callable[[
         extra.update({"tl_seconds": None, "note": "TransformerLens skipped (--no-tl)"})
     else:
         bridge = tl_bridge(hf)
-        results, tl_seconds = timed_once(tl_runner(bridge, task, "edge"))
+        results, tl_seconds = time_once(tl_runner(bridge, task, "edge"))
         denoise = pathlens.edge_attribution(model, task, method="eap", direction="denoise")
         tl_scores, tl_seen = tl_edge_matrix(results, graph.senders, graph.receivers)
         valid = denoise.valid
@@ -534,15 +497,15 @@ class SmolLM2:
 
         self.model = pathlens.load("smollm2")
         self.task = ioi(self.model.tokenizer, n=args.smollm2_prompts, seed=SEED)
-        self.exact: dict[str, pathlens.Scores] = {}
+        self.exact: dict[str, Scores] = {}
         self.exact_seconds: dict[str, float] = {}
         self.floors: dict[str, float] | None = None
         self.args = args
 
-    def patch_exact(self, family: str) -> pathlens.Scores:
+    def patch_exact(self, family: str) -> Scores:
         if family not in self.exact:
-            positions = "all" if family == "heads" else "each"
-            scores, seconds = timed_once(
+            positions: Literal["all", "each"] = "all" if family == "heads" else "each"
+            scores, seconds = time_once(
                 lambda: pathlens.patch(self.model, self.task, sites=family, positions=positions, progress=False)
             )
             self.exact[family], self.exact_seconds[family] = scores, seconds
@@ -573,13 +536,11 @@ def run_smollm2_corr(
     for name, fn in ESTIMATORS.items():
         for family in CORR_FAMILIES:
             positions = "all" if family == "heads" else "each"
-            runners[f"{name}:{family}"] = lambda fn=fn, family=family, positions=positions: fn(
-                model, task, sites=family, positions=positions
-            )
+            runners[f"{name}:{family}"] = functools.partial(fn, model, task, sites=family, positions=positions)
     timed = round_robin(runners, args.repeats)
     sm.floors = {"heads": timed["floor:heads"].median, "all": timed["floor:all"].median}
-    floor_heads = timed["floor:heads"].grid["heads"]
-    diff = max_abs_diff(effects(timed["atp:heads"].grid), floor_heads)
+    floor_heads = timed["floor:heads"].result["heads"]
+    diff = max_abs_diff(effects(timed["atp:heads"].result), floor_heads)
     if diff > args.tol:
         problems.append(f"{SMOLLM2}: pathlens atp heads differs from the plain-torch floor's AtP by {diff:.3g}")
     emit(
@@ -610,7 +571,7 @@ def run_smollm2_corr(
     exact_all = {family: sm.exact[family] for family in CORR_FAMILIES}
     pearson: dict[str, dict[str, float]] = {}
     for name in ESTIMATORS:
-        estimates = {family: timed[f"{name}:{family}"].grid for family in CORR_FAMILIES}
+        estimates = {family: timed[f"{name}:{family}"].result for family in CORR_FAMILIES}
         table = pathlens.compare(exact_all, estimates, k=TOP_K, labels=("exact", name)).table
         pearson[name] = {}
         for family in CORR_FAMILIES:
@@ -640,7 +601,7 @@ def run_smollm2_corr(
     )
 
 
-def top_set(scores: pathlens.Scores, k: int) -> set[int]:
+def top_set(scores: Scores, k: int) -> set[int]:
     """Flat indices of the k cells of largest |value − base metric|; unverified (NaN) cells never enter."""
     effect = effects(scores).flatten().abs().nan_to_num(nan=-1.0)
     return set(torch.topk(effect, k).indices.tolist())
@@ -660,9 +621,9 @@ def run_smollm2_topk(
     full_seconds = sm.exact_seconds["heads"]
     want = top_set(full, TOP_K)
     for prefilter in ("atp*", "relp"):
-        scores, seconds = timed_once(
-            lambda prefilter=prefilter: pathlens.patch(
-                sm.model, sm.task, sites="heads", top_k=TOP_K, prefilter=prefilter, progress=False
+        scores, seconds = time_once(
+            functools.partial(
+                pathlens.patch, sm.model, sm.task, sites="heads", top_k=TOP_K, prefilter=prefilter, progress=False
             )
         )
         got = top_set(scores, TOP_K)
@@ -744,10 +705,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             )
 
 
-def versions() -> dict[str, str]:
-    return {name: version(name) for name in ("torch", "transformers", "transformer-lens")}
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object per row")
@@ -761,8 +718,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-memory", action="store_true", help="do not measure EAP's peak memory")
     parser.add_argument("--tol", type=float, default=1e-4, help="largest allowed disagreement (exit 1 above)")
     args = parser.parse_args(argv)
-    check_run_args(parser, args, PARTS)
-    args.threads = args.threads or None
+    check_parts(parser, args, PARTS)
+    check_repeats_and_threads(parser, args)
     args.gpt2_prompts = 4 if args.quick else 8
     args.smollm2_prompts = 4 if args.quick else 8
     return args
@@ -770,18 +727,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    rows: list[dict[str, Any]] = []
+    set_threads(args.threads)
     problems: list[str] = []
-    common = {"threads": torch.get_num_threads(), "repeats": args.repeats}
-
-    def emit(row: dict[str, Any]) -> None:
-        row = {**row, **common}
-        rows.append(row)
-        if args.json:
-            print(json.dumps(row), flush=True)
-
+    emit = Emitter(json=args.json, extra={"threads": torch.get_num_threads(), "repeats": args.repeats})
     start = time.perf_counter()
     if "gpt2-nodes" in args.parts:
         run_gpt2_nodes(args, problems, emit)
@@ -797,11 +745,11 @@ def main(argv: list[str] | None = None) -> int:
         "method": "run",
         "total_seconds": _round(time.perf_counter() - start, 1),
         "problems": problems,
-        "versions": versions(),
+        "versions": versions(("torch", "transformers", "transformer-lens")),
     }
     emit(summary)
     if not args.json:
-        print_table(rows)
+        print_table(emit.rows)
     for problem in problems:
         print(f"DISAGREEMENT {problem}", file=sys.stderr)
     return 1 if problems else 0

@@ -18,32 +18,36 @@ number means.
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ.setdefault("TQDM_DISABLE", "1")
+if not __package__:  # run as `python benchmarks/circuits.py`: import the package from the repo root, as -m does
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import benchmarks  # noqa: F401  (turns tqdm off before torch imports it: see benchmarks/__init__.py)
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import dataclasses
+import functools
+import statistics
+import time
+from typing import Any, cast
 
-import torch  # noqa: E402
+import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from patching import build_gpt2, check_run_args, synthetic_ioi_task, time_forward  # noqa: E402
-
-import pathlens  # noqa: E402
-from pathlens.attribution.edges import edge_attribution  # noqa: E402
-from pathlens.circuits.discover import DISCOVERY_METHODS, discover, layer_signature, pathways  # noqa: E402
-from pathlens.circuits.edge_patching import EdgePatcher  # noqa: E402
-from pathlens.circuits.faithfulness import Curve, faithfulness_curve  # noqa: E402
-from pathlens.graph import Graph  # noqa: E402
-from pathlens.model import Model  # noqa: E402
-from pathlens.tasks.base import Task  # noqa: E402
+import pathlens
+from benchmarks.common import (
+    Emitter,
+    build_gpt2,
+    check_parts,
+    check_repeats_and_threads,
+    plain_forward,
+    round_robin,
+    set_threads,
+    synthetic_ioi_task,
+    time_once,
+)
+from pathlens import Graph, Model, Task
+from pathlens.circuits import Curve, EdgePatcher, discover, edge_attribution, faithfulness_curve, pathways
+from pathlens.circuits.discover import DISCOVERY_METHODS, DiscoveryMethod, layer_signature
 
 PARTS = ("curve", "induction", "ioi")
 CURVE_TARGET = 20  # forwards' worth of time allowed for a 20-size curve
@@ -62,16 +66,6 @@ KEY_ROUTE = ["input", "L0.H1.v", "L0.H1", "L1.H0.k", "L1.H0", "logits"]
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, list[float]]:
-    """Run `fn` `repeats` times; its last result and every wall time."""
-    seconds, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        seconds.append(time.perf_counter() - start)
-    return result, seconds
 
 
 def kept_edges(graph: Graph) -> set[tuple[str, str]]:
@@ -119,18 +113,22 @@ def overlap(a: set[Any], b: set[Any]) -> dict[str, Any]:
 def curve_row(
     name: str, model: Model, task: Task, graph: Graph, repeats: int, forward_times: int = 3
 ) -> dict[str, Any]:
-    """Time `repeats` 20-size curves of `graph`, interleaved with plain forwards of the same batch."""
+    """Time `repeats` 20-size curves of `graph`, each after `forward_times` plain forwards of the same batch, and
+    `forward_times` more forwards after the last. Only the forward is warmed up: the first curve of a patcher also
+    pays for its buffer's pages, and is timed like the others."""
     patcher = EdgePatcher(model, task, max_batch_tokens=EDGE_BATCH_TOKENS)
-    time_forward(model.hf, task, 1)  # warm-up
-    forwards: list[float] = []
-    curve_seconds: list[float] = []
-    curve = None
-    for _ in range(repeats):
-        forwards += time_forward(model.hf, task, forward_times)
-        curve, seconds = timed(lambda: faithfulness_curve(patcher, graph), 1)
-        curve_seconds += seconds
-    forwards += time_forward(model.hf, task, forward_times)
-    assert curve is not None
+    forward = plain_forward(model.hf, task)
+    per_round = {"forward": forward_times}
+    timed = round_robin(
+        {"forward": forward, "curve": functools.partial(faithfulness_curve, patcher, graph)},
+        repeats,
+        warm_up={"forward"},
+        runs_per_round=per_round,
+    )
+    closing = round_robin({"forward": forward}, 1, warm_up=False, runs_per_round=per_round)
+    curve: Curve = timed["curve"].result
+    curve_seconds = timed["curve"].seconds
+    forwards = timed["forward"].seconds + closing["forward"].seconds
     t_curve, t_forward = statistics.median(curve_seconds), statistics.median(forwards)
     return {
         "workload": "curve-20",
@@ -174,7 +172,9 @@ def induction_rows(repeats: int) -> list[dict[str, Any]]:
     patcher = EdgePatcher(model, task)
     rows = []
     for method in DISCOVERY_METHODS:
-        circuit, seconds = timed(lambda method=method: discover(model, task, method=method), repeats)
+        run = functools.partial(discover, model, task, method=cast(DiscoveryMethod, method))
+        runs = round_robin({method: run}, repeats, warm_up=False)
+        circuit, seconds = runs[method].result, runs[method].seconds
         kept = kept_edges(circuit)
         routes = pathways(patcher, circuit, k=TOP_PATHWAYS)
         top = routes[0]["nodes"] if routes else None
@@ -222,15 +222,16 @@ def ioi_rows(repeats: int, quick: bool, parts: list[str]) -> list[dict[str, Any]
 
     model = pathlens.load("smollm2")
     tasks = {seed: ioi(model.tokenizer, n=N_IOI, seed=seed) for seed in IOI_SEEDS}
-    runs = [("eap-ig", seed) for seed in IOI_SEEDS] + ([] if quick else [("relp", 0)])
+    runs: list[tuple[DiscoveryMethod, int]] = [("eap-ig", seed) for seed in IOI_SEEDS] + (
+        [] if quick else [("relp", 0)]
+    )
     rows: list[dict[str, Any]] = []
     top: dict[int, list[dict[str, Any]]] = {}
     graph = None
     for method, seed in runs if "ioi" in parts else []:
         task = tasks[seed]
-        circuit, seconds = timed(
-            lambda method=method, task=task: discover(model, task, method=method, max_batch_tokens=EDGE_BATCH_TOKENS),
-            1,
+        circuit, seconds = time_once(
+            functools.partial(discover, model, task, method=method, max_batch_tokens=EDGE_BATCH_TOKENS)
         )
         curves = {
             ranking: Curve(c["sizes"], c["faithfulness"], c["metric"], c["full"], c["empty"], c["edges_total"])
@@ -243,7 +244,7 @@ def ioi_rows(repeats: int, quick: bool, parts: list[str]) -> list[dict[str, Any]
             "method": method,
             "seed": seed,
             "n_prompts": task.n,
-            "seconds": seconds[0],
+            "seconds": seconds,
             "n_edges": circuit.n_edges,
             "edges_total": circuit.edges_total,
             "fraction": circuit.n_edges / circuit.edges_total,
@@ -254,9 +255,8 @@ def ioi_rows(repeats: int, quick: bool, parts: list[str]) -> list[dict[str, Any]
         }
         if method == "eap-ig":
             patcher = EdgePatcher(model, task, max_batch_tokens=EDGE_BATCH_TOKENS)
-            start = time.perf_counter()
-            top[seed] = path_rows(pathways(patcher, circuit, k=TOP_PATHWAYS))
-            row["pathways_seconds"] = time.perf_counter() - start
+            routes, row["pathways_seconds"] = time_once(functools.partial(pathways, patcher, circuit, k=TOP_PATHWAYS))
+            top[seed] = path_rows(routes)
             row["pathways"] = top[seed]
             if seed == 0:
                 graph = unpruned(circuit)
@@ -369,31 +369,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 keeps torch's default")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts: {', '.join(PARTS)}")
     args = parser.parse_args(argv)
-    check_run_args(parser, args, PARTS)
+    check_parts(parser, args, PARTS)
+    check_repeats_and_threads(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows: list[dict[str, Any]] = []
-
-    def emit(new: list[dict[str, Any]]) -> None:
-        rows.extend(new)
-        if args.json:
-            for row in new:
-                print(json.dumps({**row, "threads": torch.get_num_threads(), "repeats": args.repeats}), flush=True)
-
+    set_threads(args.threads)
+    emit = Emitter(json=args.json, extra={"threads": torch.get_num_threads(), "repeats": args.repeats})
     start = time.perf_counter()
     if "induction" in args.parts:
-        emit(induction_rows(args.repeats))
+        for row in induction_rows(args.repeats):
+            emit(row)
     if "curve" in args.parts and not args.quick:
-        emit([gpt2_curve_row(args.repeats)])
+        emit(gpt2_curve_row(args.repeats))
     if "ioi" in args.parts or "curve" in args.parts:
-        emit(ioi_rows(args.repeats, args.quick, args.parts))
+        for row in ioi_rows(args.repeats, args.quick, args.parts):
+            emit(row)
     if not args.json:
-        print_rows(rows)
+        print_rows(emit.rows)
     print(f"total {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0
 

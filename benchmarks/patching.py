@@ -15,48 +15,59 @@ each number means, how peak memory and the FLOP floor are computed, and which pe
 from __future__ import annotations
 
 import os
+import sys
 
-# TransformerLens' patching loop draws a tqdm bar on stderr; tqdm reads TQDM_* variables when it is imported.
-os.environ.setdefault("TQDM_DISABLE", "1")
+if not __package__:  # run as `python benchmarks/patching.py`: import the package from the repo root, as -m does
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import benchmarks  # noqa: F401  (turns tqdm off before torch imports it: see benchmarks/__init__.py)
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from importlib.metadata import version  # noqa: E402
-from multiprocessing import get_context  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import copy
+import functools
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import torch
+from torch import Tensor, nn
+from transformers import GPT2LMHeadModel
 
-from pathlens.tasks.base import Task  # noqa: E402
+from benchmarks.common import (
+    N_PROMPTS,
+    SEED,
+    Emitter,
+    Timed,
+    build_gpt2,
+    check_repeats_and_threads,
+    in_fresh_process,
+    max_abs_diff,
+    mean_logit_diff,
+    peak_rss_growth_mb,
+    plain_forward,
+    ratio,
+    round_robin,
+    set_threads,
+    synthetic_ioi_task,
+    tl_bridge,
+    versions,
+)
+from pathlens.tasks import Task
 
 GPT2_WORKLOADS = ("gpt2-heads", "gpt2-resid-pre")
 SMOLLM2_WORKLOADS = ("smollm2-heads", "smollm2-resid-pre")
 PEERS = ("tl", "nnsight")
 LIBRARIES = ("pathlens", *PEERS)
-N_PROMPTS = 8
-SEQ_LEN = 15
-N_CORRUPTED = 3
-ANSWER_POS = SEQ_LEN - 1
-SEED = 0
 TL_VARIANT = (
     "TransformerBridge built by transformer_lens.model_bridge.sources.build_bridge_from_module around a deep copy "
     "of the benchmark's HF GPT2LMHeadModel (same weights; the bridge replaces the model's submodules in place, so "
     "it gets its own copy); clean cache from bridge.run_with_cache, grids from transformer_lens.patching"
 )
 NNSIGHT_VARIANT = "nnsight.NNsight around a deep copy of the HF model (NNsight wraps module forwards in place)"
-RSS_POLL_S = 0.002
+PEER_DISTS = {"tl": "transformer-lens", "nnsight": "nnsight"}
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+FORWARD = "plain forward"
+FORWARDS_PER_ROUND = 3
 
 Grid = Tensor
 Runner = Callable[[Task], Grid]
@@ -68,45 +79,6 @@ Runner = Callable[[Task], Grid]
 def family_of(workload: str) -> str:
     """The site family a workload patches: "heads" or "resid_pre"."""
     return "heads" if workload.endswith("-heads") else "resid_pre"
-
-
-def build_gpt2() -> nn.Module:
-    """GPT-2-small shape with seeded random weights, fp32, eval mode (the default attention implementation)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(SEED)
-    return GPT2LMHeadModel(GPT2Config()).eval()
-
-
-def synthetic_ioi_task(vocab_size: int) -> Task:
-    """IOI-shaped random-token task: 8 pairs of 15 tokens, clean and corrupted differ at 3 fixed positions.
-
-    The answer and wrong token of each row are fixed random ids; the score is read at the last position."""
-    gen = torch.Generator().manual_seed(SEED)
-    clean = torch.randint(0, vocab_size, (N_PROMPTS, SEQ_LEN), generator=gen)
-    slots = torch.randperm(ANSWER_POS, generator=gen)[:N_CORRUPTED].sort().values
-    corrupt = clean.clone()
-    shift = torch.randint(1, vocab_size, (N_PROMPTS, N_CORRUPTED), generator=gen)
-    corrupt[:, slots] = (clean[:, slots] + shift) % vocab_size
-    answers = torch.randint(0, vocab_size, (N_PROMPTS,), generator=gen)
-    wrong = (answers + torch.randint(1, vocab_size, (N_PROMPTS,), generator=gen)) % vocab_size
-    return Task(
-        name="synthetic-ioi",
-        clean_ids=clean,
-        corrupt_ids=corrupt,
-        answer_ids=answers,
-        wrong_ids=wrong,
-        answer_pos=torch.full((N_PROMPTS,), ANSWER_POS),
-        attention_mask=torch.ones_like(clean),
-        meta={"seed": SEED, "corrupted_positions": slots.tolist()},
-    )
-
-
-def mean_logit_diff(logits: Tensor, task: Task) -> Tensor:
-    """Batch-mean logit(answer) - logit(wrong) at each row's answer position; logits (N, P, V) -> scalar."""
-    rows = torch.arange(logits.shape[0])
-    final = logits[rows, task.answer_pos]
-    return (final[rows, task.answer_ids] - final[rows, task.wrong_ids]).mean()
 
 
 # ------------------------------------------------------------------------------------ plain-torch reference loop
@@ -121,7 +93,7 @@ def _save_input_hook(store: dict[int, Tensor], layer: int) -> Callable[..., None
     return hook
 
 
-def reference_runner(hf: nn.Module, family: str) -> Runner:
+def reference_runner(hf: GPT2LMHeadModel, family: str) -> Runner:
     """One full forward per patch, patched by a forward pre-hook: the correctness reference.
 
     heads: the head's slice of the input to `attn.c_proj` (the per-head outputs z, concatenated) at all
@@ -130,7 +102,7 @@ def reference_runner(hf: nn.Module, family: str) -> Runner:
     n_heads, d_head = hf.config.n_head, hf.config.n_embd // hf.config.n_head
 
     def module_for(layer: int) -> nn.Module:
-        return blocks[layer].attn.c_proj if family == "heads" else blocks[layer]
+        return hf.get_submodule(f"transformer.h.{layer}.attn.c_proj" if family == "heads" else f"transformer.h.{layer}")
 
     def run(task: Task) -> Grid:
         clean: dict[int, Tensor] = {}
@@ -175,14 +147,11 @@ def reference_runner(hf: nn.Module, family: str) -> Runner:
 # ------------------------------------------------------------------------------------------------------ peers
 
 
-def tl_runner(hf: nn.Module, family: str, own_copy: bool) -> Runner:
+def tl_runner(hf: GPT2LMHeadModel, family: str, own_copy: bool) -> Runner:
     """TransformerLens: a TransformerBridge around the HF model, then `patching.get_act_patch_*`."""
     from transformer_lens import patching
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
 
-    model = copy.deepcopy(hf) if own_copy else hf
-    bridge = build_bridge_from_module(model, type(model).__name__, hf_config=model.config)
-    bridge.eval()
+    bridge = tl_bridge(hf, own_copy)
     sweep = patching.get_act_patch_attn_head_out_all_pos if family == "heads" else patching.get_act_patch_resid_pre
 
     def run(task: Task) -> Grid:
@@ -192,7 +161,7 @@ def tl_runner(hf: nn.Module, family: str, own_copy: bool) -> Runner:
     return run
 
 
-def nnsight_runner(hf: nn.Module, family: str, own_copy: bool) -> Runner:
+def nnsight_runner(hf: GPT2LMHeadModel, family: str, own_copy: bool) -> Runner:
     """nnsight, idiomatic: one trace to save the clean activations, then one trace per patch."""
     import nnsight
 
@@ -235,7 +204,7 @@ def pathlens_runner(hf: nn.Module, family: str, tokenizer: Any = None) -> Runner
             "run with --libs tl,nnsight to time the peers alone."
         )
     model = pathlens.Model(hf, tokenizer=tokenizer)
-    positions = "all" if family == "heads" else "each"
+    positions: Literal["all", "each"] = "all" if family == "heads" else "each"
 
     def run(task: Task) -> Grid:
         scores = pathlens.patch(model, task, sites=family, positions=positions, direction="denoise", progress=False)
@@ -244,7 +213,7 @@ def pathlens_runner(hf: nn.Module, family: str, tokenizer: Any = None) -> Runner
     return run
 
 
-def make_runner(library: str, hf: nn.Module, family: str, own_copy: bool) -> Runner:
+def make_runner(library: str, hf: GPT2LMHeadModel, family: str, own_copy: bool) -> Runner:
     """The runner of `library` ("pathlens", "tl", "nnsight" or "torch") on the GPT-2 model."""
     if library == "pathlens":
         return pathlens_runner(hf, family)
@@ -333,60 +302,12 @@ class Shape:
         return self.n_layers * (self.n_heads if family == "heads" else seq_len)
 
 
-def time_forward(hf: nn.Module, task: Task, times: int) -> list[float]:
-    """Wall times of `times` plain forwards of the corrupted batch (no hooks, under no_grad)."""
-    out = []
-    with torch.no_grad():
-        for _ in range(times):
-            start = time.perf_counter()
-            hf(task.corrupt_ids, attention_mask=task.attention_mask)
-            out.append(time.perf_counter() - start)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- peak memory
-
-
-def current_rss() -> int:
-    """Resident set size of this process in bytes, from /proc/self/statm."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_growth_mb(fn: Callable[[], Any]) -> float:
-    """Peak RSS growth while `fn()` runs, in MiB, over the RSS just before it.
-
-    A thread samples /proc/self/statm every 2 ms; the kernel's high-water mark (ru_maxrss) also counts when `fn`
-    raised it above its value before the call, which catches spikes shorter than the sampling period."""
-    gc.collect()
-    start = current_rss()
-    hwm_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak = start
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, current_rss())
-            time.sleep(RSS_POLL_S)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        sampler.join()
-    hwm_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if hwm_after > hwm_before:
-        peak = max(peak, hwm_after)
-    return (max(peak, current_rss()) - start) / 2**20
 
 
 def memory_child(library: str, workload: str, threads: int | None) -> float:
     """In a fresh process: build the model, task and library wrapper, then measure one run's peak RSS growth."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     hf = build_gpt2()
     task = synthetic_ioi_task(hf.config.vocab_size)
     runner = make_runner(library, hf, family_of(workload), own_copy=False)
@@ -395,78 +316,29 @@ def memory_child(library: str, workload: str, threads: int | None) -> float:
 
 
 def measure_memory(library: str, workload: str, threads: int | None, allocator: str) -> float:
-    """`memory_child` in a new spawned interpreter, so earlier runs' allocations cannot hide this one's.
+    """`memory_child` in a new spawned interpreter (`in_fresh_process`).
 
     `allocator="live"` fixes glibc's mmap threshold at 128 KiB (MALLOC_MMAP_THRESHOLD_) in the child, so every
     tensor-sized block is mapped on allocation and unmapped on free and RSS follows the memory the run holds
     live; `"default"` keeps glibc's dynamic threshold, whose RSS also counts freed blocks the heap keeps and so
     depends on the order and sizes of past allocations."""
-    saved = os.environ.get(MMAP_THRESHOLD_ENV)
-    if allocator == "live":
-        os.environ[MMAP_THRESHOLD_ENV] = str(128 * 1024)
-    else:
-        os.environ.pop(MMAP_THRESHOLD_ENV, None)
-    try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            return pool.submit(memory_child, library, workload, threads).result()
-    finally:
-        if saved is None:
-            os.environ.pop(MMAP_THRESHOLD_ENV, None)
-        else:
-            os.environ[MMAP_THRESHOLD_ENV] = saved
-
-
-# ---------------------------------------------------------------------------------------------------- timing
-
-
-@dataclass
-class Timed:
-    """One runner's grid (from the warm-up run) and its timed repeats."""
-
-    grid: Grid
-    seconds: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
-
-
-def time_round_robin(
-    runners: dict[str, Runner], task: Task, repeats: int, hf: nn.Module
-) -> tuple[dict[str, Timed], list[float]]:
-    """Warm every runner up once (keeping its grid), then time `repeats` rounds, one run of each runner per round.
-
-    Interleaving the runners spreads a shared machine's load changes over all of them alike. Each round also
-    times three plain forwards for the floor. Returns the timings and all plain-forward times."""
-    results: dict[str, Timed] = {}
-    forwards: list[float] = []
-    time_forward(hf, task, 1)
-    with torch.no_grad():
-        for name, run in runners.items():
-            results[name] = Timed(grid=run(task))
-        for _ in range(repeats):
-            forwards += time_forward(hf, task, 3)
-            for name, run in runners.items():
-                gc.collect()
-                start = time.perf_counter()
-                run(task)
-                results[name].seconds.append(time.perf_counter() - start)
-    return results, forwards
-
-
-def max_abs_diff(a: Tensor, b: Tensor) -> float:
-    if a.shape != b.shape:
-        raise ValueError(f"grids differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return float((a.float() - b.float()).abs().max())
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator is None:
-        return None
-    return numerator / denominator
+    threshold = str(128 * 1024) if allocator == "live" else None
+    return in_fresh_process(memory_child, library, workload, threads, env={MMAP_THRESHOLD_ENV: threshold})
 
 
 # ------------------------------------------------------------------------------------------------ workloads
+
+
+def time_grids(
+    runners: dict[str, Runner], task: Task, repeats: int, hf: nn.Module
+) -> tuple[dict[str, Timed], list[float]]:
+    """`round_robin` of the runners on `task` under no_grad, each round opening with three plain forwards of `hf`
+    (for the floor). Returns the timings (a runner's result is its warm-up grid) and the plain-forward times."""
+    rounds: dict[str, Callable[[], Any]] = {FORWARD: plain_forward(hf, task)}
+    rounds.update({name: functools.partial(run, task) for name, run in runners.items()})
+    with torch.no_grad():
+        timed = round_robin(rounds, repeats, runs_per_round={FORWARD: FORWARDS_PER_ROUND})
+    return timed, timed.pop(FORWARD).seconds
 
 
 def run_gpt2_workload(
@@ -479,15 +351,16 @@ def run_gpt2_workload(
     shape = Shape.of(hf.config)
     runners = {lib: make_runner(lib, hf, family, own_copy=True) for lib in libraries}
     runners["torch"] = make_runner("torch", hf, family, own_copy=False)
-    timed, forwards = time_round_robin(runners, task, repeats, hf)
-    reference = timed["torch"].grid
+    timed, forwards = time_grids(runners, task, repeats, hf)
+    reference = timed["torch"].result
     t_forward = statistics.median(forwards)
     flops = shape.workload_cone_flops(family, task.n, task.seq_len)
     floor = flops / shape.forward_flops(task.n, task.seq_len) * t_forward
     seconds = {lib: timed[lib].median if lib in timed else None for lib in (*LIBRARIES, "torch")}
-    diff_ref = {lib: max_abs_diff(timed[lib].grid, reference) for lib in timed if lib != "torch"}
+    grids = {lib: t.result for lib, t in timed.items()}
+    diff_ref = {lib: max_abs_diff(grid, reference) for lib, grid in grids.items() if lib != "torch"}
     diff_pathlens = {
-        peer: max_abs_diff(timed["pathlens"].grid, timed[peer].grid) if "pathlens" in timed and peer in timed else None
+        peer: max_abs_diff(grids["pathlens"], grids[peer]) if "pathlens" in grids and peer in grids else None
         for peer in PEERS
     }
     peer_diffs = [d for d in diff_pathlens.values() if d is not None]
@@ -519,7 +392,7 @@ def run_gpt2_workload(
         "threads": torch.get_num_threads(),
         "tl_variant": TL_VARIANT if "tl" in libraries else None,
         "nnsight_variant": NNSIGHT_VARIANT if "nnsight" in libraries else None,
-        "versions": versions(libraries),
+        "versions": versions(["torch", "transformers", *(PEER_DISTS[lib] for lib in libraries if lib in PEERS)]),
     }
 
 
@@ -535,7 +408,7 @@ def run_smollm2_workloads(workloads: list[str], repeats: int) -> list[dict[str, 
     for workload in workloads:
         family = family_of(workload)
         runner = pathlens_runner(model.hf, family, tokenizer=model.tokenizer)
-        timed, forwards = time_round_robin({"pathlens": runner}, task, repeats, model.hf)
+        timed, forwards = time_grids({"pathlens": runner}, task, repeats, model.hf)
         flops = shape.workload_cone_flops(family, task.n, task.seq_len)
         floor = flops / shape.forward_flops(task.n, task.seq_len) * statistics.median(forwards)
         rows.append(
@@ -547,12 +420,6 @@ def run_smollm2_workloads(workloads: list[str], repeats: int) -> list[dict[str, 
             }
         )
     return rows
-
-
-def versions(libraries: list[str]) -> dict[str, str]:
-    dists = {"torch": "torch", "transformers": "transformers", "tl": "transformer-lens", "nnsight": "nnsight"}
-    wanted = ["torch", "transformers", *(lib for lib in libraries if lib in PEERS)]
-    return {dists[name]: version(dists[name]) for name in wanted}
 
 
 # ----------------------------------------------------------------------------------------------------- output
@@ -600,26 +467,6 @@ def disagreements(rows: list[dict[str, Any]], tol: float) -> list[str]:
     ]
 
 
-def check_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace, parts: tuple[str, ...]) -> None:
-    """Checks shared by the attribution and circuits benchmarks: `--parts` (comma list, split in place) names
-    known parts, then `check_repeats_and_threads`."""
-    args.parts = [p for p in args.parts.split(",") if p]
-    unknown = [p for p in args.parts if p not in parts]
-    if unknown:
-        parser.error(f"unknown part: {', '.join(unknown)}")
-    check_repeats_and_threads(parser, args)
-
-
-def check_repeats_and_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """`--quick` means one repeat, `--repeats` ≥ 1, `--threads` ≥ 0 (every benchmark script)."""
-    if args.quick:
-        args.repeats = 1
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
-    if args.threads < 0:
-        parser.error("--threads must be 0 (torch's default) or more")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON line per workload")
@@ -652,29 +499,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(w in SMOLLM2_WORKLOADS for w in args.workloads) and "pathlens" not in args.libs:
         parser.error("the smollm2 workloads time pathlens alone; keep pathlens in --libs or drop them")
     check_repeats_and_threads(parser, args)
-    args.threads = args.threads or None
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    rows = []
+    set_threads(args.threads)
+    emit = Emitter(json=args.json)
     for workload in (w for w in GPT2_WORKLOADS if w in args.workloads):
-        row = run_gpt2_workload(workload, args.libs, args.repeats, args.threads, not args.skip_memory)
-        rows.append(row)
-        if args.json:
-            print(json.dumps(row), flush=True)
+        emit(run_gpt2_workload(workload, args.libs, args.repeats, args.threads, not args.skip_memory))
     smollm2 = [w for w in SMOLLM2_WORKLOADS if w in args.workloads]
     if smollm2:
         for row in run_smollm2_workloads(smollm2, args.repeats):
-            rows.append(row)
-            if args.json:
-                print(json.dumps(row), flush=True)
+            emit(row)
     if not args.json:
-        print_table(rows)
-    problems = disagreements(rows, args.tol)
+        print_table(emit.rows)
+    problems = disagreements(emit.rows, args.tol)
     for problem in problems:
         print(f"DISAGREEMENT {problem}", file=sys.stderr)
     return 1 if problems else 0
