@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from pathlens.arch.base import get_blocks, get_module, output_weight_per_head
 from pathlens.arch.calls import first_output, hidden_input, with_first_output, with_hidden_input
 from pathlens.errors import PathlensError
-from pathlens.interventions import Intervention, Op, Selection, resolve_index
+from pathlens.interventions import Intervention, Op, Selection, index_tensor, resolve_index
 from pathlens.sites import Site, parse_site
 
 Hook = tuple[nn.Module, str, Callable[..., Any]]
@@ -263,7 +263,7 @@ def resolve_selection(iv: Intervention, ctx: CallContext) -> Selection | None:
     if isinstance(pos, slice):
         wanted = torch.arange(int(row_len.max()))[pos]
     else:
-        wanted = torch.as_tensor(pos, dtype=torch.long).reshape(-1)
+        wanted = index_tensor(pos, int(row_len.max()), f"positions of the intervention on {iv.site}")
         if wanted.numel() == 0:
             raise PathlensError(
                 f"positions of the intervention on {iv.site}: empty selection; pass at least one index or None for all."
@@ -384,6 +384,8 @@ class HookSession:
             )
         if sel is None:
             return value
+        cell = value.shape[2:] if iv.site.index is None else value.shape[3:]
+        iv.op.check_fits(tuple(cell), str(iv.site))
         rows = sel.rows.to(value.device)[:, None]  # (R, 1)
         cols = sel.cols.to(value.device)  # (R or 1, P')
         index: tuple[Any, ...] = (rows, cols) if iv.site.index is None else (rows, cols, iv.site.index)

@@ -25,6 +25,7 @@ to given rows and a position range (a causal-cone run, a forward that continues 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -101,6 +102,15 @@ def _align_axis(t: Tensor, axis: int, index: Tensor, full: int, what: str, axis_
     )
 
 
+def _broadcasts(shape: tuple[int, ...], cell: tuple[int, ...]) -> bool:
+    """Whether a tensor of `shape` broadcasts to (rows, positions, *cell) without growing it: its trailing dims
+    broadcast to `cell`, any dims before those are 1."""
+    lead, tail = shape[: max(len(shape) - len(cell), 0)], shape[max(len(shape) - len(cell), 0) :]
+    if len(lead) > 2 or any(d != 1 for d in lead):
+        return False
+    return all(a in (1, b) for a, b in zip(reversed(tail), reversed(cell), strict=False))
+
+
 def restrict_tensor(t: Tensor, rows: Tensor | None, positions: slice) -> Tensor:
     """A (batch, pos, ...) tensor cut to `rows` (None: all) and `positions`; axes of size 1 broadcast and stay."""
     if rows is not None and t.shape[0] != 1:
@@ -119,9 +129,29 @@ class Op:
     laid_out: ClassVar[tuple[str, ...]] = ()
     example_rows: ClassVar[tuple[str, ...]] = ()
     laid_out_ndim: ClassVar[int] = 2
+    broadcast: ClassVar[tuple[str, ...]] = ()
 
     def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
         raise NotImplementedError
+
+    def check_fits(self, cell: tuple[int, ...], site: str) -> None:
+        """Raise PathlensError unless the op's tensors fit a site whose every (row, position) cell has shape
+        `cell`: tensors laid out (batch, pos, *cell), or (for Add) a vector broadcasting to `cell`."""
+        for name in self.laid_out:
+            value = getattr(self, name)
+            if not isinstance(value, Tensor):
+                continue
+            if value.ndim >= max(self.laid_out_ndim, 2) and tuple(value.shape[2:]) == cell:
+                continue
+            if name in self.broadcast and _broadcasts(tuple(value.shape), cell):
+                continue
+            expected = f"(batch, pos, {', '.join(map(str, cell))})"
+            if self.broadcast:
+                expected += f" or a vector broadcasting to {cell}"
+            raise PathlensError(
+                f"{type(self).__name__} on {site}: its {name} has shape {tuple(value.shape)}, but each cell of the "
+                f"site is {cell}; give {expected}."
+            )
 
     def restrict(self, rows: Tensor | None, positions: slice) -> "Op":
         """This op for a run of the given task `rows` (None: all) at absolute `positions` only: its tensors laid
@@ -158,6 +188,7 @@ class Add(Op):
     name: str = "add"
     laid_out: ClassVar[tuple[str, ...]] = ("vector",)
     laid_out_ndim: ClassVar[int] = 3  # a (d,) or (H, d) vector applies everywhere; (batch, pos, ...) is laid out
+    broadcast: ClassVar[tuple[str, ...]] = ("vector",)
 
     def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
         vec = self.vector.to(device=x.device, dtype=x.dtype)
@@ -231,6 +262,14 @@ class Project(Op):
                 "Project: basis columns must be orthonormal; orthonormalize with torch.linalg.qr(basis).Q."
             )
 
+    def check_fits(self, cell: tuple[int, ...], site: str) -> None:
+        super().check_fits(cell, site)
+        if not cell or self.basis.shape[0] != cell[-1]:
+            raise PathlensError(
+                f"Project on {site}: its basis has shape {tuple(self.basis.shape)}, but the site's last dim is "
+                f"{cell[-1] if cell else 'absent'}; give a ({cell[-1] if cell else 'd'}, k) basis."
+            )
+
     def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
         basis = self.basis.to(device=x.device, dtype=x.dtype)
         src = sel.align(self.source, "Project source").to(device=x.device, dtype=x.dtype)
@@ -259,6 +298,7 @@ class Intervention:
     op: Op
     positions: Positions = None
     rows: Index = None
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         self.site = parse_site(self.site)
@@ -268,13 +308,33 @@ class Intervention:
             )
 
 
+def index_tensor(index: Sequence[int] | Tensor | int, size: int, what: str) -> Tensor:
+    """Explicit rows/positions as a long tensor: integers as given, a boolean mask of length `size` as the indices
+    where it is true. Floats and masks of another length are errors naming `what`."""
+    t = torch.as_tensor(index)
+    if t.dtype == torch.bool:
+        if t.ndim != 1 or t.numel() != size:
+            raise PathlensError(
+                f"{what}: a boolean mask must have one entry per index ({size}), got shape {tuple(t.shape)}; "
+                "pass a mask of that length or integer indices."
+            )
+        return t.nonzero().reshape(-1)
+    if t.is_floating_point() or t.is_complex():
+        raise PathlensError(
+            f"{what}: indices must be integers, got {t.reshape(-1)[:5].tolist()}; round them yourself "
+            "(e.g. positions=[6]) or pass a boolean mask."
+        )
+    return t.to(torch.long).reshape(-1)
+
+
 def resolve_index(index: Index, size: int, what: str) -> Tensor:
-    """Normalize rows/positions to a long tensor in [0, size); negatives count from the end."""
+    """Normalize rows/positions to a long tensor in [0, size); negatives count from the end; a boolean mask of
+    length `size` selects where it is true."""
     if index is None:
         return torch.arange(size)
     if isinstance(index, slice):
         return torch.arange(size)[index]
-    t = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+    t = index_tensor(index, size, what)
     if t.numel() == 0:
         raise PathlensError(f"{what}: empty selection; pass at least one index or None for all.")
     bad = (t < -size) | (t >= size)
@@ -284,3 +344,23 @@ def resolve_index(index: Index, size: int, what: str) -> Tensor:
             f"(or -{size}..-1 from the end)."
         )
     return t % size
+
+
+def check_finite(iv: Intervention) -> None:
+    """Reject an intervention whose op carries NaN or inf (a source, vector, basis, reference or factor): it would
+    make whole rows NaN, including positions before the patched one. `Intervention(..., allow_nonfinite=True)`
+    opts out."""
+    if iv.allow_nonfinite:
+        return
+    for name, value in vars(iv.op).items():
+        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise PathlensError(
+                f"the {type(iv.op).__name__} on {iv.site}: its {name} holds {bad} NaN/inf value(s); fix the "
+                "tensor, or pass Intervention(..., allow_nonfinite=True) if that is intended."
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PathlensError(
+                f"the {type(iv.op).__name__} on {iv.site}: its {name} is {value}; pass a finite number, or "
+                "Intervention(..., allow_nonfinite=True) if that is intended."
+            )

@@ -22,7 +22,7 @@ from pathlens.arch.calls import first_output
 from pathlens.arch.generic import arch_for
 from pathlens.errors import PathlensError
 from pathlens.hooks import BackwardRule, Cache, HookSession
-from pathlens.interventions import Intervention, resolve_index
+from pathlens.interventions import Intervention, check_finite, resolve_index
 from pathlens.sites import GLOBAL_KINDS, LAYER_KINDS, Site, parse_site
 
 _DESCRIPTIONS = {
@@ -220,26 +220,63 @@ class Model:
         return [self.tokenizer.decode([i]) for i in flat]
 
     def _prepare(self, inputs: Any, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Token ids (b, p) and the attention mask of `inputs`, checked: integer ids inside the vocabulary, a
+        0/1 mask of the ids' shape."""
         if isinstance(inputs, (str, list, tuple)) and (
             isinstance(inputs, str) or all(isinstance(t, str) for t in inputs)
         ):
-            ids, mask = self.tokenize(inputs)
-            return ids, mask if attention_mask is None else attention_mask
+            ids, text_mask = self.tokenize(inputs)
+            return ids, text_mask if attention_mask is None else self.check_mask(attention_mask, ids)
+        mask: Tensor | None
         if isinstance(inputs, Mapping):
-            return inputs["input_ids"], inputs.get("attention_mask", attention_mask)
-        if isinstance(inputs, Tensor):
-            ids = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
-            if ids.ndim != 2 or ids.dtype not in (torch.long, torch.int):
-                raise PathlensError(
-                    f"token ids must be an integer tensor (batch, pos), got {ids.dtype} of shape {tuple(ids.shape)}."
-                )
-            if ids.shape[0] == 0 or ids.shape[1] == 0:
-                raise PathlensError(f"empty batch: token ids have shape {tuple(ids.shape)}; pass at least one token.")
-            return ids, attention_mask
-        raise PathlensError(
-            "inputs must be text, a list of texts, token ids (batch, pos) or a tokenizer output, "
-            f"got {type(inputs).__name__}."
-        )
+            ids = inputs["input_ids"]
+            mask = inputs.get("attention_mask", attention_mask)
+        elif isinstance(inputs, Tensor):
+            ids, mask = (inputs.unsqueeze(0) if inputs.ndim == 1 else inputs), attention_mask
+        else:
+            raise PathlensError(
+                "inputs must be text, a list of texts, token ids (batch, pos) or a tokenizer output, "
+                f"got {type(inputs).__name__}."
+            )
+        self.check_ids(ids)
+        return ids, None if mask is None else self.check_mask(mask, ids)
+
+    @property
+    def vocab_size(self) -> int:
+        """How many token ids the model embeds (its input embedding's rows)."""
+        embed = get_module(self.hf, self.arch.embed)
+        return int(getattr(embed, "num_embeddings", None) or _out_features(embed))
+
+    def check_ids(self, ids: Tensor, what: str = "token ids") -> None:
+        """Raise PathlensError unless `ids` is a non-empty integer (batch, pos) tensor of ids in the vocabulary,
+        naming the first offending row and value."""
+        if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.dtype not in (torch.long, torch.int):
+            shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+            dtype = ids.dtype if isinstance(ids, Tensor) else ""
+            raise PathlensError(f"{what} must be an integer tensor (batch, pos), got {dtype} of shape {shape}.")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise PathlensError(f"empty batch: {what} have shape {tuple(ids.shape)}; pass at least one token.")
+        vocab = self.vocab_size
+        bad = (ids < 0) | (ids >= vocab)
+        if bool(bad.any()):
+            row, pos = (int(i) for i in bad.nonzero()[0])
+            raise PathlensError(
+                f"{what}: row {row}, position {pos} holds id {int(ids[row, pos])}, outside this model's vocabulary "
+                f"(0..{vocab - 1}); tokenize with the model's own tokenizer."
+            )
+
+    @staticmethod
+    def check_mask(mask: Tensor, ids: Tensor) -> Tensor:
+        """`mask` if it is a 0/1 (batch, pos) tensor of the ids' shape; otherwise a PathlensError saying why."""
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(ids.shape):
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise PathlensError(
+                f"attention_mask has shape {shape} but the token ids have {tuple(ids.shape)}; give one 0/1 entry "
+                "per token (1 = real token, 0 = padding)."
+            )
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise PathlensError("attention_mask must hold only 0 (padding) and 1 (real token).")
+        return mask
 
     # ---- runs ---------------------------------------------------------------------------------------
 
@@ -268,6 +305,7 @@ class Model:
         reads = [self.resolve(s) for s in _site_list(cache)]
         for iv in interventions:
             iv.site = self.resolve(iv.site, write=True)
+            check_finite(iv)
         grad_hooks = [hook for rule in rules for hook in rule.hooks(self)]
         with HookSession(
             self,
