@@ -66,6 +66,7 @@ class EdgePatcher:
         if ablation not in ABLATIONS:
             raise PathlensError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}.")
         check_supported(model)
+        task.check_vocab(model.vocab_size)
         a = model.arch
         if a.attn_norm is None or (a.mlp is not None and a.mlp_norm is None):
             raise PathlensError(

@@ -77,6 +77,7 @@ class PatchSpec:
 
     def resolve(self, model: Model, task: Task) -> ResolvedSpec:
         """This spec for `model` and `task`: the metric chosen and the task carrying it."""
+        task.check_vocab(model.vocab_size)
         metric = task.metric if self.metric is None else self.metric
         return ResolvedSpec(self, model, task.with_metric(metric), metric)
 

@@ -169,8 +169,49 @@ class Task:
                 f"task {self.name!r}: attention_mask must have shape ({n}, {p}), "
                 f"got {tuple(self.attention_mask.shape)}."
             )
+        for fname in ("clean_ids", "corrupt_ids", "answer_ids", "wrong_ids", "answer_pos", "attention_mask"):
+            t = getattr(self, fname)
+            if t.is_floating_point() or t.dtype == torch.bool:
+                raise PathlensError(f"task {self.name!r}: {fname} must hold integers, got {t.dtype}.")
         if int(self.answer_pos.min()) < 0 or int(self.answer_pos.max()) >= p:
             raise PathlensError(f"task {self.name!r}: answer_pos must lie in [0, {p - 1}].")
+        for fname in ("clean_ids", "corrupt_ids", "answer_ids", "wrong_ids"):
+            t = getattr(self, fname)
+            if bool((t < 0).any()):
+                raise PathlensError(
+                    f"task {self.name!r}: {fname} holds a negative token id ({int(t.min())}) at row "
+                    f"{int((t < 0).nonzero()[0, 0])}; token ids count from 0."
+                )
+        if bool(((self.attention_mask != 0) & (self.attention_mask != 1)).any()):
+            raise PathlensError(f"task {self.name!r}: attention_mask must hold only 0 (padding) and 1 (real token).")
+        scored = self.attention_mask[torch.arange(n), self.answer_pos]
+        if bool((scored == 0).any()):
+            row = int((scored == 0).nonzero()[0, 0])
+            raise PathlensError(
+                f"task {self.name!r}: row {row} scores position {int(self.answer_pos[row])}, which is padding "
+                "(attention_mask 0 there); answer_pos must be a real token — the last one of the prompt."
+            )
+        same = self.answer_ids == self.wrong_ids
+        if bool(same.any()):
+            row = int(same.nonzero()[0, 0])
+            raise PathlensError(
+                f"task {self.name!r}: row {row} has the same answer and wrong answer (token "
+                f"{int(self.answer_ids[row])}), so its logit difference is always 0; give each prompt a wrong answer "
+                "that differs from its answer."
+            )
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise PathlensError unless every token id of the task (prompts and answers) is below `vocab_size`, naming
+        the first offending field, row and id."""
+        for fname in ("clean_ids", "corrupt_ids", "answer_ids", "wrong_ids"):
+            t = getattr(self, fname)
+            bad = t >= vocab_size
+            if bool(bad.any()):
+                where = bad.nonzero()[0]
+                raise PathlensError(
+                    f"task {self.name!r}: {fname} row {int(where[0])} holds token id {int(t[tuple(where)])}, outside "
+                    f"the model's vocabulary (0..{vocab_size - 1}); build the task with this model's tokenizer."
+                )
 
     def rows(self, index: Tensor | slice | list[int]) -> Task:
         """A task with only the given rows (same metric, roles sliced alike)."""
