@@ -8,7 +8,7 @@ sender writes before the receiver reads; `scores` holds NaN elsewhere.
 
 A `Graph` is also a circuit: `kept` marks the edges in it (`prune` chooses them); every other edge is
 patched when the circuit is evaluated. `paths` enumerates the top-K diverse routes from the input to the
-logits (`pathlens.circuits.paths`).
+logits (`pathlens.paths`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from pathlens.errors import PathlensError
+from pathlens.paths import top_paths
 from pathlens.results.io import load_pair, save_pair
 from pathlens.sites import Node, parse_node
 
@@ -208,10 +209,8 @@ class Graph:
         signature: Callable[[tuple[str, ...]], Hashable] | None = None,
     ) -> list[Any]:
         """The k highest-scoring loopless paths (product of |edge score|) from `sources` to `sinks` through the
-        circuit, with an optional diversity rule (`pathlens.circuits.paths.top_paths`). Receiver inputs appear
+        circuit, with an optional diversity rule (`pathlens.paths.top_paths`). Receiver inputs appear
         in the paths ("L4.H1.k"), so a route through a head's key differs from one through its query."""
-        from pathlens.circuits.paths import top_paths
-
         return top_paths(self.path_edges(), sources, sinks, k, signature=signature)
 
     def to_networkx(self) -> Any:

@@ -1,4 +1,4 @@
-"""Tests for `pathlens.circuits.paths.top_paths`: exact K-best paths against brute force, diversity, errors."""
+"""Tests for `pathlens.paths.top_paths`: exact K-best paths against brute force, diversity, errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pathlens.circuits.paths import Path, top_paths
 from pathlens.errors import PathlensError
+from pathlens.paths import Path, top_paths
 
 Edges = dict[tuple[str, str], float]
 

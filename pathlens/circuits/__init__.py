@@ -24,7 +24,7 @@ from pathlens.circuits.faithfulness import Curve, completeness, faithfulness, fa
 from pathlens.circuits.layout import Layout, graph_layout
 from pathlens.circuits.neuron_path import NeuronPathResult, neuron_path, neuron_path_module
 from pathlens.circuits.path_patching import path_patch
-from pathlens.circuits.paths import Path, top_paths
+from pathlens.paths import Path, top_paths
 
 __all__ = [
     "DISCOVERY_METHODS",
