@@ -5,7 +5,7 @@ A *variant* is one patched forward of the whole task batch: one indexed site (e.
 architecture families of `pathlens.arch.families`):
 
     heads  (layer, head)     z / q (layer, head)      k / v (layer, group)
-    attn_out, mlp_in, mlp_out, resid_pre, resid_mid, resid_post   (layer,)
+    attn_out, mlp_in, mlp_out, resid_pre, resid_mid, resid_post   (layer,)   (short: attn, mlp, resid)
     neurons (site,)  — MLP neurons given as {layer: [neuron, ...]}
     an explicit list of sites, e.g. ["L3.H2", "L5.mlp_out", "module:transformer.h.3.mlp"]  (site,)
 
@@ -36,6 +36,12 @@ SWEEP_GROUPS = {  # the `sites=` name of a sweep → the site kind it patches at
     "resid_mid": "resid_mid",
     "resid_post": "resid_post",
 }
+GROUP_ALIASES = {"resid": "resid_pre", "mlp": "mlp_out", "attn": "attn_out"}  # short names (as the CLI offers)
+
+
+def sweep_group(sites: Any) -> Any:
+    """`sites` with a short group name replaced by the group it stands for ("resid" → "resid_pre")."""
+    return GROUP_ALIASES.get(sites, sites) if isinstance(sites, str) else sites
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ def _site_grid(
 ) -> tuple[tuple[str, ...], dict[str, list[Any]], list[Site]]:
     """The site part of the grid: dims, coords and the indexed sites in row-major order."""
     a = model.arch
+    sites = sweep_group(sites)
     if isinstance(sites, str) and sites == "neurons":
         if not neurons:
             raise PathlensError("sites='neurons' needs neurons={layer: [index, ...]} naming the neurons to patch.")
@@ -96,7 +103,8 @@ def _site_grid(
     if isinstance(sites, str):
         if sites not in SWEEP_GROUPS:
             raise PathlensError(
-                f"unknown site family {sites!r}; use one of {', '.join(SWEEP_GROUPS)}, 'neurons', or a list of sites."
+                f"unknown site family {sites!r}; use one of {', '.join([*SWEEP_GROUPS, *GROUP_ALIASES])}, 'neurons', "
+                "or a list of sites."
             )
         kind = SWEEP_GROUPS[sites]
         layer_list = list(range(a.n_layers)) if layers is None else [int(x) for x in layers]

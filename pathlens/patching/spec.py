@@ -41,8 +41,12 @@ SweepGroup = Literal[
     "resid_mid",
     "resid_post",
     "neurons",
+    "attn",
+    "mlp",
+    "resid",
 ]
-"""A named group of sites to sweep (see `pathlens.patching.plan`); "neurons" takes `neurons={layer: [i, ...]}`."""
+"""A named group of sites to sweep (see `pathlens.patching.plan`); "neurons" takes `neurons={layer: [i, ...]}`;
+"attn", "mlp" and "resid" are short for "attn_out", "mlp_out" and "resid_pre"."""
 
 Sites = SweepGroup | Sequence[Site | str]
 Positions = Literal["all", "each"] | Sequence[int]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from pathlens.errors import PathlensError
 from pathlens.tasks.base import Task
-from pathlens.tasks.tokens import encode, locate_spans, make_task, single_token_id
+from pathlens.tasks.tokens import encode, locate_spans, make_task, require_tokenizer, single_token_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -116,6 +116,7 @@ def factual(tokenizer: PreTrainedTokenizerBase, n: int | None = None, seed: int 
     Roles: "subject_last" = the subject's last token (where factual-recall studies find the subject's
     enrichment), "END" = the last token. meta: seed, number of usable pairs.
     """
+    require_tokenizer(tokenizer, "factual")
     pairs = fact_pairs(tokenizer, seed)
     if not pairs:
         raise PathlensError(

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from pathlens.errors import PathlensError
 from pathlens.tasks.base import Task
-from pathlens.tasks.tokens import encode, locate_spans, make_task, plain_ids
+from pathlens.tasks.tokens import encode, locate_spans, make_task, plain_ids, require_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -121,6 +121,7 @@ def greater_than(tokenizer: PreTrainedTokenizerBase, n: int = 8, seed: int = 0) 
     """
     if n < 1:
         raise PathlensError(f"greater_than: empty batch: pass at least one prompt (n >= 1), got n={n}.")
+    require_tokenizer(tokenizer, "greater_than")
     mode, table = year_mode(tokenizer)
     rng = random.Random(seed)
     clean, corrupt, answers, wrongs, yy_pos = [], [], [], [], []

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pathlens.errors import PathlensError
 from pathlens.tasks.base import Task
-from pathlens.tasks.tokens import leading_special_ids
+from pathlens.tasks.tokens import leading_special_ids, require_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -66,6 +66,7 @@ def induction(
     "END" = the last position (predicts r_T).
     """
     if tokenizer is not None:
+        require_tokenizer(tokenizer, "induction")
         vocab, default_bos, exclude = _tokenizer_setup(tokenizer)
         vocab_size = vocab if vocab_size is None else vocab_size
         bos_id = default_bos if bos_id is None else bos_id

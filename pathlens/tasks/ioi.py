@@ -27,6 +27,7 @@ from pathlens.tasks.tokens import (
     encode,
     locate_spans,
     make_task,
+    require_tokenizer,
     single_token_id,
     single_token_words,
 )
@@ -360,6 +361,7 @@ def ioi(
         raise PathlensError(f"ioi: unknown corrupt mode {corrupt!r}; use one of {list(CORRUPT_MODES)}.")
     if n < 1:
         raise PathlensError(f"ioi: empty batch: pass at least one prompt (n >= 1), got n={n}.")
+    require_tokenizer(tokenizer, "ioi")
     names = _name_pool(tokenizer)
     chosen = _select_templates(templates)
     rngs = (random.Random(seed), random.Random(f"ioi-corrupt-{seed}"))

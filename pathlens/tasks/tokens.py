@@ -23,6 +23,19 @@ if TYPE_CHECKING:
 Span = tuple[int, int]
 
 
+def require_tokenizer(tokenizer: object, task: str) -> None:
+    """Raise unless `tokenizer` is a transformers tokenizer (passing the Model itself, or None, is a common slip)."""
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(tokenizer, PreTrainedTokenizerBase):
+        return
+    given = "None" if tokenizer is None else f"a {type(tokenizer).__name__}"
+    raise PathlensError(
+        f"{task}: the tokenizer argument is {given}, not a transformers tokenizer; pass model.tokenizer (a model "
+        "without one supports pathlens.tasks.induction(vocab_size=...) and Task.from_ids)."
+    )
+
+
 def plain_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of `text` with no special tokens added."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -169,6 +182,7 @@ def make_task(
     the same token count; rows are right-padded to the longest, `attention_mask` marks real tokens and
     `answer_pos` is each row's last real token. `roles` maps a role name to N token positions.
     """
+    require_tokenizer(tokenizer, name)
     _check_batch(name, clean_prompts, corrupt_prompts, answers, wrongs)
     clean = [encode(tokenizer, t) for t in clean_prompts]
     corrupt = [encode(tokenizer, t) for t in corrupt_prompts]

@@ -15,6 +15,7 @@ Importing this module registers the config and model with ``AutoConfig`` and ``A
 under the model type ``"pathlens-attn-only"``.
 """
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -36,6 +37,10 @@ __all__ = [
     "AttnOnlyPreTrainedModel",
     "eager_attention_forward",
 ]
+
+# transformers 5 renamed create_causal_mask's `past_key_values` to `cache` (the old name warns, then goes away):
+# pass whichever name the installed version takes.
+_MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 @strict
@@ -283,8 +288,8 @@ class AttnOnlyModel(AttnOnlyPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=None,
             position_ids=positions,
+            **{_MASK_CACHE_ARG: None},
         )
 
         hidden_states = inputs_embeds + self.embed_positions(positions)
