@@ -1,8 +1,18 @@
-"""The `pathlens` command line: list models, print a model's sites, run the demo."""
+"""The `pathlens` command line: list models, print a model's sites, run the demo, patching, attribution and
+circuit discovery.
+
+Every user mistake ends in one message, no traceback (`pathlens --debug ...` shows it): an option value the run
+cannot use (unknown model, task, method or site family) is a usage error, exit code 2, reported like typer's own;
+a run that fails (an output folder that cannot be written, a PathlensError or a file error during the run)
+prints one `error: ...` line on stderr and exits with 1.
+"""
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
@@ -10,28 +20,100 @@ import torch
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from pathlens.circuits.discover import DiscoveryMethod, Ranking
 from pathlens.circuits.edge_attribution import EdgeMethod
 from pathlens.errors import PathlensError
 from pathlens.loading import EMBEDDED, load
 from pathlens.model import Model
+from pathlens.patching.plan import GROUP_ALIASES, SWEEP_GROUPS, sweep_group
 from pathlens.patching.spec import Direction
 from pathlens.patching.sweep import DEFAULT_MAX_BATCH_TOKENS
 from pathlens.report.studies import SweepSummary, circuit_study, demo_study, task_for, write_sweep
+from pathlens.results.io import write_text
 from pathlens.tasks import TASKS
 
 if TYPE_CHECKING:
     from pathlens.attribution.compare import Comparison
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Find, verify and steer pathways in neural networks."
-)
 console = Console()
+error_console = Console(stderr=True)
 
 
-def _load(name: str) -> Model:
-    with console.status(f"loading {name} …"):
+class ReportingGroup(TyperGroup):
+    """The command group: a failed run prints one `error:` line and exits 1 (the traceback only with --debug)."""
+
+    def invoke(self, ctx: Any) -> Any:  # a click Context of the click version typer vendors
+        try:
+            return super().invoke(ctx)
+        except (PathlensError, OSError) as err:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            message = " ".join(str(err).split())
+            error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from err
+
+
+app = typer.Typer(
+    cls=ReportingGroup,
+    add_completion=False,
+    no_args_is_help=True,
+    help="Find, verify and steer pathways in neural networks.",
+)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context, debug: bool = typer.Option(False, "--debug", help="on an error, show the full traceback")
+) -> None:
+    """Find, verify and steer pathways in neural networks."""
+    ctx.obj = {"debug": debug}
+
+
+@contextmanager
+def option(hint: str) -> Iterator[None]:
+    """Report a PathlensError raised in the block as a bad value of option `hint` (a usage error, exit 2)."""
+    try:
+        yield
+    except PathlensError as err:
+        raise typer.BadParameter(str(err), param_hint=hint) from err
+
+
+def output_folder(out: Path) -> Path:
+    """Create `out` and check it is writable, before any model loads, so a bad --out fails in a second."""
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise PathlensError(f"--out {out}: {blocking} is a file, not a folder; pass another folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PathlensError(f"--out {out}: cannot create the output folder ({err}); pass another folder.") from err
+    if not os.access(out, os.W_OK):
+        raise PathlensError(f"--out {out}: the output folder is not writable; pass another folder.")
+    return out
+
+
+def site_group(sites: str) -> str:
+    """The sweep group a --sites value names ("resid" → "resid_pre"), or a usage error listing the choices."""
+    group = sweep_group(sites)
+    if group not in SWEEP_GROUPS:
+        raise typer.BadParameter(
+            f"unknown site family {sites!r}; use one of {', '.join([*GROUP_ALIASES, *SWEEP_GROUPS])}.",
+            param_hint="'--sites'",
+        )
+    return str(group)
+
+
+def task_choice(task: str) -> str:
+    """A --task value checked against the task names (before the model loads)."""
+    if task not in TASKS:
+        raise typer.BadParameter(f"unknown task {task!r}; choose one of {', '.join(TASKS)}.", param_hint="'--task'")
+    return task
+
+
+def _load(name: str, hint: str = "'--model'") -> Model:
+    with option(hint), console.status(f"loading {name} …"):
         start = time.perf_counter()
         model = load(name)
     console.print(f"[green]loaded[/] {model!r} in {time.perf_counter() - start:.1f} s")
@@ -63,7 +145,7 @@ def sites_table(model: Model) -> Table:
 @app.command()
 def sites(model: str = typer.Argument(..., help="embedded name, local folder or hub name")) -> None:
     """Print every site of MODEL with its shape (b = batch, p = positions)."""
-    loaded = _load(model)
+    loaded = _load(model, "MODEL")
     console.print(sites_table(loaded))
     a = loaded.arch
     console.print(
@@ -77,14 +159,19 @@ def sites(model: str = typer.Argument(..., help="embedded name, local folder or 
 @app.command()
 def demo(
     model: str = typer.Option("smollm2", help="model to run on"),
-    n: int = typer.Option(8, help="number of IOI prompt pairs"),
+    n: int = typer.Option(8, min=1, help="number of IOI prompt pairs"),
     seed: int = typer.Option(0, help="task seed"),
     out: Path = typer.Option(Path("out/demo"), help="folder for the table, PNG and scores"),
 ) -> None:
     """IOI on an embedded model: clean vs corrupted logit difference, top heads by direct logit attribution,
     activation patching of every head and of the residual stream per (layer, position), and an EAP-IG circuit
     with its faithfulness curve, pathways and HTML report."""
+    output_folder(out)
     loaded = _load(model)
+    if loaded.tokenizer is None:
+        raise typer.BadParameter(
+            f"{model} has no tokenizer; the IOI demo needs one (e.g. smollm2 or gemma3-270m).", param_hint="'--model'"
+        )
     console.print("running the IOI demo: metric, direct logit attribution, patching sweeps, circuit …")
     study = demo_study(loaded, out, n=n, seed=seed, progress=True)
     task = study.task
@@ -115,7 +202,6 @@ def demo(
 
 
 CliPositions = Literal["all", "each"]  # the position choices a command line can name (a library call may list ints)
-CLI_SITES = {"heads": "heads", "resid": "resid_pre", "mlp": "mlp_out", "attn": "attn_out"}
 
 
 def sweep_table(sweep: SweepSummary) -> Table:
@@ -135,17 +221,19 @@ def patch(
     sites: str = typer.Option("heads", help="heads | resid | mlp | attn, or any family of pathlens.patch"),
     positions: CliPositions = typer.Option("all", help="all | each"),
     direction: Direction = typer.Option("denoise", help="denoise | noise"),
-    n: int = typer.Option(8, help="number of prompt pairs"),
+    n: int = typer.Option(8, min=1, help="number of prompt pairs"),
     seed: int = typer.Option(0, help="task seed"),
-    max_batch_tokens: int = typer.Option(DEFAULT_MAX_BATCH_TOKENS, help="most tokens in one patched forward"),
+    max_batch_tokens: int = typer.Option(DEFAULT_MAX_BATCH_TOKENS, min=1, help="most tokens in one patched forward"),
     out: Path = typer.Option(Path("out/patch"), help="output folder (a killed sweep resumes from it)"),
 ) -> None:
     """Activation patching sweep: scores (safetensors + JSON), heatmap PNG and a table."""
     from pathlens.patching import patch as run_patch
 
+    family, task = site_group(sites), task_choice(task)
+    output_folder(out)
     loaded = _load(model)
-    built = task_for(loaded, task, n, seed)
-    family = CLI_SITES.get(sites, sites)
+    with option("'--task'"):
+        built = task_for(loaded, task, n, seed)
     scores = run_patch(
         loaded,
         built,
@@ -186,8 +274,8 @@ def attribute(
         None, help="denoise | noise (default: denoise for nodes, noise for edges)"
     ),
     edges: bool = typer.Option(False, "--edges", help="score every edge of the model's graph instead of nodes"),
-    steps: int = typer.Option(5, help="integration steps of eap-ig"),
-    n: int = typer.Option(8, help="number of prompt pairs"),
+    steps: int = typer.Option(5, min=1, help="integration steps of eap-ig"),
+    n: int = typer.Option(8, min=1, help="number of prompt pairs"),
     seed: int = typer.Option(0, help="task seed"),
     compare_exact: bool = typer.Option(False, "--compare-exact", help="also run exact patching and compare"),
     out: Path = typer.Option(Path("out/attribute"), help="output folder"),
@@ -198,20 +286,26 @@ def attribute(
     from pathlens.patching import patch as run_patch
 
     if method not in NODE_METHODS + tuple(EDGE_METHODS):
-        raise PathlensError(f"unknown method {method!r}; use atp, atp*, relp, ig, eap or eap-ig.")
+        raise typer.BadParameter(
+            f"unknown method {method!r}; use atp, atp*, relp, ig, eap or eap-ig.", param_hint="'--method'"
+        )
     edges = edges or method in ("eap", "eap-ig")
+    if edges and method not in EDGE_METHODS:
+        raise typer.BadParameter(
+            f"{method} is node-level only; for --edges use eap, eap-ig or relp.", param_hint="'--method'"
+        )
+    family, task = site_group(sites), task_choice(task)
+    output_folder(out)
     loaded = _load(model)
-    built = task_for(loaded, task, n, seed)
-    out.mkdir(parents=True, exist_ok=True)
+    with option("'--task'"):
+        built = task_for(loaded, task, n, seed)
     if edges:
-        if method not in EDGE_METHODS:
-            raise PathlensError(f"{method} is node-level only; for edges use eap, eap-ig or relp.")
         edge_direction = direction or "noise"
         start = time.perf_counter()
         graph = edge_attribution(loaded, built, method=EDGE_METHODS[method], direction=edge_direction, steps=steps)
         seconds = time.perf_counter() - start
         graph.save(out / "graph")
-        graph.to_frame().to_csv(out / "edges.csv", index=False)
+        write_text(out / "edges.csv", graph.to_frame().to_csv(index=False))
         table = Table(title=f"{loaded.name} {task}: top 15 edges by |score| ({graph.method}, {seconds:.1f} s)")
         for col in ("sender", "receiver", "score"):
             table.add_column(col, justify="right")
@@ -231,7 +325,6 @@ def attribute(
             result.plot(out / "compare.png")
             console.print(comparison_table(result, "heads: outgoing edge sums vs exact patching"))
         return
-    family = CLI_SITES.get(sites, sites)
     estimator = {"atp": atp, "atp*": atp_star, "relp": relp, "ig": integrated_gradients}[method]
     start = time.perf_counter()
     direction = direction or "denoise"
@@ -246,7 +339,7 @@ def attribute(
         exact_seconds = time.perf_counter() - start
         result = compare({family: exact}, {family: estimate}, labels=("exact", method))
         result.plot(out / f"{name}_vs_exact.png")
-        result.table.to_csv(out / f"{name}_vs_exact.csv")
+        write_text(out / f"{name}_vs_exact.csv", result.table.to_csv())
         console.print(
             comparison_table(result, f"{method} vs exact patching ({seconds:.1f} s vs {exact_seconds:.1f} s)")
         )
@@ -265,8 +358,8 @@ def print_circuit(record: dict[str, Any], out: Path) -> None:
     console.print(
         f"circuit: {record['n_edges']} of {record['edges_total']} edges ({record['fraction']:.1%}), normalized "
         f"faithfulness {record['faithfulness']:.3f} ({record['ablation']} ablation, {record['direction']}, "
-        f"{record['metric']}); {record['seconds']:.1f} s; wrote {out}/report.html, circuit.json, curve.png, "
-        "circuit.png"
+        f"{record['metric']}); {record['seconds']:.1f} s; wrote {out}/report.html, summary.json, "
+        "circuit.safetensors/.json (pathlens.graph.Graph.load), curve.png, circuit.png"
     )
 
 
@@ -275,29 +368,31 @@ def circuit(
     model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
     task: str = typer.Option("ioi", help=f"one of {', '.join(TASKS)}"),
     method: DiscoveryMethod = typer.Option("eap-ig", help="eap | eap-ig | relp | patching | acdc"),
-    top_paths: int = typer.Option(10, help="how many diverse pathways to list"),
-    top_k: Optional[int] = typer.Option(None, help="circuit size in edges (default: smallest reaching --target)"),  # noqa: UP045
+    top_paths: int = typer.Option(10, min=1, help="how many diverse pathways to list"),
+    top_k: Optional[int] = typer.Option(  # noqa: UP045 (typer reads the annotation)
+        None, min=1, help="circuit size in edges (default: smallest reaching --target)"
+    ),
     target: float = typer.Option(0.8, help="normalized faithfulness the circuit must reach"),
-    steps: int = typer.Option(5, help="integration steps of eap-ig"),
+    steps: int = typer.Option(5, min=1, help="integration steps of eap-ig"),
     by: Ranking = typer.Option("auto", help="edge ranking: auto (the better of abs and support) | abs | support"),
-    n: int = typer.Option(8, help="number of prompt pairs"),
+    n: int = typer.Option(8, min=1, help="number of prompt pairs"),
     seed: int = typer.Option(0, help="task seed"),
     out: Path = typer.Option(Path("out/circuit"), help="output folder"),
 ) -> None:
     """Circuit discovery with faithfulness curve, pathways and an offline HTML report."""
+    task = task_choice(task)
+    output_folder(out)
     loaded = _load(model)
-    built = task_for(loaded, task, n, seed)
+    with option("'--task'"):
+        built = task_for(loaded, task, n, seed)
     with console.status(f"discovering the {task} circuit with {method} …"):
         record = circuit_study(loaded, built, task, method, out, top_paths, top_k, target, steps, by)
     print_circuit(record, out)
 
 
 def main() -> None:
-    try:
-        app()
-    except PathlensError as err:
-        console.print(f"[red]error:[/] {err}")
-        raise SystemExit(2) from err
+    """The `pathlens` entry point (failed runs are reported by `ReportingGroup`, usage errors by typer)."""
+    app()
 
 
 if __name__ == "__main__":

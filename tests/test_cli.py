@@ -5,11 +5,15 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import pytest
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pathlens.cli import app
+from pathlens.graph import Graph
 from pathlens.results import Scores
 
 runner = CliRunner()
@@ -42,6 +46,58 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert "top 10 heads" in result.output
     for name in ("patch_heads", "patch_resid"):
         assert (tmp_path / f"{name}.png").exists() and Scores.load(tmp_path / name).meta["task"] == "ioi"
+    loaded = load_everything(tmp_path)
+    circuit = loaded["circuit/circuit.safetensors"]
+    assert isinstance(circuit, Graph) and circuit.n_edges == summary["circuit"]["n_edges"]
+
+
+def load_everything(out: Path) -> dict[str, Any]:
+    """Every file under `out` read with the loader its kind has: result pairs (.safetensors + .json) with
+    Scores.load / Graph.load by their format, other safetensors with safetensors, JSON with json, CSV with
+    pandas, PNG and HTML checked by their first bytes. Keyed by path relative to `out`; an unknown kind fails."""
+    loaders = {"pathlens.Scores": Scores.load, "pathlens.Graph": Graph.load}
+    loaded: dict[str, Any] = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        key, pair = str(path.relative_to(out)), path.with_suffix(".json")
+        if path.suffix == ".safetensors" and pair.exists():
+            loaded[key] = loaders[json.loads(pair.read_text())["format"]](path.with_suffix(""))
+        elif path.suffix == ".safetensors":
+            loaded[key] = load_file(path)
+        elif path.suffix == ".json" and not path.with_suffix(".safetensors").exists():
+            loaded[key] = json.loads(path.read_text())
+        elif path.suffix == ".csv":
+            loaded[key] = pd.read_csv(path)
+            assert len(loaded[key]) > 0, key
+        elif path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", key
+        elif path.suffix == ".html":
+            assert "</html>" in path.read_text(), key
+        else:
+            assert path.suffix == ".json", f"the CLI wrote {key}, of a kind this test cannot load"
+    return loaded
+
+
+def test_everything_the_cli_writes_loads_back(tmp_path: Path) -> None:
+    """patch, attribute --edges and circuit each write files a user can read back with the library: the saved
+    circuit loads as a Graph (the run summary used to overwrite its circuit.json), the sweeps as Scores."""
+    common = ["--model", "induction-2l", "--task", "induction", "--n", "4"]
+    runs = {
+        "patch": ["patch", *common, "--sites", "resid", "--positions", "each"],
+        "edges": ["attribute", *common, "--method", "eap"],
+        "circuit": ["circuit", *common, "--method", "eap", "--top-paths", "2"],
+    }
+    for name, args in runs.items():
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / name)], terminal_width=200)
+        assert result.exit_code == 0, result.output
+    loaded = load_everything(tmp_path)
+    sweep = loaded["patch/resid_pre_each.safetensors"]
+    assert isinstance(sweep, Scores) and sweep.dims == ("layer", "pos")
+    assert len(loaded["patch/resid_pre_each.csv"]) == sweep.values.numel()
+    graph = loaded["edges/graph.safetensors"]
+    assert isinstance(graph, Graph) and len(loaded["edges/edges.csv"]) == graph.edges_total
+    circuit, summary = loaded["circuit/circuit.safetensors"], loaded["circuit/summary.json"]
+    assert isinstance(circuit, Graph) and circuit.n_edges == summary["n_edges"] == int(circuit.in_circuit.sum())
+    assert len(loaded["circuit/edges.csv"]) == circuit.edges_total and len(loaded["circuit/pathways.csv"]) <= 2
 
 
 def test_attribute_nodes_with_exact_comparison(tmp_path: Path) -> None:

@@ -10,12 +10,15 @@ import pytest
 import torch
 
 import pathlens
+from pathlens.graph import Graph
 from pathlens.report.studies import circuit_study, plottable, task_for, write_sweep
 from pathlens.results import Scores
 from tests.helpers import make_scores
 
 
 def test_circuit_study_writes_its_files_and_returns_the_circuit_record(tmp_path: Path) -> None:
+    """The circuit and the run's record are separate files: the circuit loads back as the Graph discovered (the
+    record used to overwrite circuit.json, so no saved circuit loaded)."""
     model = pathlens.load("induction-2l")
     task = task_for(model, "induction", 8, 0)
     record = circuit_study(model, task, "induction", "eap-ig", tmp_path, top_paths=3)
@@ -23,13 +26,16 @@ def test_circuit_study_writes_its_files_and_returns_the_circuit_record(tmp_path:
     assert written == {
         "circuit.safetensors",
         "circuit.json",
+        "summary.json",
         "edges.csv",
         "circuit.png",
         "curve.png",
         "pathways.csv",
         "report.html",
     }
-    assert json.loads((tmp_path / "circuit.json").read_text()) == json.loads(json.dumps(record))
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(record))
+    circuit = Graph.load(tmp_path / "circuit")
+    assert circuit.n_edges == record["n_edges"] and circuit.edges_total == record["edges_total"]
     assert 0 < record["n_edges"] < record["edges_total"] == 29
     assert record["fraction"] == record["n_edges"] / record["edges_total"]
     assert 1 <= len(record["paths"]) <= 3 and record["curve_area"] is not None

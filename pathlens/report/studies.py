@@ -28,10 +28,12 @@ from pathlens.model import Model
 from pathlens.patching import patch
 from pathlens.report.html import write_report
 from pathlens.results import Scores
+from pathlens.results.io import write_text
 from pathlens.tasks import TASKS, build_task, ioi
 from pathlens.tasks.base import Task
 from pathlens.tasks.ioi import BABA_TEMPLATES
 
+CIRCUIT_SUMMARY = "summary.json"  # a circuit study's record, beside the circuit's own circuit.json/.safetensors
 DEMO_RESID_PROMPTS = 4  # the per-(layer, position) sweep is the demo's longest step; 4 prompts keep it short
 
 
@@ -84,7 +86,7 @@ def write_sweep(scores: Scores, out: Path, name: str, title: str) -> SweepSummar
     plottable(scores).plot(out / f"{name}.png", title=title)
     ranked = scores.with_values(scores.values - scores.meta["base_metric"])
     top = ranked.top(10)
-    ranked.to_frame().to_csv(out / f"{name}.csv", index=False)
+    write_text(out / f"{name}.csv", ranked.to_frame().to_csv(index=False))
     return SweepSummary(title, scores.dims, top)
 
 
@@ -100,25 +102,27 @@ def circuit_study(
     steps: int = 5,
     by: Ranking = "auto",
 ) -> dict[str, Any]:
-    """Discover a circuit with `method`, measure it, find its `top_paths` pathways, and write the circuit
-    (safetensors + JSON), edges.csv, circuit.png, curve.png (when a curve was measured), pathways.csv,
-    circuit.json and report.html to `out`. Returns the circuit.json record (with "paths" and "seconds")."""
+    """Discover a circuit with `method`, measure it, find its `top_paths` pathways, and write to `out`: the
+    circuit as circuit.safetensors + circuit.json (`Graph.load(out / "circuit")` reads it back), edges.csv,
+    circuit.png, curve.png (when a curve was measured), pathways.csv, the run's record as summary.json, and
+    report.html. Returns the summary.json record (with "paths" and "seconds")."""
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     circuit = discover(model, task, method=method, top_k=top_k, target=target, steps=steps, by=by)
     routes = pathways(EdgePatcher(model, task), circuit, k=top_paths)
     seconds = time.perf_counter() - start
     circuit.save(out / "circuit")
-    circuit.to_frame().to_csv(out / "edges.csv", index=False)
+    write_text(out / "edges.csv", circuit.to_frame().to_csv(index=False))
     circuit.plot(out / "circuit.png", title=f"{model.name} {task_name}: {method} circuit")
     curve_dict = circuit.meta.get("curve")
     if curve_dict:
         keys = ("sizes", "faithfulness", "metric", "full", "empty", "edges_total")
         Curve(**{k: curve_dict[k] for k in keys}).plot(out / "curve.png", title=f"{method}: faithfulness curve")
-    pd.DataFrame(
+    routes_frame = pd.DataFrame(
         [{**r, "nodes": " → ".join(r["nodes"])} for r in routes],
         columns=["rank", "nodes", "score", "estimate", "metric", "faithfulness"],
-    ).to_csv(out / "pathways.csv", index=False)
+    )
+    write_text(out / "pathways.csv", routes_frame.to_csv(index=False))
     record = {
         "model": model.name,
         "task": task_name,
@@ -138,7 +142,7 @@ def circuit_study(
         "paths": routes,
         "seconds": seconds,
     }
-    (out / "circuit.json").write_text(json.dumps(record, indent=1))
+    write_text(out / CIRCUIT_SUMMARY, json.dumps(record, indent=1))
     write_report(
         out / "report.html",
         title=f"{model.name} · {task_name} · {method} circuit",
@@ -159,7 +163,7 @@ class DemoStudy:
     summary: dict[str, Any]  # summary.json: metric, top patched heads, circuit figures
     top_heads: pd.DataFrame  # the 10 heads of largest |direct logit attribution| (layer, head, value)
     sweeps: list[SweepSummary]  # heads patched, then resid_pre per position
-    circuit: dict[str, Any]  # the circuit study's record (circuit/circuit.json)
+    circuit: dict[str, Any]  # the circuit study's record (circuit/summary.json)
 
 
 def demo_study(model: Model, out: Path, n: int = 8, seed: int = 0, progress: bool = False) -> DemoStudy:
@@ -188,7 +192,7 @@ def demo_study(model: Model, out: Path, n: int = 8, seed: int = 0, progress: boo
     out.mkdir(parents=True, exist_ok=True)
     dla.plot(out / "dla_heads.png", title=f"{model.name}: IOI direct logit attribution per head")
     dla.save(out / "dla_heads")
-    top_heads.to_csv(out / "top_heads.csv", index=False)
+    write_text(out / "top_heads.csv", top_heads.to_csv(index=False))
     heads = patch(model, task, sites="heads", positions="all", progress=progress)
     sweeps = [write_sweep(heads, out, "patch_heads", f"{model.name} IOI: heads patched clean→corrupt")]
     one_template = ioi(model.tokenizer, n=min(n, DEMO_RESID_PROMPTS), seed=seed, templates=[BABA_TEMPLATES[0]])
@@ -200,5 +204,5 @@ def demo_study(model: Model, out: Path, n: int = 8, seed: int = 0, progress: boo
     ]
     record = circuit_study(model, task, "ioi", "eap-ig", out / "circuit", top_paths=5)
     summary["circuit"] = {k: record[k] for k in ("faithfulness", "n_edges", "edges_total", "curve_area", "seconds")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "summary.json", json.dumps(summary, indent=2))
     return DemoStudy(task, summary, top_heads, sweeps, record)
