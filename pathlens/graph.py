@@ -24,10 +24,13 @@ from torch import Tensor
 
 from pathlens.errors import PathlensError
 from pathlens.paths import top_paths
+from pathlens.results.display import diverging_colour, html_block, html_table, line_svg, provenance
 from pathlens.results.io import load_pair, save_pair
 from pathlens.sites import Node, parse_node
 
 _FORMAT_NAME = "pathlens.Graph"
+_REPR_EDGES = 5
+_HTML_EDGES = 12
 _HEADER_KEYS = ("senders", "receivers", "metric", "method", "meta")
 
 
@@ -281,6 +284,54 @@ class Graph:
         ax.axis("off")
         ax.set_title(title or f"{self.method}: {self.n_edges} of {self.edges_total} edges", fontsize=9)
         fig.savefig(os.fspath(path), dpi=120)
+
+    # ---- display ------------------------------------------------------------------------------------
+
+    def _display_edges(self, k: int) -> tuple[str, pd.DataFrame]:
+        """(caption, the k strongest edges): of the circuit when it was pruned, else of the whole graph."""
+        frame = self.to_frame()
+        if self.kept is not None:
+            return f"top {k} circuit edges by |score|", frame[frame["in_circuit"]].head(k)
+        return f"top {k} edges by |score|", frame.head(k)
+
+    def _summary(self) -> str:
+        circuit = f"{self.n_edges} in the circuit" if self.kept is not None else "not pruned"
+        return (
+            f"{len(self.senders)} senders x {len(self.receivers)} receivers, {self.edges_total} edges ({circuit}), "
+            f"method={self.method!r}, metric={self.metric!r}"
+        )
+
+    def __repr__(self) -> str:
+        lines = [f"Graph({self._summary()})"]
+        origin = provenance(self.method, self.metric, self.meta)[2:]
+        if origin:
+            lines.append("  " + ", ".join(f"{k}={v}" for k, v in origin))
+        caption, top = self._display_edges(_REPR_EDGES)
+        if len(top):
+            lines.append(f"  {caption}:")
+            lines += [f"    {r.sender} -> {r.receiver}: {r.score:+.4g}" for r in top.itertuples()]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """Jupyter view: sizes and provenance, the faithfulness curve discovery measured (when in `meta`) as an
+        inline SVG, and the strongest edges as a table coloured by sign; every name escaped."""
+        caption, top = self._display_edges(_HTML_EDGES)
+        largest = float(top["score"].abs().max()) if len(top) else 0.0
+        parts = []
+        curve = self.meta.get("curve")
+        if isinstance(curve, dict) and {"sizes", "faithfulness", "edges_total"} <= curve.keys():
+            xs = [size / curve["edges_total"] for size in curve["sizes"]]
+            parts.append(line_svg(xs, curve["faithfulness"], "fraction of edges kept", "faithfulness"))
+        parts.append(
+            html_table(
+                ["sender", "receiver", "in circuit", "score"],
+                [[r.sender, r.receiver, r.in_circuit, f"{r.score:+.4g}"] for r in top.itertuples()],
+                (diverging_colour(float(v), largest) for v in top["score"]),
+            )
+        )
+        return html_block(
+            f"Graph: {self._summary()} — {caption}", provenance(self.method, self.metric, self.meta), *parts
+        )
 
     # ---- files --------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import torch
 
 from pathlens.circuits.discover import DiscoveryMethod, Ranking, discover, pathways
 from pathlens.circuits.edge_patching import EdgePatcher
-from pathlens.circuits.faithfulness import Curve
+from pathlens.circuits.faithfulness import Curve, faithfulness_curve
 from pathlens.diagnostics.dla import head_logit_attribution
 from pathlens.errors import PathlensError
 from pathlens.model import Model
@@ -109,8 +109,10 @@ def circuit_study(
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     circuit = discover(model, task, method=method, top_k=top_k, target=target, steps=steps, by=by)
-    routes = pathways(EdgePatcher(model, task), circuit, k=top_paths)
+    patcher = EdgePatcher(model, task)
+    routes = pathways(patcher, circuit, k=top_paths)
     seconds = time.perf_counter() - start
+    mib = faithfulness_curve(patcher, circuit, sizes="mib", by=circuit.meta.get("ranked_by") or "abs")
     circuit.save(out / "circuit")
     write_text(out / "edges.csv", circuit.to_frame().to_csv(index=False))
     circuit.plot(out / "circuit.png", title=f"{model.name} {task_name}: {method} circuit")
@@ -139,6 +141,8 @@ def circuit_study(
         if not curve_dict
         else {str(s): f for s, f in zip(curve_dict["sizes"], curve_dict["faithfulness"], strict=True)},
         "curve_area": None if not curve_dict else curve_dict["area"],
+        "cpr": mib.cpr,  # MIB's CPR and CMD: the circuit's edge scores ranked as discovery ranked them, at MIB's
+        "cmd": mib.cmd,  # edge fractions (faithfulness_curve(sizes="mib")); seconds excludes this curve
         "paths": routes,
         "seconds": seconds,
     }

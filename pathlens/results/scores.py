@@ -27,6 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from pathlens.errors import PathlensError
+from pathlens.results.display import diverging_colour, esc, html_block, html_table, provenance
 from pathlens.results.io import load_pair, save_pair
 from pathlens.results.plots import plot_scores
 
@@ -36,6 +37,8 @@ _FORMAT_NAME = "pathlens.Scores"
 _HEADER_KEYS = ("dims", "coords", "metric", "method", "meta", "pos_labels", "values_sha256")
 _RESERVED_DIMS = ("value", "pos_label")
 _REPR_TOP = 5
+_HTML_TOP = 10
+_HTML_GRID_MAX = 48  # 2-D results up to this many cells a side are drawn as a heat grid in notebooks
 
 
 @dataclass(eq=False, repr=False)
@@ -265,6 +268,9 @@ class Scores:
     def __repr__(self) -> str:
         shape = " x ".join(f"{d}={n}" for d, n in zip(self.dims, self.shape, strict=True)) or "scalar"
         lines = [f"Scores({shape}, method={self.method!r}, metric={self.metric!r}, dtype={self.values.dtype})"]
+        origin = provenance(self.method, self.metric, self.meta)[2:]
+        if origin:
+            lines.append("  " + ", ".join(f"{k}={v}" for k, v in origin))
         if self.values.numel():
             lines.append(f"  top {min(_REPR_TOP, self.values.numel())} by |value|:")
             for cell in self.top(_REPR_TOP).to_dict("records"):
@@ -275,6 +281,44 @@ class Scores:
                     where += f" ({label!r})"
                 lines.append(f"    {where or '()'}: {value:+.4g}")
         return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """Jupyter view: dims and provenance, a heat grid of the values when 2-D and small (else nothing), and
+        the top cells by |value| as a table; every label escaped."""
+        shape = " × ".join(f"{d}={n}" for d, n in zip(self.dims, self.shape, strict=True)) or "scalar"
+        facts = provenance(self.method, self.metric, self.meta)
+        parts = [self._heat_grid()] if len(self.dims) == 2 and max(self.shape) <= _HTML_GRID_MAX else []
+        if self.values.numel():
+            top = self.top(_HTML_TOP)
+            largest = float(self.values.abs().nan_to_num(0.0).max())
+            parts.append(
+                html_table(
+                    list(top.columns),
+                    top.to_numpy().tolist(),
+                    (diverging_colour(float(v), largest) for v in top["value"]),
+                )
+            )
+        return html_block(f"Scores ({shape})", facts, *parts)
+
+    def _heat_grid(self) -> str:
+        """The 2-D values as a table of coloured cells (rows: dims[0], columns: dims[1]), hover shows the value."""
+        rows_dim, cols_dim = self.dims
+        values = self.values.to(torch.float64)
+        largest = float(values.abs().nan_to_num(0.0).max())
+        col_labels = self.pos_labels if cols_dim == "pos" and self.pos_labels is not None else self.coords[cols_dim]
+        head = "".join(f'<th style="font-weight:normal;padding:0 2px">{esc(c)}</th>' for c in col_labels)
+        body = []
+        for i, row_label in enumerate(self.coords[rows_dim]):
+            cells = "".join(
+                f'<td title="{esc(f"{v:+.4g}")}" style="width:14px;height:14px;{diverging_colour(v, largest)}"></td>'
+                for v in values[i].tolist()
+            )
+            body.append(f'<tr><th style="font-weight:normal;padding:0 4px">{esc(row_label)}</th>{cells}</tr>')
+        corner = f"{esc(rows_dim)} \\ {esc(cols_dim)}"
+        return (
+            f'<table style="border-collapse:collapse;font:10px monospace;margin:4px 0"><thead><tr><th>{corner}</th>'
+            f"{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        )
 
     @staticmethod
     def stack(scores: Sequence[Scores], dim: str, coords: Sequence[Any]) -> Scores:
