@@ -234,56 +234,94 @@ class Graph:
 
     # ---- pictures -----------------------------------------------------------------------------------
 
-    def plot(self, path: str | os.PathLike[str], title: str = "", max_edges: int = 200) -> None:
-        """PNG of the circuit: components by layer (input at the bottom, logits on top), kept edges coloured
-        by sign (red +, blue −) with width by |score| (at most `max_edges`, the largest)."""
+    def plot(self, path: str | os.PathLike[str], title: str = "", max_edges: int = 200, max_nodes: int = 50) -> None:
+        """PNG of the circuit, laid out like the HTML report's circuit view: one row per layer (input on top,
+        logits at the bottom), a layer's heads side by side by index, its MLP to their right half a row lower.
+        Node size grows with importance (the summed |score| of the node's kept edges); edges are coloured by
+        the sign of their score (red +, blue −), width by |score|. Drawn: the strongest kept edges, as many as
+        keep the drawn nodes (input and logits included) at most `max_nodes`, and at most `max_edges`; the ten
+        most important drawn components are named."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         frame = self.to_frame()
-        frame = frame[frame["in_circuit"]].head(max_edges)
-        nodes = {"input", "logits"}
-        for row in frame.to_dict("records"):
-            nodes.add(row["sender"])
-            nodes.update(self.receiver_nodes(row["receiver"]))
-        rows: dict[int, list[str]] = {}
-        for node in sorted(nodes, key=lambda n: (_layer_of(n), n)):
-            rows.setdefault(_layer_of(node), []).append(node)
-        levels = sorted(rows)
-        position = {}
-        for y, level in enumerate(levels):
-            members = rows[level]
-            for i, node in enumerate(members):
-                position[node] = ((i + 1) / (len(members) + 1), y)
-        fig = Figure(figsize=(7.0, 1.0 + 0.9 * len(levels)), layout="constrained")
+        edges = [
+            (sender, receiver, score, self.receiver_nodes(receiver))
+            for sender, receiver, score, kept in frame.itertuples(index=False)
+            if kept
+        ]
+        importance: dict[str, float] = {}
+        for sender, _, score, targets in edges:
+            for name in (sender, *targets):
+                importance[name] = importance.get(name, 0.0) + abs(score)
+        drawn, nodes = [], {"input", "logits"}
+        for edge in edges[:max_edges]:
+            touched = nodes | {edge[0], *edge[3]}
+            if len(touched) > max_nodes:
+                break
+            drawn.append(edge)
+            nodes = touched
+        parsed = [parse_node(n) for n in [*self.senders, *self.receivers]]
+        n_layers = 1 + max((p.layer for p in parsed if p is not None and p.layer is not None), default=-1)
+        n_heads = 1 + max(
+            (p.index for p in parsed if p is not None and p.kind == "head" and p.index is not None), default=-1
+        )
+        middle = n_heads / 2
+
+        def place(name: str) -> tuple[float, float]:
+            node = parse_node(name)
+            if node is None or node.layer is None:
+                return middle, (float(n_layers) if name == "logits" else -1.0)
+            if node.kind == "mlp":
+                return float(n_heads), node.layer + 0.45
+            return float(node.index or 0), float(node.layer)
+
+        position = {name: place(name) for name in nodes}
+        largest = max((importance.get(n, 0.0) for n in nodes - {"input", "logits"}), default=0.0) or 1.0
+        size = {n: 2.5 + 7.5 * importance.get(n, 0.0) / largest for n in nodes}  # marker radius in points
+        strongest = max((abs(e[2]) for e in drawn), default=1.0) or 1.0
+        fig = Figure(figsize=(7.5, max(3.0, 1.2 + 0.26 * (n_layers + 2))), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        largest = float(frame["score"].abs().max()) if len(frame) else 1.0
-        for row in frame.to_dict("records"):
-            for target in self.receiver_nodes(row["receiver"]):
-                (x0, y0), (x1, y1) = position[row["sender"]], position[target]
+        for sender, receiver, score, targets in reversed(drawn):  # strongest drawn last, on top
+            for target in targets:
+                (x0, y0), (x1, y1) = position[sender], position[target]
                 ax.annotate(
                     "",
                     xy=(x1, y1),
                     xytext=(x0, y0),
                     arrowprops={
                         "arrowstyle": "-|>",
-                        "color": "#c0392b" if row["score"] > 0 else "#2e6da4",
-                        "lw": 0.5 + 3.0 * abs(row["score"]) / largest,
-                        "alpha": 0.8,
-                        "shrinkA": 9,
-                        "shrinkB": 9,
-                        "connectionstyle": f"arc3,rad={0.35 if abs(y1 - y0) > 1 else 0.0}",
+                        "color": "#c0392b" if score > 0 else "#2166ac",
+                        "lw": 0.4 + 2.6 * abs(score) / strongest,
+                        "alpha": 0.75,
+                        "shrinkA": size[sender] + 1,
+                        "shrinkB": size[target] + 1,
+                        "linestyle": {"k": "--", "v": ":"}.get(receiver.rsplit(".", 1)[-1], "-"),
+                        "connectionstyle": f"arc3,rad={0.2 if abs(y1 - y0) > 1 else 0.0}",
                     },
                 )
-                ax.text((x0 + x1) / 2, (y0 + y1) / 2, row["receiver"].rsplit(".", 1)[-1], fontsize=6, color="grey")
-        for node, (x, y) in position.items():
-            ax.text(x, y, node, ha="center", va="center", fontsize=7, bbox={"boxstyle": "round", "fc": "#f4f4f4"})
-        ax.set_xlim(0, 1)
-        ax.set_ylim(-0.6, len(levels) - 0.4)
-        ax.axis("off")
-        ax.set_title(title or f"{self.method}: {self.n_edges} of {self.edges_total} edges", fontsize=9)
-        fig.savefig(os.fspath(path), dpi=120)
+        components = sorted(nodes - {"input", "logits"}, key=lambda n: -importance.get(n, 0.0))
+        for name in components:
+            x, y = position[name]
+            ax.plot(x, y, "o", ms=2 * size[name], mfc="#e8eef5", mec="#333333", mew=0.8, zorder=3)
+        for name in components[:10]:
+            x, y = position[name]
+            ax.text(x + 0.12, y - 0.3, name, fontsize=6.5, zorder=4)
+        for name in ("input", "logits"):
+            x, y = position[name]
+            ax.text(x, y, name, ha="center", va="center", fontsize=8, zorder=4, bbox={"boxstyle": "round", "fc": "w"})
+        ax.set_xlim(-0.7, n_heads + 0.7)
+        ax.set_ylim(n_layers + 0.7, -1.7)
+        ax.set_yticks(range(n_layers), [f"L{layer}" for layer in range(n_layers)], fontsize=6)
+        ax.set_xticks(range(n_heads + 1), [f"H{h}" for h in range(n_heads)] + ["MLP"], fontsize=7)
+        ax.xaxis.tick_top()
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
+        heading = title or f"{self.method}: {self.n_edges} of {self.edges_total} edges"
+        ax.set_title(f"{heading}\n(the {len(drawn)} strongest edges; red +, blue −; size: importance)", fontsize=9)
+        fig.savefig(os.fspath(path), dpi=130)
 
     # ---- display ------------------------------------------------------------------------------------
 
