@@ -26,7 +26,7 @@ def test_each_edge_scores_the_metric_change_of_patching_it_alone() -> None:
 
     chosen = torch.zeros_like(full)
     chosen[cells[:, 0], cells[:, 1]] = True
-    subset = edge_effects(patcher, chosen)
+    subset = edge_effects(patcher, edges=chosen)
     assert torch.equal(subset.valid, chosen)
     torch.testing.assert_close(subset.scores[chosen], graph.scores[chosen], atol=1e-5, rtol=0)
 

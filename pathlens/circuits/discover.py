@@ -4,26 +4,40 @@ Methods:
     "eap" | "eap-ig" | "relp"  score every edge by gradients (`pathlens.attribution.edge_attribution`);
     "patching"                 score every edge exactly: the metric change when that edge alone is patched
                                (one batched row per edge — reference grade, for small graphs);
-    "acdc"                     greedy pruning with exact edge patching (Conmy et al. 2023), batched per
-                               receiver: receivers from the logits backwards; all incoming edges of a receiver
-                               are tested against the current circuit in one batch, and those whose removal
-                               moves the metric by less than `threshold` (in units of m(M) − m(∅)) are removed.
+    "acdc"                     greedy pruning with exact edge patching (Conmy et al. 2023): receivers from the
+                               logits backwards, the edges into each receiver from the nearest sender back;
+                               an edge is removed when removing it, with every earlier removal kept, moves the
+                               metric by less than `threshold` (in units of m(M) − m(∅)). The circuit is the
+                               one this sequential walk gives (`tests/test_discover.py` checks it against a
+                               one-edge-at-a-time reference); the walk is batched by speculation, so a receiver
+                               usually costs one batched call (`_prune_receiver`). The inputs of a component
+                               that no longer sends anything are removed without a call (their effect is 0).
 For the scoring methods the circuit is the top-`top_k` edges ranked `by` (see `Graph.prune`: "abs" by
 |score|, "support" by how much the edge supports the clean behaviour), or, without `top_k`, the smallest
 circuit on the faithfulness curve reaching `target` (then narrowed: the smallest of 7 sizes evenly spaced below
 it, down to the curve's previous size, that still reaches `target`). The default "auto" measures the curve of
-both rankings and keeps the smaller circuit reaching `target`: ranking by support leaves out edges that work against the
-behaviour and gives much smaller circuits when the estimates' signs are right (SmolLM2 IOI), while |score|
-is robust when they are not (first-order and IG scores of an attention key route can have the wrong sign).
-Edges that cannot carry a signal are then dropped (`Graph.without_dangling`, same metric), and a circuit of at
-most `refine` edges gets one ACDC pass restricted to its own edges (exact edge patching, `threshold`), which
-drops edges whose removal moves the metric by less than `threshold` (cost: one batched row per edge). The returned
-Graph's meta records the faithfulness of the circuit, the curve(s), the ranking, the ablation, the direction
-and the metric.
+both rankings and keeps the smaller circuit reaching `target`: ranking by support leaves out edges that work
+against the behaviour and gives much smaller circuits when the estimates' signs are right (SmolLM2 IOI), while
+|score| is robust when they are not (first-order and IG scores of an attention key route can have the wrong
+sign). Edges that cannot carry a signal are then dropped (`Graph.without_dangling`, same metric), and a circuit
+of at most `refine` edges gets one ACDC pass restricted to its own edges (`threshold`), kept only if the refined
+circuit's exact faithfulness still reaches `target` (each removal moves the metric by less than `threshold`,
+but their sum can be large).
+
+The promise: the returned circuit reaches `target` (exact normalized faithfulness), or it is the best circuit the
+search found, flagged `meta["reached_target"] = False` with a warning naming the target and the figure reached
+(ACDC's circuit is what its `threshold` gives; an explicit `top_k` is the size asked for). The returned Graph's
+meta records the faithfulness, the target and whether it was reached, the curve(s), the ranking, the ablation,
+the direction and the metric.
+
+Direction: "noise" by default (`pathlens.patching.spec.DEFAULT_DIRECTION`, the default of every method): the
+clean prompts run and every edge outside the circuit carries its corrupted value — what ACDC, EAP-IG and MIB's
+circuit track measure.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Hashable
 from dataclasses import replace
 from typing import Any, Literal, get_args
@@ -37,7 +51,7 @@ from pathlens.circuits.faithfulness import Curve, faithfulness, faithfulness_cur
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
 from pathlens.model import Model
-from pathlens.patching.spec import Direction, check_option
+from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, check_option
 from pathlens.sites import parse_node
 from pathlens.tasks.base import Task
 from pathlens.tasks.metrics import Metric, metric_name
@@ -46,6 +60,7 @@ DiscoveryMethod = Literal["eap", "eap-ig", "relp", "patching", "acdc"]
 DISCOVERY_METHODS: tuple[str, ...] = get_args(DiscoveryMethod)
 Ranking = Literal["auto", "abs", "value", "support"]
 EXACT_SCORES = ("patching", "acdc")  # Graph.method prefixes of graphs whose scores are exact edge effects
+TARGET_TOLERANCE = 1e-6  # a circuit whose faithfulness is this far below the target reaches it (float32 rounding)
 
 
 def discover(
@@ -56,7 +71,7 @@ def discover(
     target: float = 0.8,
     sizes: list[int] | None = None,
     ablation: str = "patch",
-    direction: Direction = "noise",
+    direction: Direction = DEFAULT_DIRECTION,
     metric: Metric | None = None,
     steps: int = 5,
     threshold: float = 0.05,
@@ -71,8 +86,8 @@ def discover(
     assert metric is not None
     patcher = EdgePatcher(model, task, ablation, direction, metric, max_batch_tokens)
     if method == "acdc":
-        graph = _acdc(patcher, edge_attribution(model, task, "eap", direction, metric), threshold)
-        circuit, curve, curves, ranking = graph, None, {}, None
+        circuit = _acdc(patcher, edge_attribution(model, task, "eap", direction, metric), threshold)
+        curve, curves, ranking, score = None, {}, None, faithfulness(patcher, circuit)
     else:
         if method == "patching":
             template = edge_attribution(model, task, "eap", direction, metric)
@@ -85,15 +100,24 @@ def discover(
         if top_k is None:
             chosen = _between(patcher, graph, curve, ranking, chosen, target)
         circuit = graph.prune(top_k=top_k or chosen, by=ranking).without_dangling()  # type: ignore[arg-type]
+        score = faithfulness(patcher, circuit)
         if circuit.n_edges <= refine:
-            refined = _acdc(patcher, circuit, threshold, start=circuit.in_circuit).kept
-            circuit = replace(circuit, kept=refined).without_dangling()
-    score = faithfulness(patcher, circuit)
+            circuit, score = _refined(patcher, circuit, score, threshold, target)
+    reached = score >= target - TARGET_TOLERANCE
+    if not reached:
+        warnings.warn(
+            f"discover(method={method!r}) found no circuit reaching the target faithfulness {target:g}: the circuit "
+            f"returned ({circuit.n_edges} edges) reaches {score:.3f}, flagged meta['reached_target'] = False. "
+            "Widen the search: a lower `threshold` (acdc), more `sizes` or no `top_k` (scoring methods).",
+            stacklevel=2,
+        )
     circuit.meta.update(
         {
             "discovery": method,
             "ranked_by": ranking,
             "faithfulness": score,
+            "target": target,
+            "reached_target": reached,
             "ablation": ablation,
             "direction": direction,
             "metric": metric_name(metric),
@@ -102,6 +126,20 @@ def discover(
         }
     )
     return circuit
+
+
+def _refined(
+    patcher: EdgePatcher, circuit: Graph, score: float, threshold: float, target: float
+) -> tuple[Graph, float]:
+    """(circuit, its faithfulness) after one ACDC pass over the circuit's own edges, if the refined circuit
+    still reaches `target` (measured exactly); else the circuit unchanged, with `score` its faithfulness.
+    ACDC's threshold bounds each removal's effect, not their sum, so a pass can fall below the target."""
+    kept = _acdc(patcher, circuit, threshold, start=circuit.in_circuit).kept
+    refined = replace(circuit, kept=kept).without_dangling()
+    if refined.n_edges == circuit.n_edges:
+        return circuit, score
+    refined_score = faithfulness(patcher, refined)
+    return (refined, refined_score) if refined_score >= target - TARGET_TOLERANCE else (circuit, score)
 
 
 def _between(
@@ -141,28 +179,28 @@ def _choose(curves: dict[str, Curve], target: float) -> tuple[str, Curve, int]:
 
 
 def _acdc(patcher: EdgePatcher, template: Graph, threshold: float, start: torch.Tensor | None = None) -> Graph:
-    """Batched ACDC (see module docstring) from every edge, or from the edges `start` (S, R) marks; scores hold
-    each edge's exact effect when it was tested."""
+    """ACDC (see module docstring) from every edge, or from the edges `start` (S, R) marks: the circuit that
+    sequential ACDC returns, each decision one batched call in the common case (`_prune_receiver`). Scores hold
+    each edge's exact effect when its decision was made (0 for the inputs of a component that sends nothing)."""
     valid = template.valid
     current = valid.clone() if start is None else start & valid
     full, empty, (current_metric,) = with_endpoints(patcher, valid, [current])
     span = full - empty
     if abs(span) < 1e-9:
         raise PathlensError("the metric does not change between the full and the empty graph; ACDC has no signal.")
-    current_metric = float(current_metric)
+    metric = float(current_metric)
     scores = torch.full_like(template.scores, float("nan"))
+    feeds = _feeds(template)
     for col in reversed(range(len(template.receivers))):
-        incoming = torch.nonzero(current[:, col])[:, 0]
+        incoming = torch.nonzero(current[:, col])[:, 0].flip(0)  # the senders nearest the receiver first
         if not incoming.numel():
             continue
-        masks = current[None].repeat(len(incoming), 1, 1)
-        masks[torch.arange(len(incoming)), incoming, col] = False
-        effect = patcher.metric_of(masks) - current_metric
-        scores[incoming, col] = effect.float()
-        drop = incoming[(effect.abs() / abs(span)) < threshold]
-        if drop.numel():
-            current[drop, col] = False
-            current_metric = float(patcher.metric_of(current[None])[0])
+        if feeds[col].numel() and not current[feeds[col]].any():
+            scores[incoming, col] = 0.0  # the component sends nothing: removing its inputs changes nothing
+            current[incoming, col] = False
+            continue
+        guess = template.scores[incoming, col].abs() < threshold * abs(span)  # NaN: guess kept
+        metric = _prune_receiver(patcher, current, col, incoming, guess, metric, threshold * abs(span), scores)
     return Graph(
         template.senders,
         template.receivers,
@@ -172,6 +210,58 @@ def _acdc(patcher: EdgePatcher, template: Graph, threshold: float, start: torch.
         {**template.meta, "threshold": threshold},
         kept=current & valid,
     )
+
+
+def _feeds(graph: Graph) -> list[torch.Tensor]:
+    """Per receiver, the sender rows of the component it feeds (a head, a key-value group's heads, an MLP);
+    empty for the logits."""
+    index = {name: i for i, name in enumerate(graph.senders)}
+    return [
+        torch.tensor([index[node] for node in graph.receiver_nodes(r) if node in index], dtype=torch.long)
+        for r in graph.receivers
+    ]
+
+
+def _prune_receiver(
+    patcher: EdgePatcher,
+    current: torch.Tensor,
+    col: int,
+    candidates: torch.Tensor,
+    guess: torch.Tensor,
+    metric: float,
+    tolerance: float,
+    scores: torch.Tensor,
+) -> float:
+    """Sequential ACDC over the edges `candidates` → receiver `col`, in order: each edge is removed from
+    `current` (in place) when removing it, with every earlier removal kept, moves the metric by less than
+    `tolerance`. Returns the metric of the circuit left.
+
+    Batched by speculation: one call evaluates every remaining candidate, row i assuming the decisions
+    `guess` (True = removed) for the candidates before it. The rows are valid up to the first candidate whose
+    decision differs from its guess; their decisions are committed, the guesses of the rest are renewed from
+    their (now stale) rows, and the rest is evaluated again. With good guesses a receiver costs one call."""
+    first = 0
+    while first < len(candidates):
+        rest, assumed = candidates[first:], guess[first:]
+        n = len(rest)
+        earlier = torch.ones(n, n, dtype=torch.bool).tril(-1) & assumed[None]
+        masks = current[None].repeat(n, 1, 1)
+        masks[:, rest, col] = ~(earlier | torch.eye(n, dtype=torch.bool))
+        values = patcher.metric_of(masks).tolist()
+        effects, before = [], metric  # before: the metric of the state row i assumes
+        for value, removed in zip(values, assumed.tolist(), strict=True):
+            effects.append(value - before)
+            before = value if removed else before
+        decided = [abs(e) < tolerance for e in effects]
+        wrong = next((i for i in range(n) if decided[i] != bool(assumed[i])), n - 1)
+        for i in range(wrong + 1):  # rows up to the first wrong guess assumed the true state
+            scores[rest[i], col] = effects[i]
+            if decided[i]:
+                current[rest[i], col] = False
+                metric = values[i]
+        guess = torch.tensor([False] * (first + wrong + 1) + decided[wrong + 1 :], dtype=torch.bool)
+        first += wrong + 1
+    return metric
 
 
 def layer_signature(nodes: tuple[str, ...]) -> Hashable:
@@ -242,5 +332,5 @@ def _rescored(patcher: EdgePatcher, circuit: Graph, paths: list[list[tuple[int, 
     for path in paths:
         for i, j in path:
             edges[i, j] = True
-    scores = edge_effects(patcher, edges).scores
+    scores = edge_effects(patcher, edges=edges).scores
     return replace(circuit, scores=scores, kept=~torch.isnan(scores), method="patching:edges")

@@ -22,8 +22,9 @@ Methods: "eap" (gradient at the base run), "eap-ig" (gradients averaged over `st
 line from the base run's input residual stream toward the source run's, α_k = k/steps for k = 0..steps−1; so
 steps=1 is EAP. hannamw/EAP-IG starts from the corrupted end instead: the other Riemann sum of the same
 integral), and "relp" (the backward under LRP rules, `pathlens.attribution.lrp`). The default direction is
-"noise" (base = clean prompts, source = corrupted): a score estimates m(edge corrupted) − m(clean), what
-circuit discovery and faithfulness evaluation patch.
+"noise" (base = clean prompts, source = corrupted; `pathlens.patching.spec.DEFAULT_DIRECTION`, the default of
+every method): a score estimates m(edge corrupted) − m(clean), what circuit discovery and faithfulness
+evaluation patch.
 
 Two identities are tested: summed over its outgoing edges, a sender's scores equal its node-level AtP
 estimate; summed over the incoming edges of the logits, they equal AtP of the final residual stream.
@@ -45,7 +46,7 @@ from pathlens.errors import PathlensError
 from pathlens.graph import Graph
 from pathlens.interventions import Intervention, Replace
 from pathlens.model import Model
-from pathlens.patching.spec import Direction, PatchSpec, check_option
+from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, check_option
 from pathlens.sites import Site
 from pathlens.tasks.base import Task
 from pathlens.tasks.metrics import Metric
@@ -58,7 +59,7 @@ def edge_attribution(
     model: Model,
     task: Task,
     method: EdgeMethod = "eap",
-    direction: Direction = "noise",
+    direction: Direction = DEFAULT_DIRECTION,
     metric: Metric | None = None,
     steps: int = 5,
     rules: Collection[str] | None = None,
@@ -67,7 +68,8 @@ def edge_attribution(
     """Score every edge of `model`'s graph on `task` (see module docstring) → Graph (batch-mean scores).
 
     method: "eap" | "eap-ig" (with `steps` interpolation points, chunked to `max_batch_tokens` tokens per
-    forward) | "relp" (LRP `rules`). direction: "noise" (default) or "denoise".
+    forward) | "relp" (LRP `rules`). direction: "noise" (default, `DEFAULT_DIRECTION`: what
+    discovery and faithfulness patch) or "denoise".
     """
     check_option("method", method, METHODS)
     if steps < 1:

@@ -5,9 +5,10 @@
 m(every edge) is the unpatched run; in the row of edge u → v only the receiver v reads the residual stream with
 u's write replaced by its source value (`EdgePatcher`). Every row is one circuit of the same batched patcher
 call, so scoring E edges costs E + 1 circuits, chunked by the patcher: reference-grade scores for small graphs
-or a chosen subset of edges. Discovery's "patching" method scores every edge this way, `pathways` re-scores the
-edges of its candidate paths, and path patching removes each sender's edges into chosen receivers
-(`metrics_without`, which takes any set of edges per row).
+or a chosen subset of edges. `edge_effects(model, task)` builds its own patcher; `edge_effects(patcher, edges=)`
+reuses one. Discovery's "patching" method scores every edge this way, `pathways` re-scores the edges of its
+candidate paths, and path patching removes each sender's edges into chosen receivers (`metrics_without`, which
+takes any set of edges per row).
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pathlens.circuits.edge_patching import EdgePatcher
+from pathlens.circuits.edge_patching import DEFAULT_EDGE_BATCH_TOKENS, EdgePatcher
 from pathlens.circuits.layout import valid_mask
+from pathlens.errors import PathlensError
 from pathlens.graph import Graph
-from pathlens.tasks.metrics import metric_name
+from pathlens.model import Model
+from pathlens.patching.spec import DEFAULT_DIRECTION, Direction
+from pathlens.tasks.base import Task
+from pathlens.tasks.metrics import Metric, metric_name
 
 
 def metrics_without(
@@ -33,21 +38,52 @@ def metrics_without(
     return float(values[0]), values[1:]
 
 
-def edge_effects(patcher: EdgePatcher, edges: Tensor | None = None) -> Graph:
+def edge_effects(
+    model: Model | EdgePatcher,
+    task: Task | None = None,
+    edges: Tensor | None = None,
+    direction: Direction | None = None,
+    ablation: str = "patch",
+    metric: Metric | None = None,
+    max_batch_tokens: int = DEFAULT_EDGE_BATCH_TOKENS,
+) -> Graph:
     """Exact effect of each edge alone (module docstring), for every edge of the model's graph or those `edges`
     (S, R) bool marks; other pairs score NaN. A Graph of method "patching:edges" whose meta holds the unpatched
-    metric (`base_metric`), the direction and the ablation of `patcher`."""
+    metric (`base_metric`), the direction and the ablation.
+
+    `edge_effects(model, task, edges=None, direction=...)` builds the `EdgePatcher` (direction default
+    `DEFAULT_DIRECTION`, "noise": the clean run with the edge's sender corrupted, what discovery and
+    faithfulness patch; `ablation`, `metric` and `max_batch_tokens` as `EdgePatcher` takes them).
+    `edge_effects(patcher, edges=...)` reuses a patcher already built (its source run cached), as discovery and
+    `pathways` do; its task, direction, ablation and metric are the patcher's, so passing them is an error."""
+    if isinstance(model, EdgePatcher):
+        patcher = model
+        given = {"task": task, "direction": direction, "metric": metric}
+        clashes = [name for name, value in given.items() if value is not None] + ["ablation"] * (ablation != "patch")
+        if clashes:
+            raise PathlensError(
+                f"edge_effects(patcher, ...) takes {', '.join(clashes)} from the patcher; pass only edges= (by "
+                "keyword), or call edge_effects(model, task, ...) to build a new patcher."
+            )
+    elif task is None:
+        raise PathlensError("edge_effects(model, task, ...) needs the task: pass it second, or pass an EdgePatcher.")
+    else:
+        patcher = EdgePatcher(model, task, ablation, direction or DEFAULT_DIRECTION, metric, max_batch_tokens)
     layout = patcher.layout
     full = valid_mask(layout, patcher.model.arch.n_layers)
-    cells = torch.nonzero(full if edges is None else edges & full)  # (E, 2) in row-major order
+    if edges is not None and tuple(edges.shape) != tuple(full.shape):
+        raise PathlensError(
+            f"edges must be a (senders, receivers) = {tuple(full.shape)} bool mask, got shape {tuple(edges.shape)}."
+        )
+    cells = torch.nonzero(full if edges is None else edges.bool() & full)  # (E, 2) in row-major order
     base, values = metrics_without(patcher, len(cells), torch.arange(len(cells)), cells[:, 0], cells[:, 1])
     scores = torch.full(full.shape, float("nan"))
     scores[cells[:, 0], cells[:, 1]] = (values - base).float()
-    a, task = patcher.model.arch, patcher.task
+    a, run_task = patcher.model.arch, patcher.task
     meta = {
         "model": patcher.model.name,
-        "task": task.name,
-        "n_prompts": task.n,
+        "task": run_task.name,
+        "n_prompts": run_task.n,
         "direction": patcher.direction,
         "ablation": patcher.ablation,
         "base_metric": base,

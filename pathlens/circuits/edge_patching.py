@@ -37,7 +37,7 @@ from pathlens.circuits.layout import QKV, check_supported, graph_layout
 from pathlens.errors import PathlensError
 from pathlens.hooks import HookSession
 from pathlens.model import Model
-from pathlens.patching.spec import runs_for
+from pathlens.patching.spec import DEFAULT_DIRECTION, runs_for
 from pathlens.patching.sweep import scored_view
 from pathlens.sites import Site
 from pathlens.tasks.base import Task
@@ -50,8 +50,8 @@ DEFAULT_EDGE_BATCH_TOKENS = 512
 class EdgePatcher:
     """Edge-patched runs of `task` on `model`: `metric(kept)` for circuits `kept` (K, S, R) bool → (K,).
 
-    direction "noise" (default): the clean prompts run, removed edges carry the corrupted senders (or their
-    mean / zero with `ablation`); "denoise": the reverse.
+    direction "noise" (default, `DEFAULT_DIRECTION`): the clean prompts run, removed edges carry the corrupted
+    senders (or their mean / zero with `ablation`); "denoise": the reverse.
     """
 
     def __init__(
@@ -59,7 +59,7 @@ class EdgePatcher:
         model: Model,
         task: Task,
         ablation: str = "patch",
-        direction: str = "noise",
+        direction: str = DEFAULT_DIRECTION,
         metric: Metric | None = None,
         max_batch_tokens: int = DEFAULT_EDGE_BATCH_TOKENS,
     ):

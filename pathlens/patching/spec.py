@@ -27,6 +27,13 @@ from pathlens.tasks.metrics import Metric, metric_name
 Direction = Literal["denoise", "noise"]
 """"denoise": the corrupted prompts run with clean activations patched in; "noise": the reverse."""
 DIRECTIONS: tuple[str, ...] = get_args(Direction)
+DEFAULT_DIRECTION: Direction = "noise"
+"""The direction of every method when none is given (`patch`, `atp`, `atp_star`, `integrated_gradients`,
+`relp`, `edge_attribution`, `edge_effects`, `discover`, the CLI): "noise", the clean prompts run with
+corrupted activations patched in. It is what circuit discovery and faithfulness measure (ACDC, EAP/EAP-IG and
+MIB's circuit track all remove edges from the clean run), so a node score, the edge scores summed over its
+outgoing edges and a circuit's faithfulness describe the same experiment: how much the clean behaviour needs
+that component. Pass direction="denoise" to ask what restores the clean behaviour in the corrupted run."""
 
 SweepGroup = Literal[
     "heads",
@@ -71,7 +78,7 @@ class PatchSpec:
 
     sites: Sites = "heads"
     positions: Positions = "all"
-    direction: Direction = "denoise"
+    direction: Direction = DEFAULT_DIRECTION
     metric: Metric | None = None
     layers: Sequence[int] | None = None
     neurons: Mapping[int, Sequence[int]] | None = None
