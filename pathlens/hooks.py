@@ -47,6 +47,7 @@ read (`L9.H6`) is a view the model does not use, so it receives no gradient.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -196,7 +197,9 @@ def _process_new_positions(session: "HookSession", family: Site, states: Tensor,
 class CallContext:
     """Where one forward sits in its sequence: `batch` rows of `length` new tokens after `offset` tokens already
     in the key/value cache; per row, `pad` left-padding tokens, `real` real tokens through this call and `last`
-    the absolute column of its last real token (None: no padding — every row is `offset + length` real tokens)."""
+    the absolute column of its last real token (None: no padding — every row is `offset + length` real tokens);
+    `prompt` the real tokens of each row's prompt (the forward that started the sequence; None: unknown, all of
+    the sequence is prompt)."""
 
     batch: int
     length: int
@@ -204,6 +207,11 @@ class CallContext:
     pad: Tensor | None = None
     real: Tensor | None = None
     last: Tensor | None = None
+    prompt: Tensor | None = None
+
+    def row_lengths(self) -> Tensor:
+        """Real tokens of each row through this call (B,)."""
+        return torch.full((self.batch,), self.offset + self.length) if self.real is None else self.real
 
     @staticmethod
     def of_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> "CallContext | None":
@@ -249,17 +257,19 @@ def resolve_selection(iv: Intervention, ctx: CallContext) -> Selection | None:
         cols = torch.arange(ctx.length)[None]
         return Selection(rows, cols, ctx.batch, ctx.length)
     if isinstance(pos, str):
+        if pos in ("prompt", "generated"):
+            return _prompt_or_generated(rows, ctx, generated=pos == "generated")
         if pos != "last":
             raise PathlensError(
                 f"positions of the intervention on {iv.site}: unknown policy {pos!r}; use 'all', 'last', "
-                "explicit positions or a slice."
+                "'prompt', 'generated', explicit positions or a slice."
             )
         if ctx.last is None:
             cols = torch.full((1, 1), ctx.offset + ctx.length - 1)
         else:
             cols = ctx.last[rows][:, None]  # (R, 1) absolute
         return _selection(rows, cols - ctx.offset, ctx)
-    row_len = torch.full((rows.numel(),), ctx.offset + ctx.length) if ctx.real is None else ctx.real[rows]
+    row_len = ctx.row_lengths()[rows]
     if isinstance(pos, slice):
         wanted = torch.arange(int(row_len.max()))[pos]
     else:
@@ -278,9 +288,23 @@ def resolve_selection(iv: Intervention, ctx: CallContext) -> Selection | None:
     return _selection(rows, cols, ctx)
 
 
-def _selection(rows: Tensor, cols: Tensor, ctx: CallContext) -> Selection | None:
-    """A Selection of call-local `cols` (R or 1, P'), marking the cells outside the call as absent."""
+def _prompt_or_generated(rows: Tensor, ctx: CallContext, generated: bool) -> Selection | None:
+    """The call's cells that belong to each row's prompt, or to what was generated after it (row-relative
+    positions at or past the prompt's length); padding columns belong to neither."""
+    cols = torch.arange(ctx.length)[None].expand(rows.numel(), -1)  # (R, C)
+    pad = torch.zeros(rows.numel(), dtype=torch.long) if ctx.pad is None else ctx.pad[rows]
+    relative = ctx.offset + cols - pad[:, None]  # (R, C) each row's own token positions
+    prompt = ctx.row_lengths()[rows] if ctx.prompt is None else ctx.prompt[rows]
+    wanted = relative >= prompt[:, None] if generated else (relative >= 0) & (relative < prompt[:, None])
+    return _selection(rows, cols, ctx, wanted)
+
+
+def _selection(rows: Tensor, cols: Tensor, ctx: CallContext, wanted: Tensor | None = None) -> Selection | None:
+    """A Selection of call-local `cols` (R or 1, P'), marking the cells outside the call (or not `wanted`, (R, P'))
+    as absent."""
     inside = (cols >= 0) & (cols < ctx.length)
+    if wanted is not None:
+        inside = inside & wanted
     if not bool(inside.any()):
         return None
     present = None if bool(inside.all()) else inside.expand(rows.numel(), -1)
@@ -318,6 +342,7 @@ class HookSession:
     _resid_pre: dict[int, Tensor] = field(default_factory=dict)
     _stack: ExitStack = field(default_factory=ExitStack)
     _call: CallContext | None = None
+    _prompt: Tensor | None = None
     _active: bool = False
     _resolved: dict[tuple[int, int, int], tuple[Intervention, Selection | None]] = field(default_factory=dict)
 
@@ -434,7 +459,7 @@ class HookSession:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._active, self._call = False, None
+        self._active, self._call, self._prompt = False, None, None
         self._resolved.clear()
         self._stack.close()
 
@@ -497,7 +522,13 @@ class HookSession:
             self._hook(get_module(root, path), kind, fn)
 
     def _call_start_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._call = CallContext.of_call(args, kwargs)
+        ctx = CallContext.of_call(args, kwargs)
+        if ctx is not None:
+            if ctx.offset == 0:
+                self._prompt = ctx.row_lengths()
+            if self._prompt is not None and self._prompt.numel() == ctx.batch:
+                ctx = dataclasses.replace(ctx, prompt=self._prompt)
+        self._call = ctx
         self._resolved.clear()
 
     def _call_end_hook(self, module: nn.Module, args: Any, output: Any) -> None:

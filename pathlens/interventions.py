@@ -10,7 +10,9 @@ selected rows, P' selected positions, `rest` the site's remaining dims (e.g. (d_
 for a whole-layer head site) — and returns the new values of the same shape.
 
 Positions: `None` or `"all"` (every position of the call), `"last"` (each row's last real token, if the call
-holds it), explicit positions (an int, a list, a tensor; negatives count from each row's end) or a `slice`.
+holds it), `"prompt"` / `"generated"` (each row's prompt — the forward that starts a sequence — or the tokens
+generated after it, under a session held across generation), explicit positions (an int, a list, a tensor, a
+boolean mask; negatives count from each row's end) or a `slice`.
 Explicit positions count each row's own tokens, so a left-padded row's position 0 is its first real token;
 they are resolved per forward by the session (`pathlens.hooks`), so under generation with a key/value cache
 the position n is touched by whichever forward holds it.
@@ -37,7 +39,7 @@ from pathlens.errors import PathlensError
 from pathlens.sites import Site, parse_site
 
 Index = None | int | slice | Sequence[int] | Tensor
-Positions = Index | Literal["all", "last"]
+Positions = Index | Literal["all", "last", "prompt", "generated"]
 
 
 @dataclass

@@ -220,3 +220,29 @@ def test_restricted_op_equals_the_full_op_then_sliced(name: str) -> None:
     restricted = op.restrict(rows, positions)  # type: ignore[attr-defined]
     out = restricted.apply(part, part, _full_selection(rows.numel(), 3))
     torch.testing.assert_close(out, full[rows][:, positions], atol=1e-12, rtol=0)  # float64: summation order
+
+
+@pytest.mark.parametrize("policy", ["prompt", "generated"])
+def test_prompt_and_generated_positions_under_left_padding(policy: str) -> None:
+    """ "prompt" touches no generated position and "generated" no prompt position: zeroing the cached site itself
+    under left-padded greedy generation leaves exactly the chosen cells at 0."""
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(8)
+    rows = [torch.randint(1, 64, (n,), generator=gen).tolist() for n in (5, 3)]
+    ids, mask = _padded(rows, left=True)
+    width, new = ids.shape[1], 3
+    zeroed = [Intervention("L0.resid_post", Scale(0.0), positions=policy)]
+    with torch.no_grad(), model.session(zeroed, cache=["L0.resid_post"]) as session:
+        model.hf.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+        )
+    cached = session.cache["L0.resid_post"]  # (2, width + new - 1, d): the last generated token is never fed back
+    assert cached.shape[1] == width + new - 1
+    is_zero = (cached == 0).all(dim=-1)  # (2, columns)
+    for i, r in enumerate(rows):
+        real = slice(width - len(r), None)  # padding columns are the pad token's own activations: not checked
+        prompt = torch.zeros(cached.shape[1], dtype=torch.bool)
+        prompt[width - len(r) : width] = True
+        generated = torch.zeros_like(prompt)
+        generated[width:] = True
+        assert torch.equal(is_zero[i, real], (prompt if policy == "prompt" else generated)[real])
