@@ -28,6 +28,11 @@ evaluation patch.
 
 Two identities are tested: summed over its outgoing edges, a sender's scores equal its node-level AtP
 estimate; summed over the incoming edges of the logits, they equal AtP of the final residual stream.
+
+Gemma 2/3 (post-sublayer norms): Δz of a head is the difference of its linearised writes (g / σ) ⊙ z_h W_O[h],
+each with σ of its own run (`pathlens.circuits.layout.PostNorm`); the graph's meta says so. There a layer's heads
+sum to AtP of its attn_out, and each MLP to AtP of its mlp_out; one head's sum differs from AtP of its z by the
+norm's σ-derivative, which the linearisation drops.
 """
 
 from __future__ import annotations
@@ -41,7 +46,16 @@ from torch import Tensor
 
 from pathlens.arch.base import get_blocks, get_module, output_weight_per_head
 from pathlens.attribution.lrp import rule_objects, rules_for
-from pathlens.circuits.layout import QKV, Layout, check_supported, graph_layout, valid_mask
+from pathlens.circuits.layout import (
+    QKV,
+    Layout,
+    check_supported,
+    graph_layout,
+    linearisation_meta,
+    o_proj_output,
+    post_norms,
+    valid_mask,
+)
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
 from pathlens.interventions import Intervention, Replace
@@ -113,6 +127,7 @@ def edge_attribution(
             rules=sorted(chosen),
             base_metric=base_metric / task.n,
             heads_per_group=a.n_heads // a.n_kv_heads,
+            **linearisation_meta(model),
         ),
     )
 
@@ -120,17 +135,26 @@ def edge_attribution(
 def _sender_deltas(model: Model, task: Task, base_ids: Tensor, source_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Δz per sender, (S, N, P, d_model), in sender order; and the base / source input residual streams."""
     a = model.arch
+    post = post_norms(model)
     families = [Site("resid_pre", 0)] + [Site("head_z", layer) for layer in range(a.n_layers)]
     if a.mlp is not None:
         families += [Site("mlp_out", layer) for layer in range(a.n_layers)]
+    if post is not None:
+        families += [o_proj_output(model, layer) for layer in range(a.n_layers)]
     base = model.run(base_ids, attention_mask=task.attention_mask, cache=families).cache
     source = model.run(source_ids, attention_mask=task.attention_mask, cache=families).cache
     blocks = get_blocks(model.hf, a.blocks)
     parts = [(source["L0.resid_pre"] - base["L0.resid_pre"])[None]]
     for layer in range(a.n_layers):
         w_o = output_weight_per_head(get_module(blocks[layer], a.o_proj), a.n_heads, a.d_head).detach()
-        dz = source[Site("head_z", layer)] - base[Site("head_z", layer)]
-        parts.append(torch.einsum("bphe,hed->hbpd", dz, w_o.to(dz.dtype)))
+        z = Site("head_z", layer)
+        if post is None:
+            dz = source[z] - base[z]
+            parts.append(torch.einsum("bphe,hed->hbpd", dz, w_o.to(dz.dtype)))
+        else:
+            o = o_proj_output(model, layer)
+            norm = post[layer]
+            parts.append(norm.head_writes(source[z], w_o, source[o]) - norm.head_writes(base[z], w_o, base[o]))
         if a.mlp is not None:
             parts.append((source[Site("mlp_out", layer)] - base[Site("mlp_out", layer)])[None])
     return torch.cat(parts, dim=0), base["L0.resid_pre"], source["L0.resid_pre"]

@@ -20,6 +20,13 @@ Rows of one forward are (circuit, prompt) pairs, so a curve over circuit sizes c
 (chunked to `max_batch_tokens`). `tests/test_circuits.py` checks single-edge patches against an explicit
 recomputation of the receiver's input, and that keeping every edge gives the clean run and keeping none the
 corrupted run.
+
+Gemma 2/3 (post-sublayer norms): a head's z_u is its linearised write (g / σ) ⊙ z_h W_O[h], σ held at its value
+in each run — the running row's σ for the patched forward, read from that row's own output projection
+(`pathlens.circuits.layout.PostNorm`). Each run's residual stream is still the sum of its senders' writes, so
+keeping every edge gives the clean run and keeping none the corrupted run exactly; a sender patched on all its
+outgoing edges differs from patching that node (`pathlens.patch`) by the norm's change of σ, which the
+linearisation holds fixed. MLPs write their post-norm's output and need nothing of this.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from torch import Tensor
 
 from pathlens.arch.base import get_blocks, get_module, output_weight_per_head
 from pathlens.arch.calls import first_output, hidden_input, with_first_output, with_hidden_input
-from pathlens.circuits.layout import QKV, check_supported, graph_layout
+from pathlens.circuits.layout import QKV, PostNorm, check_supported, graph_layout, o_proj_output, post_norms
 from pathlens.errors import PathlensError
 from pathlens.hooks import HookSession
 from pathlens.model import Model
@@ -88,13 +95,20 @@ class EdgePatcher:
         families += [Site("mlp_out", layer) for layer in range(a.n_layers)] if a.mlp is not None else []
         residuals = [Site("resid_pre", layer) for layer in range(1, a.n_layers)] + [Site("resid_post", a.n_layers - 1)]
         residuals += [Site("resid_mid", layer) for layer in range(a.n_layers)] if a.mlp and not a.parallel else []
+        self.post = post_norms(model)
+        projections = [] if self.post is None else [o_proj_output(model, layer) for layer in range(a.n_layers)]
         scored = torch.unique(task.answer_pos)
         run = model.run(
-            source_task_ids, attention_mask=task.attention_mask, cache=families + residuals, logits_at=scored
+            source_task_ids,
+            attention_mask=task.attention_mask,
+            cache=families + residuals + projections,
+            logits_at=scored,
         )
         self.source = {family: self._ablated(run.cache[family]) for family in families}
+        head_writes = self._head_writes(run.cache)
+        self.source_writes = [self._ablated(w.transpose(0, 1)).transpose(0, 1).flatten(2) for w in head_writes]
         self._buffer = torch.empty(0)
-        self.source_resid = self._source_residuals(run.cache)
+        self.source_resid = self._source_residuals(run.cache, head_writes)
         self.source_normed = self._normed_source_residuals(blocks)
         self._known: dict[str, Tensor] = {}
         self._source_metric = self._mean_metric(
@@ -138,10 +152,22 @@ class EdgePatcher:
                 self._known[path] = first_output(get_module(self.model.hf, path)(self.source_normed[reads]))
         return self._known[path]
 
-    def _source_residuals(self, cache: dict[Site, Tensor]) -> dict[int, Tensor]:
+    def _head_writes(self, cache: dict[Site, Tensor]) -> list[Tensor]:
+        """With post-attention norms, each layer's linearised head writes (H, N, P, d) in the source run (σ of
+        that run); otherwise none (a head's write is z_h W_O[h], computed where needed)."""
+        if self.post is None:
+            return []
+        model = self.model
+        return [
+            norm.head_writes(cache[Site("head_z", layer)], self.w_o[layer], cache[o_proj_output(model, layer)])
+            for layer, norm in enumerate(self.post)
+        ]
+
+    def _source_residuals(self, cache: dict[Site, Tensor], head_writes: list[Tensor]) -> dict[int, Tensor]:
         """The residual stream (N, P, d) that receivers read when no edge is kept, keyed by how many senders it
         holds (a `Layout` stop): Σ_u z_u^src plus what no sender writes (biases such as the attention output
-        bias), i.e. the source run's residual R − Σ_u z_u + Σ_u z_u^src."""
+        bias), i.e. the source run's residual R − Σ_u z_u + Σ_u z_u^src. `head_writes`: the source run's
+        linearised head writes per layer behind post-attention norms (`_head_writes`), else empty."""
         a = self.model.arch
         first = cache[Site("resid_pre", 0)]
         run, ablated = first, self._ablated(first)
@@ -150,7 +176,10 @@ class EdgePatcher:
             resid = first if layer == 0 else cache[Site("resid_pre", layer)]
             out[self.layout.sender_stop[layer]] = resid - run + ablated
             before_heads = (run, ablated)
-            heads = torch.einsum("bphe,hed->bpd", cache[Site("head_z", layer)], self.w_o[layer].to(first.dtype))
+            if self.post is None:
+                heads = torch.einsum("bphe,hed->bpd", cache[Site("head_z", layer)], self.w_o[layer].to(first.dtype))
+            else:
+                heads = head_writes[layer].sum(dim=0)
             run, ablated = run + heads, ablated + self._ablated(heads)
             if a.mlp is None:
                 continue
@@ -406,7 +435,10 @@ class _RunState:
                 parts = [i for i, m in enumerate(qkv.part_module) if m == module_index]
                 out += self._leave_out(path)
                 out.append((path, "fwd", self._projection(layer, parts)))
-            out.append((f"{block}.{a.o_proj}", "pre", self._head_outputs(layer)))
+            if self.p.post is None:
+                out.append((f"{block}.{a.o_proj}", "pre", self._head_outputs(layer)))
+            else:
+                out.append((f"{block}.{a.o_proj}", "fwd", self._linearised_head_outputs(layer, self.p.post[layer])))
             if a.mlp is not None:
                 if not a.parallel:
                     out.append((f"{block}.{a.attn_out}", "fwd", self._record_attn_out(layer)))
@@ -488,6 +520,23 @@ class _RunState:
                 torch.bmm(dz, w_o, out=self.d[first : first + a.n_heads].view(a.n_heads, -1, a.d_model))
             else:
                 self.d[first + heads] = torch.bmm(dz[heads], w_o[heads]).view(len(heads), *self.d.shape[1:])
+
+        return hook
+
+    def _linearised_head_outputs(self, layer: int, norm: PostNorm) -> Callable[..., Any]:
+        """D of the heads behind a post-attention norm: their linearised writes with σ of this row's own output
+        projection, minus their writes in the source run."""
+        a = self.p.model.arch
+        first = self.p.layout.sender_stop[layer]
+
+        def hook(module: Any, args: tuple[Any, ...], output: Tensor) -> None:
+            heads = torch.nonzero(self.needed[first : first + a.n_heads])[:, 0]
+            if not heads.numel():
+                return
+            z = args[0].unflatten(-1, (a.n_heads, a.d_head))[:, :, heads]
+            writes = norm.head_writes(z, self.p.w_o[layer][heads], output).flatten(2)
+            source = self.p.source_writes[layer][heads[:, None], self.prompts[None]]
+            self.d[first + heads] = writes - source
 
         return hook
 

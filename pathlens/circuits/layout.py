@@ -5,6 +5,13 @@ Senders: the input embedding, every head, every MLP. Receivers: every head's que
 and value, every MLP, the logits. A receiver reads the senders before it (in a parallel block the MLP reads only
 the senders before its layer's attention). Edge attribution (`pathlens.circuits.edge_attribution`), edge patching and
 path patching all index their sender × receiver matrices by this one layout.
+
+Gemma 2/3 normalise each sublayer's output before adding it to the residual stream (sandwich norms), so the
+heads of a layer write g ⊙ (Σ_h z_h W_O[h]) / σ together, not a sum of per-head terms. `post_norms` linearises
+that norm: holding σ at its value in each run, head h writes (g / σ) ⊙ z_h W_O[h] (`PostNorm.head_writes`), so
+every run's residual stream is again the sum of its senders' writes and edges are defined. The MLP, the only
+sender behind its post-norm, writes the norm's output itself, so nothing changes for it. Graphs scored this
+way say so (`linearisation_meta`); node patching stays exact.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import torch
 from torch import Tensor
 
 from pathlens.arch.base import get_module, weight_out_in
+from pathlens.arch.norms import norm_parts
 from pathlens.errors import PathlensError
 from pathlens.model import Model
 from pathlens.sites import Site
@@ -67,19 +75,82 @@ def graph_layout(model: Model) -> Layout:
 def check_supported(model: Model) -> None:
     """Raise a PathlensError naming the fix if `model`'s graph has no well-defined edges."""
     a = model.arch
-    block = get_module(model.hf, f"{a.blocks}.0")
-    writers = [a.attn_out] + ([a.mlp_out] if a.mlp_out else [])
-    if any(type(get_module(block, path)).__name__.endswith("Norm") for path in writers):
-        raise PathlensError(
-            f"{a.family} normalizes each sublayer's output before adding it to the residual stream (sandwich "
-            "norms), so a head's write is not a sum term of the next inputs and edge scores are undefined; "
-            "use node-level attribution (atp / relp) for this model."
-        )
     if a.qkv_proj is None:
         raise PathlensError(
             f"edge attribution needs the q/k/v projection layers of {a.family}; pass an ArchMap with qkv_proj= "
             "and qkv_layout=."
         )
+
+
+LINEARISATION_NOTE = (
+    "linearised post-sublayer norms: each attention output norm's scale is held at its value in each run, so a "
+    "head writes (g / σ) ⊙ z_h W_O[h]; edge scores and edge-patched metrics are exact for this linearised "
+    "model, node patching is exact for the real one"
+)
+
+
+@dataclass(frozen=True)
+class PostNorm:
+    """A norm applied to the sum of a layer's head outputs before it enters the residual stream, y = g ⊙ (x −
+    [mean x]) / σ(x) + b, measured by probing (`pathlens.arch.norms.norm_parts`, which covers Gemma's (1 + w)
+    gain). Holding σ at one run's value makes it linear in x, so each head's share is a sum term."""
+
+    centers: bool
+    gain: Tensor  # (d_model,) float64
+    eps: float
+
+    def head_writes(self, z: Tensor, w_o: Tensor, total: Tensor) -> Tensor:
+        """Each head's write (H, B, P, d) = g ⊙ (c_h − [mean c_h]) / σ(total), c_h = z_h W_O[h], for head
+        outputs `z` (B, P, H, d_head), per-head output weights `w_o` (H, d_head, d) and the norm's input in the
+        same run `total` (B, P, d) (the output projection's output, bias included)."""
+        parts = torch.einsum("bphe,hed->hbpd", z, w_o.to(z.dtype))
+        return self.linearised(parts, total)
+
+    def linearised(self, parts: Tensor, total: Tensor) -> Tensor:
+        """Shares `parts` (A, ..., d) of the norm input `total` (..., d) through the norm with σ held at
+        σ(total): g ⊙ (part − [mean part]) / σ(total), in the dtype of `parts`."""
+        dtype = torch.promote_types(total.dtype, torch.float32)  # the norm's own precision, at least float32
+        x, shares = total.to(dtype), parts.to(dtype)
+        if self.centers:
+            x = x - x.mean(dim=-1, keepdim=True)
+            shares = shares - shares.mean(dim=-1, keepdim=True)
+        scale = self.gain.to(dtype) * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (shares * scale).to(parts.dtype)
+
+
+def post_norms(model: Model) -> list[PostNorm] | None:
+    """Per layer, the norm between the heads' output projection and the residual stream (Gemma 2/3's
+    post_attention_layernorm, the ArchMap's attn_out when that module is a norm); None for models without one,
+    whose heads' writes are plain sum terms."""
+    a = model.arch
+    blocks = [get_module(model.hf, f"{a.blocks}.{layer}") for layer in range(a.n_layers)]
+    modules = [get_module(block, a.attn_out) for block in blocks]
+    is_norm = [type(m).__name__.endswith("Norm") for m in modules]
+    if not any(is_norm):
+        return None
+    if not all(is_norm):
+        raise PathlensError(
+            f"{a.family}: attn_out ({a.attn_out}) is a norm in layers {[i for i, n in enumerate(is_norm) if n]} "
+            "only; edges are defined when every layer has one or none has. Use node-level attribution (atp / relp) "
+            "for this model."
+        )
+    out = []
+    for module in modules:
+        centers, gain, eps = norm_parts(module, a.d_model)
+        out.append(PostNorm(centers, gain, eps))
+    return out
+
+
+def o_proj_output(model: Model, layer: int) -> Site:
+    """The output of layer `layer`'s head output projection: the input of its post-attention norm."""
+    return Site("module", path=f"{model.arch.blocks}.{layer}.{model.arch.o_proj}")
+
+
+def linearisation_meta(model: Model) -> dict[str, object]:
+    """What a Graph of `model` records about linearised post-norms: nothing for models without them."""
+    if post_norms(model) is None:
+        return {}
+    return {"linearised_post_norms": True, "linearisation": LINEARISATION_NOTE}
 
 
 class QKV:
