@@ -30,6 +30,7 @@ from pathlens.model import Model
 from pathlens.patching.plan import GROUP_ALIASES, SWEEP_GROUPS, sweep_group
 from pathlens.patching.spec import Direction
 from pathlens.patching.sweep import DEFAULT_MAX_BATCH_TOKENS
+from pathlens.report.index import write_index
 from pathlens.report.studies import SweepSummary, circuit_study, demo_study, task_for, write_sweep
 from pathlens.results.io import write_text
 from pathlens.tasks import TASKS
@@ -388,6 +389,13 @@ def circuit(
     with console.status(f"discovering the {task} circuit with {method} …"):
         record = circuit_study(loaded, built, task, method, out, top_paths, top_k, target, steps, by)
     print_circuit(record, out)
+
+
+@app.command()
+def report(folder: Path = typer.Argument(..., help="a folder results were written to (searched recursively)")) -> None:
+    """Write FOLDER/index.html: one page linking every result under FOLDER (sweeps, attribution, circuits,
+    reports, figures), each with its summary line."""
+    console.print(f"wrote {write_index(folder)}")
 
 
 def main() -> None:

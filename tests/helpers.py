@@ -1,11 +1,16 @@
 """Builders and references the tests share: tiny random models of every supported family (built from configs,
 no downloads), token batches and a padded task, the check that a model is left exactly as it was, the slow
-per-receiver reference for edge scores, and small `Scores`. Test modules import these from here; conftest.py
-holds only fixtures."""
+per-receiver reference for edge scores, small `Scores`, and a headless Chromium to load HTML pages in. Test
+modules import these from here; conftest.py holds only fixtures."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import torch
@@ -332,3 +337,33 @@ def make_scores(values: list | torch.Tensor, dims: tuple[str, ...] = ("layer", "
     kwargs.setdefault("method", "patch:denoise")
     kwargs.setdefault("meta", {})
     return Scores(values=values, dims=dims, coords=coords, **kwargs)
+
+
+BROWSERS = ("chromium-headless-shell", "headless_shell", "chromium", "chromium-browser", "google-chrome")
+
+
+def headless_chromium() -> tuple[str | None, str]:
+    """A headless Chromium executable (PATH first, then playwright's browser), or None and why not."""
+    for name in BROWSERS:
+        if found := shutil.which(name):
+            return found, ""
+    why = f"no headless Chromium: none of {', '.join(BROWSERS)} is on PATH (make install installs Debian's "
+    why += "chromium-headless-shell when it can)"
+    if importlib.util.find_spec("playwright") is None:
+        return None, why + " and the playwright package is not installed"
+    from playwright.sync_api import sync_playwright  # type: ignore[import-not-found]  # optional
+
+    with sync_playwright() as playwright:
+        executable = playwright.chromium.executable_path
+    if os.path.isfile(executable):
+        return executable, ""
+    return None, why + f" and playwright's browser is not installed at {executable}"
+
+
+def load_in_chromium(browser: str, page: Path | str, profile: Path) -> subprocess.CompletedProcess[str]:
+    """Load `page` (a path, or a URL such as a file URI with a query) headless and dump its DOM after its
+    scripts ran; console messages go to stderr as `...:CONSOLE...` lines."""
+    args = ["--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr", "--v=0", "--no-first-run"]
+    url = page if isinstance(page, str) else page.as_uri()
+    command = [browser, *args, f"--user-data-dir={profile}", "--dump-dom", url]
+    return subprocess.run(command, capture_output=True, text=True, timeout=90, check=True)

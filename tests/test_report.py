@@ -4,11 +4,7 @@ loading in a browser without console errors."""
 from __future__ import annotations
 
 import html
-import importlib.util
-import os
 import re
-import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -22,12 +18,12 @@ from pathlens.circuits.edge_patching import EdgePatcher
 from pathlens.graph import Graph
 from pathlens.report import render_report, write_report
 from pathlens.results import Scores
+from tests.helpers import headless_chromium, load_in_chromium
 
 PROMPT = '<script>alert(1)</script> When Mary & John went to the "store", John gave a drink to'
 ESCAPED_PROMPT = html.escape(PROMPT, quote=True)
 TOKENS = ["<script>alert(2)</script>", " Tom & Jerry", '"quoted"', "'single'", "\n", " ", " Mary", " to"]
 VOID = {"meta", "link", "br", "hr", "img", "input", "area", "base", "col", "embed", "source", "track", "wbr"}
-BROWSERS = ("chromium-headless-shell", "headless_shell", "chromium", "chromium-browser", "google-chrome")
 CONSOLE_LINE = re.compile(r":CONSOLE[(:]")
 
 
@@ -176,42 +172,21 @@ def test_report_refuses_what_it_cannot_draw() -> None:
         render_report("t", curve={"sizes": [1, 2], "faithfulness": [0.5]})
 
 
-def _headless_chromium() -> tuple[str | None, str]:
-    """A headless Chromium executable (PATH first, then playwright's browser), or None and why not."""
-    for name in BROWSERS:
-        if found := shutil.which(name):
-            return found, ""
-    why = f"no headless Chromium: none of {', '.join(BROWSERS)} is on PATH (make install installs Debian's "
-    why += "chromium-headless-shell when it can)"
-    if importlib.util.find_spec("playwright") is None:
-        return None, why + " and the playwright package is not installed"
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        executable = playwright.chromium.executable_path
-    if os.path.isfile(executable):
-        return executable, ""
-    return None, why + f" and playwright's browser is not installed at {executable}"
-
-
-def _load(browser: str, page: Path, profile: Path) -> subprocess.CompletedProcess[str]:
-    """Load `page` headless and dump its DOM; console messages go to stderr as `...:CONSOLE...` lines."""
-    args = ["--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr", "--v=0", "--no-first-run"]
-    command = [browser, *args, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()]
-    return subprocess.run(command, capture_output=True, text=True, timeout=90, check=True)
-
-
 def test_report_loads_in_headless_chromium_without_console_errors(report: Path, tmp_path: Path) -> None:
-    browser, why = _headless_chromium()
+    browser, why = headless_chromium()
     if browser is None:
         pytest.skip(why)
     # The detector works: a page that logs an error and throws shows both on stderr.
     control = tmp_path / "control.html"
     control.write_text('<!DOCTYPE html><p>x</p><script>console.error("control-error"); missing();</script>')
-    logged = [line for line in _load(browser, control, tmp_path / "profile").stderr.splitlines() if "CONSOLE" in line]
+    logged = [
+        line
+        for line in load_in_chromium(browser, control, tmp_path / "profile").stderr.splitlines()
+        if "CONSOLE" in line
+    ]
     assert any("control-error" in line for line in logged) and any("missing" in line for line in logged), logged
 
-    result = _load(browser, report, tmp_path / "profile")
+    result = load_in_chromium(browser, report, tmp_path / "profile")
     console = [line for line in result.stderr.splitlines() if CONSOLE_LINE.search(line)]
     assert not console, console  # no error, no CSP violation, no failed load, no log at all
     assert html.escape(PROMPT, quote=False) in result.stdout  # a DOM serializer leaves quotes in text as they are

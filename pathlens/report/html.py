@@ -1,6 +1,6 @@
 """`render_report` / `write_report`: one self-contained HTML page for a circuit study.
 
-The page holds the circuit graph, heatmaps of `Scores`, the faithfulness curve, the pathways table, a summary
+The page holds the circuit view, heatmaps of `Scores`, the faithfulness curve, the pathways table, a summary
 table and the prompts. It opens offline: styles, drawings (inline SVG) and the one small script are all in the
 file, and its Content-Security-Policy forbids loading anything else and running any script but that one (its
 hash is in the policy). Every piece of text that comes from the user or the model — title, prompts, token
@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
-import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -29,47 +25,17 @@ from matplotlib.colors import to_hex
 
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
+from pathlens.report.circuit_view import NEGATIVE, SCRIPT, circuit_section
+from pathlens.report.circuit_view import STYLE as CIRCUIT_STYLE
+from pathlens.report.markup import esc, fmt, html_table, signed
 from pathlens.results import Scores
 from pathlens.results.io import write_text
 from pathlens.results.plots import colormap
 
 __all__ = ["render_report", "write_report"]
 
-_MAX_EDGES = 300
-"""The circuit graph draws at most this many edges (the strongest by |score|); the caption says so."""
-_MAX_EDGE_ROWS = 25
 _MAX_LABEL_CHARS = 24
-_POSITIVE, _NEGATIVE = "#b2182b", "#2166ac"
-_DASH = {"q": "", "k": "6 3", "v": "1.5 2.5"}
-_PORT = {"q": -11.0, "k": 0.0, "v": 11.0}
-_HEAD_RE = re.compile(r"^L(\d+)\.H(\d+)$")
-_MLP_RE = re.compile(r"^L(\d+)\.mlp$")
-_LAYER_RE = re.compile(r"^L(\d+)\.")
-
-_SCRIPT = """
-(function () {
-  "use strict";
-  document.querySelectorAll("svg.circuit").forEach(function (svg) {
-    var edges = svg.querySelectorAll(".edge");
-    svg.querySelectorAll(".node").forEach(function (node) {
-      var name = node.getAttribute("data-node");
-      node.addEventListener("mouseenter", function () {
-        svg.classList.add("focus");
-        edges.forEach(function (edge) {
-          if (edge.getAttribute("data-from") === name || edge.getAttribute("data-to") === name) {
-            edge.classList.add("hi");
-          }
-        });
-      });
-      node.addEventListener("mouseleave", function () {
-        svg.classList.remove("focus");
-        edges.forEach(function (edge) { edge.classList.remove("hi"); });
-      });
-    });
-  });
-})();
-"""
-_SCRIPT_HASH = base64.b64encode(hashlib.sha256(_SCRIPT.encode("utf-8")).digest()).decode("ascii")
+_SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode("utf-8")).digest()).decode("ascii")
 _CSP = f"default-src 'none'; style-src 'unsafe-inline'; img-src data:; script-src 'sha256-{_SCRIPT_HASH}'"
 
 _STYLE = """
@@ -89,10 +55,6 @@ ol.prompts li { margin: 0.3rem 0; }
 code, .token { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; white-space: pre-wrap; }
 svg { font-family: inherit; }
 svg text { font-size: 11px; fill: #333; }
-svg .muted text { fill: #999; }
-svg .edge { transition: opacity 0.1s; }
-svg.focus .edge { opacity: 0.08; }
-svg.focus .edge.hi { opacity: 1; }
 svg .node { cursor: default; }
 """
 
@@ -107,15 +69,16 @@ def render_report(
     prompts: Sequence[str] = (),
     summary: Mapping[str, Any] | None = None,
 ) -> str:
-    """A complete HTML5 document: the `summary` table, the `circuit` graph (kept edges, coloured by sign,
-    width by |score|) with its strongest edges, the faithfulness `curve` (a `Curve.as_dict()`), the
-    `pathways` (rows of `pathlens.circuits.discover.pathways`), one heatmap per (name, `Scores`) of 1 or 2
-    dims, and the `prompts`. Sections that are not given (or empty) are left out."""
+    """A complete HTML5 document: the `circuit` view first (`pathlens.report.circuit_view`: nodes by layer sized
+    by importance, edges coloured by sign, the `pathways` highlighted, a control for how many edges are drawn,
+    the node-level view beside it) with its strongest edges, then the `summary` table, the faithfulness `curve`
+    (a `Curve.as_dict()`), the `pathways` (rows of `pathlens.circuits.discover.pathways`), one heatmap per
+    (name, `Scores`) of 1 or 2 dims, and the `prompts`. Sections that are not given (or empty) are left out."""
     sections: list[tuple[str, str, str]] = []
+    if circuit is not None:
+        sections.append(("circuit", "Circuit", circuit_section(circuit, pathways)))
     if summary:
         sections.append(("summary", "Summary", _summary_table(summary)))
-    if circuit is not None:
-        sections.append(("circuit", "Circuit", _circuit_section(circuit)))
     if curve:
         sections.append(("faithfulness", "Faithfulness", _curve_section(curve, circuit)))
     if pathways:
@@ -124,20 +87,20 @@ def render_report(
         body = "\n".join(_heatmap_section(i, name, scores) for i, (name, scores) in enumerate(heatmaps))
         sections.append(("heatmaps", "Heatmaps", body))
     if prompts:
-        items = "\n".join(f'<li><code class="token">{_e(p)}</code></li>' for p in prompts)
+        items = "\n".join(f'<li><code class="token">{esc(p)}</code></li>' for p in prompts)
         sections.append(("prompts", f"Prompts ({len(prompts)})", f'<ol class="prompts">\n{items}\n</ol>'))
-    nav = " ".join(f'<a href="#{key}">{_e(heading)}</a>' for key, heading, _ in sections)
+    nav = " ".join(f'<a href="#{key}">{esc(heading)}</a>' for key, heading, _ in sections)
     body = "\n".join(
-        f'<section id="{key}">\n<h2>{_e(heading)}</h2>\n{content}\n</section>' for key, heading, content in sections
+        f'<section id="{key}">\n<h2>{esc(heading)}</h2>\n{content}\n</section>' for key, heading, content in sections
     )
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f'<meta http-equiv="Content-Security-Policy" content="{_e(_CSP)}">\n'
-        f"<title>{_e(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
-        f"<header>\n<h1>{_e(title)}</h1>\n<nav>{nav}</nav>\n</header>\n"
-        f"{body}\n<script>{_SCRIPT}</script>\n</body>\n</html>\n"
+        f'<meta http-equiv="Content-Security-Policy" content="{esc(_CSP)}">\n'
+        f"<title>{esc(title)}</title>\n<style>{_STYLE}{CIRCUIT_STYLE}</style>\n</head>\n<body>\n"
+        f"<header>\n<h1>{esc(title)}</h1>\n<nav>{nav}</nav>\n</header>\n"
+        f"{body}\n<script>{SCRIPT}</script>\n</body>\n</html>\n"
     )
 
 
@@ -163,33 +126,6 @@ def write_report(
 # ---- text ---------------------------------------------------------------------------------------------
 
 
-def _e(text: Any) -> str:
-    """`text` as HTML-escaped text, safe in element content and in quoted attribute values."""
-    return html.escape(str(text), quote=True)
-
-
-def _fmt(value: Any) -> str:
-    """A value as short plain text: floats to 4 significant digits, lists and dicts compact."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return str(value)
-    if isinstance(value, Integral):
-        return str(int(value))
-    if isinstance(value, Real):
-        return f"{float(value):.4g}"
-    if isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 0:
-        return _fmt(value.item())
-    if isinstance(value, Sequence):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return json.dumps(value, default=str, ensure_ascii=False)
-    return str(value)
-
-
-def _signed(value: float) -> str:
-    """A score with its sign, 4 significant digits."""
-    return f"{value:+.4g}"
-
-
 def _token_label(token: str) -> str:
     """A token string as readable text: control characters shown as escapes, whitespace-only tokens quoted."""
     shown = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
@@ -204,23 +140,13 @@ def _short(text: str) -> str:
 # ---- tables -------------------------------------------------------------------------------------------
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[tuple[str, bool]]]) -> str:
-    """An HTML table; each cell is (already escaped html, is_numeric)."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "\n".join(
-        "<tr>" + "".join(f'<td class="num">{c}</td>' if num else f"<td>{c}</td>" for c, num in row) + "</tr>"
-        for row in rows
-    )
-    return f'<div class="scroll"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table></div>'
-
-
 def _summary_table(summary: Mapping[str, Any]) -> str:
     """A key / value table."""
     rows = [
-        [(_e(key), False), (_e(_fmt(value)), isinstance(value, Real) and not isinstance(value, bool))]
+        [(esc(key), False), (esc(fmt(value)), isinstance(value, Real) and not isinstance(value, bool))]
         for key, value in summary.items()
     ]
-    return _table(["key", "value"], rows)
+    return html_table(["key", "value"], rows)
 
 
 def _pathways_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -230,10 +156,10 @@ def _pathways_table(rows: Sequence[Mapping[str, Any]]) -> str:
         own = row.get("faithfulness")
         cells.append(
             [
-                (_e(row.get("rank", "")), True),
-                (f'<span class="token">{_e(" → ".join(str(n) for n in row.get("nodes", ())))}</span>', False),
-                (_e(_fmt(row["score"])) if "score" in row else "", True),
-                (_e(_fmt(own)) if own is not None else "—", True),
+                (esc(row.get("rank", "")), True),
+                (f'<span class="token">{esc(" → ".join(str(n) for n in row.get("nodes", ())))}</span>', False),
+                (esc(fmt(row["score"])) if "score" in row else "", True),
+                (esc(fmt(own)) if own is not None else "—", True),
             ]
         )
     caption = (
@@ -241,136 +167,7 @@ def _pathways_table(rows: Sequence[Mapping[str, Any]]) -> str:
         "the path (exact edge effects: each edge alone patched in the full model); faithfulness: normalized "
         "faithfulness of the circuit made of that path's edges alone.</p>"
     )
-    return caption + "\n" + _table(["rank", "path", "score", "faithfulness"], cells)
-
-
-# ---- circuit graph ------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Node:
-    """A component's place in the drawing: centre (x, y) and box width."""
-
-    name: str
-    label: str
-    x: float
-    y: float
-    width: float
-
-
-def _circuit_section(graph: Graph) -> str:
-    """Caption, the SVG graph of the kept edges, and a table of the strongest kept edges."""
-    frame = graph.to_frame()
-    kept = frame[frame["in_circuit"]]
-    parts = [f"{graph.method}", f"metric {graph.metric}", f"{graph.n_edges} of {graph.edges_total} edges kept"]
-    if isinstance(graph.meta.get("faithfulness"), Real):
-        parts.append(f"faithfulness {graph.meta['faithfulness']:.3f}")
-    caption = " · ".join(parts)
-    if len(kept) > _MAX_EDGES:
-        caption += f" · drawing the {_MAX_EDGES} strongest"
-    legend = (
-        f'colour: <span style="color:{_POSITIVE}">positive</span> / <span style="color:{_NEGATIVE}">negative</span>'
-        " score; width ∝ |score|; line: q solid, k dashed, v dotted (entering the head's left, middle, right); "
-        "hover a node to show its edges"
-    )
-    rows = [
-        [(f'<span class="token">{_e(r.sender)}</span>', False), (f'<span class="token">{_e(r.receiver)}</span>', False)]
-        + [(_e(_signed(r.score)), True)]
-        for r in kept.head(_MAX_EDGE_ROWS).itertuples()
-    ]
-    table = _table(["sender", "receiver", "score"], rows) if rows else "<p>No edges kept.</p>"
-    return (
-        f'<p class="caption">{_e(caption)}</p>\n<p class="caption">{legend}</p>\n'
-        f'<div class="scroll">{_circuit_svg(graph, kept.head(_MAX_EDGES))}</div>\n'
-        f"<h3>Strongest kept edges</h3>\n{table}"
-    )
-
-
-def _layout(graph: Graph) -> tuple[dict[str, _Node], float, float, list[tuple[int, float]]]:
-    """Node positions of every sender and receiver component: input at the bottom, then per layer a row of
-    heads (by index) with the MLP half a row higher on the right, logits at the top. Returns (nodes, width,
-    height, [(layer, row y)])."""
-    dx, dy, margin, left = 52.0, 72.0, 24.0, 44.0
-    heads: dict[str, tuple[int, int]] = {}
-    mlps: dict[str, int] = {}
-    others: list[str] = []
-    names = dict.fromkeys([*graph.senders, *(n for r in graph.receivers for n in graph.receiver_nodes(r))])
-    for name in names:
-        if match := _HEAD_RE.match(name):
-            heads[name] = (int(match[1]), int(match[2]))
-        elif match := _MLP_RE.match(name):
-            mlps[name] = int(match[1])
-        elif name not in ("input", "logits"):
-            others.append(name)
-    layers = sorted({layer for layer, _ in heads.values()} | set(mlps.values()))
-    n_cols = max((h for _, h in heads.values()), default=-1) + 1
-    width = left + (n_cols + (1.5 if mlps else 0.0)) * dx + margin
-    width = max(width, left + 2 * dx + margin)
-    height = margin * 2 + (len(layers) + 1) * dy + 20
-    row_y = {layer: height - margin - 10 - (i + 1) * dy for i, layer in enumerate(layers)}
-    centre = left + max(n_cols, 1) * dx / 2
-    nodes = {
-        "input": _Node("input", "input", centre, height - margin - 10, 56.0),
-        "logits": _Node("logits", "logits", centre, margin + 10, 56.0),
-    }
-    for name, (layer, head) in heads.items():
-        nodes[name] = _Node(name, f"H{head}", left + (head + 0.5) * dx, row_y[layer], 40.0)
-    for name, layer in mlps.items():
-        nodes[name] = _Node(name, "MLP", left + (n_cols + 0.9) * dx, row_y[layer] - dy / 2, 40.0)
-    for i, name in enumerate(others):
-        layer_match = _LAYER_RE.match(name)
-        y = row_y[int(layer_match[1])] if layer_match and int(layer_match[1]) in row_y else height - margin - 10
-        nodes[name] = _Node(name, _short(name), centre + (i + 1.5) * dx, y, 48.0)
-    return nodes, width, height, [(layer, row_y[layer]) for layer in layers]
-
-
-def _circuit_svg(graph: Graph, kept: Any) -> str:
-    """The circuit as SVG: every component as a box (faded when outside the circuit), kept edges as curves."""
-    nodes, width, height, rows = _layout(graph)
-    in_circuit = set(graph.nodes_in_circuit())
-    node_scores = graph.node_scores()
-    largest = float(kept["score"].abs().max()) if len(kept) else 1.0
-    largest = largest if largest > 0 else 1.0
-    edges = []
-    for r in kept.iloc[::-1].itertuples():  # weakest first, so the strongest are drawn on top
-        source = nodes[r.sender]
-        port = r.receiver.rsplit(".", 1)[-1] if _LAYER_RE.match(r.receiver) else ""
-        stroke = _POSITIVE if r.score >= 0 else _NEGATIVE
-        stroke_width = 0.8 + 4.2 * abs(r.score) / largest
-        dash = f' stroke-dasharray="{_DASH[port]}"' if _DASH.get(port) else ""
-        for target_name in graph.receiver_nodes(r.receiver):
-            target = nodes.get(target_name)
-            if target is None:
-                continue
-            x1, y1 = source.x, source.y - 10
-            x2, y2 = target.x + _PORT.get(port, 0.0), target.y + 10
-            bend = (y1 + y2) / 2
-            edges.append(
-                f'<path class="edge" data-from="{_e(r.sender)}" data-to="{_e(target_name)}" '
-                f'd="M{x1:.1f},{y1:.1f} C{x1:.1f},{bend:.1f} {x2:.1f},{bend:.1f} {x2:.1f},{y2:.1f}" fill="none" '
-                f'stroke="{stroke}" stroke-width="{stroke_width:.2f}" stroke-opacity="0.85"{dash}>'
-                f"<title>{_e(r.sender)} → {_e(r.receiver)}: {_e(_signed(r.score))}</title></path>"
-            )
-    boxes = []
-    for node in nodes.values():
-        active = node.name in in_circuit
-        fill, stroke = ("#ffffff", "#333333") if active else ("#f4f4f4", "#cccccc")
-        tip = node.name + (" (in the circuit)" if active else "")
-        if node.name in node_scores.index:
-            tip += f"; sum of outgoing edge scores {_signed(float(node_scores[node.name]))}"
-        boxes.append(
-            f'<g class="node{"" if active else " muted"}" data-node="{_e(node.name)}"><title>{_e(tip)}</title>'
-            f'<rect x="{node.x - node.width / 2:.1f}" y="{node.y - 10:.1f}" width="{node.width:.1f}" height="20" '
-            f'rx="4" fill="{fill}" stroke="{stroke}" stroke-width="{1.5 if active else 1}"/>'
-            f'<text x="{node.x:.1f}" y="{node.y + 4:.1f}" text-anchor="middle">{_e(node.label)}</text></g>'
-        )
-    layer_labels = [f'<text x="8" y="{y + 4:.1f}">L{layer}</text>' for layer, y in rows]
-    return (
-        f'<svg class="circuit" xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-        f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="circuit graph">\n'
-        + "\n".join(layer_labels + edges + boxes)
-        + "\n</svg>"
-    )
+    return caption + "\n" + html_table(["rank", "path", "score", "faithfulness"], cells)
 
 
 # ---- faithfulness curve -------------------------------------------------------------------------------
@@ -389,7 +186,7 @@ def _curve_section(curve: Mapping[str, Any], circuit: Graph | None) -> str:
     marker = circuit.n_edges if circuit is not None and circuit.kept is not None else None
     if marker:
         parts.append(f"dashed line: the circuit ({marker} edges)")
-    return f'<p class="caption">{_e(" · ".join(parts))}</p>\n{_curve_svg(sizes, values, total, marker)}'
+    return f'<p class="caption">{esc(" · ".join(parts))}</p>\n{_curve_svg(sizes, values, total, marker)}'
 
 
 def _curve_svg(sizes: list[int], values: list[float], total: int, marker: int | None) -> str:
@@ -430,9 +227,9 @@ def _curve_svg(sizes: list[int], values: list[float], total: int, marker: int | 
         )
     points = [(px(s), py(v), s, v) for s, v in zip(sizes, values, strict=True) if math.isfinite(v)]
     line = " ".join(f"{x:.1f},{y:.1f}" for x, y, _, _ in points)
-    parts.append(f'<polyline points="{line}" fill="none" stroke="{_NEGATIVE}" stroke-width="1.8"/>')
+    parts.append(f'<polyline points="{line}" fill="none" stroke="{NEGATIVE}" stroke-width="1.8"/>')
     parts += [
-        f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{_NEGATIVE}"><title>{s} edges: {v:.4f}</title></circle>'
+        f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{NEGATIVE}"><title>{s} edges: {v:.4f}</title></circle>'
         for x, y, s, v in points
     ]
     parts.append(
@@ -470,7 +267,7 @@ def _heatmap_section(index: int, name: str, scores: Scores) -> str:
     meta = [str(scores.meta[k]) for k in ("model", "task") if k in scores.meta]
     caption = " · ".join([scores.method, f"metric {scores.metric}", " × ".join(scores.dims), *meta])
     return (
-        f'<h3>{_e(name)}</h3>\n<p class="caption">{_e(caption)}</p>\n'
+        f'<h3>{esc(name)}</h3>\n<p class="caption">{esc(caption)}</p>\n'
         f'<div class="scroll">{_heatmap_svg(index, name, scores)}</div>'
     )
 
@@ -505,35 +302,35 @@ def _heatmap_svg(index: int, name: str, scores: Scores) -> str:
         for j in range(n_cols):
             where = ", ".join(t for t in (row_tips[i], col_tips[j]) if t)
             value = values[i, j]
-            shown = _signed(float(value)) if math.isfinite(value) else "nan"
+            shown = signed(float(value)) if math.isfinite(value) else "nan"
             parts.append(
                 f'<rect x="{left + j * cell_w:.1f}" y="{top + i * cell_h:.1f}" width="{cell_w:.1f}" '
-                f'height="{cell_h:.1f}" fill="{to_hex(colours[i, j])}"><title>{_e(where)}: {_e(shown)}</title></rect>'
+                f'height="{cell_h:.1f}" fill="{to_hex(colours[i, j])}"><title>{esc(where)}: {esc(shown)}</title></rect>'
             )
     for i in range(0, n_rows, row_step):
         if row_ticks[i]:
             parts.append(
                 f'<text x="{left - 4:.1f}" y="{top + (i + 0.5) * cell_h + 4:.1f}" text-anchor="end" '
-                f'xml:space="preserve">{_e(row_ticks[i])}</text>'
+                f'xml:space="preserve">{esc(row_ticks[i])}</text>'
             )
     for j in range(0, n_cols, col_step):
         x, y = left + (j + 0.5) * cell_w, top + grid_h + 12
         place = f'transform="translate({x + 4:.1f},{y - 6:.1f}) rotate(-90)" text-anchor="end"'
         if not rotate:
             place = f'x="{x:.1f}" y="{y + 2:.1f}" text-anchor="middle"'
-        parts.append(f'<text {place} xml:space="preserve">{_e(col_ticks[j])}</text>')
+        parts.append(f'<text {place} xml:space="preserve">{esc(col_ticks[j])}</text>')
     if values.shape[0] > 1 and scores.values.ndim == 2:
         parts.append(
             f'<text transform="translate(12,{top + grid_h / 2:.1f}) rotate(-90)" text-anchor="middle">'
-            f"{_e(scores.dims[0])}</text>"
+            f"{esc(scores.dims[0])}</text>"
         )
     parts.append(
-        f'<text x="{left + grid_w / 2:.1f}" y="{height - 4:.1f}" text-anchor="middle">{_e(scores.dims[-1])}</text>'
+        f'<text x="{left + grid_w / 2:.1f}" y="{height - 4:.1f}" text-anchor="middle">{esc(scores.dims[-1])}</text>'
     )
     parts.append(_colour_bar(f"heat{index}", left + grid_w + 14, top, max(grid_h, 60.0), limit, scores.metric))
     return (
         f'<svg class="heatmap" xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-        f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="{_e(name)}">\n' + "\n".join(parts) + "\n</svg>"
+        f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="{esc(name)}">\n' + "\n".join(parts) + "\n</svg>"
     )
 
 
@@ -544,9 +341,9 @@ def _colour_bar(ident: str, x: float, y: float, height: float, limit: float, met
     return (
         f'<defs><linearGradient id="{ident}-bar" x1="0" y1="0" x2="0" y2="1">{stops}</linearGradient></defs>'
         f'<rect x="{x:.1f}" y="{y:.1f}" width="12" height="{height:.1f}" fill="url(#{ident}-bar)" stroke="#999"/>'
-        f'<text x="{x + 16:.1f}" y="{y + 9:.1f}">{_e(_signed(limit))}</text>'
+        f'<text x="{x + 16:.1f}" y="{y + 9:.1f}">{esc(signed(limit))}</text>'
         f'<text x="{x + 16:.1f}" y="{y + height / 2 + 4:.1f}">0</text>'
-        f'<text x="{x + 16:.1f}" y="{y + height:.1f}">{_e(_signed(-limit))}</text>'
+        f'<text x="{x + 16:.1f}" y="{y + height:.1f}">{esc(signed(-limit))}</text>'
         f'<text transform="translate({x + 74:.1f},{y + height / 2:.1f}) rotate(-90)" text-anchor="middle">'
-        f"{_e(_short(metric))}</text>"
+        f"{esc(_short(metric))}</text>"
     )
