@@ -8,8 +8,9 @@ Parts (`--parts`, default all):
 - induction: every discovery method (`discover`) on the embedded induction-2l model, checked against its known
   circuit (previous-token head L0.H1 -> induction head L1.H0 through the key input), with the top pathway.
 - ioi: SmolLM2 IOI circuits (EAP-IG for task seeds 0 and 1, RelP for seed 0): size, faithfulness, the curve,
-  the smallest circuit reaching 0.8, the best one within 5% of the edges, and the overlap of the top-10
-  pathways of the two seeds.
+  the smallest circuit reaching 0.8, the best one within 5% of the edges, MIB's CPR and CMD (the method's edge
+  scores at MIB's edge fractions, ranked as discovery ranked them; `mib_by_ranking` for each ranking), and the
+  overlap of the top-10 pathways of the two seeds.
 
 Run `python benchmarks/circuits.py --json` for one JSON line per row; see benchmarks/README.md for what each
 number means.
@@ -95,6 +96,17 @@ def curve_summary(curve: Curve) -> dict[str, Any]:
         "best_faithfulness_within_5pct": best_f,
         "best_size_within_5pct": best_s,
         "met_5pct_target": best_f is not None and best_f >= FAITHFULNESS_TARGET,
+    }
+
+
+def mib_summary(curve: Curve) -> dict[str, Any]:
+    """MIB's scores of a curve measured at MIB's edge fractions (`faithfulness_curve(sizes="mib")`)."""
+    return {
+        "cpr": curve.cpr,
+        "cmd": curve.cmd,
+        "fractions": curve.fractions,
+        "sizes": curve.sizes,
+        "faithfulness": curve.faithfulness,
     }
 
 
@@ -238,6 +250,8 @@ def ioi_rows(repeats: int, quick: bool, parts: list[str]) -> list[dict[str, Any]
             for ranking, c in circuit.meta["curves"].items()
         }
         curve = curves[circuit.meta["ranked_by"]]
+        patcher = EdgePatcher(model, task, max_batch_tokens=EDGE_BATCH_TOKENS)
+        mib = {r: faithfulness_curve(patcher, unpruned(circuit), sizes="mib", by=r) for r in curves}
         row = {
             "workload": "discover-ioi",
             "model": "smollm2",
@@ -252,9 +266,11 @@ def ioi_rows(repeats: int, quick: bool, parts: list[str]) -> list[dict[str, Any]
             "ranked_by": circuit.meta["ranked_by"],
             **curve_summary(curve),
             "by_ranking": {ranking: curve_summary(c) for ranking, c in curves.items()},
+            "cpr": mib[circuit.meta["ranked_by"]].cpr,
+            "cmd": mib[circuit.meta["ranked_by"]].cmd,
+            "mib_by_ranking": {ranking: mib_summary(c) for ranking, c in mib.items()},
         }
         if method == "eap-ig":
-            patcher = EdgePatcher(model, task, max_batch_tokens=EDGE_BATCH_TOKENS)
             routes, row["pathways_seconds"] = time_once(functools.partial(pathways, patcher, circuit, k=TOP_PATHWAYS))
             top[seed] = path_rows(routes)
             row["pathways"] = top[seed]
@@ -334,14 +350,14 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         print("SmolLM2 IOI circuits (n=8, noising, interchange ablation, logit difference)")
         print(
             f"{'method':<8}{'seed':>5}{'seconds':>9}{'edges':>8}{'fraction':>10}{'faith':>8}"
-            f"{'>=0.8 at':>10}{'fraction':>10}{'best<=5%':>10}{'at':>7}{'area':>7}"
+            f"{'>=0.8 at':>10}{'fraction':>10}{'best<=5%':>10}{'at':>7}{'area':>7}{'CPR':>7}{'CMD':>7}"
         )
         for r in ioi_rows_:
             print(
                 f"{r['method']:<8}{r['seed']:>5}{r['seconds']:>9.1f}{r['n_edges']:>8}{r['fraction']:>10.4f}"
                 f"{r['faithfulness']:>8.3f}{fmt(r['first_size_reaching_target']):>10}"
                 f"{fmt(r['first_fraction_reaching_target'], '.4f'):>10}{fmt(r['best_faithfulness_within_5pct']):>10}"
-                f"{fmt(r['best_size_within_5pct']):>7}{r['area']:>7.3f}"
+                f"{fmt(r['best_size_within_5pct']):>7}{r['area']:>7.3f}{r['cpr']:>7.3f}{r['cmd']:>7.3f}"
             )
         for r in ioi_rows_:
             points = " ".join(
