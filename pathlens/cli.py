@@ -28,7 +28,7 @@ from pathlens.errors import PathlensError
 from pathlens.loading import EMBEDDED, load
 from pathlens.model import Model
 from pathlens.patching.plan import GROUP_ALIASES, SWEEP_GROUPS, sweep_group
-from pathlens.patching.spec import Direction
+from pathlens.patching.spec import DEFAULT_DIRECTION, Direction
 from pathlens.patching.sweep import DEFAULT_MAX_BATCH_TOKENS
 from pathlens.report.index import write_index
 from pathlens.report.studies import SweepSummary, circuit_study, demo_study, task_for, write_sweep
@@ -221,7 +221,7 @@ def patch(
     task: str = typer.Option("ioi", help=f"one of {', '.join(TASKS)}"),
     sites: str = typer.Option("heads", help="heads | resid | mlp | attn, or any family of pathlens.patch"),
     positions: CliPositions = typer.Option("all", help="all | each"),
-    direction: Direction = typer.Option("denoise", help="denoise | noise"),
+    direction: Direction = typer.Option(DEFAULT_DIRECTION, help="noise (default: what circuits patch) | denoise"),
     n: int = typer.Option(8, min=1, help="number of prompt pairs"),
     seed: int = typer.Option(0, help="task seed"),
     max_batch_tokens: int = typer.Option(DEFAULT_MAX_BATCH_TOKENS, min=1, help="most tokens in one patched forward"),
@@ -272,7 +272,7 @@ def attribute(
     sites: str = typer.Option("heads", help="heads | resid | mlp | attn, or any family of pathlens.patch"),
     positions: CliPositions = typer.Option("all", help="all | each"),
     direction: Optional[Direction] = typer.Option(  # noqa: UP045 (typer reads the annotation)
-        None, help="denoise | noise (default: denoise for nodes, noise for edges)"
+        None, help="noise (default, nodes and edges: what circuits patch) | denoise"
     ),
     edges: bool = typer.Option(False, "--edges", help="score every edge of the model's graph instead of nodes"),
     steps: int = typer.Option(5, min=1, help="integration steps of eap-ig"),
@@ -301,7 +301,7 @@ def attribute(
     with option("'--task'"):
         built = task_for(loaded, task, n, seed)
     if edges:
-        edge_direction = direction or "noise"
+        edge_direction = direction or DEFAULT_DIRECTION
         start = time.perf_counter()
         graph = edge_attribution(loaded, built, method=EDGE_METHODS[method], direction=edge_direction, steps=steps)
         seconds = time.perf_counter() - start
@@ -328,7 +328,7 @@ def attribute(
         return
     estimator = {"atp": atp, "atp*": atp_star, "relp": relp, "ig": integrated_gradients}[method]
     start = time.perf_counter()
-    direction = direction or "denoise"
+    direction = direction or DEFAULT_DIRECTION
     estimate = estimator(loaded, built, sites=family, positions=positions, direction=direction)
     seconds = time.perf_counter() - start
     name = f"{method.replace('*', '_star')}_{family}_{positions}"

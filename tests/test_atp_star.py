@@ -49,12 +49,12 @@ def test_qk_fix_equals_exact_patching_where_the_metric_is_linear_in_the_pattern(
     task = padded_task()
     plain_gap = 0.0
     for positions in ("all", "each"):
-        exact = pathlens.patch(model, task, sites=sites, positions=positions, progress=False)
-        fixed = atp_star(model, task, sites=sites, positions=positions)
+        exact = pathlens.patch(model, task, sites=sites, positions=positions, progress=False, direction="denoise")
+        fixed = atp_star(model, task, sites=sites, positions=positions, direction="denoise")
         assert fixed.dims == exact.dims and fixed.coords == exact.coords
         assert fixed.method == "atp*:denoise"
         torch.testing.assert_close(fixed.values, exact.values, atol=TOL, rtol=0, msg=f"{sites} {positions}")
-        plain = atp(model, task, sites=sites, positions=positions)
+        plain = atp(model, task, sites=sites, positions=positions, direction="denoise")
         plain_gap = max(plain_gap, float((plain.values - exact.values).abs().max()))
     assert plain_gap > 1e-3, plain_gap
 
@@ -78,9 +78,9 @@ def test_qk_fix_tracks_gqa_keys_at_least_as_well_as_plain_atp() -> None:
     assert model.arch.n_kv_heads < model.arch.n_heads
     task = padded_task()
     for positions in ("all", "each"):
-        exact = pathlens.patch(model, task, sites="k", positions=positions, progress=False)
-        fixed = atp_star(model, task, sites="k", positions=positions).corr(exact)
-        plain = atp(model, task, sites="k", positions=positions).corr(exact)
+        exact = pathlens.patch(model, task, sites="k", positions=positions, progress=False, direction="denoise")
+        fixed = atp_star(model, task, sites="k", positions=positions, direction="denoise").corr(exact)
+        plain = atp(model, task, sites="k", positions=positions, direction="denoise").corr(exact)
         assert fixed > 0.95 and fixed >= plain, (positions, fixed, plain)
 
 
@@ -88,8 +88,8 @@ def test_sites_without_the_fix_are_plain_atp() -> None:
     model = tiny_model("llama", weight_scale=2.0)
     task = padded_task()
     for sites, qk_fix in (("heads", True), ("v", True), ("k", False)):
-        star = atp_star(model, task, sites=sites, qk_fix=qk_fix)
-        torch.testing.assert_close(star.values, atp(model, task, sites=sites).values)
+        star = atp_star(model, task, sites=sites, qk_fix=qk_fix, direction="denoise")
+        torch.testing.assert_close(star.values, atp(model, task, sites=sites, direction="denoise").values)
 
 
 def _per_prompt_reference(model: Model, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +115,8 @@ def test_grad_drop_scores_follow_their_definition(family: str) -> None:
     model = tiny_model(family, weight_scale=2.0)
     assert model.n_layers == 2
     task = padded_task()
-    scores = atp_star(model, task, sites="heads", grad_drop=True)
-    exact = pathlens.patch(model, task, sites="heads", progress=False)
+    scores = atp_star(model, task, sites="heads", grad_drop=True, direction="denoise")
+    exact = pathlens.patch(model, task, sites="heads", progress=False, direction="denoise")
     assert scores.dims == exact.dims and scores.coords == exact.coords
     assert scores.method == "atp*:graddrop:denoise" and scores.metric.startswith("|Δ ")
     assert bool((scores.values >= 0).all())
@@ -130,8 +130,8 @@ def test_grad_drop_with_the_qk_fix_on_one_prompt() -> None:
     model = tiny_model("llama", weight_scale=4.0)
     task = padded_task(n=1)
     for sites in ("q", "k"):
-        signed = atp_star(model, task, sites=sites, positions="each", layers=[1])
-        dropped = atp_star(model, task, sites=sites, positions="each", layers=[1], grad_drop=True)
+        signed = atp_star(model, task, sites=sites, positions="each", layers=[1], direction="denoise")
+        dropped = atp_star(model, task, sites=sites, positions="each", layers=[1], grad_drop=True, direction="denoise")
         assert dropped.coords == signed.coords
         expected = (signed.values - signed.meta["base_metric"]).abs()
         torch.testing.assert_close(dropped.values, expected, atol=TOL, rtol=0)
@@ -141,15 +141,15 @@ def test_model_untouched_after_every_call() -> None:
     model = tiny_model("llama", weight_scale=2.0)
     before = snapshot(model)
     task = padded_task()
-    atp_star(model, task, sites="k", positions="each")
-    atp_star(model, task, sites=["L1.H0.q", "L0.mlp_out"], grad_drop=True)
+    atp_star(model, task, sites="k", positions="each", direction="denoise")
+    atp_star(model, task, sites=["L1.H0.q", "L0.mlp_out"], grad_drop=True, direction="denoise")
     assert_untouched(model, before)
 
     def failing_metric(logits: torch.Tensor, task: Task) -> torch.Tensor:
         raise RuntimeError("metric failed")
 
     with pytest.raises(RuntimeError, match="metric failed"):
-        atp_star(model, task, sites="q", metric=failing_metric, grad_drop=True)
+        atp_star(model, task, sites="q", metric=failing_metric, grad_drop=True, direction="denoise")
     assert_untouched(model, before)
 
 
@@ -159,10 +159,10 @@ def test_errors_say_what_is_wrong_and_how_to_fix_it() -> None:
     assert gemma2.hf.config.attn_logit_softcapping
     before = snapshot(gemma2)
     with pytest.raises(PathlensError, match="un-capped attention logits.*qk_fix=False"):
-        atp_star(gemma2, task, sites="q")
+        atp_star(gemma2, task, sites="q", direction="denoise")
     assert_untouched(gemma2, before)
-    atp_star(gemma2, task, sites="heads")
+    atp_star(gemma2, task, sites="heads", direction="denoise")
     with pytest.raises(PathlensError, match="attention interface.*qk_fix=False"):
-        atp_star(tiny_model("gpt_neo"), task, sites="k")
+        atp_star(tiny_model("gpt_neo"), task, sites="k", direction="denoise")
     with pytest.raises(PathlensError, match="at least two layers"):
-        atp_star(pattern_linear_model("attn_only"), task, grad_drop=True)
+        atp_star(pattern_linear_model("attn_only"), task, grad_drop=True, direction="denoise")

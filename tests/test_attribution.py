@@ -38,8 +38,10 @@ def test_atp_is_exact_where_the_metric_is_linear_in_the_site() -> None:
         task = padded_task()
         last = [model.n_layers - 1]
         for sites, positions in ((f, p) for f in families for p in ("all", "each")):
-            exact = pathlens.patch(model, task, sites=sites, positions=positions, layers=last, progress=False)
-            estimate = atp(model, task, sites=sites, positions=positions, layers=last)
+            exact = pathlens.patch(
+                model, task, sites=sites, positions=positions, layers=last, progress=False, direction="denoise"
+            )
+            estimate = atp(model, task, sites=sites, positions=positions, layers=last, direction="denoise")
             assert estimate.dims == exact.dims and estimate.coords == exact.coords
             torch.testing.assert_close(estimate.values, exact.values, atol=1e-5, rtol=0, msg=f"{family} {sites}")
 
@@ -73,12 +75,14 @@ def test_verified_top_k_equals_the_full_sweeps_top_k() -> None:
                 p.mul_(1.5)
     model = pathlens.Model(hf, name="tiny-llama-4x8")
     task = padded_task()
-    full = pathlens.patch(model, task, sites="heads", progress=False)
+    full = pathlens.patch(model, task, sites="heads", progress=False, direction="denoise")
     base = full.meta["corrupt_metric"]
     k = 4
     truth = set(torch.topk((full.values - base).abs().flatten(), k).indices.tolist())
     for prefilter in ("atp*", "relp", "atp"):
-        fast = pathlens.patch(model, task, sites="heads", top_k=k, prefilter=prefilter, progress=False)
+        fast = pathlens.patch(
+            model, task, sites="heads", top_k=k, prefilter=prefilter, progress=False, direction="denoise"
+        )
         assert fast.dims == full.dims and fast.method.endswith("verified-topk")
         done = ~torch.isnan(fast.values)
         assert int(done.sum()) == fast.meta["verified"] < full.values.numel()
@@ -86,9 +90,9 @@ def test_verified_top_k_equals_the_full_sweeps_top_k() -> None:
         found = (fast.values - base).abs().flatten().nan_to_num(nan=-1.0)
         assert set(torch.topk(found, k).indices.tolist()) == truth, prefilter
     with pytest.raises(pathlens.PathlensError, match="prefilter"):
-        pathlens.patch(model, task, top_k=3, prefilter="magic", progress=False)
+        pathlens.patch(model, task, top_k=3, prefilter="magic", progress=False, direction="denoise")
     with pytest.raises(pathlens.PathlensError, match="top_k"):
-        pathlens.patch(model, task, top_k=3, ablation="zero", progress=False)
+        pathlens.patch(model, task, top_k=3, ablation="zero", progress=False, direction="denoise")
 
 
 def test_compare_reports_correlations_overlap_and_a_scatter(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -96,8 +100,8 @@ def test_compare_reports_correlations_overlap_and_a_scatter(tmp_path) -> None:  
 
     model = tiny_model("gpt2", weight_scale=2.0)
     task = padded_task()
-    exact = pathlens.patch(model, task, sites="heads", progress=False)
-    estimate = atp(model, task, sites="heads")
+    exact = pathlens.patch(model, task, sites="heads", progress=False, direction="denoise")
+    estimate = atp(model, task, sites="heads", direction="denoise")
     same = pathlens.compare(exact, exact, k=3)
     assert same.table.loc["heads", "pearson"] == pytest.approx(1.0)
     assert same.table.loc["heads", "top3_overlap"] == 1.0
@@ -121,10 +125,12 @@ def test_integrated_gradients_completeness_and_linear_exactness() -> None:
     model = tiny_model("llama", weight_scale=2.0)
     task = padded_task()
     for sites in ("resid_pre", "heads", "mlp_out"):
-        exact = pathlens.patch(model, task, sites=sites, progress=False)
-        one = integrated_gradients(model, task, sites=sites, steps=1)
-        torch.testing.assert_close(one.values, atp(model, task, sites=sites).values, atol=1e-6, rtol=0)
-        fine = integrated_gradients(model, task, sites=sites, steps=64, max_batch_tokens=200)
+        exact = pathlens.patch(model, task, sites=sites, progress=False, direction="denoise")
+        one = integrated_gradients(model, task, sites=sites, steps=1, direction="denoise")
+        torch.testing.assert_close(
+            one.values, atp(model, task, sites=sites, direction="denoise").values, atol=1e-6, rtol=0
+        )
+        fine = integrated_gradients(model, task, sites=sites, steps=64, max_batch_tokens=200, direction="denoise")
         base = exact.meta["base_metric"]
         if sites != "heads":  # a (layer,) grid: each cell is the whole family of that layer
             error = ((fine.values - exact.values).abs() / (exact.values - base).abs().clamp(min=1e-3)).max()
@@ -133,6 +139,10 @@ def test_integrated_gradients_completeness_and_linear_exactness() -> None:
             assert fine.corr(exact) >= one.corr(exact) - 1e-3
     linear = linear_tail_model("neox_parallel")
     for steps in (1, 7):
-        estimate = integrated_gradients(linear, task, sites="heads", layers=[linear.n_layers - 1], steps=steps)
-        exact = pathlens.patch(linear, task, sites="heads", layers=[linear.n_layers - 1], progress=False)
+        estimate = integrated_gradients(
+            linear, task, sites="heads", layers=[linear.n_layers - 1], steps=steps, direction="denoise"
+        )
+        exact = pathlens.patch(
+            linear, task, sites="heads", layers=[linear.n_layers - 1], progress=False, direction="denoise"
+        )
         torch.testing.assert_close(estimate.values, exact.values, atol=1e-5, rtol=0)

@@ -148,11 +148,11 @@ CASES: dict[str, tuple[Callable[[Any], object], str]] = {
         r"positions of the intervention on L0\.resid_post \[9\] out of range",
     ),
     "task answer outside the vocabulary": (
-        lambda m: patch(m, _task_with(answer=70), sites="attn_out"),
+        lambda m: patch(m, _task_with(answer=70), sites="attn_out", direction="denoise"),
         r"answer_ids row 0 holds token id 70.*vocabulary \(0\.\.63\)",
     ),
     "task prompt outside the vocabulary": (
-        lambda m: patch(m, _task_with(prompt_id=99), sites="attn_out"),
+        lambda m: patch(m, _task_with(prompt_id=99), sites="attn_out", direction="denoise"),
         r"clean_ids row 0 holds token id 99",
     ),
 }

@@ -102,7 +102,9 @@ def test_everything_the_cli_writes_loads_back(tmp_path: Path) -> None:
 
 def test_attribute_nodes_with_exact_comparison(tmp_path: Path) -> None:
     args = ["attribute", "--model", "induction-2l", "--task", "induction", "--method", "atp*", "--n", "8"]
-    result = runner.invoke(app, [*args, "--compare-exact", "--out", str(tmp_path)], terminal_width=200)
+    result = runner.invoke(
+        app, [*args, "--direction", "denoise", "--compare-exact", "--out", str(tmp_path)], terminal_width=200
+    )
     assert result.exit_code == 0, result.output
     assert "pearson" in result.output and (tmp_path / "atp_star_heads_all_vs_exact.png").exists()
     assert Scores.load(tmp_path / "atp_star_heads_all").method == "atp*:denoise"

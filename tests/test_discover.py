@@ -5,6 +5,7 @@ default direction."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -144,3 +145,25 @@ def test_edge_effects_builds_its_patcher_or_reuses_one() -> None:
     with pytest.raises(pathlens.PathlensError, match=r"edges must be a \(senders, receivers\)"):
         edge_effects(patcher, edges=chosen[:, :3])
     assert_untouched(model, before)
+
+
+def test_every_method_has_the_same_default_direction() -> None:
+    """One default (patching and node attribution used to default to "denoise", edges and discovery to "noise")."""
+    from pathlens import cli
+
+    methods = [
+        pathlens.patch,
+        pathlens.atp,
+        pathlens.atp_star,
+        pathlens.relp,
+        pathlens.integrated_gradients,
+        pathlens.edge_attribution,
+        edge_effects,
+        discover,
+        EdgePatcher,
+    ]
+    for method in methods:
+        default = inspect.signature(method).parameters["direction"].default
+        assert default in (DEFAULT_DIRECTION, None), method  # None: edge_effects takes a patcher's own
+    assert inspect.signature(cli.patch).parameters["direction"].default.default == DEFAULT_DIRECTION
+    assert DEFAULT_DIRECTION == "noise"

@@ -46,7 +46,7 @@ def test_sandwich_norm_identities_and_exact_replace(gemma3: Model) -> None:
 def test_patching_matches_naive_loop(gemma3: Model) -> None:
     task = ioi(gemma3.tokenizer, n=3, seed=2, templates="BABA")
     layers = [16]
-    scores = pathlens.patch(gemma3, task, sites="heads", layers=layers, progress=False)
+    scores = pathlens.patch(gemma3, task, sites="heads", layers=layers, progress=False, direction="denoise")
     clean = gemma3.run(task.clean_ids, attention_mask=task.attention_mask, cache=[f"L{x}.head" for x in layers])
     for cell in scores.to_frame().itertuples():
         source = clean.cache[f"L{cell.layer}.head"][:, :, cell.head]

@@ -70,7 +70,7 @@ SWEEPS += [(f, s, p) for f in REPRESENTATIVE for s, p in (("k", "each"), ("z", [
 def test_fast_paths_equal_naive_loop(family: str, sites: str, positions: object) -> None:
     model = tiny_model(family, weight_scale=4.0)
     task = padded_task()
-    scores = pathlens.patch(model, task, sites=sites, positions=positions, progress=False)
+    scores = pathlens.patch(model, task, sites=sites, positions=positions, progress=False, direction="denoise")
     assert scores.values.std() > 1e-3, "effects too small for a meaningful comparison"
     for cell in scores.to_frame().itertuples():
         layer = cell.layer
@@ -93,16 +93,20 @@ def test_noising_mlp_neurons_and_ablations(family: str) -> None:
     noise = pathlens.patch(model, task, sites="mlp_out", positions="each", direction="noise", progress=False)
     for cell in noise.to_frame().itertuples():
         assert abs(cell.value - naive(model, task, f"L{cell.layer}.mlp_out", [int(cell.pos)], "noise")) <= TOL
-    neurons = pathlens.patch(model, task, sites="neurons", neurons={0: [1, 7], 1: [3]}, positions=[4], progress=False)
+    neurons = pathlens.patch(
+        model, task, sites="neurons", neurons={0: [1, 7], 1: [3]}, positions=[4], progress=False, direction="denoise"
+    )
     for cell in neurons.to_frame().itertuples():
         assert abs(cell.value - naive(model, task, cell.site, [4])) <= TOL
     for how in ("zero", "mean", "resample"):
-        ablated = pathlens.patch(model, task, sites="heads", ablation=how, progress=False)
+        ablated = pathlens.patch(model, task, sites="heads", ablation=how, progress=False, direction="denoise")
         assert ablated.method == f"ablate:{how}"
         if how != "resample":
             for cell in ablated.to_frame().itertuples():
                 assert abs(cell.value - naive(model, task, f"L{cell.layer}.H{cell.head}", None, ablation=how)) <= TOL
-    resample = pathlens.patch(model, task, sites="heads", ablation="resample", progress=False, cone=False)
+    resample = pathlens.patch(
+        model, task, sites="heads", ablation="resample", progress=False, cone=False, direction="denoise"
+    )
     torch.testing.assert_close(ablated.values, resample.values, atol=TOL, rtol=0)
 
 
@@ -110,7 +114,7 @@ def test_explicit_site_list_including_modules() -> None:
     model = tiny_model("gpt2", weight_scale=4.0)
     task = padded_task()
     sites = ["L1.H2", "L0.mlp_out", "module:transformer.h.0.mlp", "embed"]
-    scores = pathlens.patch(model, task, sites=sites, positions="each", progress=False)
+    scores = pathlens.patch(model, task, sites=sites, positions="each", progress=False, direction="denoise")
     assert scores.dims == ("site", "pos")
     for cell in scores.to_frame().itertuples():
         assert abs(cell.value - naive(model, task, cell.site, [int(cell.pos)])) <= TOL
@@ -119,7 +123,7 @@ def test_explicit_site_list_including_modules() -> None:
 def test_patching_every_position_of_a_layer_gives_the_endpoints(family: str) -> None:
     model = tiny_model(family, weight_scale=4.0)
     task = padded_task()
-    denoise = pathlens.patch(model, task, sites="resid_pre", positions="all", progress=False)
+    denoise = pathlens.patch(model, task, sites="resid_pre", positions="all", progress=False, direction="denoise")
     noise = pathlens.patch(model, task, sites="resid_pre", positions="all", direction="noise", progress=False)
     clean, corrupt = denoise.meta["clean_metric"], denoise.meta["corrupt_metric"]
     torch.testing.assert_close(denoise.values, torch.full_like(denoise.values, clean), atol=TOL, rtol=0)
@@ -129,9 +133,11 @@ def test_patching_every_position_of_a_layer_gives_the_endpoints(family: str) -> 
 def test_memory_budget_forces_chunks_with_same_scores() -> None:
     model = tiny_model("llama", weight_scale=4.0)
     task = padded_task()
-    roomy = pathlens.patch(model, task, sites="heads", positions="each", progress=False)
+    roomy = pathlens.patch(model, task, sites="heads", positions="each", progress=False, direction="denoise")
     for budget in (1, 5, 30):
-        tight = pathlens.patch(model, task, sites="heads", positions="each", max_batch_tokens=budget, progress=False)
+        tight = pathlens.patch(
+            model, task, sites="heads", positions="each", max_batch_tokens=budget, progress=False, direction="denoise"
+        )
         torch.testing.assert_close(tight.values, roomy.values, atol=TOL, rtol=0)
 
 
@@ -147,7 +153,13 @@ def test_budget_bounds_every_forward(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(cone.ConeRunner, "run", spy)
     pathlens.patch(
-        tiny_model("gpt2"), padded_task(), sites="heads", positions="each", max_batch_tokens=20, progress=False
+        tiny_model("gpt2"),
+        padded_task(),
+        sites="heads",
+        positions="each",
+        max_batch_tokens=20,
+        progress=False,
+        direction="denoise",
     )
     assert seen and max(seen) <= 20
 
@@ -186,7 +198,7 @@ RESUME_SCRIPT = textwrap.dedent(
         return original(self, *a, **k)
     cone.ConeRunner.run = counting
     scores = pathlens.patch(tiny_model("llama", weight_scale=4.0), padded_task(), sites="heads", positions="each",
-                            max_batch_tokens=30, out=sys.argv[1], progress=False)
+                            max_batch_tokens=30, out=sys.argv[1], progress=False, direction="denoise")
     scores.save(os.path.join(sys.argv[1], "final"))
     print("chunks run:", calls[0])
     """
@@ -216,18 +228,18 @@ def test_kill_and_resume_gives_identical_scores(tmp_path: Path) -> None:
 
 def test_resume_refuses_a_different_sweep(tmp_path: Path) -> None:
     model, task = tiny_model("gpt2"), padded_task()
-    pathlens.patch(model, task, sites="heads", out=tmp_path, progress=False)
+    pathlens.patch(model, task, sites="heads", out=tmp_path, progress=False, direction="denoise")
     with pytest.raises(pathlens.PathlensError, match="different sweep"):
-        pathlens.patch(model, task, sites="resid_pre", out=tmp_path, progress=False)
+        pathlens.patch(model, task, sites="resid_pre", out=tmp_path, progress=False, direction="denoise")
 
 
 def test_bad_arguments() -> None:
     model, task = tiny_model("gpt2"), padded_task()
     with pytest.raises(pathlens.PathlensError, match="unknown site family"):
-        pathlens.patch(model, task, sites="bananas")
+        pathlens.patch(model, task, sites="bananas", direction="denoise")
     with pytest.raises(pathlens.PathlensError, match="direction"):
         pathlens.patch(model, task, direction="sideways")
     with pytest.raises(pathlens.PathlensError, match="out of range"):
-        pathlens.patch(model, task, sites="heads", positions=[40])
+        pathlens.patch(model, task, sites="heads", positions=[40], direction="denoise")
     with pytest.raises(pathlens.PathlensError, match="needs neurons"):
-        pathlens.patch(model, task, sites="neurons")
+        pathlens.patch(model, task, sites="neurons", direction="denoise")

@@ -89,12 +89,14 @@ def test_relp_has_patch_layout_tracks_exact_patching_and_equals_atp_without_rule
     task = padded_task()
     before = snapshot(model)
     for sites, positions in (("heads", "all"), ("mlp_out", "each"), ("resid_pre", "each")):
-        exact = pathlens.patch(model, task, sites=sites, positions=positions, progress=False)
-        estimate = relp(model, task, sites=sites, positions=positions)
+        exact = pathlens.patch(model, task, sites=sites, positions=positions, progress=False, direction="denoise")
+        estimate = relp(model, task, sites=sites, positions=positions, direction="denoise")
         assert estimate.dims == exact.dims and estimate.coords == exact.coords
         assert estimate.corr(exact) > 0.5, (sites, estimate.corr(exact))
-        plain = relp(model, task, sites=sites, positions=positions, rules=())
-        torch.testing.assert_close(plain.values, atp(model, task, sites=sites, positions=positions).values)
+        plain = relp(model, task, sites=sites, positions=positions, rules=(), direction="denoise")
+        torch.testing.assert_close(
+            plain.values, atp(model, task, sites=sites, positions=positions, direction="denoise").values
+        )
     assert_untouched(model, before)
 
 
@@ -102,9 +104,9 @@ def test_rule_errors_say_what_to_do() -> None:
     model = tiny_model("gpt2")
     task = padded_task()
     with pytest.raises(pathlens.PathlensError, match="unknown LRP rule"):
-        relp(model, task, rules=("LN", "epsilon"))
+        relp(model, task, rules=("LN", "epsilon"), direction="denoise")
     with pytest.raises(pathlens.PathlensError, match="AH rule"):
-        relp(tiny_model("gpt_neo"), task, rules=("AH",))
+        relp(tiny_model("gpt_neo"), task, rules=("AH",), direction="denoise")
     before = snapshot(model)
     with pytest.raises(pathlens.PathlensError):
         model.run(task.clean_ids, grad=True, rules=rule_objects(("LN",)), cache=[Site("resid_pre", 7)])

@@ -84,7 +84,7 @@ def study() -> dict[str, Any]:
     return {
         "circuit": circuit,
         "pathways": pathways(EdgePatcher(model, task), circuit, k=5),
-        "heads": pathlens.patch(model, task, sites="heads", progress=False),
+        "heads": pathlens.patch(model, task, sites="heads", progress=False, direction="denoise"),
     }
 
 

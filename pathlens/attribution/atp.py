@@ -25,7 +25,7 @@ from pathlens.attribution.lrp import rule_objects
 from pathlens.interventions import Intervention
 from pathlens.model import Model, Run
 from pathlens.patching.plan import Plan
-from pathlens.patching.spec import Direction, PatchSpec, Positions, ResolvedSpec, Sites
+from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, ResolvedSpec, Sites
 from pathlens.results import Scores
 from pathlens.sites import INDEX_LETTER, Site
 from pathlens.tasks.base import Task
@@ -121,12 +121,13 @@ def atp(
     task: Task,
     sites: Sites = "heads",
     positions: Positions = "all",
-    direction: Direction = "denoise",
+    direction: Direction = DEFAULT_DIRECTION,
     metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
 ) -> Scores:
-    """AtP estimates of `pathlens.patch(model, task, sites, positions, direction)`: same Scores layout."""
+    """AtP estimates of `pathlens.patch(model, task, sites, positions, direction)`: same Scores layout.
+    direction: "noise" by default (`DEFAULT_DIRECTION`, every method's: what circuit discovery patches)."""
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
     fo = first_order(setup, setup.plan)
     return estimate_scores(setup, cells(setup.plan, fo.effect), fo.base_metric, f"atp:{direction}")

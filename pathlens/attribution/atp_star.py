@@ -41,7 +41,7 @@ from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, StopGradient
 from pathlens.model import Model
 from pathlens.patching.plan import Variant
-from pathlens.patching.spec import Direction, PatchSpec, Positions, ResolvedSpec, Sites
+from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, ResolvedSpec, Sites
 from pathlens.results import Scores
 from pathlens.sites import Site
 from pathlens.tasks.base import Task
@@ -55,7 +55,7 @@ def atp_star(
     task: Task,
     sites: Sites = "heads",
     positions: Positions = "all",
-    direction: Direction = "denoise",
+    direction: Direction = DEFAULT_DIRECTION,
     metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
@@ -63,6 +63,7 @@ def atp_star(
     grad_drop: bool = False,
 ) -> Scores:
     """AtP* estimates of `pathlens.patch(model, task, sites, positions, direction)`, in the same Scores layout.
+    direction: "noise" by default (`DEFAULT_DIRECTION`, every method's: what circuit discovery patches).
 
     qk_fix: exact softmax for query/key sites ("q", "k", or sites like "L3.H2.q", "L3.G1.k"); other sites get
         plain AtP. Needs attention through the transformers interface and un-capped attention logits.

@@ -23,7 +23,7 @@ from pathlens.attribution.atp import cells, estimate_scores
 from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, Replace
 from pathlens.model import Model, Run
-from pathlens.patching.spec import Direction, PatchSpec, Positions, Sites
+from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, Sites
 from pathlens.results import Scores
 from pathlens.sites import INDEX_LETTER, Site
 from pathlens.tasks.base import Task
@@ -35,14 +35,15 @@ def integrated_gradients(
     task: Task,
     sites: Sites = "heads",
     positions: Positions = "all",
-    direction: Direction = "denoise",
+    direction: Direction = DEFAULT_DIRECTION,
     metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
     steps: int = 5,
     max_batch_tokens: int = 4096,
 ) -> Scores:
-    """IG estimates of `pathlens.patch(model, task, sites, positions, direction)`: same Scores layout."""
+    """IG estimates of `pathlens.patch(model, task, sites, positions, direction)`: same Scores layout.
+    direction: "noise" by default (`DEFAULT_DIRECTION`, every method's: what circuit discovery patches)."""
     if steps < 1:
         raise PathlensError(f"steps must be at least 1, got {steps}.")
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)

@@ -14,7 +14,7 @@ from collections.abc import Collection, Sequence
 from pathlens.attribution.atp import cells, estimate_scores, first_order
 from pathlens.attribution.lrp import rules_for
 from pathlens.model import Model
-from pathlens.patching.spec import Direction, PatchSpec, Positions, Sites
+from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, Sites
 from pathlens.results import Scores
 from pathlens.tasks.base import Task
 from pathlens.tasks.metrics import Metric
@@ -25,14 +25,15 @@ def relp(
     task: Task,
     sites: Sites = "heads",
     positions: Positions = "all",
-    direction: Direction = "denoise",
+    direction: Direction = DEFAULT_DIRECTION,
     metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
     rules: Collection[str] | None = None,
 ) -> Scores:
     """RelP estimates of `pathlens.patch(model, task, sites, positions, direction)` under LRP `rules` (default:
-    `lrp.DEFAULT_RULES`; add "AH" to treat attention patterns as constants)."""
+    `lrp.DEFAULT_RULES`; add "AH" to treat attention patterns as constants). direction: "noise" by default
+    (`DEFAULT_DIRECTION`, every method's: what circuit discovery patches)."""
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
     chosen = rules_for(rules)
     fo = first_order(setup, setup.plan, rules=chosen)

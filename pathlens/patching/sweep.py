@@ -1,8 +1,10 @@
 """`pathlens.patch`: activation patching and ablation sweeps → `Scores`.
 
 Every cell is the batch-mean metric of one patched run:
+- direction="noise" (the default, `pathlens.patching.spec.DEFAULT_DIRECTION`, shared by every method: what
+  circuit discovery and faithfulness patch, so node and edge scores describe one experiment): the clean prompts
+  with one site's corrupted activation patched in;
 - direction="denoise": the corrupted prompts with one site's clean activation patched in;
-- direction="noise": the clean prompts with one site's corrupted activation patched in;
 - ablation="zero" | "mean" | "resample": the clean prompts with one site ablated (mean / resample over the
   task's clean prompts).
 
@@ -34,7 +36,7 @@ from pathlens.interventions import Ablate, Intervention, Op, Replace
 from pathlens.model import Model, Run
 from pathlens.patching.cone import ConePatch, ConeRunner, cone_start
 from pathlens.patching.plan import Plan, Variant
-from pathlens.patching.spec import Direction, PatchSpec, Positions, ResolvedSpec, Sites, check_option
+from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, ResolvedSpec, Sites, check_option
 from pathlens.results import Scores
 from pathlens.results.io import write_bytes, write_safetensors
 from pathlens.tasks.base import Task
@@ -156,7 +158,7 @@ def patch(
     task: Task,
     sites: Sites = "heads",
     positions: Positions = "all",
-    direction: Direction = "denoise",
+    direction: Direction = DEFAULT_DIRECTION,
     ablation: Ablation | None = None,
     metric: Metric | None = None,
     layers: Sequence[int] | None = None,
@@ -174,7 +176,8 @@ def patch(
     sites: a group ("heads", "z", "q", "k", "v", "attn_out", "mlp_in", "mlp_out", "resid_pre", "resid_mid",
         "resid_post", "neurons" with `neurons={layer: [i, ...]}`) or a list of sites ("L3.H2", "module:a.b", ...).
     positions: "all" (one patch over every position), "each" (one per position, adds a `pos` dim) or a list.
-    direction: "denoise" (corrupted run, clean activation patched in) or "noise" (the reverse).
+    direction: "noise" (default, `DEFAULT_DIRECTION`: clean run, corrupted activation patched in — what circuit
+        discovery and faithfulness patch) or "denoise" (corrupted run, clean activation patched in).
     ablation: "zero" | "mean" | "resample" to ablate on the clean prompts instead of patching.
     metric: per-prompt metric (logits, task) -> (N,); it sees logits (N, 1, V) at the scored positions.
     layers: restrict a group to these layers. max_batch_tokens: the most tokens one patched forward holds.
