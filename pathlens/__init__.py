@@ -2,24 +2,25 @@
 
 The nouns: `Model` (an unmodified model plus its sites), `Site` (a named activation point), `Intervention`
 (one way to change a site during a run: an `Op` — `Replace`, `Add`, `Ablate`, `Scale`, `Project`,
-`StopGradient`), `Task` (the behaviour to explain), `Scores` and `Graph` (the result types).
-The verbs: `load`, `patch`, `atp`, `atp_star`, `relp`, `integrated_gradients`, `compare`, `edge_attribution`;
-circuits (`pathlens.circuits.discover`, ...), task generators and metrics (`pathlens.tasks.ioi`, ...),
-diagnostics and reports live in their packages, which `import pathlens` loads.
-"""
+`StopGradient`, `ProjectOut`), `SteeringVector`, `Task` (the behaviour to explain), `Scores` and `Graph` (the
+result types). The verbs: `load`, `generate` (batched generation, steered per row), `patch`, `atp`,
+`atp_star`, `relp`, `integrated_gradients`, `compare`, `edge_attribution`; circuits
+(`pathlens.circuits.discover`, ...), steering (`pathlens.steering`), task generators and metrics
+(`pathlens.tasks.ioi`, ...), diagnostics and reports live in their packages, which `import pathlens` loads."""
 
-from pathlens import arch, attribution, circuits, diagnostics, patching, report, results, tasks
+from pathlens import arch, attribution, circuits, diagnostics, patching, report, results, steering, tasks
 from pathlens.arch.base import ArchMap
 from pathlens.attribution import atp, atp_star, compare, integrated_gradients, relp
 from pathlens.circuits import edge_attribution
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
-from pathlens.interventions import Ablate, Add, Intervention, Op, Project, Replace, Scale, StopGradient
+from pathlens.interventions import Ablate, Add, Intervention, Op, Project, ProjectOut, Replace, Scale, StopGradient
 from pathlens.loading import EMBEDDED, load
 from pathlens.model import Cache, Model, Run
 from pathlens.patching import patch
 from pathlens.results import Scores
 from pathlens.sites import Site, parse_site
+from pathlens.steering import SteeringVector, generate
 from pathlens.tasks import Task
 
 __all__ = [
@@ -34,11 +35,13 @@ __all__ = [
     "Op",
     "PathlensError",
     "Project",
+    "ProjectOut",
     "Replace",
     "Run",
     "Scale",
     "Scores",
     "Site",
+    "SteeringVector",
     "StopGradient",
     "Task",
     "arch",
@@ -49,6 +52,7 @@ __all__ = [
     "compare",
     "diagnostics",
     "edge_attribution",
+    "generate",
     "integrated_gradients",
     "load",
     "parse_site",
@@ -57,5 +61,6 @@ __all__ = [
     "relp",
     "report",
     "results",
+    "steering",
     "tasks",
 ]

@@ -366,3 +366,33 @@ def check_finite(iv: Intervention) -> None:
                 f"the {type(iv.op).__name__} on {iv.site}: its {name} is {value}; pass a finite number, or "
                 "Intervention(..., allow_nonfinite=True) if that is intended."
             )
+
+
+@dataclass
+class ProjectOut(Op):
+    """Remove the component along `direction` from the selected values: x <- x - (x . r) r with r = direction / |r|
+    (directional ablation, Arditi et al.). `direction` is (d,) over the site's last dim and applies everywhere;
+    a zero direction is an error (it names no direction)."""
+
+    direction: Tensor
+    name: str = "project_out"
+
+    def __post_init__(self) -> None:
+        d = self.direction
+        if not isinstance(d, Tensor) or d.ndim != 1:
+            shape = tuple(d.shape) if isinstance(d, Tensor) else type(d).__name__
+            raise PathlensError(f"ProjectOut: direction must be a (d,) vector, got {shape}.")
+        if not bool(torch.isfinite(d).all()) or float(d.double().norm()) == 0.0:
+            raise PathlensError("ProjectOut: direction must be finite and non-zero; it names the direction to remove.")
+
+    def check_fits(self, cell: tuple[int, ...], site: str) -> None:
+        if not cell or self.direction.shape[0] != cell[-1]:
+            raise PathlensError(
+                f"ProjectOut on {site}: its direction has {self.direction.shape[0]} entries, but the site's last dim "
+                f"is {cell[-1] if cell else 'absent'}; give a ({cell[-1] if cell else 'd'},) direction."
+            )
+
+    def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
+        r = self.direction.to(device=x.device, dtype=x.dtype)
+        r = r / r.norm()
+        return x - (x @ r)[..., None] * r

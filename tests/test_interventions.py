@@ -86,3 +86,25 @@ def test_source_shape_mismatch_is_explained() -> None:
     model = tiny_model("gpt2")
     with pytest.raises(PathlensError, match="batch axis has size 2"):
         model.run(token_batch(), interventions=[Intervention("L0.resid_pre", Replace(torch.zeros(2, 9, 32)))])
+
+
+def test_project_out_removes_the_direction_and_nothing_else() -> None:
+    """ProjectOut equals x - (x.r)r by hand; the result has no component along r; a restricted op is itself (its
+    direction applies everywhere); a direction of the wrong width or zero is named."""
+    from pathlens.interventions import ProjectOut
+
+    model = tiny_model("llama")
+    ids = token_batch(n=3)
+    site = "L0.resid_post"
+    value = model.run(ids, cache=[site]).cache[site]
+    direction = torch.randn(model.arch.d_model, generator=torch.Generator().manual_seed(4))
+    unit = direction / direction.norm()
+    op = ProjectOut(3.0 * direction)
+    got = model.run(ids, cache=[site], interventions=[Intervention(site, op)]).cache[site]
+    torch.testing.assert_close(got, value - (value @ unit)[..., None] * unit, atol=1e-6, rtol=1e-6)
+    assert float((got @ unit).abs().max()) < 1e-5
+    assert op.restrict(torch.tensor([0]), slice(1, 3)) is op
+    with pytest.raises(PathlensError, match=r"ProjectOut on L0.resid_post: its direction has 5 entries"):
+        model.run(ids, interventions=[Intervention(site, ProjectOut(torch.ones(5)))])
+    with pytest.raises(PathlensError, match="non-zero"):
+        ProjectOut(torch.zeros(model.arch.d_model))

@@ -1,0 +1,92 @@
+"""Bad input to steering gets a PathlensError naming the offending input and the fix, and leaves the model as it
+was: a vector whose width does not fit its site, a scale that is not finite, positions out of range or not
+positions at all, a per-row list of the wrong length, an empty contrast set, an unknown concept set."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pathlens import PathlensError
+from pathlens.steering.generate import generate
+from pathlens.steering.vector import SteeringVector
+from tests.helpers import assert_untouched, snapshot, tiny_model
+
+
+def _ids() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    return ids, torch.ones_like(ids)
+
+
+def test_a_vector_whose_width_does_not_fit_the_site_is_named() -> None:
+    model = tiny_model("llama")
+    before = snapshot(model)
+    ids, mask = _ids()
+    vec = SteeringVector({"L1.resid_post": torch.ones(7)})
+    with pytest.raises(PathlensError, match=r"vector for L1.resid_post has 7 entries.*is 32 wide"):
+        generate(model, ids, vec, attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(PathlensError, match=r"vector for L1.resid_post has 7 entries"):
+        with vec.applied(model):
+            pass
+    with pytest.raises(PathlensError, match=r"layer of site L5.resid_post is 5, out of range"):
+        SteeringVector({"L5.resid_post": torch.ones(32)}).check(model)
+    with pytest.raises(PathlensError, match=r"L0.q is not a site a \(d,\) vector is added to"):
+        SteeringVector({"L0.q": torch.ones(8)}).check(model)
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf, "2"])
+def test_a_scale_that_is_not_a_finite_number_is_named(scale: object) -> None:
+    model = tiny_model("gpt2")
+    before = snapshot(model)
+    ids, mask = _ids()
+    vec = SteeringVector({"L0.resid_post": torch.ones(32)})
+    with pytest.raises(PathlensError, match=r"steering scale must be a finite number, got"):
+        SteeringVector({"L0.resid_post": torch.ones(32)}, scale=scale)  # type: ignore[arg-type]
+    with pytest.raises(PathlensError, match=r"steering scale must be a finite number"):
+        with vec.applied(model, scale=scale):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(PathlensError, match=r"scale of steer\[1\] must be a finite number"):
+        generate(model, ids, [None, (vec, scale)], attention_mask=mask, max_new_tokens=2)  # type: ignore[list-item]
+    with pytest.raises(PathlensError, match=r"steering factor must be a finite number"):
+        vec * scale  # type: ignore[operator]
+    assert_untouched(model, before)
+
+
+def test_positions_out_of_range_or_not_positions_are_named() -> None:
+    model = tiny_model("llama")
+    before = snapshot(model)
+    ids, mask = _ids()
+    mask[1, :2] = 0
+    far = SteeringVector({"L0.resid_post": torch.ones(32)}, positions=[1, 40])
+    with pytest.raises(PathlensError, match=r"steering positions \[40\] are out of range.*valid positions are -3..5"):
+        generate(model, ids, far, attention_mask=mask, max_new_tokens=3)
+    with pytest.raises(PathlensError, match=r"steering positions \[-4\] are out of range"):
+        generate(model, ids, [None, SteeringVector(far.vectors, positions=[-4])], attention_mask=mask)
+    with pytest.raises(PathlensError, match=r"steering positions 'middle' is not a policy"):
+        SteeringVector({"L0.resid_post": torch.ones(32)}, positions="middle")  # type: ignore[arg-type]
+    with pytest.raises(PathlensError, match=r"steering positions \[1.5\]"):
+        SteeringVector({"L0.resid_post": torch.ones(32)}, positions=[1.5])  # type: ignore[list-item]
+    assert_untouched(model, before)
+
+
+def test_bad_vectors_and_steer_lists_are_named() -> None:
+    model = tiny_model("llama")
+    before = snapshot(model)
+    ids, mask = _ids()
+    vec = SteeringVector({"L0.resid_post": torch.ones(32)})
+    with pytest.raises(PathlensError, match=r"steer has 3 entries but there are 2 prompts"):
+        generate(model, ids, [vec, None, vec], attention_mask=mask)
+    with pytest.raises(PathlensError, match=r"steer\[0\] is a Tensor"):
+        generate(model, ids, [torch.ones(32), None], attention_mask=mask)  # type: ignore[list-item]
+    with pytest.raises(PathlensError, match=r"vectors is empty"):
+        SteeringVector({})
+    with pytest.raises(PathlensError, match=r"the vector for L0.resid_post holds NaN/inf"):
+        SteeringVector({"L0.resid_post": torch.full((32,), math.nan)})
+    with pytest.raises(PathlensError, match=r"normalize=True needs a positive typical norm.*L0.resid_post"):
+        SteeringVector({"L0.resid_post": torch.ones(32)}, normalize=True)
+    with pytest.raises(PathlensError, match=r"max_new_tokens must be a positive integer, got 0"):
+        generate(model, ids, vec, attention_mask=mask, max_new_tokens=0)
+    assert_untouched(model, before)
