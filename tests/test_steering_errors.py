@@ -90,3 +90,24 @@ def test_bad_vectors_and_steer_lists_are_named() -> None:
     with pytest.raises(PathlensError, match=r"max_new_tokens must be a positive integer, got 0"):
         generate(model, ids, vec, attention_mask=mask, max_new_tokens=0)
     assert_untouched(model, before)
+
+
+def test_empty_or_unpaired_contrast_sets_and_unknown_methods_are_named() -> None:
+    from pathlens.steering.finders import find, mean_difference, pca_direction, read_activations
+    from tests.test_steering_finders import NEGATIVE, POSITIVE, tiny_with_words
+
+    model = tiny_with_words()
+    before = snapshot(model)
+    with pytest.raises(PathlensError, match=r"the negative contrast set is empty"):
+        mean_difference(model, POSITIVE, [], "L1.resid_post")
+    with pytest.raises(PathlensError, match=r"the positive contrast set must be a list of texts"):
+        mean_difference(model, "the film was good", NEGATIVE, "L1.resid_post")
+    with pytest.raises(PathlensError, match=r"5 positive but 2 negative prompts"):
+        pca_direction(model, POSITIVE, NEGATIVE[:2], "L1.resid_post")
+    with pytest.raises(PathlensError, match=r"unknown steering method 'svd'"):
+        find(model, "svd", POSITIVE, NEGATIVE, "L1.resid_post")
+    with pytest.raises(PathlensError, match=r"read position 9 is outside prompt 0"):
+        read_activations(model, POSITIVE, "L1.resid_post", at=9)
+    with pytest.raises(PathlensError, match=r"layer of site L7.resid_post is 7"):
+        mean_difference(model, POSITIVE, NEGATIVE, "L7.resid_post")
+    assert_untouched(model, before)
