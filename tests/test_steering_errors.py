@@ -111,3 +111,10 @@ def test_empty_or_unpaired_contrast_sets_and_unknown_methods_are_named() -> None
     with pytest.raises(PathlensError, match=r"layer of site L7.resid_post is 7"):
         mean_difference(model, POSITIVE, NEGATIVE, "L7.resid_post")
     assert_untouched(model, before)
+
+
+def test_an_unknown_concept_set_is_named() -> None:
+    from pathlens.steering.data import contrast
+
+    with pytest.raises(PathlensError, match=r"unknown concept set 'happiness'; pathlens ships \['sentiment'"):
+        contrast("happiness")

@@ -114,3 +114,18 @@ def test_select_layer_scores_every_layer() -> None:
     assert sorted(table["site"]) == layer_sites(model)
     assert set(table.columns) == {"layer", "site", "accuracy", "d_prime", "effect"}
     assert table["accuracy"].between(0, 1).all()
+
+
+def test_shipped_data_is_deterministic_and_paired() -> None:
+    from pathlens.steering.data import CONCEPTS, contrast, heldout_text, neutral_prompts
+
+    sizes = {name: len(contrast(name).positive) for name in CONCEPTS}
+    assert sizes == {"sentiment": 48, "formality": 24, "refusal": 24, "joy": 12, "anger": 12, "sadness": 12, "fear": 12}
+    for name in CONCEPTS:
+        first, again = contrast(name), contrast(name)
+        assert first == again and len(first.positive) == len(first.negative) and first.description
+        assert len(set(first.positive)) == len(first.positive)
+    assert contrast("sentiment").positive[0] == "I think the movie was wonderful."
+    assert contrast("sentiment").negative[0] == "I think the movie was terrible."
+    assert len(neutral_prompts()) == 64 and len(set(neutral_prompts())) == 64
+    assert len(heldout_text()) == 30
