@@ -6,9 +6,21 @@
 - finders (finders.py): `mean_difference` (ActAdd/CAA, `ab_prompts`), `pca_direction` (RepE), `probe_direction`,
   `select_layer`, from contrast data at any site and read position.
 - directional ablation (ablation.py): `ablation_interventions` (run time) and `orthogonalized` (a weight copy).
+- evaluation (evaluate.py): `vader_scores`, `token_set_probability`, `perplexity`, `next_token_kl`,
+  `next_token_entropy`, `cost`; `sweep` (sweep.py): dose–response table, PNG and JSON summary.
+- shipped data (data/): `contrast(name)`, `neutral_prompts()`, `heldout_text()`.
 """
 
 from pathlens.steering.ablation import ablation_interventions, orthogonalized
+from pathlens.steering.data import contrast, heldout_text, neutral_prompts
+from pathlens.steering.evaluate import (
+    cost,
+    next_token_entropy,
+    next_token_kl,
+    perplexity,
+    token_set_probability,
+    vader_scores,
+)
 from pathlens.steering.finders import (
     ab_prompts,
     find,
@@ -20,20 +32,32 @@ from pathlens.steering.finders import (
     select_layer,
 )
 from pathlens.steering.generate import Generation, generate
+from pathlens.steering.sweep import SweepResult, sweep
 from pathlens.steering.vector import SteeringVector
 
 __all__ = [
     "Generation",
     "SteeringVector",
+    "SweepResult",
     "ab_prompts",
     "ablation_interventions",
+    "contrast",
+    "cost",
     "find",
     "generate",
+    "heldout_text",
     "layer_sites",
     "mean_difference",
+    "neutral_prompts",
+    "next_token_entropy",
+    "next_token_kl",
     "orthogonalized",
     "pca_direction",
+    "perplexity",
     "probe_direction",
     "read_activations",
     "select_layer",
+    "sweep",
+    "token_set_probability",
+    "vader_scores",
 ]
