@@ -118,3 +118,44 @@ def test_an_unknown_concept_set_is_named() -> None:
 
     with pytest.raises(PathlensError, match=r"unknown concept set 'happiness'; pathlens ships \['sentiment'"):
         contrast("happiness")
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--concept", "happiness"], "unknown concept set 'happiness'"),
+        (["--method", "svd"], "unknown method 'svd'"),
+        (["--scales", "0.1,big"], "is not a comma list of numbers"),
+    ],
+)
+def test_steer_command_rejects_bad_options_before_loading(args: list[str], named: str, tmp_path: object) -> None:
+    from typer.testing import CliRunner
+
+    from pathlens.cli import app
+
+    result = CliRunner().invoke(app, ["steer", "--model", "no-such-model", *args, "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert named in " ".join(result.output.split())
+
+
+def test_steer_study_on_a_tiny_model_writes_its_files(tmp_path: object) -> None:
+    """Not a bad input: the study behind `pathlens steer`, end to end on a tiny model (kept here with its CLI)."""
+    import json
+    from pathlib import Path
+
+    from pathlens.steering.sweep import steer_study
+    from tests.test_steering_finders import tiny_with_words
+
+    model = tiny_with_words()
+    before = snapshot(model)
+    out = Path(str(tmp_path))
+    record = steer_study(model, "sentiment", "pca", out, layer=1, scales=(-1.0, 1.0), n_prompts=3, max_new_tokens=2)
+    assert record["site"] == "L1.resid_post" and len(record["examples"]) == 3
+    assert set(record["examples"][0]) == {"prompt", "unsteered", "scale +1", "scale -1"}
+    for name in ("steer.json", "vector.safetensors", "vector.json", "generations.json", "dose_response.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "steer.json").read_text())["method"] == "pca"
+    assert SteeringVector.load(out / "vector").normalize
+    assert_untouched(model, before)
+    with pytest.raises(PathlensError, match=r"layer of site L9.resid_post is 9"):
+        steer_study(model, "sentiment", "pca", out, layer=9)

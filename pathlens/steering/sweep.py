@@ -11,6 +11,7 @@ each vector's best shift in either direction within a perplexity budget, and —
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -199,8 +200,6 @@ def plot_dose_response(table: pd.DataFrame) -> Figure:
 
 def write_sweep_files(result: SweepResult, folder: Path) -> dict[str, Path]:
     """Write the table (CSV), generations (JSON), PNG and summary (JSON) into `folder`, each atomically."""
-    import json
-
     buffer = io.BytesIO()
     plot_dose_response(result.table).savefig(buffer, format="png", dpi=120)
     files = {
@@ -213,3 +212,64 @@ def write_sweep_files(result: SweepResult, folder: Path) -> dict[str, Path]:
         "summary": write_text(folder / "sweep.json", json.dumps(result.summary, indent=2, ensure_ascii=False) + "\n"),
     }
     return files
+
+
+def steer_study(
+    model: Model,
+    concept: str,
+    method: str,
+    out: str | os.PathLike[str],
+    layer: int | None = None,
+    scales: Sequence[float] = (-0.2, -0.1, 0.1, 0.2),
+    n_prompts: int = 16,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """What `pathlens steer` runs: find the `concept` vector (a shipped contrast set) with `method` at
+    L`layer`.resid_post (default: a third of the way up), normalized to that site's typical norm, so `scales`
+    are fractions of a typical activation; sweep it over `scales` on `n_prompts` neutral prompts; write
+    `vector.safetensors`/`.json`, the sweep's files and `steer.json` (the record returned) into `out`."""
+    from pathlens.steering.data import contrast
+    from pathlens.steering.finders import find
+
+    data = contrast(concept)
+    chosen = model.n_layers // 3 if layer is None else layer
+    site = str(model.resolve(f"L{chosen}.resid_post"))
+    if isinstance(n_prompts, bool) or not 1 <= n_prompts <= len(neutral_prompts()):
+        raise PathlensError(
+            f"n_prompts must be 1..{len(neutral_prompts())} (the shipped neutral prompts), got {n_prompts}."
+        )
+    found = find(model, method, data.positive, data.negative, site, data=f"pathlens {concept} contrast set")
+    vec = SteeringVector(found.vectors, normalize=True, norms=found.norms, meta=found.meta)
+    folder = Path(os.fspath(out))
+    vec.save(folder / "vector")
+    result = sweep(
+        model,
+        {method: vec},
+        scales,
+        neutral_prompts()[:n_prompts],
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        out=folder,
+    )
+    gens = result.generations
+    strongest = {sign: float(max(result.table["scale"] * sign)) * sign for sign in (1, -1)}
+    examples = []
+    for prompt in neutral_prompts()[: min(3, n_prompts)]:
+        mine = gens[gens["prompt"] == prompt]
+        row = {"prompt": prompt, "unsteered": str(mine[mine["name"] == "unsteered"]["text"].iloc[0])}
+        for s in strongest.values():
+            if s != 0.0:
+                row[f"scale {s:+g}"] = str(mine[(mine["name"] == method) & (mine["scale"] == s)]["text"].iloc[0])
+        examples.append(row)
+    record = {
+        **result.summary,
+        "concept": concept,
+        "method": method,
+        "site": site,
+        "vector": str(folder / "vector.safetensors"),
+        "examples": examples,
+        "files": {k: str(v) for k, v in result.files.items()},
+    }
+    write_text(folder / "steer.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return record
