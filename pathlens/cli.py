@@ -226,6 +226,7 @@ def patch(
     seed: int = typer.Option(0, help="task seed"),
     max_batch_tokens: int = typer.Option(DEFAULT_MAX_BATCH_TOKENS, min=1, help="most tokens in one patched forward"),
     out: Path = typer.Option(Path("out/patch"), help="output folder (a killed sweep resumes from it)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="discard the progress saved in --out and start over"),
 ) -> None:
     """Activation patching sweep: scores (safetensors + JSON), heatmap PNG and a table."""
     from pathlens.patching import patch as run_patch
@@ -243,6 +244,7 @@ def patch(
         direction=direction,
         max_batch_tokens=max_batch_tokens,
         out=out / "progress",
+        overwrite=overwrite,
         progress=True,
     )
     console.print(f"clean metric {scores.meta['clean_metric']:.3f}, corrupted {scores.meta['corrupt_metric']:.3f}")

@@ -19,6 +19,7 @@ import torch
 
 import pathlens
 from pathlens import Ablate, Intervention, Model, Replace
+from pathlens.patching import sweep as sweep_module
 from pathlens.tasks.base import Task
 from tests.helpers import FAMILIES, padded_task, tiny_model
 
@@ -231,6 +232,60 @@ def test_resume_refuses_a_different_sweep(tmp_path: Path) -> None:
     pathlens.patch(model, task, sites="heads", out=tmp_path, progress=False, direction="denoise")
     with pytest.raises(pathlens.PathlensError, match="different sweep"):
         pathlens.patch(model, task, sites="resid_pre", out=tmp_path, progress=False, direction="denoise")
+
+
+def counted_chunks(monkeypatch: pytest.MonkeyPatch, stop_after: int | None = None) -> list[int]:
+    """Count the chunks a sweep runs; with `stop_after`, interrupt it (KeyboardInterrupt) after that many."""
+    original = sweep_module._Sweep.run_chunk
+    calls = [0]
+
+    def run_chunk(self: sweep_module._Sweep, chunk: sweep_module.Chunk) -> torch.Tensor:
+        if calls[0] == stop_after:
+            raise KeyboardInterrupt
+        calls[0] += 1
+        return original(self, chunk)
+
+    monkeypatch.setattr(sweep_module._Sweep, "run_chunk", run_chunk)
+    return calls
+
+
+def test_resuming_a_finished_sweep_runs_nothing_and_is_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, task = tiny_model("llama", weight_scale=4.0), padded_task()
+    plain = pathlens.patch(model, task, sites="heads", positions="each", max_batch_tokens=30, progress=False)
+    first = pathlens.patch(
+        model, task, sites="heads", positions="each", max_batch_tokens=30, out=tmp_path, progress=False
+    )
+    calls = counted_chunks(monkeypatch)
+    again = pathlens.patch(
+        model, task, sites="heads", positions="each", max_batch_tokens=30, out=tmp_path, progress=False
+    )
+    assert calls[0] == 0
+    assert torch.equal(first.values, plain.values) and torch.equal(again.values, plain.values)
+
+
+def test_resume_after_an_interrupt_drops_a_torn_last_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted append leaves a partial last record: the resume ignores it and runs that chunk again."""
+    model, task = tiny_model("llama", weight_scale=4.0), padded_task()
+    kwargs = {"sites": "resid_pre", "positions": "each", "out": tmp_path, "progress": False}
+    with monkeypatch.context() as patched:
+        plain_calls = counted_chunks(patched)
+        plain = pathlens.patch(model, task, sites="resid_pre", positions="each", progress=False)
+    total = plain_calls[0]
+    with monkeypatch.context() as patched:
+        counted_chunks(patched, stop_after=4)
+        with pytest.raises(KeyboardInterrupt):
+            pathlens.patch(model, task, **kwargs)  # type: ignore[arg-type]
+    log = tmp_path / "progress.log"
+    log.write_bytes(log.read_bytes()[:-3])
+    calls = counted_chunks(monkeypatch)
+    resumed = pathlens.patch(model, task, **kwargs)  # type: ignore[arg-type]
+    assert calls[0] == total - 3
+    assert torch.equal(resumed.values, plain.values)
+    overwritten = pathlens.patch(model, task, overwrite=True, **kwargs)  # type: ignore[arg-type]
+    assert calls[0] == 2 * total - 3
+    assert torch.equal(overwritten.values, plain.values)
 
 
 def test_bad_arguments() -> None:

@@ -11,34 +11,32 @@ Every cell is the batch-mean metric of one patched run:
 Variants are grouped by where their causal cone starts, batched K at a time into K·N-row forwards chunked to
 `max_batch_tokens` (a chunk never holds more), and run by `ConeRunner` from the cached block inputs. Sites
 outside the blocks (embed, module paths) run the whole model, still batched. With `out=`, each finished chunk
-is written to disk atomically and a re-run with the same arguments resumes where it stopped; chunking is fixed
-by the plan, so resumed scores are bit-identical to an uninterrupted run.
+is appended to a progress log (`patching.checkpoint`) and a re-run with the same model, task, metric and
+arguments resumes where it stopped; chunking is fixed by the plan, so resumed scores are bit-identical to an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 from rich.progress import Progress
-from safetensors.torch import load_file
 from torch import Tensor
 
 from pathlens.errors import PathlensError
 from pathlens.interventions import Ablate, Intervention, Op, Replace
 from pathlens.model import Model, Run
+from pathlens.patching.checkpoint import SWEEP_VERSION, Checkpoint, task_digest, weights_digest
 from pathlens.patching.cone import ConePatch, ConeRunner, cone_start
 from pathlens.patching.plan import Plan, Variant
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, ResolvedSpec, Sites, check_option
 from pathlens.results import Scores
-from pathlens.results.io import write_bytes, write_safetensors
+from pathlens.results.io import writable_folder
 from pathlens.tasks.base import Task
 from pathlens.tasks.metrics import Metric
 
@@ -102,54 +100,17 @@ def scored_view(task: Task, rows: Tensor, k: int) -> Task:
     )
 
 
-class _Checkpoint:
-    """Per-row metric values and finished chunks of a sweep, kept in `out/` with atomic writes."""
-
-    def __init__(self, out: Path | None, fingerprint: dict[str, Any], n_variants: int, n_rows: int, n_chunks: int):
-        self.out = out
-        self.values = torch.full((n_variants, n_rows), float("nan"), dtype=torch.float64)
-        self.done = torch.zeros(n_chunks, dtype=torch.uint8)
-        if out is None:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        plan_file = out / "sweep.json"
-        if plan_file.exists():
-            saved = json.loads(plan_file.read_text())
-            if saved != fingerprint:
-                raise PathlensError(
-                    f"{out} holds a different sweep (its sweep.json differs from this call); resume with the same "
-                    "model, task and arguments, or pass another out= folder."
-                )
-            state = out / "progress.safetensors"
-            if state.exists():
-                tensors = load_file(state)
-                self.values, self.done = tensors["values"], tensors["done"]
-        else:
-            write_bytes(plan_file, json.dumps(fingerprint, indent=1).encode())
-
-    def record(self, chunk_index: int, variants: Sequence[int], rows: slice, values: Tensor) -> None:
-        self.values[list(variants), rows] = values.double()
-        self.done[chunk_index] = 1
-        if self.out is not None:
-            write_safetensors(self.out / "progress.safetensors", {"values": self.values, "done": self.done})
-
-
-def _fingerprint(model: Model, task: Task, plan: Plan, settings: dict[str, Any]) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    for t in (task.clean_ids, task.corrupt_ids, task.answer_ids, task.wrong_ids, task.answer_pos, task.attention_mask):
-        digest.update(t.numpy().tobytes())
-    params = hashlib.sha256()
-    for _, p in sorted(model.hf.named_parameters())[:4]:
-        params.update(p.detach().float().flatten()[:64].numpy().tobytes())
+def _identity(model: Model, task: Task, plan: Plan, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint must match besides the metric: the weights, the task's tensors and the settings."""
     return {
-        "model": model.name,
-        "family": model.arch.family,
-        "weights_probe": params.hexdigest(),
-        "task": task.name,
-        "task_sha256": digest.hexdigest(),
-        "dims": list(plan.dims),
-        "coords": {k: [str(x) for x in v] for k, v in plan.coords.items()},
-        **settings,
+        "version": SWEEP_VERSION,
+        "weights": {"model": model.name, "family": model.arch.family, "sha256": weights_digest(model.hf)},
+        "task": {"name": task.name, "sha256": task_digest(task)},
+        "settings": {
+            **{k: v for k, v in settings.items() if k != "metric"},
+            "dims": list(plan.dims),
+            "coords": {k: [str(x) for x in v] for k, v in plan.coords.items()},
+        },
     }
 
 
@@ -165,6 +126,7 @@ def patch(
     neurons: dict[int, Sequence[int]] | None = None,
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     out: "str | os.PathLike[str] | None" = None,
+    overwrite: bool = False,
     progress: bool = True,
     cone: bool = True,
     seed: int = 0,
@@ -181,8 +143,10 @@ def patch(
     ablation: "zero" | "mean" | "resample" to ablate on the clean prompts instead of patching.
     metric: per-prompt metric (logits, task) -> (N,); it sees logits (N, 1, V) at the scored positions.
     layers: restrict a group to these layers. max_batch_tokens: the most tokens one patched forward holds.
-    out: folder for resumable progress (a re-run with the same arguments resumes). cone=False runs every
-        variant through the whole model (the slow path the tests compare against).
+    out: folder for resumable progress: a re-run with the same model weights, task, metric and arguments resumes;
+        one that differs in any of them raises saying which (see `patching.checkpoint`). Checked to be a
+        writable folder before any forward. overwrite: discard the progress saved in `out` and start over.
+    cone=False runs every variant through the whole model (the slow path the tests compare against).
     top_k: exact answers at gradient cost — rank every cell with `prefilter` ("atp*": AtP with the QK fix,
         "relp", "atp"), then exact-patch cells in ranked order, K at a time, until no unverified cell can enter
         the exact top K by |patched − base| (see `_verify_in_order`). Unverified cells are NaN;
@@ -190,7 +154,7 @@ def patch(
     """
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
     _check_options(ablation, max_batch_tokens, top_k, out, prefilter)
-    sweep = _Sweep.start(setup, ablation, cone, seed, max_batch_tokens)
+    folder = writable_folder(out, "out=") if out is not None else None
     settings = {
         "direction": direction,
         "ablation": ablation,
@@ -200,15 +164,20 @@ def patch(
         "seed": seed,
         "positions": positions if isinstance(positions, str) else [int(p) for p in positions],
     }
-    state = _Checkpoint(
-        Path(out) if out is not None else None,
-        _fingerprint(model, setup.task, setup.plan, settings),
+    state = Checkpoint.open(
+        folder,
+        _identity(model, setup.task, setup.plan, settings) if folder is not None else {},
         len(setup.plan.variants),
         setup.task.n,
-        len(sweep.chunks),
+        overwrite,
     )
+    sweep = _Sweep.start(setup, ablation, cone, seed, max_batch_tokens)
+    state.start(sweep.chunks, sweep.metric_rows() if folder is not None else {})
     if top_k is None:
-        _run_chunks(sweep, state, progress)
+        try:
+            _run_chunks(sweep, state, progress)
+        finally:
+            state.close()
         return _assemble(sweep, state.values, settings)
     estimate = _prefilter(prefilter)(
         model,
@@ -331,6 +300,24 @@ class _Sweep:
             self.setup.metric(self.runner.answer_logits[:, None], scored_view(task, torch.arange(task.n), 1)).mean()
         )
 
+    def metric_rows(self) -> dict[str, Any]:
+        """The metric's name and per-row values on the base and source runs: what tells two metrics apart when a
+        checkpoint resumes (without the cone runner the base prompts run once more for it)."""
+        task, metric = self.setup.task, self.setup.metric
+        everything = torch.arange(task.n)
+        view = scored_view(task, everything, 1)
+        if self.runner is not None:
+            base_logits = self.runner.answer_logits
+        else:
+            run = self.setup.model.run(self.base_ids, attention_mask=task.attention_mask, logits_at=self.scored)
+            base_logits = run.logits[everything, torch.searchsorted(self.scored, task.answer_pos)]
+        source_logits = self.source.logits[everything, torch.searchsorted(self.scored, task.answer_pos)]
+        return {
+            "name": self.setup.metric_name,
+            "base": metric(base_logits[:, None], view).double().tolist(),
+            "source": metric(source_logits[:, None], view).double().tolist(),
+        }
+
     def source_metric(self) -> float:
         """Batch-mean metric of the source run."""
         task = self.setup.task
@@ -338,7 +325,7 @@ class _Sweep:
         return float(self.setup.metric(at_answer[:, None], scored_view(task, torch.arange(task.n), 1)).mean())
 
 
-def _run_chunks(sweep: _Sweep, state: _Checkpoint, progress: bool) -> None:
+def _run_chunks(sweep: _Sweep, state: Checkpoint, progress: bool) -> None:
     """Run every chunk the checkpoint has not finished, recording each as it completes."""
     chunks = sweep.chunks
     todo = [i for i, _ in enumerate(chunks) if not state.done[i]]
@@ -348,7 +335,7 @@ def _run_chunks(sweep: _Sweep, state: _Checkpoint, progress: bool) -> None:
         )
         for index in todo:
             chunk = chunks[index]
-            state.record(index, chunk.variants, slice(chunk.row_start, chunk.row_stop), sweep.run_chunk(chunk))
+            state.record(index, sweep.run_chunk(chunk))
             bar.advance(job)
 
 

@@ -8,8 +8,12 @@ temporary file behind. Files get the permissions the user's umask gives (not `te
 any other file the user writes.
 
 A result is saved as a pair: `<name>.safetensors` holds only tensors and `<name>.json` the labels and
-provenance, with a SHA-256 of the tensor file so a pair mixed from two saves is detected. Nothing is pickled, so
-loading never runs code.
+provenance, with a SHA-256 of the tensor file (so a pair mixed from two saves is detected) and a SHA-256 of the
+header itself (so relabelled coordinates or an edited metadata field are detected, not trusted). Nothing is
+pickled, so loading never runs code.
+
+A long computation saves its progress with `AppendLog`: each finished piece is appended as one framed,
+CRC-checked record, which costs one small write instead of rewriting the whole state.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
+import time
 import uuid
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,17 +36,20 @@ from pathlens.errors import PathlensError
 
 __all__ = [
     "FORMAT_VERSION",
+    "AppendLog",
     "load_pair",
     "save_pair",
     "write_bytes",
     "write_files",
     "write_safetensors",
     "write_text",
+    "writable_folder",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the on-disk layout written by `save_pair` (`Scores.save`, `Graph.save`); bumped when the JSON
-layout changes."""
+layout changes. 2 adds `header_sha256`; version-1 files (no header checksum) still load."""
+_HEADER_CHECKSUM_SINCE = 2
 
 
 def write_files(files: Mapping[Path, bytes]) -> None:
@@ -84,13 +94,35 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, Tensor
     return write_bytes(path, safetensors.torch.save(dict(tensors)))
 
 
+def writable_folder(path: str | os.PathLike[str], label: str) -> Path:
+    """Create the folder `path` if missing and check that files can be written in it; returns it as a Path.
+
+    Meant to run before any long computation, so a bad output folder fails at once. Errors name the folder as
+    `label` (e.g. "out=") and say what blocks it: a file in its place or above it, or a write that the system
+    refuses (permissions, a read-only filesystem), found by creating and removing a probe file."""
+    folder = Path(os.fspath(path)).expanduser()
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        where = "is a file" if blocking == folder else f"is under {blocking}, which is a file"
+        raise PathlensError(f"{label}{folder} {where}, not a folder; pass a folder path.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_temp(folder / "probe", b"").unlink()
+    except OSError as err:
+        raise PathlensError(
+            f"{label}{folder} cannot be written ({err.strerror or err}); pass a folder you can write to."
+        ) from err
+    return folder
+
+
 def save_pair(
     path: str | os.PathLike[str], format_name: str, tensors: dict[str, Tensor], header: dict[str, Any]
 ) -> None:
-    """Write `tensors` to `<path>.safetensors` and `header` (+ format, version, checksum) to `<path>.json`.
+    """Write `tensors` to `<path>.safetensors` and `header` (+ format, version, checksums) to `<path>.json`.
 
     `path` may end in ".safetensors" or ".json" or have neither; missing parent folders are created. Both
     files are written with `write_files`. The JSON is indented, UTF-8 (not ASCII-escaped), with a final newline.
+    `header_sha256` is the SHA-256 of the header's canonical JSON without that field (see `_header_digest`).
     """
     tensor_path, json_path = _file_pair(path)
     tensor_bytes = safetensors.torch.save(tensors)
@@ -100,6 +132,7 @@ def save_pair(
         **header,
         "values_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
     }
+    full["header_sha256"] = _header_digest(json.loads(json.dumps(full)))
     json_bytes = (json.dumps(full, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     write_files({tensor_path: tensor_bytes, json_path: json_bytes})
 
@@ -131,6 +164,11 @@ def load_pair(
             f"{owner}: {json_path} has format version {version!r}, this pathlens reads up to {FORMAT_VERSION}; "
             "upgrade pathlens."
         )
+    if version >= _HEADER_CHECKSUM_SINCE and header.get("header_sha256") != _header_digest(header):
+        raise PathlensError(
+            f"{owner}: {json_path} was modified after it was saved (its labels or metadata no longer match the "
+            "checksum written with them); save the result again rather than editing the file."
+        )
     tensor_bytes = tensor_path.read_bytes()
     if hashlib.sha256(tensor_bytes).hexdigest() != header.get("values_sha256"):
         raise PathlensError(
@@ -141,6 +179,88 @@ def load_pair(
     if set(tensors) != set(tensor_names):
         raise PathlensError(f"{owner}: {tensor_path} should hold {sorted(tensor_names)}, has {sorted(tensors)}.")
     return tensors, header
+
+
+class AppendLog:
+    """An append-only file of framed records: `append(payload)` costs one small write, not a rewrite.
+
+    Layout: the line `pathlens-log 1`, then per record its payload length (8 bytes, little-endian), the CRC-32 of
+    length and payload (4 bytes) and the payload. A record is one `write` call; the file is fsynced at most every
+    `sync_seconds` and on `close`. So a killed process loses no appended record (the operating system holds it),
+    and a machine crash loses at most the last `sync_seconds` of records: `read` drops a torn or garbled last
+    record (the one an interrupted write leaves), and raises on damage anywhere before it.
+    """
+
+    MAGIC = b"pathlens-log 1\n"
+    _FRAME = struct.Struct("<QI")
+
+    def __init__(self, path: Path, sync_seconds: float = 5.0) -> None:
+        """Open the log at `path` (made with `create`) for appending."""
+        self.path = path
+        self.sync_seconds = sync_seconds
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        self._synced_at = time.monotonic()
+
+    @classmethod
+    def create(cls, path: Path, sync_seconds: float = 5.0) -> AppendLog:
+        """Write an empty log at `path` atomically (replacing any file there) and open it for appending."""
+        write_bytes(path, cls.MAGIC)
+        return cls(path, sync_seconds)
+
+    def append(self, payload: bytes) -> None:
+        os.write(self._fd, self._FRAME.pack(len(payload), _crc(payload)) + payload)
+        if time.monotonic() - self._synced_at >= self.sync_seconds:
+            os.fsync(self._fd)
+            self._synced_at = time.monotonic()
+
+    def close(self) -> None:
+        """fsync and close (idempotent)."""
+        if self._fd >= 0:
+            try:
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+
+    def __enter__(self) -> AppendLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @classmethod
+    def read(cls, path: Path) -> list[bytes]:
+        """The payloads of the log at `path`, in order. Raises `ValueError` saying what is damaged where."""
+        data = path.read_bytes()
+        if not data.startswith(cls.MAGIC):
+            raise ValueError("it is not a pathlens progress log (its first line differs)")
+        records: list[bytes] = []
+        at = len(cls.MAGIC)
+        while at < len(data):
+            end = at + cls._FRAME.size
+            length, crc = cls._FRAME.unpack(data[at:end]) if end <= len(data) else (0, None)
+            payload = data[end : end + length]
+            if crc is None or len(payload) < length or _crc(payload) != crc:
+                if end + length >= len(data):
+                    break  # the last record, torn by an interrupted write: its work is redone
+                raise ValueError(f"record {len(records)} (at byte {at}) is damaged")
+            records.append(payload)
+            at = end + length
+        return records
+
+
+def _crc(payload: bytes) -> int:
+    """CRC-32 of a record's length and payload (so a zero-filled frame, as a crash may leave, never checks)."""
+    return zlib.crc32(payload, zlib.crc32(len(payload).to_bytes(8, "little")))
+
+
+def _header_digest(header: Mapping[str, Any]) -> str:
+    """SHA-256 of `header` without its `header_sha256` field, as canonical JSON (sorted keys, no spaces, UTF-8).
+
+    Computed on the header as JSON reads it back, so the value written and the value checked on load agree."""
+    body = {key: value for key, value in header.items() if key != "header_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _file_pair(path: str | os.PathLike[str]) -> tuple[Path, Path]:
