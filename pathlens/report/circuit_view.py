@@ -295,6 +295,10 @@ def circuit_section(graph: Graph, pathways: Sequence[Mapping[str, Any]] = ()) ->
     parts = [graph.method, f"metric {graph.metric}", f"{graph.n_edges} of {graph.edges_total} edges kept"]
     if isinstance(graph.meta.get("faithfulness"), Real):
         parts.append(f"faithfulness {graph.meta['faithfulness']:.3f}")
+    if graph.meta.get("reached_target") is False:
+        parts.append(f"below its target {graph.meta.get('target')}: the best circuit found")
+    if graph.meta.get("linearised_post_norms"):
+        parts.append(f"edges linearised: {graph.meta.get('linearisation', 'post-sublayer norm scales held fixed')}")
     caption = f'<p class="caption">{esc(" · ".join(parts))}</p>'
     if not view.edges:
         return caption + "\n<p>No edges kept.</p>"
