@@ -16,6 +16,7 @@ name is the function (`pathlens.circuits.discover(model, task)`), while the modu
 (`from pathlens.circuits.discover import pathways`).
 """
 
+from pathlens.circuits import mib
 from pathlens.circuits.discover import DISCOVERY_METHODS, discover, pathways
 from pathlens.circuits.edge_attribution import edge_attribution
 from pathlens.circuits.edge_effects import edge_effects
@@ -40,6 +41,7 @@ __all__ = [
     "faithfulness",
     "faithfulness_curve",
     "graph_layout",
+    "mib",
     "neuron_path",
     "neuron_path_module",
     "path_patch",
