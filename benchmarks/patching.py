@@ -7,6 +7,7 @@ clean activation patched in. Workloads:
 - gpt2-heads: GPT-2-small shape (random init), every head's output over all positions, grid (layer, head).
 - gpt2-resid-pre: the same model, the residual stream entering every block at every position, grid (layer, pos).
 - smollm2-heads / smollm2-resid-pre: the embedded SmolLM2 model on an IOI task, pathlens alone.
+- checkpoint-overhead: the cost of `patch(out=...)`: one pathlens sweep timed without and with a checkpoint folder.
 
 Run `python benchmarks/patching.py --json` for one JSON line per workload; see benchmarks/README.md for what
 each number means, how peak memory and the FLOP floor are computed, and which peer variants are used.
@@ -24,7 +25,9 @@ if not __package__:  # run as `python benchmarks/patching.py`: import the packag
 import argparse
 import copy
 import functools
+import itertools
 import statistics
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -56,6 +59,10 @@ from pathlens.tasks import Task
 
 GPT2_WORKLOADS = ("gpt2-heads", "gpt2-resid-pre")
 SMOLLM2_WORKLOADS = ("smollm2-heads", "smollm2-resid-pre")
+CHECKPOINT_WORKLOAD = "checkpoint-overhead"
+CHECKPOINT_TARGET = 1.10
+"""Largest allowed (sweep with out=) / (same sweep without) time."""
+PATHLENS_ONLY = (*SMOLLM2_WORKLOADS, CHECKPOINT_WORKLOAD)
 PEERS = ("tl", "nnsight")
 LIBRARIES = ("pathlens", *PEERS)
 TL_VARIANT = (
@@ -422,6 +429,40 @@ def run_smollm2_workloads(workloads: list[str], repeats: int) -> list[dict[str, 
     return rows
 
 
+def run_checkpoint_workload(repeats: int) -> dict[str, Any]:
+    """The same pathlens sweep timed without and with `out=` (a new folder each run, so nothing resumes),
+    interleaved by `round_robin`: GPT-2-small shape, the residual stream entering every block at every position,
+    one chunk per (layer, position) — the most checkpoint writes per second of compute of the patching workloads.
+    `out=` adds the fingerprint (a SHA-256 over every weight) and one log append per chunk."""
+    from safetensors.torch import load_file
+
+    import pathlens
+
+    hf = build_gpt2()
+    model, task = pathlens.Model(hf), synthetic_ioi_task(hf.config.vocab_size)
+    with tempfile.TemporaryDirectory() as root:
+        folders = (os.path.join(root, str(i)) for i in itertools.count())
+
+        def sweep(out: str | None) -> Grid:
+            return pathlens.patch(model, task, sites="resid_pre", positions="each", out=out, progress=False).values
+
+        timed = round_robin({"plain": lambda: sweep(None), "out": lambda: sweep(next(folders))}, repeats)
+        chunks = load_file(os.path.join(root, "0", "progress.safetensors"))["done"].numel()
+    seconds_plain, seconds_out = timed["plain"].median, timed["out"].median
+    overhead = seconds_out / seconds_plain
+    return {
+        "workload": CHECKPOINT_WORKLOAD,
+        "seconds_plain": seconds_plain,
+        "seconds_out": seconds_out,
+        "ratio": overhead,
+        "met": overhead <= CHECKPOINT_TARGET,
+        "target": CHECKPOINT_TARGET,
+        "chunks": chunks,
+        "identical": torch.equal(timed["plain"].result, timed["out"].result),
+        "repeats": repeats,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------- output
 
 
@@ -440,13 +481,21 @@ TABLE_COLUMNS = (
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     """Readable summary: seconds per library, floor, ratios, agreement and peak memory."""
+    grids = [row for row in rows if row["workload"] != CHECKPOINT_WORKLOAD]
     print(f"{'workload':<19}" + "".join(f"{title:>10}" for title, _, _ in TABLE_COLUMNS))
     print("-" * (19 + 10 * len(TABLE_COLUMNS)))
-    for row in rows:
+    for row in grids:
         cells = ("-" if row.get(key) is None else format(row[key], spec) for _, key, spec in TABLE_COLUMNS)
         print(f"{row['workload']:<19}" + "".join(f"{cell:>10}" for cell in cells))
     print("\nseconds = median wall time; x TL / x nns = peer time / pathlens time; /floor = pathlens time / floor.")
     for row in rows:
+        if row["workload"] == CHECKPOINT_WORKLOAD:
+            print(
+                f"{CHECKPOINT_WORKLOAD}: {row['seconds_plain']:.2f} s without out=, {row['seconds_out']:.2f} s with "
+                f"({row['chunks']} chunks): x{row['ratio']:.3f} (target <= {row['target']:.2f}: "
+                f"{'met' if row['met'] else 'NOT met'}; scores identical: {row['identical']})"
+            )
+    for row in grids:
         if row.get("max_abs_diff_vs_torch"):
             diffs = ", ".join(f"{k} {v:.1e}" for k, v in row["max_abs_diff_vs_torch"].items())
             scale = f"grid values up to {row['grid_abs_max']:.2f}"
@@ -478,7 +527,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workloads",
         default=None,
-        help="comma list of workloads (default: all; the smollm2 ones only when pathlens is in --libs)",
+        help="comma list of workloads (default: all; the smollm2 and checkpoint ones only when pathlens is in --libs)",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads; 0 keeps torch's default (one per core)"
@@ -488,16 +537,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.libs = [lib for lib in args.libs.split(",") if lib]
     if args.workloads is None:
-        args.workloads = list(GPT2_WORKLOADS + (SMOLLM2_WORKLOADS if "pathlens" in args.libs else ()))
+        args.workloads = list(GPT2_WORKLOADS + (PATHLENS_ONLY if "pathlens" in args.libs else ()))
     else:
         args.workloads = [w for w in args.workloads.split(",") if w]
     unknown = [lib for lib in args.libs if lib not in LIBRARIES] + [
-        w for w in args.workloads if w not in GPT2_WORKLOADS + SMOLLM2_WORKLOADS
+        w for w in args.workloads if w not in GPT2_WORKLOADS + PATHLENS_ONLY
     ]
     if unknown:
         parser.error(f"unknown library or workload: {', '.join(unknown)}")
-    if any(w in SMOLLM2_WORKLOADS for w in args.workloads) and "pathlens" not in args.libs:
-        parser.error("the smollm2 workloads time pathlens alone; keep pathlens in --libs or drop them")
+    if any(w in PATHLENS_ONLY for w in args.workloads) and "pathlens" not in args.libs:
+        parser.error("the smollm2 and checkpoint workloads time pathlens alone; keep pathlens in --libs or drop them")
     check_repeats_and_threads(parser, args)
     return args
 
@@ -512,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     if smollm2:
         for row in run_smollm2_workloads(smollm2, args.repeats):
             emit(row)
+    if CHECKPOINT_WORKLOAD in args.workloads:
+        emit(run_checkpoint_workload(args.repeats))
     if not args.json:
         print_table(emit.rows)
     problems = disagreements(emit.rows, args.tol)
