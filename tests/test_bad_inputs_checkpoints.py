@@ -318,3 +318,22 @@ def test_results_saved_before_the_header_checksum_still_load(tmp_path: Path) -> 
     header_path.write_text(json.dumps(header, indent=2, ensure_ascii=False))
     loaded = Scores.load(tmp_path / "s")
     assert loaded.coords == scores.coords and loaded.meta["note"] == "ünïcode"
+
+
+# ---- the CLI: a stale checkpoint is a one-line error naming --overwrite, which starts over --------------------
+
+
+def test_cli_resume_of_another_sweep_names_overwrite(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pathlens.cli import app
+
+    runner = CliRunner()
+    args = ["patch", "--model", "induction-2l", "--task", "induction", "--n", "4", "--out", str(tmp_path)]
+    assert runner.invoke(app, [*args, "--direction", "denoise"], terminal_width=200).exit_code == 0
+    stale = runner.invoke(app, [*args, "--direction", "noise"], terminal_width=200)
+    assert stale.exit_code == 1 and "Traceback" not in stale.output
+    flat = " ".join(stale.output.split())
+    assert "settings differ" in flat and "--overwrite" in flat and str(tmp_path / "progress") in flat
+    fresh = runner.invoke(app, [*args, "--direction", "noise", "--overwrite"], terminal_width=200)
+    assert fresh.exit_code == 0, fresh.output

@@ -139,8 +139,13 @@ class Checkpoint:
             self._log = self._merge()
             return
         sweep_json.unlink(missing_ok=True)
-        self._log = self._merge()
-        write_bytes(sweep_json, json.dumps({**self.identity, "metric": metric}, indent=1).encode())
+        log_file = self._merge()
+        try:
+            write_bytes(sweep_json, json.dumps({**self.identity, "metric": metric}, indent=1).encode())
+        except BaseException:
+            log_file.close()
+            raise
+        self._log = log_file
 
     def record(self, chunk_index: int, values: Tensor) -> None:
         """Store a finished chunk's (variants, rows) values and append them to the log."""
@@ -246,7 +251,7 @@ def _compare(out: Path, saved: dict[str, Any], identity: dict[str, Any]) -> None
         "task": "its prompts, answers, answer positions or attention mask changed",
     }
     for section in ("weights", "task", "settings"):
-        old, new = saved[section], identity[section]
+        old, new = saved[section], json.loads(json.dumps(identity[section]))  # compared as JSON reads it back
         if old == new:
             continue
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
