@@ -337,3 +337,13 @@ def test_cli_resume_of_another_sweep_names_overwrite(tmp_path: Path) -> None:
     assert "settings differ" in flat and "--overwrite" in flat and str(tmp_path / "progress") in flat
     fresh = runner.invoke(app, [*args, "--direction", "noise", "--overwrite"], terminal_width=200)
     assert fresh.exit_code == 0, fresh.output
+
+
+def test_checkpoint_files_follow_the_umask(model: Model, task: Task, tmp_path: Path) -> None:
+    previous = os.umask(0o027)
+    try:
+        run(model, task, tmp_path / "sweep")
+    finally:
+        os.umask(previous)
+    for name in ("sweep.json", "progress.safetensors"):
+        assert (tmp_path / "sweep" / name).stat().st_mode & 0o777 == 0o640, name
