@@ -96,11 +96,11 @@ def generation_rows(model: Model, vec: SteeringVector, layer: int, repeats: int,
             "peers": "not installed" if importlib.util.find_spec("nnsight") is None else "not measured",
         }
     )
-    entries = [(vec, 1.0), (vec, -1.0), (vec, 0.5), None]
+    entries = [(vec, vec.scale), (vec, -vec.scale), (vec, vec.scale / 2), None]  # a pair's scale replaces vec's
     steer = [entries[i % 4] for i in range(N_PROMPTS)]
-    per_row = torch.stack([torch.zeros_like(added) if e is None else e[1] * added for e in steer])[
-        :, None, :
-    ]  # (B, 1, d)
+    unit = vec.effective(site)
+    per_row = torch.stack([torch.zeros_like(unit) if e is None else e[1] * unit for e in steer])  # (B, d)
+    per_row = per_row[:, None, :]  # (B, 1, d)
     timed = round_robin(
         {
             "per_row": lambda: generate(model, prompts, steer, max_new_tokens=NEW_TOKENS).ids,
