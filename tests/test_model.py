@@ -61,3 +61,13 @@ def test_unknown_architecture_explains_how_to_pass_a_map() -> None:
 
     with pytest.raises(PathlensError, match="ArchMap"):
         Model(NotATransformer())
+
+
+def test_a_bare_site_string_is_one_cached_site() -> None:
+    """run(ids, cache="L0.resid_pre") caches that one site (a string used to be iterated character by character)."""
+    model = tiny_model("gpt2")
+    ids = token_batch()
+    one = model.run(ids, cache="L0.resid_pre")
+    listed = model.run(ids, cache=["L0.resid_pre"])
+    assert list(one.cache) == list(listed.cache)
+    torch.testing.assert_close(one.cache["L0.resid_pre"], listed.cache["L0.resid_pre"], atol=0, rtol=0)
