@@ -92,6 +92,19 @@ def _checked(positive: Sequence[str], negative: Sequence[str], paired: bool) -> 
         )
 
 
+def _contrast(
+    model: Model,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    sites: "str | Sequence[str]",
+    at: ReadAt,
+    paired: bool,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The checked contrast sets' activations at every site: (positive, negative), each site → (N, d)."""
+    _checked(positive, negative, paired=paired)
+    return read_activations(model, positive, sites, at), read_activations(model, negative, sites, at)
+
+
 def _vector(
     model: Model,
     directions: dict[str, Tensor],
@@ -129,9 +142,7 @@ def mean_difference(
 ) -> SteeringVector:
     """Difference in means (ActAdd with one pair, CAA with A/B prompts): mean_pos h − mean_neg h at each site.
     The sets need not be paired or of equal size."""
-    _checked(positive, negative, paired=False)
-    pos = read_activations(model, positive, sites, at)
-    neg = read_activations(model, negative, sites, at)
+    pos, neg = _contrast(model, positive, negative, sites, at, paired=False)
     directions = {s: pos[s].mean(0) - neg[s].mean(0) for s in pos}
     return _vector(model, directions, (pos, neg), method, data, at)
 
@@ -177,9 +188,7 @@ def pca_direction(
 ) -> SteeringVector:
     """RepE control vector (repeng's pca_diff), one per site: the first principal component of the paired
     differences h(pos_i) − h(neg_i), signed to follow the contrast, at the size of the mean difference along it."""
-    _checked(positive, negative, paired=True)
-    pos = read_activations(model, positive, sites, at)
-    neg = read_activations(model, negative, sites, at)
+    pos, neg = _contrast(model, positive, negative, sites, at, paired=True)
     directions = {}
     for s in pos:
         diffs = (pos[s] - neg[s]).double()  # (N, d)
@@ -221,9 +230,7 @@ def probe_direction(
 ) -> SteeringVector:
     """A logistic probe's direction at each site (positive = 1): the unit weight vector, signed to follow the
     contrast and sized by the mean difference along it."""
-    _checked(positive, negative, paired=False)
-    pos = read_activations(model, positive, sites, at)
-    neg = read_activations(model, negative, sites, at)
+    pos, neg = _contrast(model, positive, negative, sites, at, paired=False)
     directions = {}
     for s in pos:
         x = torch.cat([pos[s], neg[s]]).double()
