@@ -389,6 +389,19 @@ class Model:
                 stack.enter_context(session)
             return self.hf(**kwargs)
 
+    def unembed(self, hidden: Tensor, softcap: bool = True) -> Tensor:
+        """Logits from final-layer hidden states (..., d_model) → (..., vocab): the model's own final norm, its
+        unembedding and, with `softcap`, its final logit soft-cap (Gemma 2). The logit lens, the cone runner and
+        output-layer steering all read the residual stream through this one function."""
+        a = self.arch
+        if a.final_norm is not None:
+            hidden = get_module(self.hf, a.final_norm)(hidden)
+        logits = get_module(self.hf, a.unembed)(hidden)  # (..., vocab)
+        cap = getattr(self.config, "final_logit_softcapping", None) if softcap else None
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     def scored_logits(
         self, ids: Tensor, mask: Tensor | None, session: HookSession, answer_pos: Tensor, use_cache: bool = False
     ) -> Tensor:

@@ -149,7 +149,7 @@ def test_edge_effects_builds_its_patcher_or_reuses_one() -> None:
 
 def test_every_method_has_the_same_default_direction() -> None:
     """One default (patching and node attribution used to default to "denoise", edges and discovery to "noise")."""
-    from pathlens import cli
+    from pathlens.cli import commands as cli
 
     methods = [
         pathlens.patch,

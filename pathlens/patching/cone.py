@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicCache
 
-from pathlens.arch.base import get_blocks, get_module
+from pathlens.arch.base import get_blocks
 from pathlens.arch.calls import first_output
 from pathlens.hooks import HookSession
 from pathlens.interventions import Intervention, Op
@@ -60,9 +60,6 @@ class ConeRunner:
         self.calls = {layer: self._named(layer, *session.block_calls[layer]) for layer in range(a.n_layers)}
         self.cache_arg = self._find_cache_arg()
         self.kv = self._kv_from_cache() if self.cache_arg else None
-        self.final_norm = get_module(model.hf, a.final_norm) if a.final_norm else None
-        self.unembed = get_module(model.hf, a.unembed)
-        self.softcap = getattr(model.hf.config, "final_logit_softcapping", None)
 
     @property
     def supports_position_cone(self) -> bool:
@@ -134,12 +131,7 @@ class ConeRunner:
         return torch.where(inside[:, None], logits, base)
 
     def _logits(self, hidden: Tensor) -> Tensor:
-        if self.final_norm is not None:
-            hidden = self.final_norm(hidden)
-        logits = self.unembed(hidden)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self.model.unembed(hidden)
 
     def _call(self, index: int, layer: int, start: int, rows: Tensor, k: int) -> dict[str, Any]:
         """Block `index`'s recorded arguments for rows × k variants, sliced to positions start.."""

@@ -1,33 +1,20 @@
-"""The `pathlens` command line: list models, print a model's sites, run the demo, patching, attribution and
-circuit discovery.
-
-Every user mistake ends in one message, no traceback (`pathlens --debug ...` shows it): an option value the run
-cannot use (unknown model, task, method or site family) is a usage error, exit code 2, reported like typer's own;
-a run that fails (an output folder that cannot be written, a PathlensError or a file error during the run)
-prints one `error: ...` line on stderr and exits with 1.
-"""
+"""The core commands: list models, print a model's sites, run the demo, patching, attribution, circuit
+discovery and the results index."""
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import torch
 import typer
-from rich.console import Console
 from rich.table import Table
-from typer.core import TyperGroup
 
 from pathlens.circuits.discover import DiscoveryMethod, Ranking
 from pathlens.circuits.edge_attribution import EdgeMethod
-from pathlens.errors import PathlensError
-from pathlens.loading import EMBEDDED, load
+from pathlens.loading import EMBEDDED
 from pathlens.model import Model
-from pathlens.patching.plan import GROUP_ALIASES, SWEEP_GROUPS, sweep_group
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction
 from pathlens.patching.sweep import DEFAULT_MAX_BATCH_TOKENS
 from pathlens.report.index import write_index
@@ -38,87 +25,7 @@ from pathlens.tasks import TASKS
 if TYPE_CHECKING:
     from pathlens.attribution.compare import Comparison
 
-console = Console()
-error_console = Console(stderr=True)
-
-
-class ReportingGroup(TyperGroup):
-    """The command group: a failed run prints one `error:` line and exits 1 (the traceback only with --debug)."""
-
-    def invoke(self, ctx: Any) -> Any:  # a click Context of the click version typer vendors
-        try:
-            return super().invoke(ctx)
-        except (PathlensError, OSError) as err:
-            if (ctx.obj or {}).get("debug"):
-                raise
-            message = " ".join(str(err).split())
-            error_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from err
-
-
-app = typer.Typer(
-    cls=ReportingGroup,
-    add_completion=False,
-    no_args_is_help=True,
-    help="Find, verify and steer pathways in neural networks.",
-)
-
-
-@app.callback()
-def root(
-    ctx: typer.Context, debug: bool = typer.Option(False, "--debug", help="on an error, show the full traceback")
-) -> None:
-    """Find, verify and steer pathways in neural networks."""
-    ctx.obj = {"debug": debug}
-
-
-@contextmanager
-def option(hint: str) -> Iterator[None]:
-    """Report a PathlensError raised in the block as a bad value of option `hint` (a usage error, exit 2)."""
-    try:
-        yield
-    except PathlensError as err:
-        raise typer.BadParameter(str(err), param_hint=hint) from err
-
-
-def output_folder(out: Path) -> Path:
-    """Create `out` and check it is writable, before any model loads, so a bad --out fails in a second."""
-    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise PathlensError(f"--out {out}: {blocking} is a file, not a folder; pass another folder.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PathlensError(f"--out {out}: cannot create the output folder ({err}); pass another folder.") from err
-    if not os.access(out, os.W_OK):
-        raise PathlensError(f"--out {out}: the output folder is not writable; pass another folder.")
-    return out
-
-
-def site_group(sites: str) -> str:
-    """The sweep group a --sites value names ("resid" → "resid_pre"), or a usage error listing the choices."""
-    group = sweep_group(sites)
-    if group not in SWEEP_GROUPS:
-        raise typer.BadParameter(
-            f"unknown site family {sites!r}; use one of {', '.join([*GROUP_ALIASES, *SWEEP_GROUPS])}.",
-            param_hint="'--sites'",
-        )
-    return str(group)
-
-
-def task_choice(task: str) -> str:
-    """A --task value checked against the task names (before the model loads)."""
-    if task not in TASKS:
-        raise typer.BadParameter(f"unknown task {task!r}; choose one of {', '.join(TASKS)}.", param_hint="'--task'")
-    return task
-
-
-def _load(name: str, hint: str = "'--model'") -> Model:
-    with option(hint), console.status(f"loading {name} …"):
-        start = time.perf_counter()
-        model = load(name)
-    console.print(f"[green]loaded[/] {model!r} in {time.perf_counter() - start:.1f} s")
-    return model
+from pathlens.cli.app import app, console, load_model, option, output_folder, site_group, task_choice
 
 
 @app.command()
@@ -146,7 +53,7 @@ def sites_table(model: Model) -> Table:
 @app.command()
 def sites(model: str = typer.Argument(..., help="embedded name, local folder or hub name")) -> None:
     """Print every site of MODEL with its shape (b = batch, p = positions)."""
-    loaded = _load(model, "MODEL")
+    loaded = load_model(model, "MODEL")
     console.print(sites_table(loaded))
     a = loaded.arch
     console.print(
@@ -168,7 +75,7 @@ def demo(
     activation patching of every head and of the residual stream per (layer, position), and an EAP-IG circuit
     with its faithfulness curve, pathways and HTML report."""
     output_folder(out)
-    loaded = _load(model)
+    loaded = load_model(model)
     if loaded.tokenizer is None:
         raise typer.BadParameter(
             f"{model} has no tokenizer; the IOI demo needs one (e.g. smollm2 or gemma3-270m).", param_hint="'--model'"
@@ -233,7 +140,7 @@ def patch(
 
     family, task = site_group(sites), task_choice(task)
     output_folder(out)
-    loaded = _load(model)
+    loaded = load_model(model)
     with option("'--task'"):
         built = task_for(loaded, task, n, seed)
     scores = run_patch(
@@ -299,7 +206,7 @@ def attribute(
         )
     family, task = site_group(sites), task_choice(task)
     output_folder(out)
-    loaded = _load(model)
+    loaded = load_model(model)
     with option("'--task'"):
         built = task_for(loaded, task, n, seed)
     if edges:
@@ -385,7 +292,7 @@ def circuit(
     """Circuit discovery with faithfulness curve, pathways and an offline HTML report."""
     task = task_choice(task)
     output_folder(out)
-    loaded = _load(model)
+    loaded = load_model(model)
     with option("'--task'"):
         built = task_for(loaded, task, n, seed)
     with console.status(f"discovering the {task} circuit with {method} …"):
@@ -394,65 +301,7 @@ def circuit(
 
 
 @app.command()
-def steer(
-    model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
-    concept: str = typer.Option("sentiment", help="a shipped contrast set: sentiment, formality, refusal, joy, ..."),
-    method: str = typer.Option("mean-diff", help="mean-diff | pca | probe"),
-    layer: Optional[int] = typer.Option(None, help="layer whose resid_post is steered (default: a third up)"),  # noqa: UP045
-    scales: str = typer.Option("-0.2,-0.1,0.1,0.2", help="comma list of scales, fractions of the typical norm"),
-    prompts: int = typer.Option(16, min=1, max=64, help="how many shipped neutral prompts to generate from"),
-    max_new_tokens: int = typer.Option(32, min=1, help="tokens generated per prompt"),
-    out: Path = typer.Option(Path("out/steer"), help="output folder"),
-) -> None:
-    """Find a steering vector from a contrast set, sweep its scale, and write the vector, generations,
-    dose-response table and PNG, and steer.json."""
-    from pathlens.steering.data import CONCEPTS
-    from pathlens.steering.finders import FINDERS
-    from pathlens.steering.sweep import steer_study
-
-    if concept not in CONCEPTS:
-        raise typer.BadParameter(
-            f"unknown concept set {concept!r}; use one of {', '.join(CONCEPTS)}.", param_hint="'--concept'"
-        )
-    if method not in FINDERS:
-        raise typer.BadParameter(
-            f"unknown method {method!r}; use one of {', '.join(FINDERS)}.", param_hint="'--method'"
-        )
-    try:
-        scale_list = [float(s) for s in scales.split(",") if s.strip()]
-    except ValueError as err:
-        raise typer.BadParameter(
-            f"{scales!r} is not a comma list of numbers ({err}).", param_hint="'--scales'"
-        ) from err
-    output_folder(out)
-    loaded = _load(model)
-    with option("'--layer' or '--scales'"), console.status(f"steering {concept} with {method} …"):
-        record = steer_study(loaded, concept, method, out, layer, scale_list, prompts, max_new_tokens)
-    table = Table(title=f"{concept} / {method} at {record['site']}")
-    for column in ("scale", "vader_mean", "vader_shift", "ppl_increase", "kl"):
-        table.add_column(column, justify="right")
-    for row in record["rows"]:
-        table.add_row(
-            *(
-                f"{row[c]:+.3f}" if c != "scale" else f"{row[c]:g}"
-                for c in ("scale", "vader_mean", "vader_shift", "ppl_increase", "kl")
-            )
-        )
-    console.print(table)
-    console.print(f"wrote {out}/steer.json, vector.safetensors/.json, generations.json, dose_response.csv/.png")
-
-
-@app.command()
 def report(folder: Path = typer.Argument(..., help="a folder results were written to (searched recursively)")) -> None:
     """Write FOLDER/index.html: one page linking every result under FOLDER (sweeps, attribution, circuits,
     reports, figures), each with its summary line."""
     console.print(f"wrote {write_index(folder)}")
-
-
-def main() -> None:
-    """The `pathlens` entry point (failed runs are reported by `ReportingGroup`, usage errors by typer)."""
-    app()
-
-
-if __name__ == "__main__":
-    main()
