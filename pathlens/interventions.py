@@ -5,9 +5,10 @@ and batch rows. `rows` lets many different interventions share one batched forwa
 slice of the batch (e.g. K patched variants of N prompts as K*N rows).
 
 Ops: `Replace(source)`, `Add(vector, scale)`, `Ablate("zero"|"mean"|"resample")`, `Scale(factor)`,
-`Project(basis, source)`, `StopGradient()`. Each receives the selected values `x` of shape (R, P', *rest) — R
-selected rows, P' selected positions, `rest` the site's remaining dims (e.g. (d_model,), (d_head,), or (H, d_head)
-for a whole-layer head site) — and returns the new values of the same shape.
+`Project(basis, source)`, `StopGradient()`, `ProjectOut(direction)`, `Affine(weight, bias, strength, lo, hi)`.
+Each receives the selected values `x` of shape (R, P', *rest) — R selected rows, P' selected positions, `rest` the
+site's remaining dims (e.g. (d_model,), (d_head,), or (H, d_head) for a whole-layer head site) — and returns the new
+values of the same shape.
 
 Positions: `None` or `"all"` (every position of the call), `"last"` (each row's last real token, if the call
 holds it), `"prompt"` / `"generated"` (each row's prompt — the forward that starts a sequence — or the tokens
@@ -396,3 +397,56 @@ class ProjectOut(Op):
         r = self.direction.to(device=x.device, dtype=x.dtype)
         r = r / r.norm()
         return x - (x @ r)[..., None] * r
+
+
+@dataclass
+class Affine(Op):
+    """A per-unit affine map, interpolated from the identity by `strength` λ:
+    x <- (1 - λ) x + λ (weight ⊙ x + bias), computed as x + λ ((weight - 1) ⊙ x + bias) so that weight 1 and bias 0
+    (or λ = 0) leave x bit-identical. With `lo` and/or `hi`, only values strictly inside (lo, hi), unit by unit,
+    move (a transport map fitted on a source range leaves values outside it as they are; Linear-AcT).
+
+    weight, bias, lo, hi: (d,) vectors over the site's trailing dims (anything broadcasting to a cell), or laid out
+    (batch, pos, *cell) like Add's vector (e.g. (B, 1, d): one map per row); lo / hi None: unbounded. The map is
+    computed in at least float32 and written back in the site's dtype; gradients flow to weight and bias (learned
+    steering trains them through a session with grad=True).
+    """
+
+    weight: Tensor
+    bias: Tensor
+    strength: float = 1.0
+    lo: Tensor | None = None
+    hi: Tensor | None = None
+    name: str = "affine"
+    laid_out: ClassVar[tuple[str, ...]] = ("weight", "bias", "lo", "hi")
+    laid_out_ndim: ClassVar[int] = 3
+    broadcast: ClassVar[tuple[str, ...]] = ("weight", "bias", "lo", "hi")
+
+    def __post_init__(self) -> None:
+        for what in self.laid_out:
+            value = getattr(self, what)
+            if value is None and what in ("lo", "hi"):
+                continue
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                kind = f"a {value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+                raise PathlensError(f"Affine: {what} must be a float tensor ((d,) per unit), got {kind}.")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
+            raise PathlensError(f"Affine: strength must be a number, got {self.strength!r}.")
+
+    def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dtype)  # (R, P', *cell)
+
+        def aligned(t: Tensor, what: str) -> Tensor:
+            t = t.to(device=x.device, dtype=dtype)
+            return sel.align(t, f"Affine {what}") if t.ndim >= 2 and t.ndim == x.ndim else t
+
+        moved = xf + self.strength * ((aligned(self.weight, "weight") - 1) * xf + aligned(self.bias, "bias"))
+        if self.lo is None and self.hi is None:
+            return moved.to(x.dtype)
+        inside = torch.ones_like(xf, dtype=torch.bool)
+        if self.lo is not None:
+            inside = inside & (xf > aligned(self.lo, "lo"))
+        if self.hi is not None:
+            inside = inside & (xf < aligned(self.hi, "hi"))
+        return torch.where(inside, moved, xf).to(x.dtype)
