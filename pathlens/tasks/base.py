@@ -65,6 +65,9 @@ class Task:
         prompts / corrupt_prompts: the texts, for reports (None for token-only tasks).
         roles: named token positions per row, e.g. {"IO": (N,), "S1": (N,), "S2": (N,), "END": (N,)}.
         meta: generator settings (seed, templates, ...), saved with results.
+        counterfactual_ids: (N,) for interchange interventions (DAS, subspace patching): the token each clean
+            (base) prompt should predict once the hypothesised variable takes its value from the corrupted
+            (source) prompt; None for tasks that do not define one.
     """
 
     name: str
@@ -79,6 +82,7 @@ class Task:
     corrupt_prompts: list[str] | None = None
     roles: dict[str, Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    counterfactual_ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -164,6 +168,16 @@ class Task:
             t = getattr(self, fname)
             if t.shape != (n,):
                 raise PathlensError(f"task {self.name!r}: {fname} must have shape ({n},), got {tuple(t.shape)}.")
+        if self.counterfactual_ids is not None and (
+            self.counterfactual_ids.shape != (n,)
+            or self.counterfactual_ids.is_floating_point()
+            or self.counterfactual_ids.dtype == torch.bool
+            or bool((self.counterfactual_ids < 0).any())
+        ):
+            raise PathlensError(
+                f"task {self.name!r}: counterfactual_ids must be ({n},) non-negative integer token ids (one label "
+                f"per pair), got {self.counterfactual_ids.dtype} of shape {tuple(self.counterfactual_ids.shape)}."
+            )
         if self.attention_mask.shape != (n, p):
             raise PathlensError(
                 f"task {self.name!r}: attention_mask must have shape ({n}, {p}), "
@@ -203,8 +217,10 @@ class Task:
     def check_vocab(self, vocab_size: int) -> None:
         """Raise PathlensError unless every token id of the task (prompts and answers) is below `vocab_size`, naming
         the first offending field, row and id."""
-        for fname in ("clean_ids", "corrupt_ids", "answer_ids", "wrong_ids"):
+        for fname in ("clean_ids", "corrupt_ids", "answer_ids", "wrong_ids", "counterfactual_ids"):
             t = getattr(self, fname)
+            if t is None:
+                continue
             bad = t >= vocab_size
             if bool(bad.any()):
                 where = bad.nonzero()[0]
@@ -238,6 +254,7 @@ class Task:
             prompts=pick_list(self.prompts),
             corrupt_prompts=pick_list(self.corrupt_prompts),
             roles={k: pick(v) for k, v in self.roles.items()},
+            counterfactual_ids=None if self.counterfactual_ids is None else pick(self.counterfactual_ids),
         )
 
     def tile(self, k: int) -> Task:
