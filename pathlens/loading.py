@@ -76,7 +76,11 @@ def load(
         hf_model, tokenizer = _load_transformers(_source(name_or_path, name, hf_kwargs), hf_kwargs)
     if torch_dtype is not None or torch_device is not None:
         hf_model = hf_model.to(device=torch_device, dtype=torch_dtype)
-    return Model(hf_model, tokenizer, name=name)
+    model = Model(hf_model, tokenizer, name=name)
+    folder = Path(name).expanduser()
+    where = str(folder.resolve()) if name not in EMBEDDED and folder.is_dir() else name
+    model.source = {"name_or_path": where, "dtype": torch_dtype, "device": torch_device, **hf_kwargs}
+    return model
 
 
 def as_dtype(dtype: object) -> torch.dtype | None:

@@ -76,6 +76,7 @@ class Model:
         self.tokenizer = tokenizer
         self.arch = arch or arch_for(hf_model)
         self.name = name or getattr(getattr(hf_model, "config", None), "_name_or_path", None) or type(hf_model).__name__
+        self.source: dict[str, Any] | None = None  # `pathlens.load`'s arguments (set by it): how to load it again
         get_blocks(hf_model, self.arch.blocks)
 
     def __repr__(self) -> str:
