@@ -60,22 +60,31 @@ def first_order(
     plan: Plan,
     rules: Collection[str] = (),
     interventions: Sequence[Intervention] = (),
+    clean_interventions: Sequence[Intervention] = (),
 ) -> FirstOrder:
     """Source run, base run with gradients (under `rules`, see `pathlens.attribution.lrp`), and the per-prompt
     products (n_s − n_b) · ∂m/∂n for every family of `plan` (the spec's own plan, or one extended with the
     families an estimator needs besides). `interventions` are applied to the base run only (GradDrop uses them
-    to stop gradients; they must not change values)."""
+    to stop gradients; they must not change values). `clean_interventions` are applied to the run of the clean
+    prompts (the source when denoising, the base when noising): with clean and corrupted prompts alike, the two
+    runs then differ by those interventions alone (what `pathlens.steering.explain` attributes)."""
     model, task, metric = setup.model, setup.task, setup.metric
     base_ids, source_ids = setup.runs
+    clean_side = list(clean_interventions)
     families = sorted({v.site.family for v in plan.variants}, key=str)
-    source = model.run(source_ids, attention_mask=task.attention_mask, cache=families)
+    source = model.run(
+        source_ids,
+        attention_mask=task.attention_mask,
+        cache=families,
+        interventions=clean_side if setup.direction == "denoise" else [],
+    )
     base = model.run(
         base_ids,
         attention_mask=task.attention_mask,
         cache=families,
         grad=True,
         rules=rule_objects(rules),
-        interventions=interventions,
+        interventions=[*(clean_side if setup.direction == "noise" else []), *interventions],
     )
     per_prompt = metric(base.logits, task)
     wanted = [base.cache[f] for f in families]
@@ -125,9 +134,11 @@ def atp(
     metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
+    clean_interventions: Sequence[Intervention] = (),
 ) -> Scores:
     """AtP estimates of `pathlens.patch(model, task, sites, positions, direction)`: same Scores layout.
-    direction: "noise" by default (`DEFAULT_DIRECTION`, every method's: what circuit discovery patches)."""
+    direction: "noise" by default (`DEFAULT_DIRECTION`, every method's: what circuit discovery patches).
+    clean_interventions: applied to the run of the clean prompts (see `first_order`)."""
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
-    fo = first_order(setup, setup.plan)
+    fo = first_order(setup, setup.plan, clean_interventions=clean_interventions)
     return estimate_scores(setup, cells(setup.plan, fo.effect), fo.base_metric, f"atp:{direction}")

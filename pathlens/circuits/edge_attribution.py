@@ -26,6 +26,14 @@ integral), and "relp" (the backward under LRP rules, `pathlens.attribution.lrp`)
 every method): a score estimates m(edge corrupted) − m(clean), what circuit discovery and faithfulness
 evaluation patch.
 
+Interventions on the clean side (`clean_interventions=`): the run of the clean prompts is made under them. With
+clean and corrupted prompts alike, the two runs differ by the interventions alone — a steering vector's effect
+(`pathlens.steering.explain`). An intervention that writes the residual stream itself (at resid_pre of a layer
+after the first, resid_mid, resid_post or attn_out) is no component's output, so it becomes a sender of its own,
+named "intervention:<site>", whose Δz is what it changed at that site (the site's value in the clean run minus its
+value in the same run without the interventions at that site), with edges to every receiver that reads the stream
+after it. Interventions elsewhere change the outputs of the components they act on, which carry them.
+
 Two identities are tested: summed over its outgoing edges, a sender's scores equal its node-level AtP
 estimate; summed over the incoming edges of the logits, they equal AtP of the final residual stream.
 
@@ -37,7 +45,7 @@ norm's σ-derivative, which the linearisation drops.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -78,12 +86,14 @@ def edge_attribution(
     steps: int = 5,
     rules: Collection[str] | None = None,
     max_batch_tokens: int = 4096,
+    clean_interventions: Sequence[Intervention] = (),
 ) -> Graph:
     """Score every edge of `model`'s graph on `task` (see module docstring) → Graph (batch-mean scores).
 
     method: "eap" | "eap-ig" (with `steps` interpolation points, chunked to `max_batch_tokens` tokens per
     forward) | "relp" (LRP `rules`). direction: "noise" (default, `DEFAULT_DIRECTION`: what
-    discovery and faithfulness patch) or "denoise".
+    discovery and faithfulness patch) or "denoise". clean_interventions: applied to the run of the clean
+    prompts; those writing the residual stream become senders "intervention:<site>" (see module docstring).
     """
     check_option("method", method, METHODS)
     if steps < 1:
@@ -91,6 +101,12 @@ def edge_attribution(
     if max_batch_tokens < 1:
         raise PathlensError("max_batch_tokens must be at least 1.")
     check_supported(model)
+    for iv in clean_interventions:
+        if iv.rows is not None:
+            raise PathlensError(
+                f"edge_attribution: the clean-side intervention on {iv.site} selects rows {iv.rows}; clean-side "
+                "interventions apply to every prompt (rows=None), since the engine runs prompts in chunks."
+            )
     setup = PatchSpec(direction=direction, metric=metric).resolve(model, task)
     task = setup.task
     a = model.arch
@@ -99,9 +115,13 @@ def edge_attribution(
     layout = graph_layout(model)
     qkv = [QKV(model, layer) for layer in range(a.n_layers)]
     base_ids, source_ids = setup.runs
-    deltas, base_input, source_input = _sender_deltas(model, task, base_ids, source_ids)
+    clean_side = list(clean_interventions)
+    sides = (clean_side, []) if direction == "noise" else ([], clean_side)  # (base run's, source run's)
+    writes = _stream_writes(model, clean_side)
+    deltas, base_input, source_input = _sender_deltas(model, task, base_ids, source_ids, sides, writes)
 
-    scores = torch.zeros(len(layout.senders), len(layout.receivers), dtype=torch.float64)
+    senders = layout.senders + [f"intervention:{site}" for site in writes]
+    scores = torch.zeros(len(senders), len(layout.receivers), dtype=torch.float64)
     total = n_steps * task.n
     rows_per_chunk = max(1, max_batch_tokens // task.seq_len)
     base_metric = 0.0
@@ -109,14 +129,15 @@ def edge_attribution(
         rows = torch.arange(first, min(total, first + rows_per_chunk))
         prompts, step = rows // n_steps, rows % n_steps
         grads, metric_sum = _receiver_grads(
-            model, task, base_ids, prompts, step, n_steps, base_input, source_input, qkv, chosen
+            model, task, base_ids, prompts, step, n_steps, base_input, source_input, qkv, chosen, sides[0]
         )
         base_metric += float(metric_sum[step == 0].sum())
         _accumulate(scores, layout, deltas, grads, prompts)
     scores /= total
-    scores[~valid_mask(layout, a.n_layers)] = float("nan")
+    valid = torch.cat([valid_mask(layout, a.n_layers), *(_reads_after(model, layout, s)[None] for s in writes)])
+    scores[~valid] = float("nan")
     return Graph(
-        senders=layout.senders,
+        senders=senders,
         receivers=layout.receivers,
         scores=scores.float(),
         metric=setup.metric_name,
@@ -132,8 +153,45 @@ def edge_attribution(
     )
 
 
-def _sender_deltas(model: Model, task: Task, base_ids: Tensor, source_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Δz per sender, (S, N, P, d_model), in sender order; and the base / source input residual streams."""
+_WRITE_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out")
+
+
+def _stream_writes(model: Model, interventions: Sequence[Intervention]) -> list[Site]:
+    """The residual-stream sites `interventions` act on that no sender's output carries (resid_pre of layer 0 is
+    the input sender's own value), in order of first appearance."""
+    sites = []
+    for iv in interventions:
+        site = model.resolve(iv.site, write=True)
+        if site.kind in _WRITE_KINDS and site.index is None and not (site.kind == "resid_pre" and site.layer == 0):
+            sites.append(site)
+    return list(dict.fromkeys(sites))
+
+
+def _reads_after(model: Model, layout: Layout, site: Site) -> Tensor:
+    """(receivers,) bool: the receivers that read the residual stream after a write at `site`."""
+    layer = int(site.layer or 0)
+    reads = torch.zeros(len(layout.receivers), dtype=torch.bool)
+    first_attn = layer if site.kind == "resid_pre" else layer + 1
+    mlp_too = site.kind == "resid_pre" or (site.kind in ("resid_mid", "attn_out") and not model.arch.parallel)
+    for at, cols in enumerate(layout.attn_cols):
+        reads[cols] = at >= first_attn
+        col = layout.mlp_col[at]
+        if col is not None:
+            reads[col] = at > layer or (at == layer and mlp_too)
+    reads[-1] = True
+    return reads
+
+
+def _sender_deltas(
+    model: Model,
+    task: Task,
+    base_ids: Tensor,
+    source_ids: Tensor,
+    sides: tuple[list[Intervention], list[Intervention]] = ([], []),
+    writes: Sequence[Site] = (),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Δz per sender, (S, N, P, d_model), in sender order (then one per intervention write); and the base / source
+    input residual streams. `sides`: the interventions of the base and the source run."""
     a = model.arch
     post = post_norms(model)
     families = [Site("resid_pre", 0)] + [Site("head_z", layer) for layer in range(a.n_layers)]
@@ -141,8 +199,10 @@ def _sender_deltas(model: Model, task: Task, base_ids: Tensor, source_ids: Tenso
         families += [Site("mlp_out", layer) for layer in range(a.n_layers)]
     if post is not None:
         families += [o_proj_output(model, layer) for layer in range(a.n_layers)]
-    base = model.run(base_ids, attention_mask=task.attention_mask, cache=families).cache
-    source = model.run(source_ids, attention_mask=task.attention_mask, cache=families).cache
+    families += list(writes)
+    mask = task.attention_mask
+    base = model.run(base_ids, attention_mask=mask, cache=families, interventions=sides[0]).cache
+    source = model.run(source_ids, attention_mask=mask, cache=families, interventions=sides[1]).cache
     blocks = get_blocks(model.hf, a.blocks)
     parts = [(source["L0.resid_pre"] - base["L0.resid_pre"])[None]]
     for layer in range(a.n_layers):
@@ -157,6 +217,12 @@ def _sender_deltas(model: Model, task: Task, base_ids: Tensor, source_ids: Tenso
             parts.append(norm.head_writes(source[z], w_o, source[o]) - norm.head_writes(base[z], w_o, base[o]))
         if a.mlp is not None:
             parts.append((source[Site("mlp_out", layer)] - base[Site("mlp_out", layer)])[None])
+    for site in writes:  # what the clean side's interventions at `site` changed there, signed source − base
+        clean_side, clean_ids, sign = (sides[0], base_ids, -1.0) if sides[0] else (sides[1], source_ids, 1.0)
+        others = [iv for iv in clean_side if model.resolve(iv.site, write=True) != site]
+        without = model.run(clean_ids, attention_mask=mask, cache=[site], interventions=others).cache[site]
+        clean = base if sides[0] else source
+        parts.append(sign * (clean[site] - without)[None])
     return torch.cat(parts, dim=0), base["L0.resid_pre"], source["L0.resid_pre"]
 
 
@@ -180,11 +246,13 @@ def _receiver_grads(
     source_input: Tensor,
     qkv: list[QKV],
     rules: frozenset[str],
+    base_interventions: Sequence[Intervention] = (),
 ) -> tuple[_Grads, Tensor]:
-    """One forward/backward on rows (prompt, step): gradients of Σ rows' metric at every receiver input."""
+    """One forward/backward on rows (prompt, step): gradients of Σ rows' metric at every receiver input, with
+    `base_interventions` (the base run's, for all its rows) applied."""
     a = model.arch
     last = a.n_layers - 1
-    interventions = []
+    interventions = list(base_interventions)
     if n_steps > 1:
         alpha = (step.double() / n_steps).to(base_input.dtype)[:, None, None]
         start = base_input[prompts]
@@ -244,7 +312,10 @@ def _receiver_grads(
 
 
 def _accumulate(scores: Tensor, layout: Layout, deltas: Tensor, grads: _Grads, prompts: Tensor) -> None:
-    """Add Σ_rows Δz_u · g_v for every edge: rows' gradients are summed per prompt, then dotted with Δ."""
+    """Add Σ_rows Δz_u · g_v for every edge: rows' gradients are summed per prompt, then dotted with Δ. Rows of
+    `deltas` after the layout's senders (intervention writes) are scored against every receiver; the caller
+    masks the receivers that do not read them."""
+    n = len(layout.senders)
     first, last = int(prompts.min()), int(prompts.max()) + 1
     local = prompts - first
     d = deltas[:, first:last].flatten(1)  # (S, N'·P·d): every edge block is one matrix product
@@ -255,10 +326,14 @@ def _accumulate(scores: Tensor, layout: Layout, deltas: Tensor, grads: _Grads, p
 
     for layer, cols in enumerate(layout.attn_cols):
         stop = layout.sender_stop[layer]
-        scores[:stop, cols] += (d[:stop] @ per_prompt(grads.attn[layer]).T).double()
+        g_attn = per_prompt(grads.attn[layer])
+        scores[:stop, cols] += (d[:stop] @ g_attn.T).double()
+        scores[n:, cols] += (d[n:] @ g_attn.T).double()
         col = layout.mlp_col[layer]
         mlp_grad = grads.mlp[layer]
         if col is not None and mlp_grad is not None:
             stop = layout.mlp_sender_stop[layer]
-            scores[:stop, col] += (d[:stop] @ per_prompt(mlp_grad)).double()
+            g_mlp = per_prompt(mlp_grad)
+            scores[:stop, col] += (d[:stop] @ g_mlp).double()
+            scores[n:, col] += (d[n:] @ g_mlp).double()
     scores[:, -1] += (d @ per_prompt(grads.logits)).double()
