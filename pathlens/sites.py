@@ -13,6 +13,8 @@ same object:
     L9.q L9.H6.q  L9.k L9.G1.k  L9.v L9.G1.v       queries per query head; keys/values per key-value group
     L9.pattern    L9.H6.pattern                   attention probabilities
     module:transformer.h.3.mlp                    the output of any nn.Module, by its path
+    L6.sae        L6.sae.F123   L6.sae.err        a spliced dictionary's latents (named when spliced, here
+                                                  "sae"; `Model.splice`); one latent; its reconstruction error
 
 Keys and values are indexed by key-value group `G` (grouped-query attention shares them between query heads);
 `Model.kv_group(h)` maps query head h to its group. Shapes (batch b, positions p) are listed by `Model.sites`.
@@ -42,7 +44,9 @@ LAYER_KINDS = (
     "attn_pattern",
 )
 GLOBAL_KINDS = ("embed", "logits")
-KINDS = GLOBAL_KINDS + LAYER_KINDS + ("module",)
+#: kinds that exist only while a dictionary is spliced into the model (`Model.splice`); `path` holds its name.
+SPLICE_KINDS = ("latent", "latent_err")
+KINDS = GLOBAL_KINDS + LAYER_KINDS + ("module",) + SPLICE_KINDS
 
 #: kinds whose `index` selects a query head, a key-value group, or a neuron, and the letter that marks it.
 INDEX_LETTER = {
@@ -53,6 +57,7 @@ INDEX_LETTER = {
     "k": "G",
     "v": "G",
     "mlp_post": "N",
+    "latent": "F",
 }
 #: the suffix printed after "L{layer}." (or after "L{layer}.H{h}.") for each kind.
 SUFFIX = {"head_z": "z", "attn_pattern": "pattern"}
@@ -65,11 +70,16 @@ _SUFFIX_TO_KIND = {
 
 _LAYER_RE = re.compile(r"^L(\d+)\.(.+)$")
 _INDEXED_RE = re.compile(r"^([HGN])(\d+)(?:\.([a-z_]+))?$")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_SPLICE_RE = re.compile(r"^([a-z][a-z0-9_]*)(?:\.(?:F(\d+)|(err)))?$")
+#: words a spliced dictionary cannot be named: site suffixes and the edge graph's component names.
+RESERVED_NAMES = frozenset(_SUFFIX_TO_KIND) | {"mlp", "attn", "resid", "input", "logits", "embed", "module"}
 
 
 @dataclass(frozen=True, order=True)
 class Site:
-    """One activation point. `layer` is set for per-layer kinds; `index` selects a head, group or neuron."""
+    """One activation point. `layer` is set for per-layer kinds; `index` selects a head, group, neuron or latent;
+    `path` is a module site's module path, or the name a latent site's dictionary was spliced under."""
 
     kind: str
     layer: int | None = None
@@ -83,7 +93,13 @@ class Site:
             if not self.path or self.layer is not None or self.index is not None:
                 raise PathlensError("a module site needs only a module path, e.g. module('transformer.h.3.mlp').")
             return
-        if self.path is not None:
+        if self.kind in SPLICE_KINDS:
+            if not self.path or not _NAME_RE.match(self.path) or self.path in RESERVED_NAMES:
+                raise PathlensError(
+                    f"a latent site needs the name its dictionary was spliced under (lowercase letters, digits, _; "
+                    f"not a site kind), e.g. 'L6.sae.F12'; got name {self.path!r}."
+                )
+        elif self.path is not None:
             raise PathlensError(f"only module sites take a path, not {self.kind!r}.")
         if self.kind in GLOBAL_KINDS:
             if self.layer is not None or self.index is not None:
@@ -101,6 +117,10 @@ class Site:
             return f"module:{self.path}"
         if self.kind in GLOBAL_KINDS:
             return self.kind
+        if self.kind == "latent_err":
+            return f"L{self.layer}.{self.path}.err"
+        if self.kind == "latent":
+            return f"L{self.layer}.{self.path}" + ("" if self.index is None else f".F{self.index}")
         if self.index is None:
             return f"L{self.layer}.{_suffix(self.kind)}"
         prefix = f"L{self.layer}.{INDEX_LETTER[self.kind]}{self.index}"
@@ -140,7 +160,13 @@ def parse_site(text: "str | Site") -> Site:
         return Site(_SUFFIX_TO_KIND[rest], layer)
     im = _INDEXED_RE.match(rest)
     if not im:
-        raise PathlensError(_garbage(text))
+        sm = _SPLICE_RE.match(rest)
+        if not sm or sm.group(1) in RESERVED_NAMES:
+            raise PathlensError(_garbage(text))
+        name, latent, err = sm.group(1), sm.group(2), sm.group(3)
+        if err:
+            return Site("latent_err", layer, path=name)
+        return Site("latent", layer, None if latent is None else int(latent), path=name)
     letter, index, suffix = im.group(1), int(im.group(2)), im.group(3)
     if suffix is None:
         kind = {"H": "head", "N": "mlp_post"}.get(letter)
@@ -161,7 +187,8 @@ def parse_site(text: "str | Site") -> Site:
 def _garbage(text: object) -> str:
     return (
         f"cannot parse site {text!r}. Write e.g. 'embed', 'logits', 'L3.resid_pre', 'L5.mlp_out', 'L9.H6', "
-        "'L9.H6.z', 'L9.H6.q', 'L9.G0.k', 'L9.H6.pattern', 'L5.N123' or 'module:transformer.h.3.mlp'."
+        "'L9.H6.z', 'L9.H6.q', 'L9.G0.k', 'L9.H6.pattern', 'L5.N123', 'module:transformer.h.3.mlp' or, with a "
+        "dictionary spliced as 'sae', 'L6.sae' / 'L6.sae.F12' / 'L6.sae.err'."
     )
 
 
