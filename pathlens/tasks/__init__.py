@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pathlens.errors import PathlensError
 from pathlens.tasks.base import Task
+from pathlens.tasks.counterfactual import counterfactual_task
 from pathlens.tasks.factual import factual
 from pathlens.tasks.greater_than import greater_than
 from pathlens.tasks.induction import induction
@@ -56,6 +57,7 @@ __all__ = [
     "Task",
     "answer_logits",
     "build_task",
+    "counterfactual_task",
     "factual",
     "greater_than",
     "induction",

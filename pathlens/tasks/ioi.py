@@ -12,6 +12,14 @@ Corruptions:
   names (none equal to A or B when the pool allows), so no name repeats and the IO cannot be inferred.
 - "swap" (the RelP / TransformerLens demo convention): the S/IO-swapped twin — every A and B exchanged, so
   the corrupted prompt's correct answer is the clean wrong one and its logit difference is about −clean.
+- "position" (counterfactual pairs for DAS, Makelov et al. 2311.17030): the source is the same template with two
+  fresh names, in the base's name order or (with probability `flip`) the opposite one (ABBA <-> BABA). Each
+  pair's counterfactual label (`Task.counterfactual_ids`) follows the paper's position rule: the base IO if
+  base and source have S1 at the same position, otherwise the base S — the name the model should output if
+  the patched variable is "where the subject stands".
+
+`split="train"` / `"test"` draws from disjoint halves of the templates (both name orders of a template stay on
+one side), names, places and objects (the paper's split); the halves used are recorded in `meta["split"]`.
 """
 
 from __future__ import annotations
@@ -19,7 +27,10 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
 
 from pathlens.errors import PathlensError
 from pathlens.tasks.base import Task
@@ -235,7 +246,8 @@ OBJECTS: tuple[str, ...] = (
     "kite",
 )
 
-CORRUPT_MODES = ("abc", "swap")
+CORRUPT_MODES = ("abc", "swap", "position")
+SPLITS = ("train", "test")
 _MAX_TRIES = 100
 _SLOT = re.compile(r"\[(A|B|PLACE|OBJECT)\]")
 
@@ -298,6 +310,10 @@ def _corrupt_names(rng: random.Random, names: list[str], a: str, b: str, mode: s
     """(IO, S1, S2) names of the corrupted prompt."""
     if mode == "swap":
         return b, a, a
+    if mode == "position":
+        others = [x for x in names if x not in (a, b)]
+        c, d = rng.sample(others if len(others) >= 2 else names, 2)
+        return c, d, d
     others = [x for x in names if x not in (a, b)]
     c, d, e = rng.sample(others if len(others) >= 3 else names, 3)
     return c, d, e
@@ -309,6 +325,7 @@ class _Row(NamedTuple):
     io: str
     s: str
     spans: dict[str, tuple[int, int]]
+    flipped: bool = False
 
 
 def _row(
@@ -317,23 +334,59 @@ def _row(
     names: list[str],
     templates: list[str],
     mode: str,
+    pools: tuple[Sequence[str], Sequence[str]] = (PLACES, OBJECTS),
+    flip: float = 0.5,
 ) -> _Row:
     """One prompt pair with equal clean/corrupted token counts; the names are redrawn until the counts match.
 
     `rngs` = (clean generator, corruption generator): kept apart so a seed gives the same clean prompts
-    whichever corruption is chosen."""
+    whichever corruption is chosen. In "position" mode the source takes the opposite name order with
+    probability `flip`."""
     rng, corrupt_rng = rngs
-    template, place, obj = rng.choice(templates), rng.choice(PLACES), rng.choice(OBJECTS)
+    template, place, obj = rng.choice(templates), rng.choice(pools[0]), rng.choice(pools[1])
+    flipped = mode == "position" and corrupt_rng.random() < flip
+    source_template = _to_abba(template) if flipped else template
     for _ in range(_MAX_TRIES):
         a, b = rng.sample(names, 2)
         clean, spans = _render(template, a, b, b, place, obj)
-        corrupt, _ = _render(template, *_corrupt_names(corrupt_rng, names, a, b, mode), place, obj)
+        corrupt, _ = _render(source_template, *_corrupt_names(corrupt_rng, names, a, b, mode), place, obj)
         if len(encode(tokenizer, clean)) == len(encode(tokenizer, corrupt)):
-            return _Row(clean, corrupt, a, b, spans)
+            return _Row(clean, corrupt, a, b, spans, flipped)
     raise PathlensError(
         f"ioi: could not find names giving equal clean/corrupted token lengths for template {template!r} in "
         f"{_MAX_TRIES} tries; use templates='BABA' or a tokenizer with single-token names."
     )
+
+
+def _halves(templates: list[str], names: list[str], split: str | None) -> tuple[list[str], list[str], dict[str, Any]]:
+    """The templates and names of one side of the train/test split (None: all of them), places and objects
+    recorded alike in the returned meta. Templates are split by pair {t, its other name order}, in order."""
+    if split is None:
+        return templates, names, {}
+    if split not in SPLITS:
+        raise PathlensError(f"ioi: unknown split {split!r}; use 'train', 'test' or None (no split).")
+    pairs = list(dict.fromkeys(min(t, _to_abba(t)) for t in templates))
+    if len(pairs) < 2 or len(names) < 6:
+        raise PathlensError(
+            f"ioi: split={split!r} needs at least 2 templates (up to name order) and 6 names, got {len(pairs)} and "
+            f"{len(names)}; pass more templates, or split=None."
+        )
+    side = 0 if split == "train" else 1
+
+    def half(xs: Sequence[str]) -> list[str]:
+        cut = (len(xs) + 1) // 2
+        return list(xs[:cut] if side == 0 else xs[cut:])
+
+    kept = set(half(pairs))
+    chosen = [t for t in templates if min(t, _to_abba(t)) in kept]
+    meta = {
+        "side": split,
+        "templates": chosen,
+        "names": half(names),
+        "places": half(PLACES),
+        "objects": half(OBJECTS),
+    }
+    return chosen, half(names), meta
 
 
 def ioi(
@@ -342,6 +395,8 @@ def ioi(
     seed: int = 0,
     templates: str | Sequence[str] = "all",
     corrupt: str = "abc",
+    split: str | None = None,
+    flip: float = 0.5,
 ) -> Task:
     """N IOI prompt pairs for `tokenizer`.
 
@@ -350,7 +405,11 @@ def ioi(
         seed: random seed; the same seed (and tokenizer) gives the same task.
         templates: "all" (15 BABA + 15 ABBA), "BABA", "ABBA", or a list of template strings with one [A], two
             [B] and optional [PLACE] / [OBJECT] slots.
-        corrupt: "abc" (three fresh names) or "swap" (every A and B exchanged), see the module docstring.
+        corrupt: "abc" (three fresh names), "swap" (every A and B exchanged) or "position" (DAS pairs with
+            counterfactual labels), see the module docstring.
+        split: None, or "train" / "test": disjoint halves of the templates, names, places and objects.
+        flip: in "position" mode, the probability that a source has the opposite name order (1.0: every pair's
+            label is the base S, as in the paper's test pairs).
 
     Returns a Task with answer = " IO", wrong = " S", and roles "IO", "S1", "S1+1", "S2", "END" — (N,) token
     positions found from the tokenization of each clean prompt (valid for the corrupted one too, since
@@ -361,11 +420,13 @@ def ioi(
         raise PathlensError(f"ioi: unknown corrupt mode {corrupt!r}; use one of {list(CORRUPT_MODES)}.")
     if n < 1:
         raise PathlensError(f"ioi: empty batch: pass at least one prompt (n >= 1), got n={n}.")
+    if not 0.0 <= flip <= 1.0:
+        raise PathlensError(f"ioi: flip must be a probability in [0, 1], got {flip}.")
     require_tokenizer(tokenizer, "ioi")
-    names = _name_pool(tokenizer)
-    chosen = _select_templates(templates)
+    chosen, names, split_meta = _halves(_select_templates(templates), _name_pool(tokenizer), split)
+    pools = (split_meta.get("places", PLACES), split_meta.get("objects", OBJECTS))
     rngs = (random.Random(seed), random.Random(f"ioi-corrupt-{seed}"))
-    rows = [_row(rngs, tokenizer, names, chosen, corrupt) for _ in range(n)]
+    rows = [_row(rngs, tokenizer, names, chosen, corrupt, pools, flip) for _ in range(n)]
     roles: dict[str, list[int]] = {"IO": [], "S1": [], "S1+1": [], "S2": [], "END": []}
     for row in rows:
         pos = locate_spans(tokenizer, row.clean, row.spans)
@@ -373,18 +434,29 @@ def ioi(
             roles[role].append(pos[role])
         roles["S1+1"].append(pos["S1"] + 1)
         roles["END"].append(len(encode(tokenizer, row.clean)) - 1)
-    return make_task(
+    answers = [single_token_id(tokenizer, " " + r.io, "name") for r in rows]
+    wrongs = [single_token_id(tokenizer, " " + r.s, "name") for r in rows]
+    meta: dict[str, object] = {
+        "seed": seed,
+        "templates": templates if isinstance(templates, str) else list(templates),
+        "corrupt": corrupt,
+        "n_names": len(names),
+    }
+    if split is not None:
+        meta["split"] = split_meta
+    if corrupt == "position":
+        meta["flip"] = flip
+    task = make_task(
         "ioi",
         tokenizer,
         clean_prompts=[r.clean for r in rows],
         corrupt_prompts=[r.corrupt for r in rows],
-        answers=[single_token_id(tokenizer, " " + r.io, "name") for r in rows],
-        wrongs=[single_token_id(tokenizer, " " + r.s, "name") for r in rows],
+        answers=answers,
+        wrongs=wrongs,
         roles=roles,
-        meta={
-            "seed": seed,
-            "templates": templates if isinstance(templates, str) else list(templates),
-            "corrupt": corrupt,
-            "n_names": len(names),
-        },
+        meta=meta,
     )
+    if corrupt != "position":
+        return task
+    labels = [wrong if r.flipped else answer for r, answer, wrong in zip(rows, answers, wrongs, strict=True)]
+    return replace(task, counterfactual_ids=torch.tensor(labels, dtype=torch.long))
