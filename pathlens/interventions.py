@@ -5,7 +5,9 @@ and batch rows. `rows` lets many different interventions share one batched forwa
 slice of the batch (e.g. K patched variants of N prompts as K*N rows).
 
 Ops: `Replace(source)`, `Add(vector, scale)`, `Ablate("zero"|"mean"|"resample")`, `Scale(factor)`,
-`Project(basis, source)`, `StopGradient()`, `ProjectOut(direction)`, `Affine(weight, bias, strength, lo, hi)`.
+`Project(basis, source)`, `StopGradient()`, `ProjectOut(direction)`, `Affine(weight, bias, strength, lo, hi)`,
+`ScaleSubspace(basis, factor)`, and two for steering that changes from one forward to the next: `Tap(fn)` (hands
+the values to a callback, unchanged) and `AddDynamic(vector, gain)` (a per-row scale read at every forward).
 Each receives the selected values `x` of shape (R, P', *rest) — R selected rows, P' selected positions, `rest` the
 site's remaining dims (e.g. (d_model,), (d_head,), or (H, d_head) for a whole-layer head site) — and returns the new
 values of the same shape.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -450,3 +452,94 @@ class Affine(Op):
         if self.hi is not None:
             inside = inside & (xf < aligned(self.hi, "hi"))
         return torch.where(inside, moved, xf).to(x.dtype)
+
+
+@dataclass
+class ScaleSubspace(Op):
+    """Multiply the component of the selected values in span(basis) by `factor`: x <- x + (factor - 1) (x B) Bᵀ.
+
+    basis: (d, k) with orthonormal columns (checked) over the site's last dim; k = 0 leaves x bit-identical. factor 0
+    removes the subspace (ProjectOut for k directions at once). EigenShift applies it at the final norm's output to
+    the chosen right singular vectors of the unembedding, which equals scaling their singular values by `factor`.
+    """
+
+    basis: Tensor
+    factor: float
+    name: str = "scale_subspace"
+
+    def __post_init__(self) -> None:
+        b = self.basis
+        if not isinstance(b, Tensor) or b.ndim != 2 or not b.is_floating_point():
+            shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise PathlensError(f"ScaleSubspace: basis must be a (d, k) float tensor, got {shape}.")
+        gram = b.T.double() @ b.double()
+        if not torch.allclose(gram, torch.eye(b.shape[1], dtype=torch.float64), atol=1e-4):
+            raise PathlensError(
+                "ScaleSubspace: basis columns must be orthonormal; orthonormalize with torch.linalg.qr(basis).Q."
+            )
+        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)):
+            raise PathlensError(f"ScaleSubspace: factor must be a number, got {self.factor!r}.")
+
+    def check_fits(self, cell: tuple[int, ...], site: str) -> None:
+        if not cell or self.basis.shape[0] != cell[-1]:
+            raise PathlensError(
+                f"ScaleSubspace on {site}: its basis has shape {tuple(self.basis.shape)}, but the site's last dim is "
+                f"{cell[-1] if cell else 'absent'}; give a ({cell[-1] if cell else 'd'}, k) basis."
+            )
+
+    def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        basis = self.basis.to(device=x.device, dtype=dtype)  # (d, k)
+        xf = x.to(dtype)  # (R, P', d)
+        return (xf + (self.factor - 1.0) * ((xf @ basis) @ basis.T)).to(x.dtype)
+
+
+@dataclass
+class Tap(Op):
+    """Leave the selected values unchanged and hand them, detached, to `fn(x, sel)` — x (R, P', *rest) — as the
+    forward passes them: for a value that an op later in the same forward, or in the next one, depends on (a
+    steering controller reads late layers this way to set the next generation step's strength)."""
+
+    fn: Callable[[Tensor, Selection], None]
+    name: str = "tap"
+
+    def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
+        self.fn(x.detach(), sel)
+        return x
+
+
+@dataclass
+class AddDynamic(Op):
+    """Add `gain() * vector`, with `gain` called at every forward: a scalar, or one scale per row of the call —
+    (batch,) over the call's full batch, or (R,) over the selected rows. For steering whose strength changes from
+    one forward to the next (a controller's current output during generation). `vector` broadcasts over the
+    trailing dims like Add's (e.g. a (d_model,) direction)."""
+
+    vector: Tensor
+    gain: Callable[[], Tensor]
+    name: str = "add_dynamic"
+    laid_out: ClassVar[tuple[str, ...]] = ("vector",)
+    laid_out_ndim: ClassVar[int] = 3
+    broadcast: ClassVar[tuple[str, ...]] = ("vector",)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vector, Tensor) or not self.vector.is_floating_point() or self.vector.ndim > 2:
+            shape = tuple(self.vector.shape) if isinstance(self.vector, Tensor) else type(self.vector).__name__
+            raise PathlensError(f"AddDynamic: vector must be a float (d,) tensor, got {shape}.")
+        if not callable(self.gain):
+            raise PathlensError(f"AddDynamic: gain must be a callable returning the scales, got {self.gain!r}.")
+
+    def apply(self, x: Tensor, full: Tensor, sel: Selection) -> Tensor:
+        gain = torch.as_tensor(self.gain()).to(device=x.device, dtype=x.dtype)
+        rows = sel.rows.numel()
+        if gain.ndim == 1 and gain.shape[0] == sel.full_batch:
+            gain = gain.index_select(0, sel.rows.to(x.device))
+        elif gain.ndim != 0 and tuple(gain.shape) != (rows,):
+            raise PathlensError(
+                f"AddDynamic: gain returned shape {tuple(gain.shape)}; return a scalar, ({sel.full_batch},) for the "
+                f"call's batch or ({rows},) for the selected rows."
+            )
+        if not bool(torch.isfinite(gain).all()):
+            raise PathlensError("AddDynamic: gain returned NaN/inf; the steering scale must be finite.")
+        scale = gain.reshape(-1, *([1] * (x.ndim - 1))) if gain.ndim else gain  # (R, 1, ...) or ()
+        return x + scale * self.vector.to(device=x.device, dtype=x.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -22,8 +22,18 @@ from pathlens.model import Model
 from pathlens.sites import parse_site
 from pathlens.steering.vector import SteeringVector, check_scale, positions_to_json
 
+
+@runtime_checkable
+class Steerer(Protocol):
+    """Steering that is not a fixed vector (a learned controller, an output-layer edit): given the left-padded
+    prompt batch (ids (B, P), mask (B, P)), the interventions one generation holds. It may run forwards of its own
+    first (e.g. an unsteered pass over the prompts), before the generation's session opens."""
+
+    def generation_interventions(self, model: Model, ids: Tensor, mask: Tensor) -> list[Intervention]: ...
+
+
 RowSteer = SteeringVector | tuple[SteeringVector, float] | None
-Steer = SteeringVector | Sequence[RowSteer] | None
+Steer = SteeringVector | Steerer | Sequence[RowSteer] | None
 
 
 @dataclass
@@ -59,7 +69,8 @@ def generate(
 
     prompts: text(s), or left-padded token ids (B, P) with `attention_mask`.
     steer: None; one SteeringVector for every row; or a list with one entry per prompt — a SteeringVector (at
-        its own scale), a (SteeringVector, scale) pair, or None (that row unsteered).
+        its own scale), a (SteeringVector, scale) pair, or None (that row unsteered); or a `Steerer`, which
+        gives the interventions for the whole batch.
     do_sample / temperature / seed: greedy by default; sampling draws from a generator seeded with `seed`.
     logits: also return the per-step next-token logits (B, T, vocab).
     """
@@ -69,7 +80,10 @@ def generate(
     if do_sample and temperature <= 0:
         raise PathlensError(f"generate: temperature must be positive when sampling, got {temperature}.")
     ids, mask = left_padded(model, prompts, attention_mask)
-    interventions = row_interventions(model, steer, int(ids.shape[0]), int(mask.sum(1).min()), max_new_tokens)
+    if isinstance(steer, Steerer):
+        interventions = steer.generation_interventions(model, ids, mask)
+    else:
+        interventions = row_interventions(model, steer, int(ids.shape[0]), int(mask.sum(1).min()), max_new_tokens)
     pad = pad_id(model)
     kwargs: dict[str, Any] = {
         "input_ids": ids.to(model.device),
