@@ -32,8 +32,20 @@ class Steerer(Protocol):
     def generation_interventions(self, model: Model, ids: Tensor, mask: Tensor) -> list[Intervention]: ...
 
 
-RowSteer = SteeringVector | tuple[SteeringVector, float] | None
-Steer = SteeringVector | Steerer | Sequence[RowSteer] | None
+@runtime_checkable
+class Steerable(Protocol):
+    """Any steer that gives its own interventions at a scale for chosen rows (e.g. learned transport maps, whose
+    scale is their strength), usable per row like a SteeringVector: rows sharing one steer and scale get one set."""
+
+    def check(self, model: Model) -> None: ...
+
+    def interventions(
+        self, scale: float | None = None, positions: Any = None, rows: Sequence[int] | None = None
+    ) -> list[Intervention]: ...
+
+
+RowSteer = SteeringVector | Steerable | tuple[SteeringVector | Steerable, float] | None
+Steer = SteeringVector | Steerer | Steerable | Sequence[RowSteer] | None
 
 
 @dataclass
@@ -69,8 +81,9 @@ def generate(
 
     prompts: text(s), or left-padded token ids (B, P) with `attention_mask`.
     steer: None; one SteeringVector for every row; or a list with one entry per prompt — a SteeringVector (at
-        its own scale), a (SteeringVector, scale) pair, or None (that row unsteered); or a `Steerer`, which
-        gives the interventions for the whole batch.
+        its own scale), a (SteeringVector, scale) pair, or None (that row unsteered); any `Steerable` (e.g. a
+        TransportSteer) wherever a SteeringVector may stand; or a `Steerer`, which gives the interventions for the
+        whole batch.
     do_sample / temperature / seed: greedy by default; sampling draws from a generator seeded with `seed`.
     logits: also return the per-step next-token logits (B, T, vocab).
     """
@@ -169,6 +182,9 @@ def row_interventions(model: Model, steer: Steer, batch: int, shortest: int, new
         steer.check(model)
         check_explicit_positions(steer, shortest, new_tokens)
         return steer.interventions()
+    if isinstance(steer, Steerable):
+        steer.check(model)
+        return steer.interventions()
     if isinstance(steer, (str, bytes)) or not isinstance(steer, Sequence):
         raise PathlensError(
             f"generate: steer must be a SteeringVector, a list with one entry per prompt, or None; got "
@@ -180,10 +196,17 @@ def row_interventions(model: Model, steer: Steer, batch: int, shortest: int, new
             "SteeringVector, a (vector, scale) pair or None) per prompt."
         )
     groups: dict[tuple[str, str], tuple[Any, dict[int, Tensor]]] = {}
+    others: dict[tuple[int, float | None], tuple[Steerable, float | None, list[int]]] = {}
     for row, entry in enumerate(steer):
         if entry is None:
             continue
         vec, scale = entry if isinstance(entry, tuple) else (entry, None)
+        if not isinstance(vec, SteeringVector) and isinstance(vec, Steerable):
+            vec.check(model)
+            if scale is not None:
+                check_scale(scale, f"scale of steer[{row}]")
+            others.setdefault((id(vec), scale), (vec, scale, []))[2].append(row)
+            continue
         if not isinstance(vec, SteeringVector):
             raise PathlensError(
                 f"generate: steer[{row}] is a {type(vec).__name__}; give a SteeringVector, a (vector, scale) pair "
@@ -203,6 +226,8 @@ def row_interventions(model: Model, steer: Steer, batch: int, shortest: int, new
         for row, v in per_row.items():
             laid_out[row, 0] = v
         interventions.append(Intervention(parse_site(site), Add(laid_out), positions=positions, rows=sorted(per_row)))
+    for other, scale, rows in others.values():
+        interventions += other.interventions(scale, rows=rows)
     return interventions
 
 
