@@ -8,6 +8,9 @@
 - directional ablation (ablation.py): `ablation_interventions` (run time) and `orthogonalized` (a weight copy).
 - evaluation (evaluate.py): `vader_scores`, `token_set_probability`, `perplexity`, `next_token_kl`,
   `next_token_entropy`, `cost`; `sweep` (sweep.py): dose–response table, PNG and JSON summary.
+- why it works (explain.py): `explain` attributes the steered-vs-unsteered change of a concept metric (token-set
+  logit difference) to heads, MLPs and edges (AtP/EAP with the steered run as the clean run) and lists the
+  pathways from the vector's write to the logits.
 - shipped data (data/): `contrast(name)`, `neutral_prompts()`, `heldout_text()`.
 """
 
@@ -21,6 +24,7 @@ from pathlens.steering.evaluate import (
     token_set_probability,
     vader_scores,
 )
+from pathlens.steering.explain import Explanation, TokenSetDifference, concept_task, explain
 from pathlens.steering.finders import (
     ab_prompts,
     find,
@@ -36,13 +40,17 @@ from pathlens.steering.sweep import SweepResult, sweep
 from pathlens.steering.vector import SteeringVector
 
 __all__ = [
+    "Explanation",
     "Generation",
     "SteeringVector",
     "SweepResult",
+    "TokenSetDifference",
     "ab_prompts",
     "ablation_interventions",
+    "concept_task",
     "contrast",
     "cost",
+    "explain",
     "find",
     "generate",
     "heldout_text",
