@@ -1,6 +1,21 @@
-"""Diagnostics: what single components write towards the answer — direct logit attribution per head
-(`head_logit_attribution`) along the answer − wrong unembedding direction (`logit_direction`)."""
+"""Diagnostics: what single layers and components do.
 
+- `dla`: direct logit attribution per head (`head_logit_attribution`) along the answer − wrong unembedding
+  direction (`logit_direction`), through the final norm with its scale frozen (`frozen_final_norm`);
+- `lens`: the logit lens (`logit_lens` → `Lens`), every layer read through `Model.unembed`;
+- `commitment`: the layer after which a prompt's prediction is settled (`commitment` → `Commitment`).
+"""
+
+from pathlens.diagnostics.commitment import Commitment, commitment
 from pathlens.diagnostics.dla import frozen_final_norm, head_logit_attribution, logit_direction
+from pathlens.diagnostics.lens import Lens, logit_lens
 
-__all__ = ["frozen_final_norm", "head_logit_attribution", "logit_direction"]
+__all__ = [
+    "Commitment",
+    "Lens",
+    "commitment",
+    "frozen_final_norm",
+    "head_logit_attribution",
+    "logit_direction",
+    "logit_lens",
+]

@@ -1,0 +1,82 @@
+"""`pathlens lens`, `pathlens heads`, `pathlens massive`, `pathlens lib`: the diagnostics every session starts with.
+Each writes its results (safetensors + JSON), a CSV table and a PNG into `--out`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.table import Table
+
+from pathlens.cli.app import app, console, load_model, option, output_folder, task_choice
+from pathlens.results.io import write_text
+
+
+@app.command()
+def lens(
+    model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
+    prompt: Optional[list[str]] = typer.Option(None, help="a prompt (repeat for several); default: the task's"),  # noqa: UP045
+    task: str = typer.Option("ioi", help="task whose clean prompts are read, with its answer as the target"),
+    n: int = typer.Option(8, min=1, help="prompts of the task"),
+    seed: int = typer.Option(0, help="task seed"),
+    k: int = typer.Option(5, min=1, help="top tokens per cell"),
+    out: Path = typer.Option(Path("out/lens"), help="output folder"),
+) -> None:
+    """Logit lens at every layer and position (top-k tokens, the target's rank and probability); with a task, also
+    the commitment layer of every prompt (lens and patching) and its summary."""
+    from pathlens.diagnostics.commitment import commitment
+    from pathlens.diagnostics.lens import logit_lens
+    from pathlens.tasks import build_task
+
+    task_choice(task)
+    output_folder(out)
+    loaded = load_model(model)
+    with option("'--prompt' or '--task'"):
+        if prompt:
+            result = logit_lens(loaded, list(prompt), k=k)
+            built = None
+        else:
+            built = build_task(task, loaded.tokenizer, n=n, seed=seed)
+            targets = torch.full_like(built.clean_ids, -1)  # the next token, and the answer at the answer position
+            targets[:, :-1] = built.clean_ids[:, 1:]
+            targets[torch.arange(built.n), built.answer_pos] = built.answer_ids
+            result = logit_lens(loaded, built.clean_ids, targets=targets, k=k, attention_mask=built.attention_mask)
+    result.save(out / "lens")
+    result.plot(out / "lens.png", prompt=0)
+    last = result.table(prompt=0, pos=-1)
+    last.to_csv(out / "lens_last_position.csv", index=False)
+    table = Table(title=f"logit lens of prompt 0 at its last position ({loaded.name})")
+    for column in ("layer", "top1", "p1", "top2", "top3", "target_rank", "target_prob"):
+        table.add_column(column, justify="right")
+    for row in last.to_dict("records"):
+        table.add_row(
+            str(row["layer"]),
+            repr(row["top1"]),
+            f"{row['p1']:.3f}",
+            repr(row["top2"]),
+            repr(row["top3"]),
+            f"{row['target_rank']:g}",
+            f"{row['target_prob']:.3g}",
+        )
+    console.print(table)
+    if built is not None:
+        with console.status(f"commitment layers of {built.n} prompts (one patching sweep per prompt) …"):
+            found = commitment(loaded, built)
+        found.save(out / "commitment")
+        found.plot(out / "commitment.png")
+        summary = found.summary()
+        summary.to_csv(out / "commitment_summary.csv", index=False)
+        found.per_prompt.to_frame().to_csv(out / "commitment_per_prompt.csv", index=False)
+        write_text(out / "commitment_summary.json", summary.to_json(orient="records", indent=2))
+        ctable = Table(title=f"commitment layers over {built.n} {task} prompts")
+        for column in summary.columns:
+            ctable.add_column(str(column), justify="right")
+        for row in summary.to_dict("records"):
+            ctable.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
+        console.print(ctable)
+    console.print(
+        f"wrote {out}/: lens/ (safetensors + JSON), lens.png, lens_last_position.csv"
+        + (", commitment/, commitment.png, commitment_*.csv/json" if built is not None else "")
+    )
