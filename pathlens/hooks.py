@@ -90,6 +90,37 @@ class BackwardRule(Protocol):
     def hooks(self, model: "Model") -> list[Hook]: ...
 
 
+class Dictionary(Protocol):
+    """What a spliced dictionary offers the core (e.g. a sparse autoencoder of `pathlens.features`): latents of a
+    value (..., d_in) → (..., width), and the reconstruction of latents (..., width) → (..., d_out)."""
+
+    def encode(self, x: Tensor) -> Tensor: ...
+
+    def decode(self, f: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Splice:
+    """A dictionary spliced into every run of a model (`Model.splice`): it encodes the value of the site family
+    `source`, and the value of `target` (the same family for an autoencoder, the MLP output for a transcoder)
+    becomes decode(latents) + error. The latents are the site family `L{layer}.{name}` (one latent:
+    `L{layer}.{name}.F{i}`), the error `L{layer}.{name}.err`; both read and write like any site."""
+
+    dictionary: Dictionary
+    source: Site
+    target: Site
+    name: str
+    width: int
+
+    @property
+    def latents(self) -> Site:
+        return Site("latent", self.target.layer, path=self.name)
+
+    @property
+    def error(self) -> Site:
+        return Site("latent_err", self.target.layer, path=self.name)
+
+
 if TYPE_CHECKING:
     from pathlens.model import Model
 
@@ -345,12 +376,21 @@ class HookSession:
     _prompt: Tensor | None = None
     _active: bool = False
     _resolved: dict[tuple[int, int, int], tuple[Intervention, Selection | None]] = field(default_factory=dict)
+    _spliced: dict[Site, Splice] = field(default_factory=dict)
+    _splice_sources: dict[Site, list[Splice]] = field(default_factory=dict)
+    _splice_inputs: dict[Site, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for site in self.reads:
             self._reads.setdefault(site.family, []).append(site)
         for iv in self.interventions:
             self._writes.setdefault(iv.site.family, []).append(iv)
+        for splice in () if isinstance(self.model, nn.Module) else self.model.splices:
+            self._spliced[splice.target] = splice
+            self._writes.setdefault(splice.target, [])  # the target's value is replaced (fed back to the model)
+            if splice.source != splice.target:
+                self._splice_sources.setdefault(splice.source, []).append(splice)
+                self._reads.setdefault(splice.source, [])
 
     @property
     def wrapped(self) -> "Model":
@@ -371,7 +411,11 @@ class HookSession:
         return family in self._writes
 
     def process(self, family: Site, value: Tensor) -> Tensor:
-        """Apply this family's interventions to `value` (site layout), then cache its reads; return the value."""
+        """Apply this family's interventions to `value` (site layout), then cache its reads; return the value.
+        A family a dictionary is spliced into is first rebuilt from its latents and error (`_through`)."""
+        splice = self._spliced.get(family)
+        if splice is not None:
+            value = self._through(splice, value)
         writes = self._writes.get(family)
         if writes:
             value = value.clone()
@@ -379,7 +423,37 @@ class HookSession:
                 value = self._apply(iv, value)
         for site in self._reads.get(family, ()):
             self._store(site, value)
+        for other in self._splice_sources.get(family, ()):
+            self._splice_inputs[other.target] = value
         return value
+
+    def _through(self, splice: Splice, value: Tensor) -> Tensor:
+        """The target's `value` (b, p, d_out) rebuilt as decode(latents) + error, with the latents and the error
+        processed as sites. Unwritten, the value is returned bit for bit (with `grad`, the latents and the error
+        are spliced into the graph with `v + (y - y.detach())`, and the error is taken against the detached value
+        so the gradient reaching the model upstream is the model's own). Written: decode(latents') + error'."""
+        source = value if splice.source == splice.target else self._splice_inputs.pop(splice.target, None)
+        if source is None:
+            raise PathlensError(f"{splice.latents}: the value of {splice.source} did not reach its dictionary.")
+        latents, error = splice.latents, splice.error
+        written = latents in self._writes or error in self._writes
+        if not (written or self.grad or self.wants(latents) or self.wants(error)):
+            return value
+        f = splice.dictionary.encode(source)  # (b, p, width)
+        kept = f.clone()  # the latents site: a node of its own, so its gradient is the decoder path's alone
+        if not written and not self.grad:
+            self.process(latents, kept)
+            if self.wants(error):
+                self.process(error, value - splice.dictionary.decode(f).to(value.dtype))
+            return value
+        if not written:
+            f_site = self.process(latents, kept)
+            err_site = self.process(error, value.detach() - splice.dictionary.decode(f).to(value.dtype))
+            rebuilt = splice.dictionary.decode(f_site).to(value.dtype)  # (b, p, d_out)
+            return value + (rebuilt - rebuilt.detach()) + (err_site - err_site.detach())
+        f_site = self.process(latents, kept)
+        err_site = self.process(error, value - splice.dictionary.decode(f).to(value.dtype))
+        return splice.dictionary.decode(f_site).to(value.dtype) + err_site
 
     def _context(self, value: Tensor) -> CallContext:
         """The current call's context; blocks called directly (no model call) take it from the value's shape."""
@@ -461,6 +535,7 @@ class HookSession:
     def __exit__(self, *exc: object) -> None:
         self._active, self._call, self._prompt = False, None, None
         self._resolved.clear()
+        self._splice_inputs.clear()
         self._stack.close()
 
     def _hook(self, module: nn.Module, kind: str, fn: Callable[..., Any]) -> None:
