@@ -21,9 +21,9 @@ from pathlens.arch.base import ArchMap, get_blocks, get_module
 from pathlens.arch.calls import first_output
 from pathlens.arch.generic import arch_for
 from pathlens.errors import PathlensError
-from pathlens.hooks import BackwardRule, Cache, HookSession
+from pathlens.hooks import BackwardRule, Cache, Dictionary, HookSession, Splice
 from pathlens.interventions import Intervention, check_finite, resolve_index
-from pathlens.sites import GLOBAL_KINDS, LAYER_KINDS, Site, parse_site
+from pathlens.sites import GLOBAL_KINDS, LAYER_KINDS, SPLICE_KINDS, Site, parse_site
 
 _DESCRIPTIONS = {
     "embed": "token embedding output",
@@ -77,6 +77,7 @@ class Model:
         self.arch = arch or arch_for(hf_model)
         self.name = name or getattr(getattr(hf_model, "config", None), "_name_or_path", None) or type(hf_model).__name__
         self.source: dict[str, Any] | None = None  # `pathlens.load`'s arguments (set by it): how to load it again
+        self.splices: list[Splice] = []  # dictionaries spliced into every run (`splice`)
         get_blocks(hf_model, self.arch.blocks)
 
     def __repr__(self) -> str:
@@ -129,6 +130,10 @@ class Model:
         vocab = _out_features(get_module(self.hf, a.unembed))
         rows.append(SiteInfo("logits", ("b", "p", vocab), "-", _DESCRIPTIONS["logits"]))
         rows.append(SiteInfo("module:<path>", ("b", "p", "..."), "-", "output of any nn.Module by its path"))
+        for sp in self.splices:
+            what = f"latents of the dictionary spliced into {sp.target}"
+            rows.append(SiteInfo(str(sp.latents), ("b", "p", sp.width), str(sp.target.layer), what))
+            rows.append(SiteInfo(str(sp.error), ("b", "p", self._width(sp.target)), str(sp.target.layer), "its error"))
         return rows
 
     def _family_shape(self, kind: str) -> tuple[str | int, ...]:
@@ -167,6 +172,8 @@ class Model:
         """Parse and check a site against this model: layer/head/group/neuron in range, kind available."""
         s = parse_site(site)
         a = self.arch
+        if s.kind in SPLICE_KINDS:
+            return self._resolve_latent(s)
         if s.kind == "module":
             get_module(self.hf, s.path or "")
             return s
@@ -185,6 +192,69 @@ class Model:
             }.get(s.kind, (a.n_heads, "head"))
             self._check_range(f"{what} of site {s}", s.index, limit)
         return s
+
+    def _resolve_latent(self, s: Site) -> Site:
+        splice = next((sp for sp in self.splices if sp.latents == s.family or sp.error == s), None)
+        if splice is None:
+            spliced = ", ".join(str(sp.latents) for sp in self.splices) or "none"
+            raise PathlensError(
+                f"site {s}: no dictionary is spliced as L{s.layer}.{s.path} (spliced now: {spliced}); splice one "
+                f"with `with model.splice(dictionary, site, name={s.path!r}):`, or check the site's spelling."
+            )
+        if s.index is not None:
+            self._check_range(f"latent of site {s}", s.index, splice.width)
+        return s
+
+    def _width(self, site: Site) -> int:
+        """The size of the last axis of a (b, p, d) site family (0 for other shapes)."""
+        shape = self._family_shape(site.kind)
+        return int(shape[-1]) if len(shape) == 3 else 0
+
+    @contextmanager
+    def splice(
+        self,
+        dictionary: Dictionary,
+        site: "Site | str",
+        *,
+        target: "Site | str | None" = None,
+        name: str | None = None,
+        width: int | None = None,
+    ) -> Iterator[Splice]:
+        """Splice `dictionary` into every run and session inside the block: it encodes `site`'s value, and the
+        value of `target` (default: `site` itself, an autoencoder; a transcoder reads `L{l}.mlp_in` and rebuilds
+        `L{l}.mlp_out`) becomes decode(latents) + error, so outputs are unchanged while its latents are sites:
+        `L{l}.{name}` (name: "sae", or "tc" with a target), `L{l}.{name}.F{i}`, `L{l}.{name}.err`.
+        `width` (default `dictionary.width`) and `dictionary.d_in` / `d_out` are checked against the sites.
+        The model is never modified; the splice ends with the block, also after an exception."""
+        source = self.resolve(site)
+        out = source if target is None else self.resolve(target)
+        for s in (source, out):
+            if s.index is not None or s.kind not in _SPLICEABLE or self._width(s) == 0:
+                raise PathlensError(
+                    f"cannot splice a dictionary into {s}: splice into a (batch, pos, d) site family: "
+                    f"{', '.join(_SPLICEABLE)}."
+                )
+        for what, s in (("d_in", source), ("d_out", out)):
+            expected, got = self._width(s), getattr(dictionary, what, None)
+            if got is not None and int(got) != expected:
+                raise PathlensError(
+                    f"the dictionary's {what} is {got} but site {s} has width {expected} on this model; "
+                    f"splice it into a site of width {got}, or train a dictionary on {s}."
+                )
+        size = int(width if width is not None else getattr(dictionary, "width", 0))
+        if size < 1:
+            raise PathlensError(f"the dictionary spliced into {out} needs a width >= 1 (pass width=), got {size}.")
+        splice = Splice(dictionary, source, out, name or ("sae" if target is None else "tc"), size)
+        if any(sp.latents == splice.latents or sp.target == out for sp in self.splices):
+            raise PathlensError(
+                f"{out} already has a dictionary spliced into it, or {splice.latents} is taken; splice one dictionary "
+                "per site, each under its own name=."
+            )
+        self.splices.append(splice)
+        try:
+            yield splice
+        finally:
+            self.splices.remove(splice)
 
     @staticmethod
     def _check_range(what: str, value: int, limit: int) -> None:
@@ -413,6 +483,9 @@ class Model:
         logits = out.logits if hasattr(out, "logits") else first_output(out)
         at = torch.searchsorted(kept, answer_pos) if logits.shape[1] == kept.numel() else answer_pos
         return logits[torch.arange(int(ids.shape[0])), at.to(logits.device)]
+
+
+_SPLICEABLE = ("resid_pre", "resid_mid", "resid_post", "attn_out", "attn_in", "mlp_in", "mlp_post", "mlp_out")
 
 
 def _display_kind(kind: str) -> str:
