@@ -13,7 +13,9 @@ Variants are grouped by where their causal cone starts, batched K at a time into
 outside the blocks (embed, module paths) run the whole model, still batched. With `out=`, each finished chunk
 is appended to a progress log (`patching.checkpoint`) and a re-run with the same model, task, metric and
 arguments resumes where it stopped; chunking is fixed by the plan, so resumed scores are bit-identical to an
-uninterrupted run.
+uninterrupted run. With `executor=` ("ray" or an executor object, `patching.executor`) the same chunks run on
+workers that rebuild the sweep from a `SweepJob` and their own copy of the model; the values come back here and
+are recorded (and checkpointed) exactly as local ones, so a sweep can start in one place and finish in the other.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlens.interventions import Ablate, Intervention, Op, Replace
 from pathlens.model import Model, Run
 from pathlens.patching.checkpoint import SWEEP_VERSION, Checkpoint, task_digest, weights_digest
 from pathlens.patching.cone import ConePatch, ConeRunner, cone_start
+from pathlens.patching.executor import Executor, resolved_executor, tensor_fingerprint
 from pathlens.patching.plan import Plan, Variant
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, ResolvedSpec, Sites, check_option
 from pathlens.results import Scores
@@ -132,6 +135,7 @@ def patch(
     seed: int = 0,
     top_k: int | None = None,
     prefilter: Prefilter = "atp*",
+    executor: "str | Executor | None" = None,
 ) -> Scores:
     """Patch (or ablate) every site of `sites` at `positions`; return the patched metric per cell as Scores.
 
@@ -151,9 +155,15 @@ def patch(
         "relp", "atp"), then exact-patch cells in ranked order, K at a time, until no unverified cell can enter
         the exact top K by |patched − base| (see `_verify_in_order`). Unverified cells are NaN;
         meta["verified"] counts the verified ones.
+    executor: where the chunks run: None / "local" (this process), "ray" (a local Ray cluster started for this
+        call) or an executor object such as `pathlens.distributed.RayExecutor(address=...)`. Chunks are planned
+        here as for a local run, so the scores are bit-identical to it (same torch threads per process), and
+        `out=` checkpoints are shared: a sweep started locally can resume on Ray and vice versa.
     """
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
     _check_options(ablation, max_batch_tokens, top_k, out, prefilter)
+    if top_k is not None and executor not in (None, "local"):
+        raise PathlensError("top_k= runs in this process (a verified top-k run is short); drop executor=.")
     folder = writable_folder(out, "out=") if out is not None else None
     settings = {
         "direction": direction,
@@ -174,8 +184,10 @@ def patch(
     sweep = _Sweep.start(setup, ablation, cone, seed, max_batch_tokens)
     state.start(sweep.chunks, sweep.metric_rows() if folder is not None else {})
     if top_k is None:
+        job = SweepJob(task, setup.spec, ablation, cone, seed, max_batch_tokens)
         try:
-            _run_chunks(sweep, state, progress)
+            with resolved_executor(executor) as runner:
+                _run_chunks(sweep, state, progress, runner, job)
         finally:
             state.close()
         return _assemble(sweep, state.values, settings)
@@ -214,6 +226,29 @@ def _check_options(
             "short, so it is not checkpointed)."
         )
     check_option("prefilter", prefilter, PREFILTERS)
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    """What a worker needs to rebuild a sweep from its own copy of the model (picklable: the task, the spec and
+    the options; no weights, no activations): `build` runs the same base runs and plans the same chunks."""
+
+    task: Task
+    spec: PatchSpec
+    ablation: Ablation | None
+    cone: bool
+    seed: int
+    max_batch_tokens: int
+
+    @property
+    def description(self) -> str:
+        sites = self.spec.sites
+        return f"patching {sites if isinstance(sites, str) else f'{len(sites)} sites'}"
+
+    def build(self, model: Model) -> _Sweep:
+        """The sweep on `model`: its base runs and chunks (`run(index)` runs chunk `index`)."""
+        setup = self.spec.resolve(model, self.task)
+        return _Sweep.start(setup, self.ablation, self.cone, self.seed, self.max_batch_tokens)
 
 
 @dataclass(frozen=True)
@@ -261,6 +296,19 @@ class _Sweep:
     def chunks(self) -> list[Chunk]:
         """Every variant's chunks, in the order an uninterrupted sweep runs (and a checkpoint counts) them."""
         return self.chunks_of(range(len(self.executed)))
+
+    def chunk_count(self) -> int:
+        return len(self.chunks)
+
+    def run(self, index: int) -> Tensor:
+        """Per-row metric values (variants, rows) of chunk `index` of `chunks` (what an executor's worker runs)."""
+        return self.run_chunk(self.chunks[index])
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the base and source runs' logits and of the chunk plan: equal on two processes exactly when
+        their chunks compute the same numbers from the same starting point."""
+        base = self.runner.answer_logits if self.runner is not None else torch.zeros(0)
+        return tensor_fingerprint(base, self.source.logits, extra=repr(self.chunks))
 
     def chunks_of(self, indices: Sequence[int]) -> list[Chunk]:
         return _chunks(indices, self.starts, self.setup.task.n, self.setup.task.seq_len, self.max_batch_tokens)
@@ -325,18 +373,31 @@ class _Sweep:
         return float(self.setup.metric(at_answer[:, None], scored_view(task, torch.arange(task.n), 1)).mean())
 
 
-def _run_chunks(sweep: _Sweep, state: Checkpoint, progress: bool) -> None:
-    """Run every chunk the checkpoint has not finished, recording each as it completes."""
+def _run_chunks(
+    sweep: _Sweep, state: Checkpoint, progress: bool, executor: Executor | None = None, job: SweepJob | None = None
+) -> None:
+    """Run every chunk the checkpoint has not finished, here or on `executor`, recording each as it completes
+    (once: a chunk an executor returns twice counts once), with one progress bar for all workers."""
     chunks = sweep.chunks
     todo = [i for i, _ in enumerate(chunks) if not state.done[i]]
     with Progress(disable=not progress, transient=True) as bar:
-        job = bar.add_task(
+        task_bar = bar.add_task(
             f"patching {len(sweep.executed)} variants", total=len(chunks), completed=len(chunks) - len(todo)
         )
-        for index in todo:
-            chunk = chunks[index]
-            state.record(index, sweep.run_chunk(chunk))
-            bar.advance(job)
+
+        def done(index: int, values: Tensor) -> None:
+            if not state.done[index]:
+                state.record(index, values)
+                bar.advance(task_bar)
+
+        if executor is None or job is None:
+            for index in todo:
+                done(index, sweep.run_chunk(chunks[index]))
+            return
+        executor.run(sweep.setup.model, job, sweep.fingerprint(), todo, done)
+    missing = [i for i in todo if not state.done[i]]
+    if missing:
+        raise PathlensError(f"the executor returned without running chunks {missing[:10]} of this sweep.")
 
 
 def _assemble(
