@@ -4,7 +4,7 @@ Each writes its results (safetensors + JSON), a CSV table and a PNG into `--out`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import typer
@@ -80,3 +80,55 @@ def lens(
         f"wrote {out}/: lens/ (safetensors + JSON), lens.png, lens_last_position.csv"
         + (", commitment/, commitment.png, commitment_*.csv/json" if built is not None else "")
     )
+
+
+@app.command()
+def heads(
+    model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
+    prompt: Optional[list[str]] = typer.Option(None, help="a prompt (repeat); default: repeated random tokens"),  # noqa: UP045
+    n: int = typer.Option(8, min=1, help="repeated random-token sequences (without --prompt)"),
+    length: Optional[int] = typer.Option(None, min=2, help="length of each repeated half (default 25 or the context)"),  # noqa: UP045
+    seed: int = typer.Option(0, help="seed of the random tokens"),
+    error_measure: str = typer.Option("mul", help="mul | abs (TransformerLens' measures)"),
+    exclude_bos: bool = typer.Option(False, help="ignore attention to position 0"),
+    exclude_current_token: bool = typer.Option(False, help="ignore attention to the query's own position"),
+    top: int = typer.Option(5, min=1, help="heads listed per detector"),
+    out: Path = typer.Option(Path("out/heads"), help="output folder"),
+) -> None:
+    """Previous-token, duplicate-token, induction and prefix-matching scores of every head: Scores (layer, head)
+    as safetensors + JSON, a heatmap PNG each, and the top heads of each detector (heads_top.csv)."""
+    import pandas as pd
+
+    from pathlens.diagnostics import heads as detectors
+    from pathlens.diagnostics.heads import ErrorMeasure
+
+    if error_measure not in ("mul", "abs"):
+        raise typer.BadParameter(f"unknown measure {error_measure!r}; use mul or abs.", param_hint="'--error-measure'")
+    measure = cast(ErrorMeasure, error_measure)
+    output_folder(out)
+    loaded = load_model(model)
+    with option("'--prompt' or '--length'"):
+        ids = list(prompt) if prompt else detectors.repeated_tokens(loaded, n=n, length=length, seed=seed)
+        flags = {"exclude_bos": exclude_bos, "exclude_current_token": exclude_current_token}
+        results = {
+            "previous_token": detectors.previous_token(loaded, ids, error_measure=measure, **flags),
+            "duplicate_token": detectors.duplicate_token(loaded, ids, error_measure=measure, **flags),
+            "induction": detectors.induction(loaded, ids, error_measure=measure, **flags),
+        }
+        if not prompt:
+            results["prefix_matching"] = detectors.prefix_matching(loaded, ids)  # type: ignore[arg-type]  # ids are tokens here
+    frames = []
+    table = Table(title=f"top {top} heads per detector ({loaded.name}, {error_measure})")
+    table.add_column("detector")
+    table.add_column("heads (score)")
+    for name, scores in results.items():
+        scores.save(out / name)
+        scores.plot(out / f"{name}.png", title=f"{name} score ({loaded.name})")
+        best = scores.top(top, by="value")
+        frames.append(best.assign(detector=name))
+        table.add_row(
+            name, ", ".join(f"L{r['layer']}.H{r['head']} ({r['value']:.3f})" for r in best.to_dict("records"))
+        )
+    pd.concat(frames).to_csv(out / "heads_top.csv", index=False)
+    console.print(table)
+    console.print(f"wrote {out}/: {', '.join(results)} (.safetensors/.json/.png), heads_top.csv")

@@ -3,9 +3,11 @@
 - `dla`: direct logit attribution per head (`head_logit_attribution`) along the answer − wrong unembedding
   direction (`logit_direction`), through the final norm with its scale frozen (`frozen_final_norm`);
 - `lens`: the logit lens (`logit_lens` → `Lens`), every layer read through `Model.unembed`;
-- `commitment`: the layer after which a prompt's prediction is settled (`commitment` → `Commitment`).
+- `commitment`: the layer after which a prompt's prediction is settled (`commitment` → `Commitment`);
+- `heads`: previous-token, duplicate-token, induction, prefix-matching and pattern scores of every head.
 """
 
+from pathlens.diagnostics import heads
 from pathlens.diagnostics.commitment import Commitment, commitment
 from pathlens.diagnostics.dla import frozen_final_norm, head_logit_attribution, logit_direction
 from pathlens.diagnostics.lens import Lens, logit_lens
@@ -16,6 +18,7 @@ __all__ = [
     "commitment",
     "frozen_final_norm",
     "head_logit_attribution",
+    "heads",
     "logit_direction",
     "logit_lens",
 ]
