@@ -1,0 +1,585 @@
+"""The activation store: a model's activations at any set of sites over a corpus, on disk or on the fly.
+
+Collect (`collect(model, sites, source, out)`): the corpus's context windows (`pathlens.features.corpus`) run
+through the model in batches of `batch_size` windows, one forward per batch for all sites, read through a
+`HookSession` (the one hook mechanism). The forward stops once the last requested block has run (`stop_early`):
+nothing after it is needed. Rows — one per token, in window order; the BOS position is left out when the windows
+start with BOS (`exclude_bos`) — are gathered into shards of `shard_windows` windows.
+
+On disk, in `out/`:
+
+    manifest.json           format, model (name, family, SHA-256 of its weights), sites and their widths, dtype,
+                            corpus (name, source, licence, seed, context, SHA-256 of the window ids), batch and
+                            shard sizes, token and row counts, and one entry per committed shard: file, first
+                            window, windows, rows, SHA-256 of the file
+    windows.safetensors     "ids": the token windows (n_windows, context), int64 (for top-activating contexts)
+    shard-00000.safetensors one tensor per site, named by the site ("L6.mlp_post"): (rows, width) in `dtype`
+
+Every file is written atomically (`pathlens.results.io`), a shard before the manifest entry that commits it, so a
+process killed at any point (SIGKILL included) leaves only committed shards listed. Shard k always holds the same
+windows, run in the same batches, so `collect` on the same folder resumes: it checks that the manifest describes
+the same model (weights digest), sites, dtype, windows and sizes — refusing a mismatch with an error naming what
+differs — re-checks every committed shard's checksum, and computes only the shards that are missing or damaged.
+A resumed store is byte-identical to an uninterrupted one (same machine, same thread count).
+
+Memory: the store's own buffers — one shard of activations, its serialized copy and one batch's cache — stay
+within `max_bytes`, which sets how many windows a shard holds (the model's own forward memory is not counted).
+
+Read back (`ActivationStore(path)`): `.dataset(site, batch_size, seed)` is a PyTorch `IterableDataset` that visits
+the shards in a seeded random order, `buffer_shards` at a time, and shuffles the rows of the buffer, so every epoch
+yields every row exactly once in a new order (`.loader(...)` wraps it in a `DataLoader`). `.rows(site)` reads rows
+in order; `.check(model=..., sites=...)` refuses a store made from another model or without a site; a shard whose
+bytes do not match its checksum is named in the error. `stream(model, sites, windows)` yields the same batches
+without touching disk.
+
+Stable API (the SAE trainer builds on it): `collect`, `stream`, `ActivationStore` with `sites`, `widths`, `dtype`,
+`n_rows`, `complete`, `context`, `check`, `shard`, `rows`, `dataset`, `loader`, `window_ids`, `origin`, `manifest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from pathlens.arch.base import get_blocks
+from pathlens.errors import PathlensError
+from pathlens.features.corpus import Corpus, Windows, windows
+from pathlens.hooks import HookSession
+from pathlens.model import Model
+from pathlens.patching.checkpoint import weights_digest
+from pathlens.results.io import writable_folder, write_bytes, write_safetensors, write_text
+from pathlens.sites import Site, parse_site
+
+__all__ = ["FORMAT", "ActivationStore", "StoreDataset", "collect", "stream"]
+
+FORMAT = "pathlens.ActivationStore"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WINDOWS_FILE = "windows.safetensors"
+DEFAULT_MAX_BYTES = 512 * 2**20
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Progress = Callable[[int, int], None]
+"""Called with (windows done, windows in total) after every batch."""
+
+
+class _Collected(Exception):
+    """Raised by the early-stop hook once every requested site has been read: the rest of the forward is skipped."""
+
+
+# ---- on the fly -----------------------------------------------------------------------------------------------
+
+
+def stream(
+    model: Model,
+    sites: Sequence[Site | str] | Site | str,
+    source: Windows | Tensor,
+    *,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+    exclude_bos: bool = True,
+    stop_early: bool = True,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[dict[str, Tensor]]:
+    """Activations of `sites` over windows [start, stop) of `source`, one batch of `batch_size` windows at a time:
+    {site: (rows, width)} with rows = windows × positions (BOS left out if `exclude_bos` and the windows have it),
+    flattened in window order. Nothing touches disk; one forward per batch reads every site."""
+    names = _site_names(model, sites)
+    ids, bos = _ids_and_bos(source)
+    _check_batch(batch_size)
+    skip = int(bos and exclude_bos)
+    stop = len(ids) if stop is None else stop
+    session = HookSession(
+        model,
+        [parse_site(s) for s in names],
+        cache_dtype=dtype,
+        extra_hooks=_stop_hooks(model, names) if stop_early else (),
+    )
+    with session:
+        for first in range(start, stop, batch_size):
+            batch = ids[first : min(first + batch_size, stop)]  # (B, P)
+            try:
+                model.forward(batch, None, session)
+            except _Collected:
+                pass
+            out = {}
+            for name in names:
+                value = session.cache[name][:, skip:]  # (B, P', ...)
+                out[name] = value.reshape(value.shape[0] * value.shape[1], -1)  # (B·P', width)
+            yield out
+
+
+def _stop_hooks(model: Model, names: list[str]) -> list[tuple[str, str, Callable[..., Any]]]:
+    """A hook that ends the forward after the last block any site lives in (none if a site needs the whole model)."""
+    sites = [parse_site(n) for n in names]
+    if any(s.kind in ("logits", "module") for s in sites):
+        return []
+    layers = [s.layer for s in sites if s.layer is not None]
+    get_blocks(model.hf, model.arch.blocks)
+
+    def stop(*_: Any) -> None:
+        raise _Collected
+
+    if not layers:
+        return [(f"{model.arch.blocks}.0", "pre", stop)]
+    return [(f"{model.arch.blocks}.{max(layers)}", "fwd", stop)]
+
+
+def _site_names(model: Model, sites: Sequence[Site | str] | Site | str) -> list[str]:
+    listed = [sites] if isinstance(sites, (str, Site)) else list(sites)
+    if not listed:
+        raise PathlensError("give at least one site to collect, e.g. sites=['L6.mlp_post'].")
+    names = []
+    for site in listed:
+        resolved = model.resolve(site)
+        if resolved.kind == "attn_pattern":
+            raise PathlensError(
+                f"site {resolved}: attention patterns have no fixed width per token; store q/k/v instead."
+            )
+        if str(resolved) in names:
+            raise PathlensError(f"site {resolved} is listed twice; list each site once.")
+        names.append(str(resolved))
+    return names
+
+
+def _ids_and_bos(source: Windows | Tensor) -> tuple[Tensor, bool]:
+    wins = source if isinstance(source, Windows) else Windows.of_ids(source)
+    return wins.ids, wins.bos
+
+
+def _check_batch(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PathlensError(f"batch_size={batch_size!r}; give a positive number of windows per forward.")
+
+
+# ---- collect --------------------------------------------------------------------------------------------------
+
+
+def collect(
+    model: Model,
+    sites: Sequence[Site | str] | Site | str,
+    source: Windows | Tensor | Corpus | str | None,
+    out: str | os.PathLike[str],
+    *,
+    n_tokens: int | None = None,
+    context: int = 128,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    dtype: torch.dtype | str = torch.float32,
+    exclude_bos: bool = True,
+    stop_early: bool = True,
+    progress: Progress | None = None,
+) -> "ActivationStore":
+    """Run the model over the windows of `source` and store `sites` in `out` (see the module docstring); resumes
+    a store already there. `source` is a corpus (then `n_tokens`, `context` and `seed` cut its windows: see
+    `corpus.windows`), ready `Windows` or token ids (n, context). Returns the finished store."""
+    names = _site_names(model, sites)
+    torch_dtype = _dtype(dtype)
+    _check_batch(batch_size)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise PathlensError(f"max_bytes={max_bytes!r}; give the store's memory budget in bytes.")
+    folder = writable_folder(out, "out=")
+    if isinstance(source, Tensor):
+        wins = Windows.of_ids(source)
+    else:
+        wins = source if isinstance(source, Windows) else windows(source, model.tokenizer, context, n_tokens, seed)
+    skip = int(wins.bos and exclude_bos)
+    per_row = _probe_widths(model, names, wins.ids[:1, :2], torch_dtype)
+    widths = dict(per_row)
+    row_bytes = sum(widths.values()) * torch_dtype.itemsize
+    shard_windows = _shard_windows(max_bytes, batch_size, row_bytes * wins.context, len(wins))
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {"name": model.name, "family": model.arch.family, "weights_sha256": weights_digest(model.hf)},
+        "sites": names,
+        "widths": widths,
+        "dtype": _dtype_name(torch_dtype),
+        "corpus": wins.describe(),
+        "context": wins.context,
+        "exclude_bos": bool(skip),
+        "rows_per_window": wins.context - skip,
+        "batch_windows": batch_size,
+        "shard_windows": shard_windows,
+        "n_windows": len(wins),
+        "n_shards": math.ceil(len(wins) / shard_windows),
+        "tokens_total": wins.n_tokens,
+        "rows_total": len(wins) * (wins.context - skip),
+        "max_bytes": max_bytes,
+        "shards": [],
+        "rows_stored": 0,
+        "complete": False,
+    }
+    committed = _resume(folder, manifest)
+    _remove_stale_temporaries(folder)
+    if not _windows_match(folder, wins):
+        write_safetensors(folder / WINDOWS_FILE, {"ids": wins.ids.contiguous()})
+    _write_manifest(folder, manifest, committed)
+    rows_per_window = wins.context - skip
+    for k in range(math.ceil(len(wins) / shard_windows)):
+        if k in committed:
+            continue
+        first, last = k * shard_windows, min((k + 1) * shard_windows, len(wins))
+        before = sum(entry["n_windows"] for entry in committed.values())
+        shape = ((last - first) * rows_per_window,)
+        buffers = {name: torch.empty((*shape, widths[name]), dtype=torch_dtype) for name in names}
+        row = 0
+        for batch in stream(
+            model,
+            names,
+            wins,
+            batch_size=batch_size,
+            dtype=torch_dtype,
+            exclude_bos=exclude_bos,
+            stop_early=stop_early,
+            start=first,
+            stop=last,
+        ):
+            n = next(iter(batch.values())).shape[0]
+            for name in names:
+                buffers[name][row : row + n] = batch[name]  # (rows of the batch, width)
+            row += n
+            if progress is not None:
+                progress(before + row // rows_per_window, len(wins))
+        data = safetensors.torch.save(buffers)
+        del buffers
+        file = f"shard-{k:05d}.safetensors"
+        write_bytes(folder / file, data)
+        committed[k] = {
+            "file": file,
+            "first_window": first,
+            "n_windows": last - first,
+            "rows": row,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        del data
+        _write_manifest(folder, manifest, committed)
+    return ActivationStore(folder)
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise PathlensError(f"dtype={dtype!r}; the store keeps one of {', '.join(DTYPES)}.")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+def _probe_widths(model: Model, names: list[str], ids: Tensor, dtype: torch.dtype) -> dict[str, int]:
+    """Each site's width per token (its trailing dimensions flattened), from one forward on two tokens."""
+    batch = next(stream(model, names, ids, batch_size=1, dtype=dtype))
+    return {name: int(value.shape[1]) for name, value in batch.items()}
+
+
+def _shard_windows(max_bytes: int, batch_size: int, window_bytes: int, n_windows: int) -> int:
+    """Windows per shard: a whole number of batches such that the shard, its serialized copy and one batch fit in
+    `max_bytes`."""
+    fits = (max_bytes // window_bytes - batch_size) // 2
+    if fits < batch_size:
+        need = 3 * batch_size * window_bytes
+        raise PathlensError(
+            f"max_bytes={max_bytes} is too small: a shard of one batch ({batch_size} windows of {window_bytes} bytes "
+            f"of activations), its serialized copy and the next batch need {need} bytes; raise max_bytes or lower "
+            "batch_size."
+        )
+    batches = min(fits // batch_size, math.ceil(n_windows / batch_size))
+    return batches * batch_size
+
+
+# ---- the manifest and resuming ----------------------------------------------------------------------------------
+
+_IDENTITY = (
+    ("format", "format"),
+    ("format_version", "format version"),
+    ("model", "model"),
+    ("sites", "sites"),
+    ("dtype", "dtype"),
+    ("corpus", "corpus windows"),
+    ("exclude_bos", "exclude_bos"),
+    ("batch_windows", "batch size"),
+    ("shard_windows", "shard size (set by max_bytes)"),
+)
+
+
+def _resume(folder: Path, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The committed shards of a store already in `folder` that matches `manifest` (intact ones only); {} if none."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return {}
+    saved = _read_manifest(path)
+    for key, what in _IDENTITY:
+        if saved.get(key) != manifest[key]:
+            raise PathlensError(
+                f"{folder} holds a store with a different {what}: it has {_short(saved.get(key))}, this run asks for "
+                f"{_short(manifest[key])}. Pass another out= folder (or delete this one) to start a new store."
+            )
+    committed = {}
+    for entry in saved.get("shards", []):
+        file = folder / entry["file"]
+        if file.is_file() and hashlib.sha256(file.read_bytes()).hexdigest() == entry["sha256"]:
+            committed[int(entry["first_window"]) // manifest["shard_windows"]] = entry
+    return committed
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any], committed: dict[int, dict[str, Any]]) -> None:
+    manifest["shards"] = [committed[k] for k in sorted(committed)]
+    manifest["rows_stored"] = sum(entry["rows"] for entry in manifest["shards"])
+    manifest["complete"] = len(committed) == manifest["n_shards"]
+    write_text(folder / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PathlensError(f"{path} cannot be read as JSON ({err}); the store is damaged, collect it again.") from err
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise PathlensError(f"{path} is not an activation store manifest (written by pathlens.features.collect).")
+    if saved.get("format_version") != FORMAT_VERSION:
+        raise PathlensError(
+            f"{path} has store format version {saved.get('format_version')!r}; this pathlens reads {FORMAT_VERSION}."
+        )
+    return saved
+
+
+def _windows_match(folder: Path, wins: Windows) -> bool:
+    path = folder / WINDOWS_FILE
+    if not path.is_file():
+        return False
+    try:
+        ids = safetensors.torch.load(path.read_bytes()).get("ids")
+    except Exception:  # a damaged file is rewritten
+        return False
+    return ids is not None and ids.shape == wins.ids.shape and bool(torch.equal(ids, wins.ids))
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files a killed write left behind (`.<name>.<hex>.tmp`, see results.io)."""
+    for tmp in folder.glob(".*.tmp"):
+        if tmp.name.startswith((".shard-", f".{MANIFEST}.", f".{WINDOWS_FILE}.")):
+            tmp.unlink(missing_ok=True)
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---- reading ----------------------------------------------------------------------------------------------------
+
+
+class ActivationStore:
+    """A store written by `collect`, read back: rows in order (`rows`), shards (`shard`), a shuffled
+    `dataset`/`loader`, the windows the rows come from (`window_ids`, `origin`). See the module docstring."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(os.fspath(path)).expanduser()
+        if not (self.path / MANIFEST).is_file():
+            raise PathlensError(f"{self.path} holds no activation store ({MANIFEST} is missing); collect one first.")
+        self.manifest = _read_manifest(self.path / MANIFEST)
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else f"{len(self.manifest['shards'])}/{self.manifest['n_shards']} shards"
+        return (
+            f"ActivationStore({str(self.path)!r}, model={self.manifest['model']['name']!r}, sites={self.sites}, "
+            f"rows={self.n_rows}, dtype={self.manifest['dtype']}, {state})"
+        )
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.manifest["sites"])
+
+    @property
+    def widths(self) -> dict[str, int]:
+        return dict(self.manifest["widths"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest["dtype"]]
+
+    @property
+    def n_rows(self) -> int:
+        """Rows in the committed shards."""
+        return int(self.manifest["rows_stored"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def context(self) -> int:
+        return int(self.manifest["context"])
+
+    @property
+    def n_shards(self) -> int:
+        """Committed shards."""
+        return len(self.manifest["shards"])
+
+    def check(self, model: Model | None = None, sites: Sequence[Site | str] | Site | str = ()) -> None:
+        """Raise PathlensError unless the store was collected from `model` (same name and weights) and holds
+        `sites`."""
+        if model is not None:
+            saved = self.manifest["model"]
+            if saved["name"] != model.name or saved["weights_sha256"] != weights_digest(model.hf):
+                same = "with different weights" if saved["name"] == model.name else f"not {model.name!r}"
+                raise PathlensError(
+                    f"store {self.path} was collected from model {saved['name']!r} {same}; collect a store from "
+                    "this model (pathlens store --model ...) or pass the model the store was made from."
+                )
+        for site in [sites] if isinstance(sites, (str, Site)) else sites:
+            name = str(parse_site(site))
+            if name not in self.manifest["sites"]:
+                raise PathlensError(
+                    f"store {self.path} holds no site {name}; it holds {self.sites}. Collect {name} or pick one of "
+                    "those."
+                )
+
+    def shard(self, index: int, sites: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Committed shard `index`'s tensors (only `sites` if given), after checking its file against the manifest's
+        checksum."""
+        entries = self.manifest["shards"]
+        if not 0 <= index < len(entries):
+            raise PathlensError(
+                f"shard {index} is out of range: store {self.path} has {len(entries)} committed shards."
+            )
+        entry = entries[index]
+        file = self.path / entry["file"]
+        try:
+            data = file.read_bytes()
+        except OSError as err:
+            raise PathlensError(
+                f"shard file {file} of store {self.path} cannot be read ({err}); run collect on the folder again "
+                "to recompute it."
+            ) from err
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise PathlensError(
+                f"shard file {file} is corrupt: its SHA-256 does not match the one in {MANIFEST}; run collect on the "
+                "folder again (with the same settings) to recompute it."
+            )
+        tensors = safetensors.torch.load(data)
+        wanted = self.sites if sites is None else list(sites)
+        return {name: tensors[name] for name in wanted}
+
+    def rows(self, site: Site | str, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows [start, stop) of `site` in store order (window by window), (rows, width)."""
+        name = str(parse_site(site))
+        self.check(sites=[name])
+        stop = self.n_rows if stop is None else min(stop, self.n_rows)
+        parts, offset = [], 0
+        for index, entry in enumerate(self.manifest["shards"]):
+            lo, hi = offset, offset + entry["rows"]
+            offset = hi
+            if hi <= start or lo >= stop:
+                continue
+            parts.append(self.shard(index, [name])[name][max(start, lo) - lo : min(stop, hi) - lo])
+        if not parts:
+            return torch.empty((0, self.widths[name]), dtype=self.dtype)
+        return torch.cat(parts)
+
+    def window_ids(self) -> Tensor:
+        """The token windows (n_windows, context) the rows come from."""
+        return safetensors.torch.load((self.path / WINDOWS_FILE).read_bytes())["ids"]
+
+    def origin(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(window, position) of each store row index in `rows` (positions count the BOS token if there is one)."""
+        per = int(self.manifest["rows_per_window"])
+        skip = int(self.manifest["exclude_bos"])
+        starts = torch.tensor([0] + [entry["rows"] for entry in self.manifest["shards"]]).cumsum(0)
+        firsts = torch.tensor([entry["first_window"] for entry in self.manifest["shards"]])
+        shard = torch.searchsorted(starts[1:], rows, right=True)
+        local = rows - starts[shard]
+        return firsts[shard] + local // per, local % per + skip
+
+    def dataset(
+        self,
+        sites: Sequence[Site | str] | Site | str,
+        batch_size: int = 4096,
+        seed: int = 0,
+        shuffle: bool = True,
+        buffer_shards: int = 4,
+        drop_last: bool = False,
+    ) -> "StoreDataset":
+        """A PyTorch IterableDataset of shuffled row batches (see `StoreDataset`)."""
+        return StoreDataset(self, sites, batch_size, seed, shuffle, buffer_shards, drop_last)
+
+    def loader(
+        self, sites: Sequence[Site | str] | Site | str, batch_size: int = 4096, seed: int = 0, **kwargs: Any
+    ) -> DataLoader:
+        """`dataset(...)` in a DataLoader (batches are made by the dataset: batch_size=None, no workers)."""
+        return DataLoader(self.dataset(sites, batch_size, seed, **kwargs), batch_size=None)
+
+
+class StoreDataset(IterableDataset):
+    """Row batches of a store, shuffled across shards: each epoch visits the shards in a seeded random order,
+    `buffer_shards` at a time, shuffles the buffered rows and yields batches of `batch_size` rows (the rows left
+    over join the next buffer), so every row comes exactly once per epoch. Epoch e's order depends only on (seed,
+    e); iterating again starts the next epoch (`epoch` says which comes next; set it to replay one).
+
+    Yields a (batch, width) tensor for one site given as a string, else {site: (batch, width)}."""
+
+    def __init__(
+        self,
+        store: ActivationStore,
+        sites: Sequence[Site | str] | Site | str,
+        batch_size: int = 4096,
+        seed: int = 0,
+        shuffle: bool = True,
+        buffer_shards: int = 4,
+        drop_last: bool = False,
+    ) -> None:
+        self.single = isinstance(sites, (str, Site))
+        self.sites = [str(parse_site(s)) for s in ([sites] if isinstance(sites, (str, Site)) else sites)]
+        store.check(sites=self.sites)
+        if not self.sites:
+            raise PathlensError("give at least one site to read.")
+        _check_batch(batch_size)
+        if isinstance(buffer_shards, bool) or not isinstance(buffer_shards, int) or buffer_shards < 1:
+            raise PathlensError(f"buffer_shards={buffer_shards!r}; give a positive number of shards to mix.")
+        if store.n_shards == 0:
+            raise PathlensError(f"store {store.path} has no committed shard yet; collect it first.")
+        self.store, self.batch_size, self.seed = store, batch_size, seed
+        self.shuffle, self.buffer_shards, self.drop_last = shuffle, buffer_shards, drop_last
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.store.n_rows, self.batch_size)
+        return full + int(bool(rest) and not self.drop_last)
+
+    def __iter__(self) -> Iterator[Tensor | dict[str, Tensor]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        n = self.store.n_shards
+        order = torch.randperm(n, generator=gen).tolist() if self.shuffle else list(range(n))
+        carry: dict[str, Tensor] | None = None
+        for at in range(0, n, self.buffer_shards):
+            loaded = [self.store.shard(i, self.sites) for i in order[at : at + self.buffer_shards]]
+            parts = ([carry] if carry is not None else []) + loaded
+            buffer = {s: torch.cat([p[s] for p in parts]) for s in self.sites}  # (rows, width)
+            rows = buffer[self.sites[0]].shape[0]
+            if self.shuffle:
+                perm = torch.randperm(rows, generator=gen)
+                buffer = {s: v[perm] for s, v in buffer.items()}
+            full = rows // self.batch_size * self.batch_size
+            for lo in range(0, full, self.batch_size):
+                yield self._batch({s: v[lo : lo + self.batch_size] for s, v in buffer.items()})
+            carry = {s: v[full:] for s, v in buffer.items()}
+        if carry is not None and carry[self.sites[0]].shape[0] and not self.drop_last:
+            yield self._batch(carry)
+
+    def _batch(self, batch: dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
+        return batch[self.sites[0]] if self.single else batch
