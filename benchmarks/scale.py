@@ -1,0 +1,144 @@
+"""Scale benchmark: patching sweeps on a local Ray cluster against one local process, bit for bit.
+
+Parts:
+- ray: the GPT-2-shape head sweep (`benchmarks.patching`'s gpt2-heads: every head's output over all positions,
+  denoising, 8 IOI-shaped prompts of 15 tokens) run by one single-threaded local process (`patch(...)`, the
+  floor: the same engine with no distribution) and by `RayExecutor(workers=W, threads=1)` on a local Ray cluster
+  of W CPUs, for W = 1 and 2. Actors are started and their models built before timing (`startup_seconds`
+  reports that cost once); runs are interleaved round by round; `identical` says whether the scores equal the
+  local ones bit for bit. Targets: speedup ≥ 1.6 with 2 workers, ≤ 1.10× the local time with 1.
+
+Run `python benchmarks/scale.py --json` for one JSON line per row (keys `workload`, `workers`, `seconds`,
+`local_seconds`, `speedup_vs_local`, `identical`, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if not __package__:  # run as `python benchmarks/scale.py`: import the package from the repo root, as -m does
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import benchmarks  # noqa: F401  (turns tqdm off before torch imports it: see benchmarks/__init__.py)
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+import pathlens
+from benchmarks.common import (
+    Emitter,
+    build_gpt2,
+    check_parts,
+    check_repeats_and_threads,
+    round_robin,
+    set_threads,
+    synthetic_ioi_task,
+    versions,
+)
+from pathlens.distributed import ModelSpec, RayExecutor
+
+PARTS = ("ray",)
+RAY_WORKLOAD = "gpt2-heads"
+SPEEDUP_TARGET = 1.6
+ONE_WORKER_TARGET = 1.10
+SWEEP: dict[str, Any] = {"sites": "heads", "positions": "all", "direction": "denoise", "progress": False}
+
+
+def gpt2_model() -> pathlens.Model:
+    """The benchmark's GPT-2-shape model (seeded random weights), wrapped: the builder Ray workers call."""
+    return pathlens.Model(build_gpt2(), name="gpt2-shape")
+
+
+def run_ray(args: argparse.Namespace, emit: Emitter) -> list[str]:
+    """The ray part: rows for 1 and 2 workers against the local run; returns the missed targets."""
+    import ray
+
+    set_threads(1)  # the local floor is single-threaded, like each worker
+    model = gpt2_model()
+    task = synthetic_ioi_task(model.vocab_size)
+    missed: list[str] = []
+    ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        for workers in args.workers:
+            with RayExecutor(workers=workers, threads=1, model=ModelSpec(gpt2_model)) as executor:
+                start = time.perf_counter()
+                pathlens.patch(model, task, executor=executor, **SWEEP)  # actors start and build the model
+                startup = time.perf_counter() - start
+                timed = round_robin(
+                    {
+                        "local": lambda: pathlens.patch(model, task, **SWEEP),
+                        "ray": lambda executor=executor: pathlens.patch(model, task, executor=executor, **SWEEP),
+                    },
+                    args.repeats,
+                    warm_up=["local"],
+                )
+            local, remote = timed["local"], timed["ray"]
+            speedup = local.median / remote.median
+            identical = bool(torch.equal(local.result.values, remote.result.values))
+            target = SPEEDUP_TARGET if workers > 1 else 1 / ONE_WORKER_TARGET
+            met = identical and speedup >= target
+            emit(
+                {
+                    "part": "ray",
+                    "workload": RAY_WORKLOAD,
+                    "workers": workers,
+                    "threads_per_worker": 1,
+                    "seconds": round(remote.median, 3),
+                    "local_seconds": round(local.median, 3),
+                    "speedup_vs_local": round(speedup, 3),
+                    "target_speedup": round(target, 3),
+                    "identical": identical,
+                    "met": met,
+                    "startup_seconds": round(startup, 2),
+                    "repeats": args.repeats,
+                }
+            )
+            if not met:
+                missed.append(f"ray {workers} workers: x{speedup:.2f} (target {target:.2f}), identical {identical}")
+    finally:
+        ray.shutdown()
+    return missed
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """The rows as a plain table (without --json)."""
+    for row in rows:
+        print("  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON line per row")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
+    parser.add_argument("--quick", action="store_true", help="one timed round")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of the non-Ray parts (0: default)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts: {', '.join(PARTS)}")
+    parser.add_argument("--workers", default="1,2", help="comma list of Ray worker counts (ray part)")
+    args = parser.parse_args(argv)
+    check_parts(parser, args, PARTS)
+    check_repeats_and_threads(parser, args)
+    args.workers = [int(w) for w in args.workers.split(",") if w]
+    if not args.workers or min(args.workers) < 1:
+        parser.error("--workers needs counts of at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    emit = Emitter(args.json, {"versions": versions(["torch", "transformers", "ray"])})
+    missed: list[str] = []
+    if "ray" in args.parts:
+        missed += run_ray(args, emit)
+    set_threads(args.threads)
+    if not args.json:
+        print_table(emit.rows)
+    for problem in missed:
+        print(f"MISSED {problem}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
