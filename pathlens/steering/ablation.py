@@ -9,6 +9,9 @@ onto the direction's orthogonal complement, W ← W − r̂ r̂ᵀ W. A tied une
 original weights: the run-time ablation does not touch the unembedding). The copy's logits equal the run-time
 ablation's up to float rounding; the original model is left as it was.
 
+`probe_after_ablation` checks what the ablation removed: a logistic probe freshly trained (cross-validated) on
+the ablated model's activations of two contrast sets, against one trained on the plain model's.
+
 Models that normalize a sublayer's output before adding it to the stream (Gemma 2/3's sandwich norms) have no
 weight equivalent — a norm re-introduces the direction — so `orthogonalized` refuses them; the run-time
 ablation works on every model.
@@ -17,7 +20,9 @@ ablation works on every model.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
@@ -26,6 +31,7 @@ from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, ProjectOut
 from pathlens.model import Model
 from pathlens.sites import Site
+from pathlens.steering.finders import ReadAt, probe_accuracy, read_activations
 
 
 def _unit(model: Model, direction: Tensor) -> Tensor:
@@ -116,3 +122,36 @@ def orthogonalized(model: Model, direction: Tensor) -> Model:
                 r = unit.to(b.device)
                 bias.data.copy_((b - (b @ r) * r).to(bias.dtype))
     return Model(hf, model.tokenizer, arch=arch, name=f"{model.name} (orthogonalized)")
+
+
+def probe_after_ablation(
+    model: Model,
+    positive: Sequence[str],
+    negative: Sequence[str],
+    direction: Tensor,
+    sites: "str | Sequence[str]",
+    at: ReadAt = "last",
+    folds: int = 4,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """How well a freshly trained logistic probe reads the contrast (`positive` vs `negative` prompts) at each of
+    `sites`, in the plain model and with `direction` ablated at every layer (run time): one row per site with the
+    held-out accuracies `before` and `after` (`finders.probe_accuracy`, `folds`-fold; chance 0.5 for balanced sets)
+    and `residual`, the largest |component along the direction| left in the ablated activations."""
+    names = [sites] if isinstance(sites, str) else list(sites)
+    ablate = ablation_interventions(model, direction)
+    unit = _unit(model, direction).float()
+    plain = [read_activations(model, prompts, names, at) for prompts in (positive, negative)]
+    ablated = [read_activations(model, prompts, names, at, interventions=ablate) for prompts in (positive, negative)]
+    rows = []
+    for site in names:
+        after_pos, after_neg = ablated[0][site], ablated[1][site]
+        rows.append(
+            {
+                "site": site,
+                "before": probe_accuracy(plain[0][site], plain[1][site], folds, seed=seed),
+                "after": probe_accuracy(after_pos, after_neg, folds, seed=seed),
+                "residual": float((torch.cat([after_pos, after_neg]) @ unit).abs().max()),
+            }
+        )
+    return pd.DataFrame(rows)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from pathlens.errors import PathlensError
+from pathlens.interventions import Intervention
 from pathlens.model import Model
 from pathlens.sites import parse_site
 from pathlens.steering.vector import SteeringVector
@@ -43,10 +44,16 @@ def layer_sites(model: Model, kind: str = "resid_post", layers: Sequence[int] | 
 
 
 def read_activations(
-    model: Model, prompts: Sequence[str], sites: "str | Sequence[str]", at: ReadAt = "last", batch_size: int = 32
+    model: Model,
+    prompts: Sequence[str],
+    sites: "str | Sequence[str]",
+    at: ReadAt = "last",
+    batch_size: int = 32,
+    interventions: Sequence[Intervention] = (),
 ) -> dict[str, Tensor]:
     """Each site's activation (N, d) at position `at` of every prompt: "last" (each row's last real token), an
-    integer (row-relative; negatives from the row's end), or "mean" (over the row's real tokens)."""
+    integer (row-relative; negatives from the row's end), or "mean" (over the row's real tokens); read from runs
+    made under `interventions` (e.g. a directional ablation), which must not select rows."""
     names = [sites] if isinstance(sites, str) else list(sites)
     if not names:
         raise PathlensError("read_activations: sites is empty; name at least one site (e.g. 'L10.resid_post').")
@@ -66,7 +73,7 @@ def read_activations(
                     "give a position every prompt has (negative positions count from the end)."
                 )
         with torch.no_grad():
-            cache = model.run(ids, attention_mask=mask, cache=names).cache
+            cache = model.run(ids, attention_mask=mask, cache=names, interventions=interventions).cache
         rows = torch.arange(ids.shape[0])
         for name in names:
             value = cache[name].float()  # (b, p, d)
@@ -201,6 +208,13 @@ def pca_direction(
 def _logistic_weights(x: Tensor, y: Tensor, l2: float, steps: int) -> Tensor:
     """Weights (d,) of an L2-regularized logistic regression on standardized features, mapped back to the
     original coordinates (w / std)."""
+    w, _, _, std = _fit_logistic(x, y, l2, steps)
+    return w / std
+
+
+def _fit_logistic(x: Tensor, y: Tensor, l2: float, steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """An L2-regularized logistic regression on standardized features: weights (d,) and bias on the standardized
+    scale, and the mean and std (d,) that standardize."""
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mean) / std
     w = torch.zeros(z.shape[1], dtype=z.dtype, requires_grad=True)
@@ -215,7 +229,32 @@ def _logistic_weights(x: Tensor, y: Tensor, l2: float, steps: int) -> Tensor:
 
     with torch.enable_grad():
         opt.step(closure)  # type: ignore[no-untyped-call]
-    return w.detach() / std
+    return w.detach(), b.detach(), mean, std
+
+
+def probe_accuracy(
+    positive: Tensor, negative: Tensor, folds: int = 4, l2: float = 1e-2, steps: int = 200, seed: int = 0
+) -> float:
+    """Held-out accuracy of a logistic probe freshly trained to tell `positive` (N, d) from `negative` (M, d)
+    activations: `folds`-fold cross-validation over a seeded shuffle; paired sets (N == M) keep each pair in one
+    fold, so a probe is never tested on the twin of a training prompt. Chance is 0.5 for balanced sets."""
+    n, m = int(positive.shape[0]), int(negative.shape[0])
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= min(n, m):
+        raise PathlensError(
+            f"probe_accuracy: folds must be an integer in 2..{min(n, m)} (the smaller set), got {folds}."
+        )
+    g = torch.Generator().manual_seed(seed)
+    pos_fold = torch.randperm(n, generator=g) % folds
+    neg_fold = pos_fold.clone() if n == m else torch.randperm(m, generator=g) % folds
+    correct = 0
+    for k in range(folds):
+        x = torch.cat([positive[pos_fold != k], negative[neg_fold != k]]).double()
+        y = torch.cat([torch.ones(int((pos_fold != k).sum())), torch.zeros(int((neg_fold != k).sum()))]).double()
+        w, b, mean, std = _fit_logistic(x, y, l2, steps)
+        for acts, label in ((positive[pos_fold == k], True), (negative[neg_fold == k], False)):
+            predicted = ((acts.double() - mean) / std) @ w + b > 0
+            correct += int((predicted == label).sum())
+    return correct / (n + m)
 
 
 def probe_direction(
