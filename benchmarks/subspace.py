@@ -1,0 +1,163 @@
+"""Subspace benchmark on the embedded SmolLM2: the illusion decomposition table on IOI, and the cost of a DAS step.
+
+Parts:
+- ioi: counterfactual IOI pairs (train: half of the template pairs, names, places, objects; test: the other
+  halves, every pair flipping the position label). 1-D directions at a mid-depth MLP hidden site (`--mlp-site`)
+  and at the residual stream at the last position (`--resid-site`): DAS, difference in means (ABB − BAB) and the
+  positional gradient; each checked by `illusion_check` on the held-out pairs. The residual site is decomposed
+  against the queries of the 3 heads after it that noising patching finds most important (the paper uses the
+  name movers' queries). Prints the paper-layout table per direction and whether the illusion flag is raised.
+- speed: one DAS training step (batch of 20 training pairs, 1-D at the MLP site) against the floor, a plain
+  forward + backward of the same batch in torch (cross-entropy at the last token, `loss.backward()`), timed
+  round-robin in the same run; prints the ratio (target ≤ 1.3). Reports whether pyvene could be installed beside
+  this torch/transformers (`pip install --dry-run pyvene`), without installing it.
+
+Run `python benchmarks/subspace.py --json` for one JSON line per row.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if not __package__:  # run as `python benchmarks/subspace.py`: import the package from the repo root, as -m does
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import benchmarks  # noqa: F401  (turns tqdm off before torch imports it: see benchmarks/__init__.py)
+
+import argparse
+import subprocess
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.common import Emitter, check_parts, check_repeats_and_threads, round_robin, set_threads
+from pathlens import Model, load
+from pathlens.subspace import illusion_check
+from pathlens.subspace.das import DASSettings, DASTrainer
+from pathlens.subspace.study import counterfactual_split, find_subspace, important_heads
+from pathlens.tasks.base import Task
+
+PARTS = ("ioi", "speed")
+
+
+def _clean_accuracy(model: Model, task: Task) -> float:
+    with torch.no_grad():
+        logits = model.run(task.clean_ids, attention_mask=task.attention_mask).logits
+    final = logits[torch.arange(task.n), task.answer_pos]
+    return float((final.argmax(-1) == task.answer_ids).double().mean())
+
+
+def ioi_tables(model: Model, args: argparse.Namespace, emit: Emitter) -> None:
+    train, test = counterfactual_split(model, "ioi", args.n_train, args.n_test, args.seed)
+    resid_layer = int(args.resid_site.split(".")[0][1:])
+    heads = important_heads(model, test.rows(list(range(min(40, test.n)))), resid_layer, 3)
+    emit({"part": "ioi", "what": "setup", "clean_accuracy_test": _clean_accuracy(model, test), "heads": heads})
+    for site in (args.mlp_site, args.resid_site):
+        for finder in args.finders.split(","):
+            start = time.perf_counter()
+            kw: dict[str, Any] = {"epochs": args.epochs} if finder == "das" else {}
+            sub = find_subspace(model, finder, train, site, args.seed, **kw)
+            found = time.perf_counter() - start
+            on_heads = heads if site == args.resid_site else None
+            report = illusion_check(model, sub, test, heads=on_heads, parts=("q",))
+            print(f"\n{finder} at {site} (found in {found:.0f} s; readers {report.decomposition['readers']})")
+            print(report.table())
+            print(f"illusion flag: {report.illusion} {report.conditions}")
+            emit(
+                {
+                    "part": "ioi",
+                    "site": site,
+                    "finder": finder,
+                    "seconds_to_find": found,
+                    "illusion": report.illusion,
+                    "conditions": report.conditions,
+                    "rows": report.rows,
+                    "decomposition": report.decomposition,
+                    "final_loss": sub.meta.get("loss_per_epoch", [None])[-1],
+                }
+            )
+
+
+def pyvene_dry_run() -> str:
+    """What `pip install --dry-run pyvene` would do to torch / transformers (nothing is installed)."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "pyvene"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"dry run failed: {err}"
+    would = [line for line in out.stdout.splitlines() if line.startswith("Would install")]
+    text = would[0] if would else (out.stdout + out.stderr).strip().splitlines()[-1:]
+    return str(text)
+
+
+def speed(model: Model, args: argparse.Namespace, emit: Emitter) -> None:
+    train, _ = counterfactual_split(model, "ioi", 40, 8, args.seed)
+    trainer = DASTrainer(model, train, args.mlp_site, DASSettings(seed=args.seed))
+    rows = torch.arange(20)
+    ids, mask = train.clean_ids[rows], train.attention_mask[rows]
+    labels, pos = train.counterfactual_ids, train.answer_pos[rows]
+    assert labels is not None
+
+    def das_step() -> None:
+        trainer.loss_and_grad(rows)
+
+    def floor() -> None:
+        logits = model.hf(input_ids=ids, attention_mask=mask).logits  # (20, P, V)
+        loss = torch.nn.functional.cross_entropy(logits[torch.arange(20), pos], labels[rows])
+        loss.backward()
+        model.hf.zero_grad(set_to_none=True)
+
+    timed = round_robin({"das_step": das_step, "forward_backward": floor}, args.repeats)
+    step, base = timed["das_step"].median, timed["forward_backward"].median
+    verdict = pyvene_dry_run()
+    emit(
+        {
+            "part": "speed",
+            "site": args.mlp_site,
+            "batch": 20,
+            "seconds_das_step": step,
+            "seconds_forward_backward": base,
+            "ratio": step / base,
+            "met": step / base <= 1.3,
+            "pyvene_dry_run": verdict,
+        }
+    )
+    print(f"DAS step {step * 1e3:.0f} ms, forward+backward {base * 1e3:.0f} ms: x{step / base:.2f} (target <= 1.3)")
+    print(f"pyvene: {verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="one JSON line per row")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="one repeat, 3 DAS epochs")
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--mlp-site", default="L15.mlp_post")
+    parser.add_argument("--resid-site", default="L15.resid_post")
+    parser.add_argument("--finders", default="das,mean-diff,gradient")
+    parser.add_argument("--n-train", type=int, default=200)
+    parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    check_repeats_and_threads(parser, args)
+    check_parts(parser, args, PARTS)
+    if args.quick:
+        args.epochs = 3
+    set_threads(args.threads)
+    emit = Emitter(args.json, {"threads": torch.get_num_threads()})
+    model = load("smollm2")
+    if "speed" in args.parts:
+        speed(model, args, emit)
+    if "ioi" in args.parts:
+        ioi_tables(model, args, emit)
+
+
+if __name__ == "__main__":
+    main()
