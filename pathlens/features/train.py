@@ -30,6 +30,7 @@ from torch import Tensor
 
 from pathlens.errors import PathlensError
 from pathlens.features.sae import UNIT_NORM_KINDS, Dictionary, Step
+from pathlens.features.store import ActivationStore
 from pathlens.model import Model
 from pathlens.sites import Site
 
@@ -291,3 +292,45 @@ def on_the_fly(
         for s in range(0, usable, batch_size):
             yield {k: v[s : s + batch_size] for k, v in pool.items()}
         carry = {k: v[usable:] for k, v in pool.items()}
+
+
+def store_batches(
+    store: ActivationStore,
+    sites: Sequence[str],
+    batch_size: int,
+    seed: int = 0,
+    epochs: int = 1,
+    windows: int | None = None,
+    skip_first: bool = True,
+) -> Iterator[dict[str, Tensor]]:
+    """Shuffled training batches {site: (batch_size, d)} of an activation store's rows, restricted to its first
+    `windows` windows (the rest held out for evaluation; None: all) and, with `skip_first`, to positions > 0 of
+    each window. Each epoch visits the shards in a seeded order, two at a time, shuffling their rows together."""
+    store.check(sites=sites)
+    gen = torch.Generator().manual_seed(seed)
+    starts = [0]
+    for entry in store.manifest["shards"]:
+        starts.append(starts[-1] + int(entry["rows"]))
+    for _ in range(epochs):
+        order = torch.randperm(store.n_shards, generator=gen).tolist()
+        carry: dict[str, Tensor] | None = None
+        for at in range(0, len(order), 2):
+            pool: dict[str, list[Tensor]] = {s: [] if carry is None else [carry[s]] for s in sites}
+            for index in order[at : at + 2]:
+                shard = store.shard(index, list(sites))
+                window, position = store.origin(torch.arange(starts[index], starts[index + 1]))
+                keep = (
+                    (position >= int(skip_first))
+                    if windows is None
+                    else (position >= int(skip_first)) & (window < windows)
+                )
+                for s in sites:
+                    pool[s].append(shard[s][keep].float())
+            merged = {s: torch.cat(v) for s, v in pool.items()}
+            n = _rows(merged)
+            perm = torch.randperm(n, generator=gen)
+            usable = n - n % batch_size
+            for lo in range(0, usable, batch_size):
+                rows = perm[lo : lo + batch_size]
+                yield {s: v[rows] for s, v in merged.items()}
+            carry = {s: v[perm[usable:]] for s, v in merged.items()}

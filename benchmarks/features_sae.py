@@ -1,0 +1,207 @@
+"""SAE training benchmark on the embedded SmolLM2: a TopK SAE (width 8 × d_model) on one layer's residual stream.
+
+Workload `sae-topk`: activations of `L{layer}.resid_post` over windows of the offline default corpus (the first
+position of each window left out: SmolLM2's attention sink, whose norm is ~7× every other token's) are collected
+once, then trained on for `--epochs` epochs by
+
+- pathlens: `Dictionary(topk)` + `Trainer` (`pathlens.features.train`), and
+- the floor: a minimal TopK SAE loop in plain torch written here (same width, k, batch, learning rate, Adam,
+  initialisation rule, unit-norm decoder, input scaling and b_dec start; no AuxK, no dead-latent bookkeeping),
+
+interleaved epoch by epoch on the same shuffled batches, so a busy machine's load falls on both alike. Reported:
+training tokens/s of each and their ratio, and pathlens' dictionary's FVE and L0 on held-out windows' activations
+and its CE loss recovered when spliced into the model (`pathlens.features.evaluate`). `saelens_ratio` is null
+unless a SAELens virtualenv is given with `--saelens-python` (SAELens pins transformer-lens 3.x, so it cannot
+share this environment); it then trains SAELens' TopK SAE on the same saved activations in a subprocess.
+
+Run `python benchmarks/features_sae.py --json` (one JSON line per row); `--store DIR` reuses an activation store
+(`pathlens store` / `pathlens.features.collect`) holding the site instead of collecting.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if not __package__:  # run as `python benchmarks/features_sae.py`: import the package from the repo root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import benchmarks  # noqa: F401  (turns tqdm off before torch imports it: see benchmarks/__init__.py)
+
+import argparse
+import json
+import math
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from benchmarks.common import Emitter, ratio, set_threads
+from pathlens import Model, load
+from pathlens.features.corpus import windows
+from pathlens.features.evaluate import evaluate
+from pathlens.features.sae import Dictionary, DictionaryConfig
+from pathlens.features.store import ActivationStore, stream
+from pathlens.features.train import TrainConfig, Trainer, tensor_batches
+
+
+class FloorSAE:
+    """The floor: TopK SAE training in plain torch, the fewest operations the method needs."""
+
+    def __init__(self, d: int, width: int, k: int, lr: float, x: Tensor, seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        w_dec = torch.randn(width, d, generator=gen)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.scale = math.sqrt(d / float(x.pow(2).sum(-1).mean()))
+        self.w_enc = w_dec.T.clone().requires_grad_()
+        self.w_dec = w_dec.requires_grad_()
+        self.b_enc = torch.zeros(width, requires_grad=True)
+        self.b_dec = (x * self.scale).mean(0).requires_grad_()
+        self.k = k
+        self.opt = torch.optim.Adam([self.w_enc, self.w_dec, self.b_enc, self.b_dec], lr=lr)
+
+    def encode(self, x: Tensor) -> Tensor:
+        z = (x * self.scale - self.b_dec) @ self.w_enc + self.b_enc  # (n, width)
+        values, indices = torch.topk(z, self.k, dim=-1)
+        return torch.zeros_like(z).scatter(-1, indices, torch.relu(values))
+
+    def step(self, x: Tensor) -> None:
+        xs = x * self.scale
+        recon = self.encode(x) @ self.w_dec + self.b_dec  # (n, d)
+        loss = (recon - xs).pow(2).sum(-1).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            unit = self.w_dec / self.w_dec.norm(dim=1, keepdim=True)
+            self.w_dec.grad -= (self.w_dec.grad * unit).sum(1, keepdim=True) * unit  # type: ignore[operator]
+        self.opt.step()
+        with torch.no_grad():
+            self.w_dec /= self.w_dec.norm(dim=1, keepdim=True)
+
+
+def activations(model: Model, site: str, ids: Tensor, store: str | None) -> Tensor:
+    """(tokens, d) activations of `site` without each window's first position: from `store` when given (its
+    rows, position 0 dropped through the store's row origins), else one model pass per 8 windows."""
+    if store:
+        st = ActivationStore(store)
+        rows = st.rows(site).float()
+        _, pos = st.origin(torch.arange(rows.shape[0]))
+        return rows[pos > 0]
+    parts = [b[site].reshape(-1, 128, b[site].shape[-1])[:, 1:] for b in stream(model, [site], ids, batch_size=8)]
+    return torch.cat(parts).reshape(-1, parts[0].shape[-1]).float()
+
+
+def fve_l0(encode: Any, decode: Any, x: Tensor) -> tuple[float, float]:
+    """Fraction of variance explained and mean L0 of an SAE on x (n, d)."""
+    with torch.no_grad():
+        f = encode(x)
+        err = decode(f) - x
+    return 1.0 - float(err.pow(2).sum()) / float((x - x.mean(0)).pow(2).sum()), float((f > 0).sum(-1).float().mean())
+
+
+def saelens_tokens_per_s(python: str, data: Path, args: argparse.Namespace) -> float | None:
+    """Train SAELens' TopK SAE on the saved activations in its own interpreter; None if that fails."""
+    script = Path(__file__).with_name("saelens_topk.py")
+    cmd = [python, str(script), str(data), str(args.k), str(args.batch), str(args.lr), str(args.epochs)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"SAELens run failed: {done.stderr[-400:]}", file=sys.stderr)
+        return None
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"])
+
+
+def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """The benchmark's rows (one: `sae-topk`)."""
+    set_threads(args.threads)
+    model = load("smollm2")
+    site = f"L{args.layer}.resid_post"
+    wins = windows(None, model.tokenizer, context=128, n_tokens=128 * (args.windows + args.heldout), seed=0)
+    train_ids, heldout = wins.ids[: args.windows], wins.ids[args.windows :]
+    start = time.perf_counter()
+    x = activations(model, site, train_ids, args.store)
+    collect_s = time.perf_counter() - start
+    held = activations(model, site, heldout, None)
+    d, width = int(x.shape[1]), 8 * int(x.shape[1])
+    ours = Dictionary(DictionaryConfig("topk", d, width, k=args.k, meta={"site": site, "model": "smollm2"}), seed=0)
+    trainer = Trainer(ours, site, config=TrainConfig(lr=args.lr, dead_steps=args.dead_steps), seed=0)
+    floor = FloorSAE(d, width, args.k, args.lr, x[: args.batch], seed=0)
+    seconds = {"pathlens": 0.0, "floor": 0.0}
+    for epoch in range(args.epochs):
+        batches = list(tensor_batches({site: x}, args.batch, seed=epoch))
+        for name in ("floor", "pathlens") if epoch % 2 == 0 else ("pathlens", "floor"):
+            begin = time.perf_counter()
+            for batch in batches:
+                floor.step(batch[site]) if name == "floor" else trainer.step(batch[site])
+            seconds[name] += time.perf_counter() - begin
+    tokens = trainer.tokens
+    fve, l0 = fve_l0(ours.encode, ours.decode, held)
+    floor_fve, floor_l0 = fve_l0(floor.encode, lambda f: (f @ floor.w_dec + floor.b_dec) / floor.scale, held)
+    card = evaluate(model, ours, heldout[: args.ce_windows], site=site, name="sae-topk")
+    saelens = None
+    if args.saelens_python:
+        data = Path(args.out) / "activations.safetensors"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"x": x.contiguous()}, str(data))
+        saelens = saelens_tokens_per_s(args.saelens_python, data, args)
+    if args.out:
+        ours.save(Path(args.out) / "sae-topk")
+    ours_tps, floor_tps = tokens / seconds["pathlens"], tokens / seconds["floor"]
+    yield {
+        "workload": "sae-topk",
+        "site": site,
+        "width": width,
+        "k": args.k,
+        "train_tokens": int(x.shape[0]),
+        "epochs": args.epochs,
+        "tokens_trained": tokens,
+        "collect_s": round(collect_s, 1),
+        "tokens_per_s": round(ours_tps, 1),
+        "floor_tokens_per_s": round(floor_tps, 1),
+        "ratio_vs_floor": round(ours_tps / floor_tps, 3),
+        "saelens_tokens_per_s": saelens,
+        "saelens_ratio": ratio(ours_tps, saelens),
+        "fve": round(fve, 4),
+        "l0": round(l0, 2),
+        "floor_fve": round(floor_fve, 4),
+        "floor_l0": round(floor_l0, 2),
+        "ce_recovered": round(card.ce_recovered, 4),
+        "kl": round(card.kl, 4),
+        "dead_fraction": round(card.dead_fraction, 4),
+        "met": bool(fve >= 0.8 and l0 <= 64),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON line per row")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--layer", type=int, default=6)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--windows", type=int, default=1000, help="training windows of 128 tokens")
+    parser.add_argument("--heldout", type=int, default=64, help="held-out windows (FVE, L0)")
+    parser.add_argument("--ce-windows", type=int, default=16, help="held-out windows for CE recovered")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--dead-steps", type=int, default=200)
+    parser.add_argument("--store", default=None, help="an activation store holding the site (else collected)")
+    parser.add_argument("--out", default="benchmarks/out/features_sae", help="where the dictionary is saved")
+    parser.add_argument("--saelens-python", default=None, help="python of a virtualenv with SAELens installed")
+    args = parser.parse_args()
+    if args.threads is not None and args.threads < 0:
+        parser.error("--threads must be >= 0")
+    set_threads(args.threads or None)
+    emit = Emitter(json=args.json, extra={"model": "smollm2", "threads": torch.get_num_threads()})
+    for row in rows(args):
+        emit(row)
+    if not args.json:
+        for row in emit.rows:
+            print(row)
+
+
+if __name__ == "__main__":
+    main()
