@@ -14,7 +14,7 @@ from pathlens.features.evaluate import evaluate
 from pathlens.features.sae import Dictionary, DictionaryConfig
 from pathlens.features.splice import splice
 from pathlens.features.store import collect
-from pathlens.features.train import store_batches
+from pathlens.features.train import on_the_fly, store_batches
 from pathlens.report.dictionary_page import render_dictionary_page
 from pathlens.report.dictionary_study import StudySettings, dictionary_study
 from tests.helpers import VOCAB, assert_untouched, snapshot, tiny_model
@@ -89,3 +89,21 @@ def test_page_escapes_tokens_and_labels() -> None:
     page = render_dictionary_page(card, {pick_latents(torch.ones(8), 1)[0]: [hostile]}, title="<b>t</b>")
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "&quot;x&quot; &amp; y" in page and "&lt;b&gt;t&lt;/b&gt;" in page
+
+
+def test_on_the_fly_batches_are_the_cached_rows_shuffled() -> None:
+    """Two sites from one pass, positions > 0, every row once (the remainder of the last buffer dropped)."""
+    model = tiny_model("llama", weight_scale=3.0)
+    ids = torch.randint(3, VOCAB, (10, 8), generator=torch.Generator().manual_seed(4))
+    cache = model.run(ids, cache=["L0.mlp_in", "L0.mlp_out"]).cache
+    batches = list(on_the_fly(model, ids, ["L0.mlp_in", "L0.mlp_out"], 9, seed=1, chunk=3, buffer_windows=4))
+    assert len(batches) == 70 // 9
+    for site in ("L0.mlp_in", "L0.mlp_out"):
+        reference = cache[site][:, 1:].reshape(-1, 32)
+        seen = torch.cat([b[site] for b in batches])
+        distance = (seen[:, None] - reference[None]).abs().amax(dim=-1)
+        assert float(distance.min(dim=1).values.max()) < 1e-5
+        assert torch.unique(distance.argmin(dim=1)).numel() == seen.shape[0]
+    first = batches[0]
+    pair = (first["L0.mlp_in"][:, None] - cache["L0.mlp_in"][:, 1:].reshape(-1, 32)[None]).abs().amax(-1).argmin(1)
+    assert torch.allclose(first["L0.mlp_out"], cache["L0.mlp_out"][:, 1:].reshape(-1, 32)[pair], atol=1e-5)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from pathlens.errors import PathlensError
 from pathlens.features.sae import UNIT_NORM_KINDS, Dictionary, Step
-from pathlens.features.store import ActivationStore
+from pathlens.features.store import ActivationStore, stream
 from pathlens.model import Model
 from pathlens.sites import Site
 
@@ -249,23 +249,6 @@ def _rows(columns: Mapping[str, Tensor]) -> int:
     return next(iter(sizes.values()))
 
 
-def collect(
-    model: Model, windows: Tensor, sites: Sequence[Site | str], chunk: int = 8, skip_first: bool = True
-) -> dict[str, Tensor]:
-    """Activations {site: (tokens, d)} of `sites` over token windows (n, p), `chunk` windows per forward; the
-    first position of each window is skipped with `skip_first` (the BOS / attention-sink token, whose norm is far
-    from every other token's)."""
-    names = [str(model.resolve(s)) for s in sites]
-    out: dict[str, list[Tensor]] = {name: [] for name in names}
-    first = 1 if skip_first else 0
-    with torch.no_grad():
-        for start in range(0, int(windows.shape[0]), chunk):
-            run = model.run(windows[start : start + chunk], cache=names)
-            for name in names:
-                out[name].append(run.cache[name][:, first:].reshape(-1, run.cache[name].shape[-1]).float())
-    return {name: torch.cat(parts) for name, parts in out.items()}
-
-
 def on_the_fly(
     model: Model,
     windows: Tensor,
@@ -276,22 +259,29 @@ def on_the_fly(
     buffer_windows: int = 64,
     skip_first: bool = True,
 ) -> Iterator[dict[str, Tensor]]:
-    """Training batches straight from model passes, nothing on disk: `buffer_windows` windows at a time are run
-    (`chunk` per forward, every site of `sites` in the same pass), their tokens shuffled together (seeded), and
-    cut into batches of `batch_size` tokens; leftovers carry over to the next buffer."""
+    """Training batches straight from model passes, nothing on disk (`pathlens.features.store.stream`: one forward
+    per `chunk` windows for every site, stopped after the last block needed): `buffer_windows` windows at a time,
+    each window's first position left out with `skip_first`, their tokens shuffled together (seeded) and cut into
+    batches of `batch_size` tokens; leftovers carry over to the next buffer."""
+    names = [str(model.resolve(s)) for s in sites]
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(int(windows.shape[0]), generator=gen)
     carry: dict[str, Tensor] | None = None
     for start in range(0, int(windows.shape[0]), buffer_windows):
-        fresh = collect(model, windows[order[start : start + buffer_windows]], sites, chunk, skip_first)
-        pool = fresh if carry is None else {k: torch.cat([carry[k], fresh[k]]) for k in fresh}
+        part = windows[order[start : start + buffer_windows]]
+        fresh: dict[str, list[Tensor]] = {name: [] for name in names}
+        for batch in stream(model, names, part, batch_size=chunk):
+            for name in names:
+                rows = batch[name].float().reshape(-1, int(part.shape[1]), batch[name].shape[-1])  # (b, p, d)
+                fresh[name].append(rows[:, int(skip_first) :].reshape(-1, rows.shape[-1]))
+        pool = {k: torch.cat(v if carry is None else [carry[k], *v]) for k, v in fresh.items()}
         n = _rows(pool)
         perm = torch.randperm(n, generator=gen)
-        pool = {k: v[perm] for k, v in pool.items()}
         usable = n - n % batch_size
-        for s in range(0, usable, batch_size):
-            yield {k: v[s : s + batch_size] for k, v in pool.items()}
-        carry = {k: v[usable:] for k, v in pool.items()}
+        for lo in range(0, usable, batch_size):
+            rows_at = perm[lo : lo + batch_size]
+            yield {k: v[rows_at] for k, v in pool.items()}
+        carry = {k: v[perm[usable:]] for k, v in pool.items()}
 
 
 def store_batches(
