@@ -88,13 +88,27 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def own_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """`module`'s own parameter or buffer `name`, usable outside its forward: the tensor itself, or, when accelerate
+    offloaded it (kept on disk or in CPU memory by the module's hook, a "meta" tensor in the module), a detached
+    copy loaded through that hook onto the module's execution device."""
+    value = getattr(module, name)
+    if not isinstance(value, torch.Tensor) or value.device.type != "meta":
+        return value
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
+        return getattr(module, name).detach().clone()
+
+
 def weight_out_in(module: nn.Module, role: str) -> torch.Tensor:
     """A linear layer's weight as (out_features, in_features): nn.Linear stores it that way, transformers' Conv1D
-    (GPT-2) stores the transpose. `role` names the layer in the error raised for any other module."""
+    (GPT-2) stores the transpose. `role` names the layer in the error raised for any other module. Offloaded
+    weights are loaded (`own_tensor`)."""
     if type(module).__name__ == "Conv1D":
-        return module.get_parameter("weight").t()
+        return own_tensor(module, "weight").t()
     if isinstance(module, nn.Linear):
-        return module.weight
+        return own_tensor(module, "weight")
     raise PathlensError(
         f"the {role} is a {type(module).__name__}; pathlens reads the weights of nn.Linear or transformers' Conv1D "
         "only. Pass an ArchMap whose paths name such layers."

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pathlens.arch.base import get_module, weight_out_in
+from pathlens.arch.base import get_module, own_tensor, weight_out_in
 from pathlens.arch.norms import norm_parts
 from pathlens.errors import PathlensError
 from pathlens.model import Model
@@ -167,7 +167,9 @@ class QKV:
         weights = [weight_out_in(m, "q/k/v projection (ArchMap qkv_proj)").detach() for m in modules]
         d = weights[0].shape[1]
         self.cols, self.part_module = self._columns(), [0, 1, 2] if self.layout == "separate" else [0, 0, 0]
-        biases: list[Tensor | None] = [getattr(m, "bias", None) for m in modules]
+        biases: list[Tensor | None] = [
+            None if getattr(m, "bias", None) is None else own_tensor(m, "bias") for m in modules
+        ]
         part_bias = (biases[i] for i in self.part_module)
         self.bias = [None if b is None else b.detach()[c] for b, c in zip(part_bias, self.cols, strict=True)]
         if self.layout == "separate":
