@@ -102,7 +102,13 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the embedding's execution device for a model dispatched by accelerate (whose weights
+        may be offloaded, "meta"), else the first parameter's device."""
+        hook = getattr(get_module(self.hf, self.arch.embed), "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        if execution is not None:
+            return torch.device(execution)
+        return next((p.device for p in self.hf.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
     def kv_group(self, head: int) -> int:
         """The key-value group that query head `head` reads (grouped-query attention)."""

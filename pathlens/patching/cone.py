@@ -127,8 +127,8 @@ class ConeRunner:
             inside = pos >= 0
             picked = hidden[torch.arange(k * r), pos.clamp(min=0)]  # (K·R, d_model)
             logits = self._logits(picked)  # (K·R, V)
-        base = self.answer_logits[rows].repeat(k, 1)  # (K·R, V)
-        return torch.where(inside[:, None], logits, base)
+        base = self.answer_logits[rows].repeat(k, 1).to(logits.device)  # (K·R, V)
+        return torch.where(inside[:, None].to(logits.device), logits, base)
 
     def _logits(self, hidden: Tensor) -> Tensor:
         return self.model.unembed(hidden)
