@@ -238,3 +238,54 @@ def test_counterfactual_task_from_ids_and_rows() -> None:
             torch.ones(1, 2).long(),
             counterfactual_ids=torch.tensor([1.5]),
         )
+
+
+# ---- patch(..., subspace=) --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sites", "positions"), [("resid_pre", "each"), ("heads", "all"), ("mlp_out", [2, 5])])
+def test_patch_sweep_with_a_subspace_equals_a_naive_loop(sites: str, positions) -> None:
+    """patch(subspace=B) in the causal-cone engine equals one model.run per cell with the subspace intervention,
+    and the whole-model path (cone=False) agrees (atol 1e-5)."""
+    from pathlens import patch
+    from tests.helpers import padded_task
+
+    model = tiny_model("llama", weight_scale=3.0)
+    task = padded_task(3, 9)
+    basis = torch.linalg.qr(torch.randn(32, 3, generator=torch.Generator().manual_seed(0))).Q
+    fast = patch(model, task, sites=sites, positions=positions, subspace=basis, progress=False)
+    slow = patch(model, task, sites=sites, positions=positions, subspace=basis, progress=False, cone=False)
+    torch.testing.assert_close(fast.values, slow.values, atol=1e-5, rtol=1e-5)
+    layer_dim = fast.coords["layer"]
+    kind = {"resid_pre": "resid_pre", "heads": "head", "mlp_out": "mlp_out"}[sites]
+    cache = model.run(task.corrupt_ids, attention_mask=task.attention_mask, cache=[f"L{x}.{kind}" for x in (0, 1)])
+    for li, layer in enumerate(layer_dim):
+        source = cache.cache[f"L{layer}.{kind}"]
+        cells = [(h, source[:, :, h]) for h in range(4)] if kind == "head" else [(None, source)]
+        for h, src in cells:
+            site = f"L{layer}.H{h}" if h is not None else f"L{layer}.{kind}"
+            pos_list = [None] if positions == "all" else (range(9) if positions == "each" else positions)
+            for pi, p in enumerate(pos_list):
+                sub = Subspace(basis, site, "all" if p is None else [p])
+                run = model.run(
+                    task.clean_ids, attention_mask=task.attention_mask, interventions=[sub.intervention(src)]
+                )
+                expected = float(task.score(run.logits).mean())
+                index = (li,) + ((h,) if h is not None else ()) + ((pi,) if p is not None else ())
+                assert float(fast.values[index]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_patch_with_a_whole_space_subspace_equals_patching() -> None:
+    from pathlens import patch
+    from tests.helpers import padded_task
+
+    model = tiny_model("gpt2", weight_scale=3.0)
+    task = padded_task(3, 9)
+    basis = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1))).Q
+    full = patch(model, task, sites="resid_post", positions="each", progress=False)
+    sub = patch(model, task, sites="resid_post", positions="each", subspace=basis, progress=False)
+    torch.testing.assert_close(sub.values, full.values, atol=1e-4, rtol=1e-4)
+    with pytest.raises(PathlensError, match="not orthonormal|orthonormal"):
+        patch(model, task, sites="resid_post", subspace=torch.ones(32, 2), progress=False)
+    with pytest.raises(PathlensError, match="neither ablation"):
+        patch(model, task, sites="resid_post", subspace=basis, ablation="zero", progress=False)

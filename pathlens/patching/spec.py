@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 from torch import Tensor
 
 from pathlens.errors import PathlensError
+from pathlens.interventions import Project
 from pathlens.model import Model
 from pathlens.patching.plan import Plan, make_plan
 from pathlens.sites import Site
@@ -74,7 +75,9 @@ def runs_for(task: Task, direction: str) -> tuple[Tensor, Tensor]:
 @dataclass(frozen=True)
 class PatchSpec:
     """The patching experiment a method runs or estimates: `sites` at `positions`, patched in `direction`,
-    scored by `metric` (None: the task's), restricted to `layers`, with `neurons` for sites="neurons"."""
+    scored by `metric` (None: the task's), restricted to `layers`, with `neurons` for sites="neurons".
+    `subspace` (d, k) orthonormal columns: patch only the component of each site in its span (`Project`, the
+    subspace patch of METHODS §2) instead of the whole value; None patches the whole value."""
 
     sites: Sites = "heads"
     positions: Positions = "all"
@@ -82,9 +85,16 @@ class PatchSpec:
     metric: Metric | None = None
     layers: Sequence[int] | None = None
     neurons: Mapping[int, Sequence[int]] | None = None
+    subspace: Tensor | None = None
 
     def __post_init__(self) -> None:
         check_option("direction", self.direction, DIRECTIONS)
+        if self.subspace is not None:
+            basis = getattr(self.subspace, "basis", self.subspace)  # a pathlens.subspace.Subspace or its basis
+            if not isinstance(basis, Tensor):
+                raise PathlensError(f"subspace must be a (d, k) tensor or a Subspace, got {type(basis).__name__}.")
+            object.__setattr__(self, "subspace", basis)
+            Project(basis, basis.new_zeros(1, 1, basis.shape[0]))  # checks the shape and orthonormal columns
 
     def resolve(self, model: Model, task: Task) -> ResolvedSpec:
         """This spec for `model` and `task`: the metric chosen and the task carrying it."""

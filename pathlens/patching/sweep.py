@@ -31,7 +31,7 @@ from rich.progress import Progress
 from torch import Tensor
 
 from pathlens.errors import PathlensError
-from pathlens.interventions import Ablate, Intervention, Op, Replace
+from pathlens.interventions import Ablate, Intervention, Op, Project, Replace
 from pathlens.model import Model, Run
 from pathlens.patching.checkpoint import SWEEP_VERSION, Checkpoint, task_digest, weights_digest
 from pathlens.patching.cone import ConePatch, ConeRunner, cone_start
@@ -136,6 +136,7 @@ def patch(
     top_k: int | None = None,
     prefilter: Prefilter = "atp*",
     executor: "str | Executor | None" = None,
+    subspace: "Tensor | None" = None,
 ) -> Scores:
     """Patch (or ablate) every site of `sites` at `positions`; return the patched metric per cell as Scores.
 
@@ -159,8 +160,13 @@ def patch(
         call) or an executor object such as `pathlens.distributed.RayExecutor(address=...)`. Chunks are planned
         here as for a local run, so the scores are bit-identical to it (same torch threads per process), and
         `out=` checkpoints are shared: a sweep started locally can resume on Ray and vice versa.
+    subspace: a (d, k) basis with orthonormal columns (or a `pathlens.subspace.Subspace`): each cell patches only
+        the component of its site inside span(basis), h + (h_src − h)BBᵀ, at the engine's speed; d must be the
+        last dim of every swept site (heads are then patched as their d_model writes, not through z).
     """
-    setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
+    setup = PatchSpec(sites, positions, direction, metric, layers, neurons, subspace).resolve(model, task)
+    if setup.spec.subspace is not None and (ablation is not None or top_k is not None):
+        raise PathlensError("subspace= patches toward the source run; it takes neither ablation= nor top_k=.")
     _check_options(ablation, max_batch_tokens, top_k, out, prefilter)
     if top_k is not None and executor not in (None, "local"):
         raise PathlensError("top_k= runs in this process (a verified top-k run is short); drop executor=.")
@@ -174,6 +180,8 @@ def patch(
         "seed": seed,
         "positions": positions if isinstance(positions, str) else [int(p) for p in positions],
     }
+    if setup.spec.subspace is not None:
+        settings["subspace"] = tensor_fingerprint(setup.spec.subspace)
     state = Checkpoint.open(
         folder,
         _identity(model, setup.task, setup.plan, settings) if folder is not None else {},
@@ -278,7 +286,8 @@ class _Sweep:
         runner = ConeRunner(model, base_ids, task.attention_mask, task.answer_pos) if cone else None
         position_cone = runner is not None and runner.supports_position_cone
         shared = shared_prefix(base_ids, source_ids) if position_cone and ablation is None else 0
-        executed = [executed_variant(v, shared, seq_len) for v in setup.plan.variants]
+        through_z = setup.spec.subspace is None
+        executed = [executed_variant(v, shared, seq_len, through_z) for v in setup.plan.variants]
         families = sorted({v.site.family for v in executed}, key=str)
         scored = torch.unique(task.answer_pos)
         source = model.run(source_ids, attention_mask=task.attention_mask, cache=families, logits_at=scored)
@@ -319,7 +328,8 @@ class _Sweep:
         if variant.site.index is not None:
             value = value.select(2, variant.site.index)
         if self.ablation is None:
-            return Replace(value)
+            basis = self.setup.spec.subspace
+            return Replace(value) if basis is None else Project(basis, value)
         return Ablate(self.ablation, reference=value, seed=self.seed)
 
     def run_chunk(self, chunk: Chunk) -> Tensor:
@@ -488,16 +498,17 @@ def shared_prefix(base_ids: Tensor, source_ids: Tensor) -> int:
     return int(differs[0]) if differs.numel() else int(base_ids.shape[1])
 
 
-def executed_variant(variant: Variant, shared: int, seq_len: int) -> Variant:
+def executed_variant(variant: Variant, shared: int, seq_len: int, through_z: bool = True) -> Variant:
     """The variant a sweep runs to realise `variant`.
 
-    - A head's output is patched through its z: the output projection is linear, so replacing, zeroing,
-      mean-ablating or resampling z_h does exactly that to z_h @ W_O[h], without materialising the
-      (batch, pos, heads, d_model) head outputs.
+    - A head's output is patched through its z (with `through_z`; not for a subspace patch, whose basis lives in
+      the head's d_model write): the output projection is linear, so replacing, zeroing, mean-ablating or
+      resampling z_h does exactly that to z_h @ W_O[h], without materialising the (batch, pos, heads, d_model)
+      head outputs.
     - Positions before `shared` (see `shared_prefix`) are dropped: there the patch writes the value already
       present. A variant left with no position is a no-op (`positions == ()`), whose metric is the base run's.
     """
-    site = replace(variant.site, kind="head_z") if variant.site.kind == "head" else variant.site
+    site = replace(variant.site, kind="head_z") if variant.site.kind == "head" and through_z else variant.site
     positions = variant.positions
     if shared:
         kept = range(shared, seq_len) if positions is None else (p for p in positions if p >= shared)
@@ -513,8 +524,8 @@ def _full_run(
     interventions = []
     for i, v in enumerate(variants):
         op = op_for(v)
-        if isinstance(op, Replace):
-            op = Replace(op.source[rows])
+        if isinstance(op, (Replace, Project)):
+            op = replace(op, source=op.source[rows])
         interventions.append(
             Intervention(
                 v.site, op, positions=list(v.positions) if v.positions else None, rows=slice(i * r, (i + 1) * r)
