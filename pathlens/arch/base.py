@@ -95,7 +95,7 @@ def own_tensor(module: nn.Module, name: str) -> torch.Tensor:
     value = getattr(module, name)
     if not isinstance(value, torch.Tensor) or value.device.type != "meta":
         return value
-    from accelerate.utils import align_module_device
+    from accelerate.utils import align_module_device  # type: ignore[import-untyped]
 
     with align_module_device(module):
         return getattr(module, name).detach().clone()
