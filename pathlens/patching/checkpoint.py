@@ -33,6 +33,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from pathlens.arch.base import own_tensor
 from pathlens.errors import PathlensError
 from pathlens.results.io import AppendLog, write_bytes, write_safetensors
 from pathlens.tasks.base import Task
@@ -63,8 +64,18 @@ class ChunkRows(Protocol):
 def weights_digest(module: nn.Module) -> str:
     """SHA-256 over the name, dtype, shape and raw bytes of every parameter and buffer of `module`.
 
-    About 0.5 s for SmolLM2's 135M parameters on one core: the cost of knowing that a resume uses the same model."""
-    return _digest(itertools.chain(module.named_parameters(), module.named_buffers()))
+    About 0.5 s for SmolLM2's 135M parameters on one core: the cost of knowing that a resume uses the same model.
+    Weights accelerate offloaded (meta tensors) are read through their module's hook (`own_tensor`)."""
+    named = itertools.chain(module.named_parameters(), module.named_buffers())
+    return _digest((name, _loaded(module, name, t)) for name, t in named)
+
+
+def _loaded(root: nn.Module, name: str, tensor: Tensor) -> Tensor:
+    """`tensor` (the parameter or buffer `name` of `root`), loaded if accelerate offloaded it."""
+    if tensor.device.type != "meta":
+        return tensor
+    owner, _, leaf = name.rpartition(".")
+    return own_tensor(root.get_submodule(owner), leaf)
 
 
 def task_digest(task: Task) -> str:
