@@ -176,16 +176,19 @@ def test_corrupt_shard_is_named_and_recollected(tmp_path: Path) -> None:
     model = tiny_model("llama")
     collect(model, SITES, window_ids(), tmp_path, batch_size=BATCH, max_bytes=BUDGET)
     good = store_files(tmp_path)
+    store = ActivationStore(tmp_path)
+    store.rows("L0.mlp_post")  # every shard checked once: later reads skip the hash while the file is unchanged
     shard = tmp_path / "shard-00002.safetensors"
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0xFF
     shard.write_bytes(bytes(data))
-    store = ActivationStore(tmp_path)
     with pytest.raises(PathlensError, match=r"shard-00002.safetensors is corrupt"):
         store.rows("L0.mlp_post")
     with pytest.raises(PathlensError, match=r"shard-00002.safetensors is corrupt"):
         list(store.dataset("L0.mlp_post", batch_size=7))
     store.shard(1)  # the others still read
+    with pytest.raises(PathlensError, match=r"shard-00002.safetensors is corrupt"):
+        ActivationStore(tmp_path).shard(2)
     collect(model, SITES, window_ids(), tmp_path, batch_size=BATCH, max_bytes=BUDGET)
     assert store_files(tmp_path) == good
 

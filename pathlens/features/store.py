@@ -29,7 +29,8 @@ Read back (`ActivationStore(path)`): `.dataset(site, batch_size, seed)` is a PyT
 the shards in a seeded random order, `buffer_shards` at a time, and shuffles the rows of the buffer, so every epoch
 yields every row exactly once in a new order (`.loader(...)` wraps it in a `DataLoader`). `.rows(site)` reads rows
 in order; `.check(model=..., sites=...)` refuses a store made from another model or without a site; a shard whose
-bytes do not match its checksum is named in the error. `stream(model, sites, windows)` yields the same batches
+bytes do not match its checksum is named in the error (each shard is checked on its first read by a store object
+and whenever its file changes). `stream(model, sites, windows)` yields the same batches
 without touching disk.
 
 Stable API (the SAE trainer builds on it): `collect`, `stream`, `ActivationStore` with `sites`, `widths`, `dtype`,
@@ -392,6 +393,7 @@ class ActivationStore:
         if not (self.path / MANIFEST).is_file():
             raise PathlensError(f"{self.path} holds no activation store ({MANIFEST} is missing); collect one first.")
         self.manifest = _read_manifest(self.path / MANIFEST)
+        self._verified: dict[str, tuple[int, int, int]] = {}
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"{len(self.manifest['shards'])}/{self.manifest['n_shards']} shards"
@@ -450,8 +452,9 @@ class ActivationStore:
                 )
 
     def shard(self, index: int, sites: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Committed shard `index`'s tensors (only `sites` if given), after checking its file against the manifest's
-        checksum."""
+        """Committed shard `index`'s tensors (only `sites` if given). The file is checked against the manifest's
+        checksum the first time this store object reads it, and again whenever the file changes (inode, size or
+        modification time); reads after that load only the wanted tensors."""
         entries = self.manifest["shards"]
         if not 0 <= index < len(entries):
             raise PathlensError(
@@ -459,7 +462,13 @@ class ActivationStore:
             )
         entry = entries[index]
         file = self.path / entry["file"]
+        wanted = self.sites if sites is None else list(sites)
         try:
+            stat = file.stat()
+            seen = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            if self._verified.get(entry["file"]) == seen:
+                with safetensors.safe_open(str(file), "pt") as opened:
+                    return {name: opened.get_tensor(name) for name in wanted}
             data = file.read_bytes()
         except OSError as err:
             raise PathlensError(
@@ -471,8 +480,8 @@ class ActivationStore:
                 f"shard file {file} is corrupt: its SHA-256 does not match the one in {MANIFEST}; run collect on the "
                 "folder again (with the same settings) to recompute it."
             )
+        self._verified[entry["file"]] = seen
         tensors = safetensors.torch.load(data)
-        wanted = self.sites if sites is None else list(sites)
         return {name: tensors[name] for name in wanted}
 
     def rows(self, site: Site | str, start: int = 0, stop: int | None = None) -> Tensor:
