@@ -143,14 +143,27 @@ class Components:
         )
 
 
+def _states(model: Model, data: Texts, what: str) -> Tensor:
+    """Final normed hidden states (N, d) in float64: read from texts / token ids, or given as a float tensor."""
+    if isinstance(data, Tensor) and data.is_floating_point():
+        if data.ndim != 2 or data.shape[1] != model.arch.d_model or data.shape[0] == 0:
+            raise PathlensError(
+                f"EigenShift: {what} states must be (N, {model.arch.d_model}) with N ≥ 1, got {tuple(data.shape)}."
+            )
+        return data.double()
+    return final_hidden(model, data)
+
+
 def components(model: Model, concept: Texts, other: Texts, how: Score = "mean-diff") -> Components:
     """Score every singular component of the unembedding by how differently the final normed hidden states of
-    `concept` texts and of `other` texts project on it (module docstring)."""
+    `concept` and of `other` project on it (module docstring). Each is texts (every real position is read), token
+    ids (N, P), or the states themselves, a float (N, d_model) tensor (e.g. only the states that produced a
+    concept word, as the paper reads them)."""
     if how not in ("mean-diff", "auroc"):
         raise PathlensError(f"EigenShift: unknown score {how!r}; use 'mean-diff' or 'auroc'.")
     sigma, vt = unembedding_svd(model)
-    a_concept = final_hidden(model, concept) @ vt.T  # (n, d) projections a_k = v_kᵀ h
-    a_other = final_hidden(model, other) @ vt.T  # (m, d)
+    a_concept = _states(model, concept, "concept") @ vt.T  # (n, d) projections a_k = v_kᵀ h
+    a_other = _states(model, other, "other") @ vt.T  # (m, d)
     scores = a_concept.mean(0) - a_other.mean(0) if how == "mean-diff" else _auroc(a_concept, a_other)
     meta = {
         "model": model.name,
