@@ -49,13 +49,53 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     loaded = load_everything(tmp_path)
     circuit = loaded["circuit/circuit.safetensors"]
     assert isinstance(circuit, Graph) and circuit.n_edges == summary["circuit"]["n_edges"]
+    # the steering section: both directions, examples, pathways from the vector, an HTML page
+    steering = summary["steering"]
+    assert [r["scale"] for r in steering["rows"]] == [-0.2, 0.0, 0.2] and len(steering["examples"]) == 3
+    assert steering["paths"] and steering["paths"][0]["nodes"][0] == f"intervention:{steering['site']}"
+    assert isinstance(loaded["steer/explanation_graph.safetensors"], Graph)
+    assert "Why it works" in (tmp_path / "steer" / "steer.html").read_text() and "steering: sentiment" in result.output
+
+
+@needs_smollm2
+def test_steer_writes_vector_sweep_explanation_and_page(tmp_path: Path) -> None:
+    from pathlens.steering import SteeringVector
+
+    args = ["steer", "--concept", "sentiment", "--method", "pca", "--layer", "10", "--scales", "-0.2,0.2"]
+    args += ["--prompts", "2", "--max-new-tokens", "6", "--positions", "generated", "--sample", "--seed", "3"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "steer.json").read_text())
+    assert record["site"] == "L10.resid_post" and record["positions"] == "generated" and record["do_sample"]
+    vec = SteeringVector.load(tmp_path / "vector")
+    assert vec.positions == "generated" and vec.meta["method"] == "pca" and vec.normalize
+    why = record["explanation"]
+    assert why["scale"] == 0.2 and why["paths"][0]["nodes"][0] == "intervention:L10.resid_post"
+    assert why["steered_metric"] > why["unsteered_metric"]  # a positive sentiment vector raises the token-set gap
+    page = (tmp_path / "steer.html").read_text()
+    assert "pathlens sentiment contrast set" in page and "intervention:L10.resid_post" in page
+    assert "why it works" in result.output and "pathways" in result.output
+    loaded = load_everything(tmp_path)
+    assert isinstance(loaded["explanation_graph.safetensors"], Graph)
+
+
+def test_steer_bad_options_are_usage_errors_before_loading(tmp_path: Path) -> None:
+    for option, value in (("--concept", "nope"), ("--method", "svd"), ("--positions", "middle"), ("--scales", "a,b")):
+        result = runner.invoke(app, ["steer", option, value, "--out", str(tmp_path)], terminal_width=200)
+        assert result.exit_code == 2 and option in result.output, result.output
 
 
 def load_everything(out: Path) -> dict[str, Any]:
     """Every file under `out` read with the loader its kind has: result pairs (.safetensors + .json) with
     Scores.load / Graph.load by their format, other safetensors with safetensors, JSON with json, CSV with
     pandas, PNG and HTML checked by their first bytes. Keyed by path relative to `out`; an unknown kind fails."""
-    loaders = {"pathlens.Scores": Scores.load, "pathlens.Graph": Graph.load}
+    from pathlens.steering import SteeringVector
+
+    loaders = {
+        "pathlens.Scores": Scores.load,
+        "pathlens.Graph": Graph.load,
+        "pathlens.SteeringVector": SteeringVector.load,
+    }
     loaded: dict[str, Any] = {}
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         key, pair = str(path.relative_to(out)), path.with_suffix(".json")

@@ -4,6 +4,7 @@ discovery and the results index."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
@@ -19,6 +20,7 @@ from pathlens.patching.spec import DEFAULT_DIRECTION, Direction
 from pathlens.patching.sweep import DEFAULT_MAX_BATCH_TOKENS
 from pathlens.report.index import write_index
 from pathlens.report.studies import SweepSummary, circuit_study, demo_study, task_for, write_sweep
+from pathlens.results import Scores
 from pathlens.results.io import write_text
 from pathlens.tasks import TASKS
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from pathlens.attribution.compare import Comparison
 
 from pathlens.cli.app import app, console, load_model, option, output_folder, site_group, task_choice
+from pathlens.cli.steer import print_steering
 
 
 @app.command()
@@ -72,8 +75,9 @@ def demo(
     out: Path = typer.Option(Path("out/demo"), help="folder for the table, PNG and scores"),
 ) -> None:
     """IOI on an embedded model: clean vs corrupted logit difference, top heads by direct logit attribution,
-    activation patching of every head and of the residual stream per (layer, position), and an EAP-IG circuit
-    with its faithfulness curve, pathways and HTML report."""
+    activation patching of every head and of the residual stream per (layer, position), an EAP-IG circuit
+    with its faithfulness curve, pathways and HTML report, and a short steering section (a sentiment vector
+    steered both ways, with its cost and pathways)."""
     output_folder(out)
     loaded = load_model(model)
     if loaded.tokenizer is None:
@@ -103,9 +107,11 @@ def demo(
     for sweep in study.sweeps:
         console.print(sweep_table(sweep))
     print_circuit(study.circuit, out / "circuit")
+    if study.steering is not None:
+        print_steering(study.steering, title=f"steering: sentiment (mean-diff) at {study.steering['site']}")
     console.print(
         f"wrote {out}/: dla_heads, patch_heads, patch_resid (.png/.safetensors/.json/.csv), circuit/ (report.html), "
-        "summary.json"
+        "steer/ (steer.html), summary.json"
     )
 
 
@@ -235,7 +241,13 @@ def attribute(
             result.plot(out / "compare.png")
             console.print(comparison_table(result, "heads: outgoing edge sums vs exact patching"))
         return
-    estimator = {"atp": atp, "atp*": atp_star, "relp": relp, "ig": integrated_gradients}[method]
+    estimators: dict[str, Callable[..., Scores]] = {
+        "atp": atp,
+        "atp*": atp_star,
+        "relp": relp,
+        "ig": integrated_gradients,
+    }
+    estimator = estimators[method]
     start = time.perf_counter()
     direction = direction or DEFAULT_DIRECTION
     estimate = estimator(loaded, built, sites=family, positions=positions, direction=direction)

@@ -1,17 +1,37 @@
-"""`pathlens steer`: find a steering vector from a contrast set and sweep its scale."""
+"""`pathlens steer`: find a steering vector from a contrast set, sweep its scale, explain it, write an HTML page."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
 
-if TYPE_CHECKING:
-    pass
-
 from pathlens.cli.app import app, console, load_model, option, output_folder
+
+_COLUMNS = ("scale", "vader_mean", "vader_shift", "ppl_increase", "kl")
+
+
+def print_steering(record: dict[str, Any], title: str) -> None:
+    """The dose–response table, one before/after example and the pathways of a steer study's record."""
+    table = Table(title=title)
+    for column in _COLUMNS:
+        table.add_column(column, justify="right")
+    for row in record["rows"]:
+        table.add_row(*(f"{row[c]:+.3f}" if c != "scale" else f"{row[c]:g}" for c in _COLUMNS))
+    console.print(table)
+    for example in record.get("examples", [])[:1]:
+        for key, text in example.items():
+            console.print(f"[bold]{key}[/]: {text!r}", markup=True, highlight=False)
+    explanation = record.get("explanation")
+    if explanation:
+        console.print(
+            f"why it works: concept metric {explanation['unsteered_metric']:+.3f} unsteered → "
+            f"{explanation['steered_metric']:+.3f} steered (scale {explanation['scale']:g}); strongest pathways:"
+        )
+        for path in explanation["paths"][:5]:
+            console.print(f"  {' → '.join(path['nodes'])}  ({path['score']:.3g})", highlight=False)
 
 
 @app.command()
@@ -23,13 +43,19 @@ def steer(
     scales: str = typer.Option("-0.2,-0.1,0.1,0.2", help="comma list of scales, fractions of the typical norm"),
     prompts: int = typer.Option(16, min=1, max=64, help="how many shipped neutral prompts to generate from"),
     max_new_tokens: int = typer.Option(32, min=1, help="tokens generated per prompt"),
+    positions: str = typer.Option("all", help="where the vector is added: all | prompt | generated | last"),
+    sample: bool = typer.Option(False, "--sample/--greedy", help="seeded sampling instead of greedy decoding"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    explain: bool = typer.Option(True, "--explain/--no-explain", help="attribute the effect to heads, MLPs, edges"),
     out: Path = typer.Option(Path("out/steer"), help="output folder"),
 ) -> None:
-    """Find a steering vector from a contrast set, sweep its scale, and write the vector, generations,
-    dose-response table and PNG, and steer.json."""
+    """Find a steering vector from a contrast set, sweep its scale, explain why it works, and write the vector,
+    generations, dose-response table and PNG, steer.json and steer.html."""
+    from pathlens.report.steer_page import write_steer_page
     from pathlens.steering.data import CONCEPTS
     from pathlens.steering.finders import FINDERS
     from pathlens.steering.sweep import steer_study
+    from pathlens.steering.vector import POLICIES
 
     if concept not in CONCEPTS:
         raise typer.BadParameter(
@@ -38,6 +64,10 @@ def steer(
     if method not in FINDERS:
         raise typer.BadParameter(
             f"unknown method {method!r}; use one of {', '.join(FINDERS)}.", param_hint="'--method'"
+        )
+    if positions not in POLICIES:
+        raise typer.BadParameter(
+            f"unknown positions policy {positions!r}; use one of {', '.join(POLICIES)}.", param_hint="'--positions'"
         )
     try:
         scale_list = [float(s) for s in scales.split(",") if s.strip()]
@@ -48,16 +78,23 @@ def steer(
     output_folder(out)
     loaded = load_model(model)
     with option("'--layer' or '--scales'"), console.status(f"steering {concept} with {method} …"):
-        record = steer_study(loaded, concept, method, out, layer, scale_list, prompts, max_new_tokens)
-    table = Table(title=f"{concept} / {method} at {record['site']}")
-    for column in ("scale", "vader_mean", "vader_shift", "ppl_increase", "kl"):
-        table.add_column(column, justify="right")
-    for row in record["rows"]:
-        table.add_row(
-            *(
-                f"{row[c]:+.3f}" if c != "scale" else f"{row[c]:g}"
-                for c in ("scale", "vader_mean", "vader_shift", "ppl_increase", "kl")
-            )
+        record = steer_study(
+            loaded,
+            concept,
+            method,
+            out,
+            layer,
+            scale_list,
+            prompts,
+            max_new_tokens,
+            seed,
+            do_sample=sample,
+            positions=positions,  # type: ignore[arg-type]  # checked against POLICIES above
+            explain_vector=explain,
         )
-    console.print(table)
-    console.print(f"wrote {out}/steer.json, vector.safetensors/.json, generations.json, dose_response.csv/.png")
+    page = write_steer_page(out, record)
+    print_steering(record, title=f"{concept} / {method} at {record['site']}")
+    console.print(
+        f"wrote {page}, {out}/steer.json, vector.safetensors/.json, generations.json, dose_response.csv/.png"
+        + (", explanation_graph.safetensors/.json" if record.get("explanation") else "")
+    )

@@ -27,8 +27,11 @@ from pathlens.errors import PathlensError
 from pathlens.model import Model
 from pathlens.patching import patch
 from pathlens.report.html import write_report
+from pathlens.report.steer_page import write_steer_page
 from pathlens.results import Scores
 from pathlens.results.io import write_text
+from pathlens.steering.data import heldout_text
+from pathlens.steering.sweep import steer_study
 from pathlens.tasks import TASKS, build_task, ioi
 from pathlens.tasks.base import Task
 from pathlens.tasks.ioi import BABA_TEMPLATES
@@ -168,13 +171,15 @@ class DemoStudy:
     top_heads: pd.DataFrame  # the 10 heads of largest |direct logit attribution| (layer, head, value)
     sweeps: list[SweepSummary]  # heads patched, then resid_pre per position
     circuit: dict[str, Any]  # the circuit study's record (circuit/summary.json)
+    steering: dict[str, Any] | None = None  # the steering section's record (steer/steer.json)
 
 
 def demo_study(model: Model, out: Path, n: int = 8, seed: int = 0, progress: bool = False) -> DemoStudy:
     """IOI on `model`: clean vs corrupted logit difference, heads by direct logit attribution, activation patching
     of every head and of the residual stream per (layer, position), and an EAP-IG circuit with its faithfulness
-    curve, pathways and HTML report. Writes dla_heads, patch_heads, patch_resid (.png/.safetensors/.json/.csv),
-    top_heads.csv, circuit/ and summary.json to `out`."""
+    curve, pathways and HTML report; then a short steering section (`demo_steering`: a sentiment vector steered
+    both ways, its cost and the pathways it acts through). Writes dla_heads, patch_heads, patch_resid
+    (.png/.safetensors/.json/.csv), top_heads.csv, circuit/, steer/ and summary.json to `out`."""
     task = ioi(model.tokenizer, n=n, seed=seed)
     clean = model.run(task.clean_ids, attention_mask=task.attention_mask)
     corrupt = model.run(task.corrupt_ids, attention_mask=task.attention_mask)
@@ -208,5 +213,36 @@ def demo_study(model: Model, out: Path, n: int = 8, seed: int = 0, progress: boo
     ]
     record = circuit_study(model, task, "ioi", "eap-ig", out / "circuit", top_paths=5)
     summary["circuit"] = {k: record[k] for k in ("faithfulness", "n_edges", "edges_total", "curve_area", "seconds")}
+    steering = demo_steering(model, out / "steer", seed=seed)
+    summary["steering"] = {
+        k: steering[k] for k in ("site", "unsteered_vader_mean", "rows", "examples") if k in steering
+    } | {"paths": (steering.get("explanation") or {}).get("paths", [])[:3]}
     write_text(out / "summary.json", json.dumps(summary, indent=2))
-    return DemoStudy(task, summary, top_heads, sweeps, record)
+    return DemoStudy(task, summary, top_heads, sweeps, record, steering)
+
+
+DEMO_STEER_SCALES = (-0.2, 0.2)
+"""The demo's steering section: a sentiment vector at these scales (fractions of the site's typical norm)."""
+DEMO_HELDOUT = 8
+"""How many shipped held-out sentences the demo measures the steering cost on (all 30 in `pathlens steer`)."""
+
+
+def demo_steering(model: Model, out: Path, seed: int = 0) -> dict[str, Any]:
+    """The demo's short steering section: a difference-in-means sentiment vector (shipped contrast pairs) at a
+    third of the way up, steered both ways on 4 neutral prompts × 12 greedy tokens, its cost measured on 8 held-out
+    sentences, explained on 4 prompts; writes the steer study's files and its HTML page (steer.html) into `out`;
+    returns its record."""
+    record = steer_study(
+        model,
+        "sentiment",
+        "mean-diff",
+        out,
+        scales=DEMO_STEER_SCALES,
+        n_prompts=4,
+        max_new_tokens=12,
+        seed=seed,
+        explain_prompts=4,
+        heldout=heldout_text()[:DEMO_HELDOUT],
+    )
+    write_steer_page(out, record)
+    return record

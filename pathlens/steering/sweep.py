@@ -23,12 +23,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pathlens.errors import PathlensError
+from pathlens.interventions import Positions
 from pathlens.model import Model
 from pathlens.results.io import write_bytes, write_text
 from pathlens.steering.data import heldout_text, neutral_prompts
 from pathlens.steering.evaluate import cost, next_token_logprobs, vader_scores
 from pathlens.steering.generate import RowSteer, generate
-from pathlens.steering.vector import SteeringVector, check_scale
+from pathlens.steering.vector import SteeringVector, check_scale, positions_to_json
 
 PPL_BUDGET = 0.25
 """The perplexity increase (fraction) within which `SweepResult.summary` reports each vector's best shift."""
@@ -224,12 +225,23 @@ def steer_study(
     n_prompts: int = 16,
     max_new_tokens: int = 32,
     seed: int = 0,
+    *,
+    do_sample: bool = False,
+    positions: Positions = "all",
+    explain_vector: bool = True,
+    explain_prompts: int = 8,
+    heldout: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """What `pathlens steer` runs: find the `concept` vector (a shipped contrast set) with `method` at
     L`layer`.resid_post (default: a third of the way up), normalized to that site's typical norm, so `scales`
-    are fractions of a typical activation; sweep it over `scales` on `n_prompts` neutral prompts; write
+    are fractions of a typical activation, applied at `positions`; sweep it over `scales` on `n_prompts` neutral
+    prompts (greedy, or seeded sampling with `do_sample`); with `explain_vector` (and token sets for the concept,
+    `explain.CONCEPT_TOKENS`), attribute its effect at the largest positive scale to heads, MLPs, edges and
+    pathways on `explain_prompts` prompts (`explain.explain`; the graph is saved as explanation_graph). Cost is
+    measured on `heldout` (default: the shipped held-out neutral text). Writes
     `vector.safetensors`/`.json`, the sweep's files and `steer.json` (the record returned) into `out`."""
     from pathlens.steering.data import contrast
+    from pathlens.steering.explain import CONCEPT_TOKENS, explain
     from pathlens.steering.finders import find
 
     data = contrast(concept)
@@ -240,7 +252,7 @@ def steer_study(
             f"n_prompts must be 1..{len(neutral_prompts())} (the shipped neutral prompts), got {n_prompts}."
         )
     found = find(model, method, data.positive, data.negative, site, data=f"pathlens {concept} contrast set")
-    vec = SteeringVector(found.vectors, normalize=True, norms=found.norms, meta=found.meta)
+    vec = SteeringVector(found.vectors, positions=positions, normalize=True, norms=found.norms, meta=found.meta)
     folder = Path(os.fspath(out))
     vec.save(folder / "vector")
     result = sweep(
@@ -249,6 +261,8 @@ def steer_study(
         scales,
         neutral_prompts()[:n_prompts],
         max_new_tokens=max_new_tokens,
+        heldout=heldout,
+        do_sample=do_sample,
         seed=seed,
         out=folder,
     )
@@ -262,14 +276,23 @@ def steer_study(
             if s != 0.0:
                 row[f"scale {s:+g}"] = str(mine[(mine["name"] == method) & (mine["scale"] == s)]["text"].iloc[0])
         examples.append(row)
+    explanation: dict[str, Any] | None = None
+    files = {k: str(v) for k, v in result.files.items()}
+    if explain_vector and concept in CONCEPT_TOKENS and strongest[1] > 0:
+        why = explain(model, vec, scale=strongest[1], concept=concept, n_prompts=explain_prompts)
+        why.graph.save(folder / "explanation_graph")
+        files["explanation_graph"] = str(folder / "explanation_graph.safetensors")
+        explanation = why.summary()
     record = {
         **result.summary,
         "concept": concept,
         "method": method,
         "site": site,
+        "positions": positions_to_json(positions),
         "vector": str(folder / "vector.safetensors"),
         "examples": examples,
-        "files": {k: str(v) for k, v in result.files.items()},
+        "explanation": explanation,
+        "files": files,
     }
     write_text(folder / "steer.json", json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return record
