@@ -132,3 +132,52 @@ def heads(
     pd.concat(frames).to_csv(out / "heads_top.csv", index=False)
     console.print(table)
     console.print(f"wrote {out}/: {', '.join(results)} (.safetensors/.json/.png), heads_top.csv")
+
+
+@app.command()
+def massive(
+    model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
+    corpus: str = typer.Option(
+        "default", help="'default' (offline World English Bible), a folder/file of text, hf:NAME"
+    ),
+    tokens: int = typer.Option(10_000, min=2, help="tokens to scan"),
+    context: int = typer.Option(128, min=2, help="tokens per window"),
+    seed: int = typer.Option(0, help="window sampling seed"),
+    threshold: float = typer.Option(100.0, help="|h| must exceed this"),
+    ratio: float = typer.Option(1000.0, help="... and this many times the layer's median |h|"),
+    batch_size: int = typer.Option(8, min=1, help="windows per forward"),
+    out: Path = typer.Option(Path("out/massive"), help="output folder"),
+) -> None:
+    """Massive-activation scan over a corpus (layer, dim, token, position, value of every hit; top-3 and median per
+    layer) and the intervention test (set them to zero or to their mean at the first layer: perplexity)."""
+    from pathlens.diagnostics.massive import intervention_test, scan
+    from pathlens.features.corpus import windows
+
+    output_folder(out)
+    loaded = load_model(model)
+    with option("'--corpus'"):
+        wins = windows(corpus, loaded.tokenizer, context=context, n_tokens=tokens, seed=seed)
+    found = scan(loaded, wins, threshold=threshold, ratio=ratio, batch_size=batch_size, progress=True)
+    found.save(out / "scan")
+    found.plot(out / "massive.png")
+    found.table().to_csv(out / "hits.csv", index=False)
+    summary = found.summary()
+    summary.to_csv(out / "summary.csv", index=False)
+    table = Table(title=f"massive activations in {loaded.name} over {wins.n_tokens} tokens ({len(found.table())} hits)")
+    for column in ("layer", "dim", "hits", "positions", "tokens", "mean"):
+        table.add_column(column, justify="right")
+    for row in summary.to_dict("records"):
+        table.add_row(
+            *(
+                f"{row[c]:.1f}" if c == "mean" else str(row[c])
+                for c in ("layer", "dim", "hits", "positions", "tokens", "mean")
+            )
+        )
+    console.print(table)
+    if found.first_layer() is not None:
+        with console.status("intervention test: perplexity with the massive activations set to zero / their mean …"):
+            test = intervention_test(loaded, found, wins, batch_size=batch_size)
+        test.to_csv(out / "intervention.csv", index=False)
+        write_text(out / "intervention.json", test.to_json(orient="records", indent=2))
+        console.print(test.to_string(index=False))
+    console.print(f"wrote {out}/: scan/ (safetensors + JSON), massive.png, hits.csv, summary.csv, intervention.csv")

@@ -4,21 +4,26 @@
   direction (`logit_direction`), through the final norm with its scale frozen (`frozen_final_norm`);
 - `lens`: the logit lens (`logit_lens` → `Lens`), every layer read through `Model.unembed`;
 - `commitment`: the layer after which a prompt's prediction is settled (`commitment` → `Commitment`);
-- `heads`: previous-token, duplicate-token, induction, prefix-matching and pattern scores of every head.
+- `heads`: previous-token, duplicate-token, induction, prefix-matching and pattern scores of every head;
+- `massive`: massive activations over a corpus (`scan` → `MassiveScan`) and the zero / mean intervention test.
 """
 
 from pathlens.diagnostics import heads
 from pathlens.diagnostics.commitment import Commitment, commitment
 from pathlens.diagnostics.dla import frozen_final_norm, head_logit_attribution, logit_direction
 from pathlens.diagnostics.lens import Lens, logit_lens
+from pathlens.diagnostics.massive import MassiveScan, intervention_test, scan
 
 __all__ = [
     "Commitment",
     "Lens",
+    "MassiveScan",
     "commitment",
     "frozen_final_norm",
     "head_logit_attribution",
     "heads",
+    "intervention_test",
     "logit_direction",
     "logit_lens",
+    "scan",
 ]

@@ -1,0 +1,243 @@
+"""Diagnostics benchmark and parity script: head detectors against TransformerLens, the logit lens and commitment
+layer on IOI, the massive-activation scan and the training-time clamp experiment.
+
+Parts:
+- heads: TransformerLens 4.3's `detect_head` on its TransformerBridge around the same SmolLM2 weights, against
+  `pathlens.diagnostics.heads` on the same token ids (TL's own `to_tokens` of each prompt): max |difference| per
+  detector, error measure and exclusion flags; time of each against the floor (one plain eager forward returning
+  attentions, scored by hand). Prompts: the shipped held-out sentences, each written twice (so duplicate and
+  induction heads have something to find).
+- top-heads: the top-5 heads of each detector on SmolLM2 and induction-2l (repeated random tokens).
+- lens: logit lens and commitment layers of 16 IOI prompts on SmolLM2; lens time against the floor (one forward
+  with all hidden states, final norm and unembedding by hand).
+- massive / clamp / lib: see their functions.
+
+Run `python benchmarks/diagnostics.py --json` for one JSON line per row. Timings on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if not __package__:  # run as `python benchmarks/diagnostics.py`: import the package from the repo root, as -m does
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import benchmarks  # noqa: F401  (turns tqdm off before torch imports it: see benchmarks/__init__.py)
+
+import argparse
+import copy
+import itertools
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from benchmarks.common import (
+    Emitter,
+    check_parts,
+    check_repeats_and_threads,
+    ratio,
+    round_robin,
+    set_threads,
+    tl_bridge,
+)
+from pathlens import Model, load
+from pathlens.diagnostics import heads
+from pathlens.diagnostics.commitment import commitment
+from pathlens.diagnostics.lens import logit_lens
+from pathlens.tasks import ioi
+
+PARTS = ("heads", "top-heads", "lens", "massive", "clamp", "lib")
+TL_NAMES = {name: f"{name}_head" for name in ("previous_token", "duplicate_token", "induction")}
+DETECTORS = {
+    "previous_token": heads.previous_token,
+    "duplicate_token": heads.duplicate_token,
+    "induction": heads.induction,
+}
+BUILDERS = {
+    "previous_token": heads.previous_token_pattern,
+    "duplicate_token": heads.duplicate_token_pattern,
+    "induction": heads.induction_pattern,
+}
+
+
+def heldout_sentences() -> list[str]:
+    text = files("pathlens.steering.data").joinpath("heldout.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _padded(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+    length = max(int(r.numel()) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : r.numel()] = r
+        mask[i, : r.numel()] = 1
+    return ids, mask
+
+
+def _floor_scores(eager: Any, rows: list[Tensor], name: str) -> Tensor:
+    """The floor: each prompt in one eager forward returning attentions, scored with TL's formula ("mul")."""
+    out = []
+    with torch.no_grad():
+        for r in rows:
+            attentions = eager(r[None], output_attentions=True).attentions  # L x (1, H, q, k)
+            a = torch.stack(attentions)[:, 0]  # (L, H, q, k)
+            d = BUILDERS[name](r[None])[0]  # (q, k)
+            out.append((a * d).sum((-1, -2)) / a.sum((-1, -2)))
+    return torch.stack(out).mean(0)
+
+
+def heads_rows(model: Model, repeats: int, emit: Emitter) -> None:
+    from transformer_lens.head_detector import detect_head
+
+    bridge = tl_bridge(model.hf)
+    bridge.tokenizer = model.tokenizer  # a bridge built from a module has none; TL tokenizes with the same one
+    texts = [f"{s} {s}" for s in heldout_sentences()[:8]]
+    rows = [bridge.to_tokens(t)[0].cpu() for t in texts]
+    ids, mask = _padded(rows)
+    for name, measure, (bos, current) in itertools.product(
+        TL_NAMES, ("mul", "abs"), itertools.product([False, True], repeat=2)
+    ):
+        ours = DETECTORS[name](
+            model, ids, attention_mask=mask, exclude_bos=bos, exclude_current_token=current, error_measure=measure
+        ).values
+        theirs = detect_head(
+            bridge, texts, TL_NAMES[name], exclude_bos=bos, exclude_current_token=current, error_measure=measure
+        )
+        emit(
+            {
+                "part": "heads-parity",
+                "detector": name,
+                "error_measure": measure,
+                "exclude_bos": bos,
+                "exclude_current_token": current,
+                "max_abs_diff": float((ours.double() - theirs.double()).abs().max()),
+                "met": bool((ours.double() - theirs.double()).abs().max() <= 1e-5),
+                "prompts": len(texts),
+            }
+        )
+    eager = copy.deepcopy(model.hf)
+    eager.set_attn_implementation("eager")
+    for name in TL_NAMES:
+        timed = round_robin(
+            {
+                "pathlens": lambda name=name: DETECTORS[name](model, ids, attention_mask=mask).values,
+                "transformer_lens": lambda name=name: detect_head(bridge, texts, TL_NAMES[name]),
+                "floor": lambda name=name: _floor_scores(eager, rows, name),
+            },
+            repeats,
+        )
+        floor = timed["floor"].median
+        emit(
+            {
+                "part": "heads-time",
+                "detector": name,
+                "seconds_pathlens": timed["pathlens"].median,
+                "seconds_transformer_lens": timed["transformer_lens"].median,
+                "seconds_floor": floor,
+                "ratio_pathlens_floor": ratio(timed["pathlens"].median, floor),
+                "ratio_tl_floor": ratio(timed["transformer_lens"].median, floor),
+                "floor_max_abs_diff": float((timed["floor"].result - timed["pathlens"].result).abs().max()),
+            }
+        )
+
+
+def top_heads_rows(emit: Emitter) -> None:
+    for name in ("smollm2", "induction-2l"):
+        model = load(name)
+        ids = heads.repeated_tokens(model, n=8)
+        results = {key: fn(model, ids) for key, fn in DETECTORS.items()}
+        results["prefix_matching"] = heads.prefix_matching(model, ids)
+        for key, scores in results.items():
+            top = scores.top(5, by="value").to_dict("records")
+            emit(
+                {
+                    "part": "top-heads",
+                    "model": name,
+                    "detector": key,
+                    "top5": [f"L{r['layer']}.H{r['head']}={r['value']:.3f}" for r in top],
+                }
+            )
+
+
+def _floor_lens(model: Model, ids: Tensor, mask: Tensor, k: int) -> Tensor:
+    """The floor: one forward with every hidden state; final norm and unembedding by hand, top-k per layer."""
+    norm = model.hf.get_submodule(model.arch.final_norm or "")
+    unembed = model.hf.get_submodule(model.arch.unembed)
+    with torch.no_grad():
+        hidden = model.hf(ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
+        # the last entry is already normed by the model; the lens of the last layer reads the block output
+        tops = [unembed(norm(h)).float().log_softmax(-1).topk(k, -1).indices for h in hidden[:-1]]
+    return torch.stack(tops, 1)
+
+
+def lens_rows(model: Model, repeats: int, out: Path, emit: Emitter) -> None:
+    task = ioi(model.tokenizer, n=16, seed=0)
+    ids, mask = task.clean_ids, task.attention_mask
+    timed = round_robin(
+        {
+            "pathlens": lambda: logit_lens(model, ids, targets=task.answer_ids, k=5, attention_mask=mask),
+            "floor": lambda: _floor_lens(model, ids, mask, 5),
+        },
+        repeats,
+    )
+    lens = timed["pathlens"].result
+    same = torch.equal(lens.top_id.values[:, :-1].long(), timed["floor"].result)
+    emit(
+        {
+            "part": "lens-time",
+            "prompts": task.n,
+            "seconds_pathlens": timed["pathlens"].median,
+            "seconds_floor": timed["floor"].median,
+            "ratio": ratio(timed["pathlens"].median, timed["floor"].median),
+            "top5_identical_to_floor": same,
+        }
+    )
+    found = commitment(model, task)
+    out.mkdir(parents=True, exist_ok=True)
+    found.save(out / "commitment")
+    found.plot(out / "commitment.png")
+    lens.plot(out / "lens_ioi0.png", prompt=0)
+    top1 = (found.answer_rank.values == 1).float().mean(0)
+    for row in found.summary().to_dict("records"):
+        emit({"part": "commitment", **row})
+    emit(
+        {
+            "part": "commitment-curves",
+            "answer_top1_share_per_layer": [round(float(x), 3) for x in top1],
+            "restored_mean_per_layer": [round(float(x), 3) for x in torch.nanmean(found.restored.values, 0)],
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON line per row")
+    parser.add_argument("--quick", action="store_true", help="one repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    parser.add_argument("--out", default="benchmarks/out/diagnostics", help="where PNGs and results go")
+    args = parser.parse_args()
+    check_repeats_and_threads(parser, args)
+    check_parts(parser, args, PARTS)
+    set_threads(args.threads)
+    emit = Emitter(json=args.json, extra={"threads": torch.get_num_threads()})
+    out = Path(args.out)
+    smollm2 = load("smollm2") if {"heads", "lens"} & set(args.parts) else None
+    if "heads" in args.parts and smollm2 is not None:
+        heads_rows(smollm2, args.repeats, emit)
+    if "top-heads" in args.parts:
+        top_heads_rows(emit)
+    if "lens" in args.parts and smollm2 is not None:
+        lens_rows(smollm2, args.repeats, out, emit)
+    if not args.json:
+        for row in emit.rows:
+            print(row)
+
+
+if __name__ == "__main__":
+    main()
