@@ -9,6 +9,7 @@ import torch
 
 import pathlens
 from pathlens.errors import PathlensError
+from pathlens.features.circuit import node_circuit
 from pathlens.features.evaluate import evaluate
 from pathlens.features.sae import Dictionary, DictionaryConfig
 from pathlens.features.splice import feature_direction, latent_sites, splice
@@ -229,3 +230,28 @@ def test_model_untouched_after_splice_also_after_an_exception() -> None:
     assert model.splices == []
     assert_untouched(model, before)
     assert torch.equal(model.run(ids).logits, base)
+
+
+def test_node_circuit_mixes_heads_mlps_and_latents_and_its_faithfulness_is_exact() -> None:
+    """Nodes: the latents and error of a dictionary on L1.resid_pre plus layer 1's heads and MLP (a cut of the
+    model: they do not overlap). The full node set has faithfulness 1; the chosen circuit's figure equals a
+    hand-made run patching every other node to its corrupted value."""
+    model = tiny_model("llama", weight_scale=3.0)
+    task = padded_task()
+    with model.splice(_sae(width=12), "L1.resid_pre"):
+        nodes = [*latent_sites(model, "L1.sae"), "L1.sae.err", *[f"L1.H{h}" for h in range(4)], "L1.mlp_out"]
+        circuit = node_circuit(model, task, nodes, target=0.8)
+        assert circuit.curve[-1][0] <= len(nodes)
+        full = node_circuit(model, task, nodes, sizes=[len(nodes)])
+        assert full.faithfulness == pytest.approx(1.0, abs=1e-6)
+        corrupt = model.run(task.corrupt_ids, attention_mask=task.attention_mask, cache=nodes).cache
+        outside = [n for n in nodes if n not in circuit.nodes]
+        logits = model.run(
+            task.clean_ids,
+            attention_mask=task.attention_mask,
+            interventions=[Intervention(n, Replace(corrupt[n])) for n in outside],
+        ).logits
+    m = task.metric(logits, task).mean().item()
+    meta = circuit.meta
+    assert (m - meta["empty"]) / (meta["full"] - meta["empty"]) == pytest.approx(circuit.faithfulness, abs=1e-5)
+    assert set(circuit.effects) == set(nodes) and "L1.sae.err" in str(full)
