@@ -261,12 +261,12 @@ def windows(
     body = context - int(use_bos)
     wanted = None if n_tokens is None else math.ceil(n_tokens / context)
     rows = _token_rows(src, tokenizer, body, wanted, seed)
-    if not rows:
+    if not len(rows):
         raise PathlensError(
             f"corpus {src.name!r} gave fewer than {body} tokens, not one window of context {context}: it is empty "
             "or too short; pass a larger corpus or a smaller context."
         )
-    ids = torch.tensor(rows, dtype=torch.int64)  # (n, body)
+    ids = rows  # (n, body)
     if use_bos:
         ids = torch.cat([torch.full((len(rows), 1), int(bos_id)), ids], dim=1)  # (n, context)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
@@ -301,10 +301,12 @@ def _policy(bos: bool | None) -> str:
     return "tokenizer" if bos is None else ("always" if bos else "never")
 
 
-def _token_rows(src: Corpus, tokenizer: Any, body: int, wanted: int | None, seed: int) -> list[list[int]]:
-    """Rows of `body` token ids from the corpus's documents joined by EOS, stopping after `wanted` rows."""
+def _token_rows(src: Corpus, tokenizer: Any, body: int, wanted: int | None, seed: int) -> Tensor:
+    """Rows (n, body) of token ids from the corpus's documents joined by EOS, stopping after `wanted` rows. Full
+    rows are kept as int64 tensors (8 bytes a token), only the unfinished row as a list."""
     eos = getattr(tokenizer, "eos_token_id", None)
-    rows: list[list[int]] = []
+    parts: list[Tensor] = []
+    count = 0
     pending: list[int] = []
     for doc in src.documents(seed):
         for piece in _pieces(doc):
@@ -312,11 +314,14 @@ def _token_rows(src: Corpus, tokenizer: Any, body: int, wanted: int | None, seed
         if eos is not None and pending:
             pending.append(int(eos))
         full = len(pending) // body
-        rows.extend(pending[i * body : (i + 1) * body] for i in range(full))
-        pending = pending[full * body :]
-        if wanted is not None and len(rows) >= wanted:
-            return rows[:wanted]
-    return rows
+        if full:
+            parts.append(torch.tensor(pending[: full * body], dtype=torch.int64).view(full, body))
+            pending = pending[full * body :]
+            count += full
+        if wanted is not None and count >= wanted:
+            break
+    rows = torch.cat(parts) if parts else torch.empty((0, body), dtype=torch.int64)
+    return rows if wanted is None else rows[:wanted]
 
 
 def _pieces(doc: str) -> Iterator[str]:
