@@ -27,6 +27,7 @@ from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, Replace
 from pathlens.model import Model
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, runs_for
+from pathlens.sites import parse_site
 from pathlens.tasks.base import Task
 from pathlens.tasks.metrics import Metric
 
@@ -78,7 +79,7 @@ def node_circuit(
     moving = [n for n in names if not torch.equal(source[n], base[n])]
 
     def patched_metric(kept: set[str]) -> float:
-        ivs = [Intervention(n, Replace(source[n])) for n in moving if n not in kept]
+        ivs = [Intervention(parse_site(n), Replace(source[n])) for n in moving if n not in kept]
         with torch.no_grad():
             logits = model.run(base_ids, attention_mask=mask, interventions=ivs).logits
         return float(metric(logits, task).mean())
