@@ -289,3 +289,27 @@ def test_patch_with_a_whole_space_subspace_equals_patching() -> None:
         patch(model, task, sites="resid_post", subspace=torch.ones(32, 2), progress=False)
     with pytest.raises(PathlensError, match="neither ablation"):
         patch(model, task, sites="resid_post", subspace=basis, ablation="zero", progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "neox_sequential", "gemma3"])
+def test_cached_prefix_step_equals_the_full_forward_step(family: str) -> None:
+    """A DAS step on the last tokens after a key/value cache of the earlier ones (right-padded rows of different
+    lengths) gives the loss and gradient of the full-forward step (atol 1e-6); a model whose cache the runner
+    cannot rebuild (Gemma 3's sliding-window layers) falls back to full forwards."""
+    import dataclasses
+
+    from pathlens.subspace.das import DASSettings, DASTrainer
+    from tests.helpers import padded_task
+
+    model = tiny_model(family, weight_scale=3.0)
+    task = padded_task(3, 9)
+    task = dataclasses.replace(task, counterfactual_ids=task.wrong_ids)
+    before = snapshot(model)
+    cached = DASTrainer(model, task, "L1.mlp_post", DASSettings(seed=1))
+    full = DASTrainer(model, task, "L1.mlp_post", DASSettings(seed=1, cached_prefix=False))
+    assert (cached.runner is not None) == (family != "gemma3")
+    loss_a, grad_a = cached.loss_and_grad(torch.arange(3))
+    loss_b, grad_b = full.loss_and_grad(torch.arange(3))
+    assert loss_a == pytest.approx(loss_b, abs=1e-5)
+    torch.testing.assert_close(grad_a, grad_b, atol=1e-6, rtol=1e-4)
+    assert_untouched(model, before)

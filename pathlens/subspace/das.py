@@ -7,7 +7,8 @@ spans every k-dim subspace and costs O(d·k²) per step instead of the O(d³) of
 parametrisation; A starts with unit-length columns, so that an Adam step of size lr per entry turns the subspace
 about as fast as the rotation parametrisation's step per rotation angle.
 
-Each step runs the base prompts with the subspace patch at the site (at each row's last token,
+Each step runs the base prompts (by default only their last tokens, after a key/value cache of the earlier ones:
+`LastTokenRunner`) with the subspace patch at the site (at each row's last token,
 source values read once from the source prompts: the model is frozen, so they never change) through the
 library's session mechanism, takes the cross-entropy of the patched logits against each pair's counterfactual
 label, and differentiates with `torch.autograd.grad` with respect to A only — the model's parameters are never
@@ -18,11 +19,13 @@ initialisation and a seeded order of pairs make it reproducible; a batch is spli
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicCache
 
 from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, Project
@@ -46,6 +49,7 @@ class DASSettings:
     end_factor: float = 0.1
     seed: int = 0
     max_batch_tokens: int = 2048
+    cached_prefix: bool = True
 
     def check(self) -> None:
         for name in ("k", "epochs", "batch_size", "max_batch_tokens"):
@@ -60,6 +64,87 @@ class DASSettings:
 def orthonormal(raw: Tensor) -> Tensor:
     """The orthonormal basis (d, k) spanning the columns of `raw` (differentiable)."""
     return torch.linalg.qr(raw).Q
+
+
+class LastTokenRunner:
+    """Runs the task's base prompts' last tokens after a key/value cache of their earlier tokens.
+
+    A DAS patch sits at each row's last token, and the model is frozen, so every earlier position computes the
+    same numbers at every step: they are run once (rows left-padded so that every last token is in the final
+    column), and a step runs one token per row through the model's own forward with that key/value cache — about
+    1/P of a full forward and its backward. `usable` is False (and DAS runs full forwards) for a model whose
+    forward takes no key/value cache, for one-token prompts, for a cache it lays out otherwise (sliding-window
+    layers), or when the cached step does not reproduce the
+    full run's logits on the first rows (atol 1e-3), which is checked at construction.
+    """
+
+    def __init__(self, model: Model, task: Task, max_batch_tokens: int):
+        self.model, self.task = model, task
+        n, p = task.n, task.seq_len
+        lengths = task.answer_pos + 1  # (N,) real tokens per row
+        self.ids = torch.zeros(n, p, dtype=torch.long)
+        self.mask = torch.zeros(n, p, dtype=torch.long)
+        for i in range(n):
+            size = int(lengths[i])
+            self.ids[i, p - size :] = task.clean_ids[i, :size]
+            self.mask[i, p - size :] = 1
+        self.positions = (lengths - 1)[:, None]  # (N, 1)
+        self.kv: list[tuple[Tensor, Tensor]] = []
+        params = inspect.signature(model.hf.forward).parameters
+        self.cache_arg = next((name for name in ("cache", "past_key_values") if name in params), None)
+        self.usable = p > 1 and self.cache_arg is not None
+        if self.usable:
+            self.kv = self._prefix(max_batch_tokens)
+            self.usable = bool(self.kv) and self._reproduces(torch.arange(min(4, n)))
+
+    def _prefix(self, max_batch_tokens: int) -> list[tuple[Tensor, Tensor]]:
+        """Per layer (keys, values) (N, G, P − 1, d_head) of every row's tokens before its last one."""
+        parts: list[list[tuple[Tensor, Tensor]]] = []
+        for rows in row_chunks(self.task.n, self.task.seq_len, max_batch_tokens):
+            mask = self.mask[rows, :-1]
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.no_grad():
+                out = self.model.hf(
+                    input_ids=self.ids[rows, :-1].to(self.model.device),
+                    attention_mask=mask.to(self.model.device),
+                    position_ids=position_ids.to(self.model.device),
+                    use_cache=True,
+                )
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            layers = getattr(cache, "layers", None)
+            if not layers or not all(
+                isinstance(getattr(x, "keys", None), Tensor) and x.keys.shape[-2] == self.task.seq_len - 1
+                for x in layers
+            ):
+                return []
+            parts.append([(x.keys.detach(), x.values.detach()) for x in layers])
+        return [
+            (torch.cat([c[i][0] for c in parts]), torch.cat([c[i][1] for c in parts])) for i in range(len(parts[0]))
+        ]
+
+    def _reproduces(self, rows: Tensor) -> bool:
+        with torch.no_grad():
+            try:
+                cached = self.logits(rows, [])
+            except RuntimeError:  # a cache layout the rebuilt DynamicCache does not match (e.g. sliding windows)
+                return False
+            full = scored_logits(self.model, self.task, rows, 1, [], grad=False)
+        return bool(torch.allclose(cached.float(), full.float(), atol=1e-3, rtol=1e-3))
+
+    def logits(self, rows: Tensor, interventions: list[Intervention]) -> Tensor:
+        """Logits (R, V) at each row's last token with `interventions` (positions "last") in force."""
+        device = self.model.device
+        assert self.cache_arg is not None
+        cache = {self.cache_arg: DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in self.kv])}
+        with self.model.session(interventions=interventions, grad=torch.is_grad_enabled()):
+            out = self.model.hf(
+                input_ids=self.ids[rows, -1:].to(device),
+                attention_mask=self.mask[rows].to(device),
+                position_ids=self.positions[rows].to(device),
+                use_cache=True,
+                **cache,
+            )
+        return out.logits[:, -1]
 
 
 class DASTrainer:
@@ -88,6 +173,9 @@ class DASTrainer:
             if start.shape[1] != settings.k:
                 raise PathlensError(f"das: init has {start.shape[1]} columns, expected k={settings.k}.")
         self.raw = start.requires_grad_(True)  # (d, k)
+        self.runner = LastTokenRunner(model, task, settings.max_batch_tokens) if settings.cached_prefix else None
+        if self.runner is not None and not self.runner.usable:
+            self.runner = None
 
     def loss_and_grad(self, rows: Tensor) -> tuple[float, Tensor]:
         """Mean cross-entropy over `rows` (B,) of the patched logits against the counterfactual labels, and its
@@ -99,7 +187,11 @@ class DASTrainer:
             basis = orthonormal(self.raw)  # (d, k)
             source = self.sources[chunk][:, None]  # (R, 1, d)
             iv = Intervention(self.site, Project(basis, source), positions="last")
-            logits = scored_logits(self.model, task, chunk, 1, [iv], grad=True)  # (R, V)
+            if self.runner is not None:
+                with torch.enable_grad():
+                    logits = self.runner.logits(chunk, [iv])  # (R, V)
+            else:
+                logits = scored_logits(self.model, task, chunk, 1, [iv], grad=True)  # (R, V)
             labels = self.labels[chunk].to(logits.device)
             loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum") / rows.numel()
             (grad,) = torch.autograd.grad(loss, self.raw)
@@ -125,15 +217,17 @@ def das(
     seed: int = 0,
     max_batch_tokens: int = 2048,
     init: Tensor | None = None,
+    cached_prefix: bool = True,
 ) -> Subspace:
     """Learn a k-dim subspace at `site` (at each row's last token) by DAS on `task`'s counterfactual pairs.
 
     task: base prompts (clean), source prompts (corrupted) and `counterfactual_ids` (e.g.
         `pathlens.tasks.ioi(tok, corrupt="position", split="train")`); a task without labels is refused.
-    Returns a `Subspace` with the training settings, the loss per epoch and the training interchange accuracy
-    in `meta`.
+    cached_prefix: run each step on the last tokens only, after a key/value cache of the earlier ones
+        (`LastTokenRunner`; the full forward when the model cannot). Returns a `Subspace` with the training
+    settings and the loss per epoch in `meta`.
     """
-    settings = DASSettings(k, epochs, batch_size, lr, end_factor, seed, max_batch_tokens)
+    settings = DASSettings(k, epochs, batch_size, lr, end_factor, seed, max_batch_tokens, cached_prefix)
     trainer = DASTrainer(model, task, site, settings, init)
     opt = torch.optim.Adam([trainer.raw], lr=lr)
     steps = epochs * math.ceil(task.n / batch_size)
@@ -164,5 +258,6 @@ def das(
         "seed": seed,
         "loss_per_epoch": curve,
         "parametrisation": "QR of a (d, k) matrix",
+        "cached_prefix": trainer.runner is not None,
     }
     return Subspace(trainer.basis(), trainer.site, "last", meta)
