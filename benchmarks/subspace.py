@@ -7,9 +7,13 @@ Parts:
   positional gradient; each checked by `illusion_check` on the held-out pairs. The residual site is decomposed
   against the queries of the 3 heads after it that noising patching finds most important (the paper uses the
   name movers' queries). Prints the paper-layout table per direction and whether the illusion flag is raised.
-- speed: one DAS training step (batch of 20 training pairs, 1-D at the MLP site) against the floor, a plain
-  forward + backward of the same batch in torch (cross-entropy at the last token, `loss.backward()`), timed
-  round-robin in the same run; prints the ratio (target ≤ 1.3). Reports whether pyvene could be installed beside
+- speed: one DAS training step (batch of 20 training pairs, 1-D at the MLP site; by default the last tokens
+  after a cached prefix, and also the full-forward step) against the floor, a plain forward + backward of the
+  same batch in torch (cross-entropy at the last token, `loss.backward()`), timed round-robin in the same run;
+  prints the ratios (target ≤ 1.3) and checks the two steps agree.
+- pyvene: a DAS step at the residual stream against pyvene's (when importable; `pip install --dry-run pyvene` shows
+  it would not touch torch or transformers, and `pip install --no-deps --target DIR pyvene` with PYTHONPATH=DIR
+  runs it beside this venv without installing anything into it). Reports whether pyvene could be installed beside
   this torch/transformers (`pip install --dry-run pyvene`), without installing it.
 
 Run `python benchmarks/subspace.py --json` for one JSON line per row.
@@ -25,6 +29,8 @@ if not __package__:  # run as `python benchmarks/subspace.py`: import the packag
     import benchmarks  # noqa: F401  (turns tqdm off before torch imports it: see benchmarks/__init__.py)
 
 import argparse
+import importlib.metadata
+import importlib.util
 import subprocess
 import time
 from typing import Any
@@ -38,7 +44,7 @@ from pathlens.subspace.das import DASSettings, DASTrainer
 from pathlens.subspace.study import counterfactual_split, find_subspace, important_heads
 from pathlens.tasks.base import Task
 
-PARTS = ("ioi", "speed")
+PARTS = ("ioi", "speed", "pyvene")
 
 
 def _clean_accuracy(model: Model, task: Task) -> float:
@@ -97,14 +103,17 @@ def pyvene_dry_run() -> str:
 
 def speed(model: Model, args: argparse.Namespace, emit: Emitter) -> None:
     train, _ = counterfactual_split(model, "ioi", 40, 8, args.seed)
-    trainer = DASTrainer(model, train, args.mlp_site, DASSettings(seed=args.seed))
+    start = time.perf_counter()
+    cached = DASTrainer(model, train, args.mlp_site, DASSettings(seed=args.seed))
+    setup_seconds = time.perf_counter() - start
+    assert cached.runner is not None, "the cached-prefix path should apply to SmolLM2"
+    full = DASTrainer(model, train, args.mlp_site, DASSettings(seed=args.seed, cached_prefix=False))
     rows = torch.arange(20)
     ids, mask = train.clean_ids[rows], train.attention_mask[rows]
     labels, pos = train.counterfactual_ids, train.answer_pos[rows]
     assert labels is not None
-
-    def das_step() -> None:
-        trainer.loss_and_grad(rows)
+    loss_cached, grad_cached = cached.loss_and_grad(rows)
+    loss_full, grad_full = full.loss_and_grad(rows)
 
     def floor() -> None:
         logits = model.hf(input_ids=ids, attention_mask=mask).logits  # (20, P, V)
@@ -112,8 +121,15 @@ def speed(model: Model, args: argparse.Namespace, emit: Emitter) -> None:
         loss.backward()
         model.hf.zero_grad(set_to_none=True)
 
-    timed = round_robin({"das_step": das_step, "forward_backward": floor}, args.repeats)
-    step, base = timed["das_step"].median, timed["forward_backward"].median
+    timed = round_robin(
+        {
+            "das_step": lambda: cached.loss_and_grad(rows),
+            "das_step_full_forward": lambda: full.loss_and_grad(rows),
+            "forward_backward": floor,
+        },
+        args.repeats,
+    )
+    step, step_full, base = (timed[k].median for k in ("das_step", "das_step_full_forward", "forward_backward"))
     verdict = pyvene_dry_run()
     emit(
         {
@@ -121,14 +137,98 @@ def speed(model: Model, args: argparse.Namespace, emit: Emitter) -> None:
             "site": args.mlp_site,
             "batch": 20,
             "seconds_das_step": step,
+            "seconds_das_step_full_forward": step_full,
             "seconds_forward_backward": base,
+            "seconds_prefix_cache_and_sources_once": setup_seconds,
             "ratio": step / base,
+            "ratio_full_forward": step_full / base,
             "met": step / base <= 1.3,
+            "loss_diff_cached_vs_full": abs(loss_cached - loss_full),
+            "grad_max_diff_cached_vs_full": float((grad_cached - grad_full).abs().max()),
             "pyvene_dry_run": verdict,
         }
     )
-    print(f"DAS step {step * 1e3:.0f} ms, forward+backward {base * 1e3:.0f} ms: x{step / base:.2f} (target <= 1.3)")
+    print(
+        f"DAS step {step * 1e3:.0f} ms (full-forward step {step_full * 1e3:.0f} ms), plain forward+backward "
+        f"{base * 1e3:.0f} ms: x{step / base:.2f} (x{step_full / base:.2f}; target <= 1.3)"
+    )
     print(f"pyvene: {verdict}")
+
+
+def versus_pyvene(model: Model, args: argparse.Namespace, emit: Emitter) -> None:
+    """One 1-D DAS step at the residual stream (block output of layer `--resid-site`) at the last token, batch 20:
+    pathlens (cached prefix, and full forward) against pyvene's LowRankRotatedSpaceIntervention on its own copy of
+    the model (pyvene turns the model's gradients off and hooks it). Skipped when pyvene is not importable: it
+    installs beside this torch/transformers with `pip install --no-deps --target DIR pyvene` and PYTHONPATH=DIR."""
+    if importlib.util.find_spec("pyvene") is None:
+        emit({"part": "pyvene", "skipped": "pyvene is not importable (see the part's docstring)"})
+        return
+    import pyvene as pv
+
+    layer = int(args.resid_site.split(".")[0][1:])
+    train, _ = counterfactual_split(model, "ioi", 40, 8, args.seed)
+    rows = torch.arange(20)
+    ids, mask, last = train.clean_ids[rows], train.attention_mask[rows], train.answer_pos[rows]
+    labels = train.counterfactual_ids
+    assert labels is not None
+    site = f"L{layer}.resid_post"
+    ours = DASTrainer(model, train, site, DASSettings(seed=args.seed))
+    ours_full = DASTrainer(model, train, site, DASSettings(seed=args.seed, cached_prefix=False))
+    theirs_model = load("smollm2")
+    config = pv.IntervenableConfig(
+        representations=[
+            {
+                "layer": layer,
+                "component": "block_output",
+                "unit": "pos",
+                "max_number_of_units": 1,
+                "low_rank_dimension": 1,
+            }
+        ],
+        intervention_types=pv.LowRankRotatedSpaceIntervention,
+    )
+    intervenable = pv.IntervenableModel(config, theirs_model.hf)
+    intervenable.disable_model_gradients()
+    params = [
+        p for v in intervenable.interventions.values() for p in (v[0] if isinstance(v, tuple) else v).parameters()
+    ]
+    opt = torch.optim.Adam(params, lr=0.01)
+    unit = [[[int(p)] for p in last]]
+
+    def pyvene_step() -> None:
+        sources = [{"input_ids": train.corrupt_ids[rows], "attention_mask": mask}]
+        _, out = intervenable({"input_ids": ids, "attention_mask": mask}, sources, {"sources->base": (unit, unit)})
+        loss = torch.nn.functional.cross_entropy(out.logits[torch.arange(20), last], labels[rows])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    timed = round_robin(
+        {
+            "pathlens": lambda: ours.loss_and_grad(rows),
+            "pathlens_full_forward": lambda: ours_full.loss_and_grad(rows),
+            "pyvene": pyvene_step,
+        },
+        args.repeats,
+    )
+    mine, mine_full, theirs = (timed[k].median for k in ("pathlens", "pathlens_full_forward", "pyvene"))
+    emit(
+        {
+            "part": "pyvene",
+            "site": site,
+            "batch": 20,
+            "seconds_pathlens_step": mine,
+            "seconds_pathlens_full_forward_step": mine_full,
+            "seconds_pyvene_step": theirs,
+            "ratio_pathlens_over_pyvene": mine / theirs,
+            "ratio_full_forward_over_pyvene": mine_full / theirs,
+            "pyvene": importlib.metadata.version("pyvene"),
+        }
+    )
+    print(
+        f"DAS step at {site}: pathlens {mine * 1e3:.0f} ms (full forward {mine_full * 1e3:.0f} ms), pyvene "
+        f"{theirs * 1e3:.0f} ms: x{mine / theirs:.2f}"
+    )
 
 
 def main() -> None:
@@ -155,6 +255,8 @@ def main() -> None:
     model = load("smollm2")
     if "speed" in args.parts:
         speed(model, args, emit)
+    if "pyvene" in args.parts:
+        versus_pyvene(model, args, emit)
     if "ioi" in args.parts:
         ioi_tables(model, args, emit)
 
