@@ -132,12 +132,14 @@ class Dictionary(nn.Module):
     def kind(self) -> str:
         return self.config.kind
 
+    def centered(self, x: Tensor) -> Tensor:
+        """The encoder's input: x·s_in, minus b_dec for an autoencoder (..., d_in)."""
+        x = x.to(self.W_enc.dtype) * self.s_in
+        return x if self.config.transcoder else x - self.b_dec
+
     def pre_acts(self, x: Tensor) -> Tensor:
         """Pre-activations z (..., width) of inputs x (..., d_in) in the model's units."""
-        x = x.to(self.W_enc.dtype) * self.s_in
-        if not self.config.transcoder:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc  # (..., width)
+        return self.centered(x) @ self.W_enc + self.b_enc  # (..., width)
 
     def activate(self, z: Tensor, train: bool = False) -> Tensor:
         """Latents from pre-activations; `train` selects BatchTopK's batch-level selection and JumpReLU's
