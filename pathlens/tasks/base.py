@@ -28,14 +28,16 @@ IdsLike = Tensor | Sequence[Sequence[int]]
 
 
 def answer_logits(logits: Tensor, task: Task) -> Tensor:
-    """The (N, V) logits at each row's `answer_pos`, taken from run logits of shape (N, P, V)."""
+    """The (N, V) logits at each row's `answer_pos`, taken from run logits of shape (N, P, V); half-precision
+    logits come back in fp32, so metrics (differences, softmaxes) lose nothing more than the model's own rounding."""
     if logits.ndim != 3 or logits.shape[0] != task.n or logits.shape[1] <= int(task.answer_pos.max()):
         raise PathlensError(
             f"metric: expected logits of shape (N={task.n}, P>{int(task.answer_pos.max())}, V) for task "
             f"{task.name!r}, got {tuple(logits.shape)}; pass the full-sequence logits of a run on this task's rows."
         )
     rows = torch.arange(task.n, device=logits.device)
-    return logits[rows, task.answer_pos.to(logits.device)]
+    final = logits[rows, task.answer_pos.to(logits.device)]  # (N, V)
+    return final.float() if final.dtype in (torch.float16, torch.bfloat16) else final
 
 
 def logit_diff(logits: Tensor, task: Task) -> Tensor:
