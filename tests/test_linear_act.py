@@ -305,3 +305,21 @@ def test_bad_inputs_name_what_is_wrong() -> None:
         AffineMap("L0.mlp_out", torch.ones(4), torch.tensor([0.0, math.nan, 0.0, 0.0]))
     with pytest.raises(PathlensError, match="maps must be a non-empty list"):
         TransportSteer([])
+
+
+# ---- the study the CLI runs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["linear-act", "lineas"])
+def test_transport_study_writes_the_steer_and_its_sweep(method: str, tmp_path: Path) -> None:
+    from pathlens.steering.learned.study_transport import transport_study
+
+    model = tiny_with_words()
+    record = transport_study(model, "sentiment", method, tmp_path, None, [0.5, 1.0], n_prompts=2, max_new_tokens=2)
+    assert [row["scale"] for row in record["rows"]] == [0.0, 0.5, 1.0]
+    assert record["rows"][0]["ppl_increase"] == 0.0 and record["total_units"] == 64
+    loaded = TransportSteer.load(tmp_path / "transport")
+    assert loaded.meta["method"] == method and loaded.sites == ["L0.mlp_out", "L1.mlp_out"]
+    assert (tmp_path / "steer.json").is_file() and (tmp_path / "dose_response.csv").is_file()
+    with pytest.raises(PathlensError, match="unknown transport method 'ot'"):
+        transport_study(model, "sentiment", "ot", tmp_path, None, [1.0])
