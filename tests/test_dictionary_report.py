@@ -107,3 +107,31 @@ def test_on_the_fly_batches_are_the_cached_rows_shuffled() -> None:
     first = batches[0]
     pair = (first["L0.mlp_in"][:, None] - cache["L0.mlp_in"][:, 1:].reshape(-1, 32)[None]).abs().amax(-1).argmin(1)
     assert torch.allclose(first["L0.mlp_out"], cache["L0.mlp_out"][:, 1:].reshape(-1, 32)[pair], atol=1e-5)
+
+
+def test_cli_trains_an_sae_and_a_transcoder_from_a_store(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pathlens import load
+    from pathlens.cli import app
+
+    tiny_model("llama", weight_scale=3.0).hf.save_pretrained(tmp_path / "m")
+    model = load(str(tmp_path / "m"))
+    ids = torch.randint(3, VOCAB, (10, 12), generator=torch.Generator().manual_seed(0))
+    collect(model, ["L1.resid_pre", "L0.mlp_in", "L0.mlp_out"], Windows.of_ids(ids), tmp_path / "s", batch_size=5)
+    runner = CliRunner()
+    common = ["--model", str(tmp_path / "m"), "--store", str(tmp_path / "s"), "--expansion", "2", "--k", "4"]
+    common += ["--batch", "32", "--heldout", "3"]
+    done = runner.invoke(app, ["features", "sae", *common, "--out", str(tmp_path / "o"), "--kind", "topk,relu"])
+    assert done.exit_code == 0, done.output
+    done = runner.invoke(app, ["features", "transcoder", *common, "--out", str(tmp_path / "o"), "--layer", "0"])
+    assert done.exit_code == 0, done.output
+    cards = json.loads((tmp_path / "o" / "cards.json").read_text())
+    assert [c["name"] for c in cards] == ["L0-tc-topk"]
+    assert (tmp_path / "o" / "L1-sae-relu" / "index.html").is_file()
+    bad = runner.invoke(app, ["features", "sae", *common, "--out", str(tmp_path / "o"), "--kind", "gated"])
+    assert bad.exit_code == 2 and "unknown kind" in bad.output
+    missing = runner.invoke(
+        app, ["features", "sae", *common[:2], "--store", str(tmp_path / "none")], terminal_width=300
+    )
+    assert missing.exit_code == 2 and "activation store" in " ".join(missing.output.split())
