@@ -8,7 +8,8 @@ once, then trained on for `--epochs` epochs by
 - the floor: a minimal TopK SAE loop in plain torch written here (same width, k, batch, learning rate, Adam,
   initialisation rule, unit-norm decoder, input scaling and b_dec start; no AuxK, no dead-latent bookkeeping),
 
-interleaved epoch by epoch on the same shuffled batches, so a busy machine's load falls on both alike. Reported:
+interleaved epoch by epoch on the same shuffled batches for the first `--floor-epochs` epochs (its rate is taken
+over those), so a busy machine's load falls on both alike. Reported:
 training tokens/s of each and their ratio, and pathlens' dictionary's FVE and L0 on held-out windows' activations
 and its CE loss recovered when spliced into the model (`pathlens.features.evaluate`). `saelens_ratio` is null
 unless a SAELens virtualenv is given with `--saelens-python` (SAELens pins transformer-lens 3.x, so it cannot
@@ -106,7 +107,7 @@ def fve_l0(encode: Any, decode: Any, x: Tensor) -> tuple[float, float]:
 def saelens_tokens_per_s(python: str, data: Path, args: argparse.Namespace) -> float | None:
     """Train SAELens' TopK SAE on the saved activations in its own interpreter; None if that fails."""
     script = Path(__file__).with_name("saelens_topk.py")
-    cmd = [python, str(script), str(data), str(args.k), str(args.batch), str(args.lr), str(args.epochs)]
+    cmd = [python, str(script), str(data), str(args.k), str(args.batch), str(args.lr), str(args.floor_epochs)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         print(f"SAELens run failed: {done.stderr[-400:]}", file=sys.stderr)
@@ -130,13 +131,16 @@ def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     trainer = Trainer(ours, site, config=TrainConfig(lr=args.lr, dead_steps=args.dead_steps), seed=0)
     floor = FloorSAE(d, width, args.k, args.lr, x[: args.batch], seed=0)
     seconds = {"pathlens": 0.0, "floor": 0.0}
+    floor_tokens = 0
     for epoch in range(args.epochs):
         batches = list(tensor_batches({site: x}, args.batch, seed=epoch))
-        for name in ("floor", "pathlens") if epoch % 2 == 0 else ("pathlens", "floor"):
+        runners = ("floor", "pathlens") if epoch < args.floor_epochs else ("pathlens",)
+        for name in runners if epoch % 2 == 0 else runners[::-1]:
             begin = time.perf_counter()
             for batch in batches:
                 floor.step(batch[site]) if name == "floor" else trainer.step(batch[site])
             seconds[name] += time.perf_counter() - begin
+        floor_tokens += len(batches) * args.batch if epoch < args.floor_epochs else 0
     tokens = trainer.tokens
     fve, l0 = fve_l0(ours.encode, ours.decode, held)
     floor_fve, floor_l0 = fve_l0(floor.encode, lambda f: (f @ floor.w_dec + floor.b_dec) / floor.scale, held)
@@ -149,7 +153,7 @@ def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         saelens = saelens_tokens_per_s(args.saelens_python, data, args)
     if args.out:
         ours.save(Path(args.out) / "sae-topk")
-    ours_tps, floor_tps = tokens / seconds["pathlens"], tokens / seconds["floor"]
+    ours_tps, floor_tps = tokens / seconds["pathlens"], floor_tokens / seconds["floor"]
     yield {
         "workload": "sae-topk",
         "site": site,
@@ -166,6 +170,7 @@ def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         "saelens_ratio": ratio(ours_tps, saelens),
         "fve": round(fve, 4),
         "l0": round(l0, 2),
+        "floor_epochs": args.floor_epochs,
         "floor_fve": round(floor_fve, 4),
         "floor_l0": round(floor_l0, 2),
         "ce_recovered": round(card.ce_recovered, 4),
@@ -185,6 +190,7 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=64, help="held-out windows (FVE, L0)")
     parser.add_argument("--ce-windows", type=int, default=16, help="held-out windows for CE recovered")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--floor-epochs", type=int, default=1, help="epochs the floor and SAELens are timed on")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dead-steps", type=int, default=200)
