@@ -9,8 +9,14 @@
 - semi-NMF (snmf.py): `snmf` factorizes MLP activations into mixed-sign features with non-negative codes
   (METHODS §20), batched over a store; `SNMFResult.features` gives each feature's top contexts and promoted tokens,
   `.steering_vector(i)` a `SteeringVector`.
+- sparse dictionaries (sae.py, train.py, evaluate.py, contexts.py): `Dictionary` (ReLU, TopK, BatchTopK, JumpReLU;
+  transcoders with `d_out`), `Trainer`/`train` (several from one batch stream: `store_batches`, `on_the_fly`),
+  `evaluate` (the evaluation card), `top_contexts`; features as sites (splice.py, circuit.py): `splice` a
+  dictionary into a model so its latents are sites (`L6.sae.F12`), `node_circuit` over heads, MLPs and latents.
 """
 
+from pathlens.features.circuit import NodeCircuit, node_circuit
+from pathlens.features.contexts import LatentContext, top_contexts
 from pathlens.features.corpus import (
     Corpus,
     Windows,
@@ -22,23 +28,43 @@ from pathlens.features.corpus import (
     texts,
     windows,
 )
+from pathlens.features.evaluate import EvaluationCard, evaluate
+from pathlens.features.sae import Dictionary, DictionaryConfig
 from pathlens.features.snmf import SNMFResult, snmf
+from pathlens.features.splice import feature_direction, latent_sites, splice
 from pathlens.features.store import ActivationStore, StoreDataset, collect, stream
+from pathlens.features.train import TrainConfig, Trainer, on_the_fly, store_batches, train
 
 __all__ = [
     "ActivationStore",
     "Corpus",
+    "Dictionary",
+    "DictionaryConfig",
+    "EvaluationCard",
+    "LatentContext",
+    "NodeCircuit",
     "SNMFResult",
     "StoreDataset",
+    "TrainConfig",
+    "Trainer",
     "Windows",
     "collect",
     "corpus",
     "default_corpus",
+    "evaluate",
+    "feature_direction",
     "hf_dataset",
+    "latent_sites",
+    "node_circuit",
+    "on_the_fly",
     "parse_token_count",
     "snmf",
+    "splice",
+    "store_batches",
     "stream",
     "text_files",
     "texts",
+    "top_contexts",
+    "train",
     "windows",
 ]
