@@ -149,3 +149,18 @@ def test_bad_inputs(toy_tasks) -> None:
         illusion_check(model, Subspace(torch.eye(3)[:, :2], "L0.mlp_post"), test)
     with pytest.raises(PathlensError, match="do not read"):
         downstream_readers(tiny_model("llama"), "L1.resid_post", heads=["L0.H1"])
+
+
+def test_important_heads_are_the_top_patching_effects_after_the_site() -> None:
+    from pathlens import patch
+    from pathlens.subspace.study import important_heads
+    from tests.helpers import padded_task
+
+    model = tiny_model("llama", weight_scale=3.0)
+    task = padded_task(3, 9)
+    chosen = important_heads(model, task, after_layer=0, k=2)
+    scores = patch(model, task, sites="heads", layers=[1], progress=False)
+    effect = (scores.values[0] - scores.meta["base_metric"]).abs()
+    assert chosen == [f"L1.H{int(h)}" for h in torch.topk(effect, 2).indices]
+    readers = downstream_readers(model, "L0.resid_post", heads=chosen, parts=["q"])
+    assert readers.matrix.shape == (32, 2 * model.arch.d_head)

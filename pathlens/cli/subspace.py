@@ -22,7 +22,9 @@ def subspace(
     epochs: int = typer.Option(30, min=1, help="DAS epochs"),
     seed: int = typer.Option(0, help="seed of the pairs, the DAS initialisation and order, and the placebo"),
     heads: Optional[str] = typer.Option(  # noqa: UP045
-        None, help="residual sites: comma list of heads whose weights read the site (default: the next layer's)"
+        None,
+        help="residual sites: comma list of heads whose weights read the site, or 'important' (the 3 heads after "
+        "it that patching finds most important); default: every head of the next layer",
     ),
     parts: str = typer.Option("q,k,v", help="which of the named heads' q/k/v weights read a residual site"),
     out: Path = typer.Option(Path("out/subspace"), help="output folder"),

@@ -28,6 +28,8 @@ from pathlens.tasks.base import Task
 from pathlens.tasks.ioi import ioi
 
 STUDY_FINDERS = ("das", *FINDERS)
+IMPORTANT_PROMPTS = 40
+"""How many test pairs the head-patching sweep behind heads="important" runs on."""
 COUNTERFACTUAL_TASKS = ("ioi",)
 
 
@@ -77,10 +79,19 @@ def subspace_study(
     parts: Sequence[str] = ("q", "k", "v"),
     **das_kw: Any,
 ) -> tuple[IllusionReport, Subspace, dict[str, Any]]:
-    """Find, check and write (module docstring); returns (report, subspace, the split record)."""
+    """Find, check and write (module docstring); returns (report, subspace, the split record).
+
+    heads: for residual sites, the heads whose q/k/v (`parts`) read the site; ["important"]: the 3 heads after
+    the site that noising patching on the test pairs finds most important (`important_heads`); None: every head
+    of the next attention layer."""
     resolved = model.resolve(site, write=True)
     train, test = counterfactual_split(model, task, n_train, n_test, seed)
     subspace = find_subspace(model, finder, train, resolved, seed, **das_kw)
+    if heads is not None and list(heads) == ["important"]:
+        if resolved.kind not in ("resid_pre", "resid_mid", "resid_post") or resolved.layer is None:
+            raise PathlensError(f"heads='important' names the heads that read a residual site, not {resolved}.")
+        after = resolved.layer - (1 if resolved.kind == "resid_pre" else 0)
+        heads = important_heads(model, test.rows(list(range(min(IMPORTANT_PROMPTS, test.n)))), after)
     report = illusion_check(model, subspace, test, heads=heads, parts=parts)
     folder = Path(out)
     subspace.save(folder / "direction")
