@@ -79,7 +79,12 @@ def test_stop_early_and_stream_give_the_same_values(tmp_path: Path) -> None:
     early = collect(model, ["L0.attn_out"], ids, tmp_path / "a", batch_size=BATCH, max_bytes=BUDGET)
     full = collect(model, ["L0.attn_out"], ids, tmp_path / "b", batch_size=BATCH, max_bytes=BUDGET, stop_early=False)
     assert store_files(tmp_path / "a") == store_files(tmp_path / "b")
-    flying = torch.cat([b["L0.attn_out"] for b in stream(model, ["L0.attn_out"], ids, batch_size=BATCH)])
+    before = snapshot(model)
+    batches = stream(model, ["L0.attn_out"], ids, batch_size=BATCH)
+    first = next(batches)
+    assert_untouched(model, before)  # no hook outlives a batch, even with the stream half read
+    model.run(ids[:2])  # a forward of its own runs to the end
+    flying = torch.cat([first["L0.attn_out"], *(b["L0.attn_out"] for b in batches)])
     assert torch.equal(flying, early.rows("L0.attn_out"))
     assert full.n_rows == N_WINDOWS * CONTEXT
 

@@ -52,7 +52,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from pathlens.arch.base import get_blocks
 from pathlens.errors import PathlensError
 from pathlens.features.corpus import Corpus, Windows, windows
 from pathlens.hooks import HookSession
@@ -94,30 +93,29 @@ def stream(
 ) -> Iterator[dict[str, Tensor]]:
     """Activations of `sites` over windows [start, stop) of `source`, one batch of `batch_size` windows at a time:
     {site: (rows, width)} with rows = windows × positions (BOS left out if `exclude_bos` and the windows have it),
-    flattened in window order. Nothing touches disk; one forward per batch reads every site."""
+    flattened in window order. Nothing touches disk; one forward per batch reads every site, stopped after the last
+    block a site lives in (`stop_early`). The hooks exist only during each batch's forward, so a partly consumed
+    stream leaves the model as it was."""
     names = _site_names(model, sites)
     ids, bos = _ids_and_bos(source)
     _check_batch(batch_size)
     skip = int(bos and exclude_bos)
     stop = len(ids) if stop is None else stop
-    session = HookSession(
-        model,
-        [parse_site(s) for s in names],
-        cache_dtype=dtype,
-        extra_hooks=_stop_hooks(model, names) if stop_early else (),
-    )
-    with session:
-        for first in range(start, stop, batch_size):
-            batch = ids[first : min(first + batch_size, stop)]  # (B, P)
+    reads = [parse_site(s) for s in names]
+    hooks = _stop_hooks(model, names) if stop_early else []
+    for first in range(start, stop, batch_size):
+        batch = ids[first : min(first + batch_size, stop)]  # (B, P)
+        session = HookSession(model, reads, cache_dtype=dtype, extra_hooks=hooks)
+        with session:
             try:
                 model.forward(batch, None, session)
             except _Collected:
                 pass
-            out = {}
-            for name in names:
-                value = session.cache[name][:, skip:]  # (B, P', ...)
-                out[name] = value.reshape(value.shape[0] * value.shape[1], -1)  # (B·P', width)
-            yield out
+        out = {}
+        for name in names:
+            value = session.cache[name][:, skip:]  # (B, P', ...)
+            out[name] = value.reshape(value.shape[0] * value.shape[1], -1)  # (B·P', width)
+        yield out
 
 
 def _stop_hooks(model: Model, names: list[str]) -> list[tuple[str, str, Callable[..., Any]]]:
@@ -126,7 +124,6 @@ def _stop_hooks(model: Model, names: list[str]) -> list[tuple[str, str, Callable
     if any(s.kind in ("logits", "module") for s in sites):
         return []
     layers = [s.layer for s in sites if s.layer is not None]
-    get_blocks(model.hf, model.arch.blocks)
 
     def stop(*_: Any) -> None:
         raise _Collected
