@@ -27,6 +27,8 @@ if not __package__:  # run as `python benchmarks/diagnostics.py`: import the pac
 import argparse
 import copy
 import itertools
+import time
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,10 @@ from pathlens import Model, load
 from pathlens.diagnostics import heads
 from pathlens.diagnostics.commitment import commitment
 from pathlens.diagnostics.lens import logit_lens
+from pathlens.diagnostics.training import Training, plot_runs, previous_token_pattern, train, uniform_pattern
+from pathlens.interventions import Ablate, Intervention, Replace
 from pathlens.tasks import ioi
+from pathlens.zoo.train_induction import TrainSettings, build_model, learning_rate, make_batch, repeated_sequences
 
 PARTS = ("heads", "top-heads", "lens", "massive", "clamp", "lib")
 TL_NAMES = {name: f"{name}_head" for name in ("previous_token", "duplicate_token", "induction")}
@@ -91,6 +96,9 @@ def _floor_scores(eager: Any, rows: list[Tensor], name: str) -> Tensor:
 
 
 def heads_rows(model: Model, repeats: int, emit: Emitter) -> None:
+    """Parity: TL's `detect_head` (one cached run per prompt, reused for every setting, as TL allows for a single
+    prompt) against `heads.similarity` on pathlens' patterns of the same ids, for every detector x measure x
+    exclusion; then the public detectors end to end, timed against TL and the floor."""
     from transformer_lens.head_detector import detect_head
 
     bridge = tl_bridge(model.hf)
@@ -98,15 +106,20 @@ def heads_rows(model: Model, repeats: int, emit: Emitter) -> None:
     texts = [f"{s} {s}" for s in heldout_sentences()[:8]]
     rows = [bridge.to_tokens(t)[0].cpu() for t in texts]
     ids, mask = _padded(rows)
+    lengths = [int(r.numel()) for r in rows]
+    with torch.no_grad():
+        caches = [bridge.run_with_cache(r[None], remove_batch_dim=True)[1] for r in rows]
+    patterns = heads.attention_patterns(model, ids, mask)
     for name, measure, (bos, current) in itertools.product(
         TL_NAMES, ("mul", "abs"), itertools.product([False, True], repeat=2)
     ):
-        ours = DETECTORS[name](
-            model, ids, attention_mask=mask, exclude_bos=bos, exclude_current_token=current, error_measure=measure
-        ).values
-        theirs = detect_head(
-            bridge, texts, TL_NAMES[name], exclude_bos=bos, exclude_current_token=current, error_measure=measure
-        )
+        flags = {"exclude_bos": bos, "exclude_current_token": current, "error_measure": measure}
+        theirs = torch.stack(
+            [detect_head(bridge, t, TL_NAMES[name], cache=c, **flags) for t, c in zip(texts, caches, strict=True)]
+        ).mean(0)
+        detection = BUILDERS[name](ids)
+        ours = torch.stack([heads.similarity(a, detection, lengths, **flags).mean(0) for a in patterns])  # type: ignore[arg-type]
+        diff = float((ours - theirs.double()).abs().max())
         emit(
             {
                 "part": "heads-parity",
@@ -114,8 +127,8 @@ def heads_rows(model: Model, repeats: int, emit: Emitter) -> None:
                 "error_measure": measure,
                 "exclude_bos": bos,
                 "exclude_current_token": current,
-                "max_abs_diff": float((ours.double() - theirs.double()).abs().max()),
-                "met": bool((ours.double() - theirs.double()).abs().max() <= 1e-5),
+                "max_abs_diff": diff,
+                "met": diff <= 1e-5,
                 "prompts": len(texts),
             }
         )
@@ -131,16 +144,18 @@ def heads_rows(model: Model, repeats: int, emit: Emitter) -> None:
             repeats,
         )
         floor = timed["floor"].median
+        ours, theirs = timed["pathlens"].result, timed["transformer_lens"].result
         emit(
             {
                 "part": "heads-time",
                 "detector": name,
+                "end_to_end_max_abs_diff_vs_tl": float((ours.double() - theirs.double()).abs().max()),
                 "seconds_pathlens": timed["pathlens"].median,
                 "seconds_transformer_lens": timed["transformer_lens"].median,
                 "seconds_floor": floor,
                 "ratio_pathlens_floor": ratio(timed["pathlens"].median, floor),
                 "ratio_tl_floor": ratio(timed["transformer_lens"].median, floor),
-                "floor_max_abs_diff": float((timed["floor"].result - timed["pathlens"].result).abs().max()),
+                "floor_max_abs_diff": float((timed["floor"].result - ours).abs().max()),
             }
         )
 
@@ -213,6 +228,118 @@ def lens_rows(model: Model, repeats: int, out: Path, emit: Emitter) -> None:
     )
 
 
+# ---- the training-time clamp experiment (induction-2l's recipe) --------------------------------------------------
+
+CLAMPED = "L0.H1.pattern"  # the recipe's previous-token head (TrainSettings.previous_token_head = 1 in layer 0)
+INDUCTION = (1, 0)  # the recipe's induction head
+
+
+def clamp_conditions() -> dict[str, Callable[[int], list[Intervention]]]:
+    """Each condition's interventions for sequences of length p: the recipe's solo phase (only the two circuit heads
+    active: the others' outputs zeroed, as `only_heads` does) plus the previous-token head's pattern."""
+
+    def with_pattern(pattern: Callable[[int], Tensor] | None) -> Callable[[int], list[Intervention]]:
+        def interventions(p: int) -> list[Intervention]:
+            solo = [Intervention("L0.H0.z", Ablate("zero")), Intervention("L1.H1.z", Ablate("zero"))]
+            return solo + ([Intervention(CLAMPED, Replace(pattern(p)))] if pattern is not None else [])
+
+        return interventions
+
+    return {
+        "normal": with_pattern(None),
+        "prev-token pattern uniform": with_pattern(uniform_pattern),
+        "prev-token pattern zero": with_pattern(lambda p: torch.zeros(1, p, p)),
+        "prev-token pattern clamped perfect": with_pattern(previous_token_pattern),
+    }
+
+
+def _clamp_eval(eval_ids: Tensor, interventions: list[Intervention]) -> Callable[[Model, int], dict[str, float]]:
+    """Checkpoint measures on [BOS, r, r]: the induction head's induction score, the previous-token head's
+    previous-token score, and loss / accuracy on the second copy (r_2..r_T), all under the condition's interventions."""
+    t_len = (eval_ids.shape[1] - 1) // 2
+    second = torch.arange(t_len + 1, 2 * t_len)  # positions predicting r_2..r_T
+
+    def evaluate(model: Model, step: int) -> dict[str, float]:
+        run = model.run(eval_ids, cache=["L0.pattern", "L1.pattern"], interventions=interventions)
+        lengths = [int(eval_ids.shape[1])] * int(eval_ids.shape[0])
+        induction = heads.similarity(run.cache["L1.pattern"], heads.induction_pattern(eval_ids), lengths).mean(0)
+        previous = heads.similarity(run.cache["L0.pattern"], heads.previous_token_pattern(eval_ids), lengths).mean(0)
+        logits = run.logits[:, second].double()  # (n, T-1, V)
+        target = eval_ids[:, second + 1]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target)
+        return {
+            "induction_score": float(induction[INDUCTION[1]]),
+            "prev_token_score": float(previous[1]),
+            "eval_loss": float(loss),
+            "eval_accuracy": float((logits.argmax(-1) == target).double().mean()),
+        }
+
+    return evaluate
+
+
+def clamp_rows(steps: int, every: int, out: Path, emit: Emitter) -> None:
+    """Train induction-2l's recipe (solo phase: the two circuit heads) from the same seed under each condition."""
+    settings = TrainSettings(steps=steps, solo_steps=steps)
+    eval_ids = repeated_sequences(256, settings.eval_repeat, settings.num_tokens, torch.Generator().manual_seed(2))
+    runs: dict[str, Training] = {}
+    for name, interventions in clamp_conditions().items():
+        torch.manual_seed(settings.seed)
+        model = Model(build_model(settings), name=f"induction-2l recipe ({name})")
+        decay = [p for p in model.hf.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.hf.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=settings.lr,
+            betas=(0.9, 0.98),
+        )
+        data = torch.Generator().manual_seed(settings.seed + 1)
+        start = time.perf_counter()
+        runs[name] = train(
+            model,
+            lambda step, data=data: make_batch(settings, data),
+            optimizer,
+            steps,
+            interventions=interventions(settings.seq_len),
+            learning_rate=lambda step: learning_rate(step, settings),
+            evaluate=_clamp_eval(eval_ids, interventions(int(eval_ids.shape[1]))),
+            every=every,
+        )
+        runs[name].save(out / "clamp" / name.replace(" ", "_"))
+        seconds = time.perf_counter() - start
+        checkpoints = runs[name].checkpoints
+        frame = checkpoints.to_frame().pivot(index="checkpoint", columns="measure", values="value")
+        formed = frame.index[(frame["eval_accuracy"] > 0.5).to_numpy()]
+        emit(
+            {
+                "part": "clamp",
+                "condition": name,
+                "steps": steps,
+                "seconds": round(seconds, 1),
+                "first_loss": float(runs[name].loss.values[:20].mean()),
+                "final_loss": float(runs[name].loss.values[-100:].mean()),
+                "induction_formed_at": int(formed[0]) if len(formed) else None,
+                "checkpoints": [int(c) for c in frame.index],
+                "loss_curve_every_100": [round(float(x), 3) for x in runs[name].loss.values[::100]],
+                **{f"{m}_per_checkpoint": [round(float(x), 3) for x in frame[m]] for m in frame.columns},
+            }
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    plot_runs(runs, "induction_score", out / "clamp_induction_score.png", "induction-2l recipe: induction head L1.H0")
+    plot_runs(runs, "eval_loss", out / "clamp_eval_loss.png", "induction-2l recipe: loss on repeated tokens")
+    normal = runs["normal"].loss.values
+    level = float((normal[:20].mean() + normal[-100:].mean()) / 2)
+    for name, run in runs.items():
+        emit(
+            {
+                "part": "clamp-verdict",
+                "condition": name,
+                "phase_change_level": level,
+                "final_loss": float(run.loss.values[-100:].mean()),
+                "above_phase_change_level": bool(float(run.loss.values[-100:].mean()) > level),
+            }
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON line per row")
@@ -221,6 +348,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     parser.add_argument("--out", default="benchmarks/out/diagnostics", help="where PNGs and results go")
+    parser.add_argument("--clamp-steps", type=int, default=1500, help="training steps per clamp condition")
+    parser.add_argument("--clamp-every", type=int, default=100, help="checkpoint interval of the clamp runs")
     args = parser.parse_args()
     check_repeats_and_threads(parser, args)
     check_parts(parser, args, PARTS)
@@ -234,6 +363,8 @@ def main() -> None:
         top_heads_rows(emit)
     if "lens" in args.parts and smollm2 is not None:
         lens_rows(smollm2, args.repeats, out, emit)
+    if "clamp" in args.parts:
+        clamp_rows(args.clamp_steps, args.clamp_every, out, emit)
     if not args.json:
         for row in emit.rows:
             print(row)

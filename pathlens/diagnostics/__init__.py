@@ -5,7 +5,9 @@
 - `lens`: the logit lens (`logit_lens` → `Lens`), every layer read through `Model.unembed`;
 - `commitment`: the layer after which a prompt's prediction is settled (`commitment` → `Commitment`);
 - `heads`: previous-token, duplicate-token, induction, prefix-matching and pattern scores of every head;
-- `massive`: massive activations over a corpus (`scan` → `MassiveScan`) and the zero / mean intervention test.
+- `massive`: massive activations over a corpus (`scan` → `MassiveScan`) and the zero / mean intervention test;
+- `training`: interventions held during training (`train` → `Training`; clamp patterns with `previous_token_pattern`,
+  `uniform_pattern`).
 """
 
 from pathlens.diagnostics import heads
@@ -13,11 +15,13 @@ from pathlens.diagnostics.commitment import Commitment, commitment
 from pathlens.diagnostics.dla import frozen_final_norm, head_logit_attribution, logit_direction
 from pathlens.diagnostics.lens import Lens, logit_lens
 from pathlens.diagnostics.massive import MassiveScan, intervention_test, scan
+from pathlens.diagnostics.training import Training, train
 
 __all__ = [
     "Commitment",
     "Lens",
     "MassiveScan",
+    "Training",
     "commitment",
     "frozen_final_norm",
     "head_logit_attribution",
@@ -26,4 +30,5 @@ __all__ = [
     "logit_direction",
     "logit_lens",
     "scan",
+    "train",
 ]
