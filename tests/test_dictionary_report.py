@@ -72,6 +72,7 @@ def test_study_writes_dictionaries_cards_and_pages(tmp_path: Path) -> None:
     for card in cards + tc:
         saved = json.loads((out / f"{card.name}.card.json").read_text())
         assert saved["fve"] == card.fve and saved["width"] == 64
+        assert json.loads((out / f"{card.name}.contexts.json").read_text())
         page = (out / card.name / "index.html").read_text()
         assert "Evaluation card" in page and "data:image/png;base64," in page
         assert (out / card.name / "density.png").read_bytes()[:4] == b"\x89PNG"

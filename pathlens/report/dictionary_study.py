@@ -5,7 +5,8 @@ The store's last `heldout` windows are held out: training reads the rows of the 
 window's first position left out), the evaluation card and the top-activating contexts run the model on the
 held-out windows. Several dictionaries (one per kind in `kinds`) train from the same batches — one read of the
 store for all of them. Written to `out/`, per dictionary `<name>`: `<name>.safetensors` + `<name>.json` (the
-dictionary), `<name>.card.json` (its evaluation card) and `<name>/index.html` + `density.png` (its page); and
+dictionary), `<name>.card.json` (its evaluation card), `<name>.contexts.json` (the shown latents' top contexts as
+text, the peak token in [[ ]]) and `<name>/index.html` + `density.png` (its page); and
 `cards.json`, every card together.
 """
 
@@ -117,6 +118,8 @@ def dictionary_study(
             top=settings.contexts,
         )
         write_text(folder / f"{name}.card.json", json.dumps(card.as_dict(), indent=2) + "\n")
+        shown_contexts = {str(i): [{"text": str(c), "value": c.value} for c in cs] for i, cs in contexts.items()}
+        write_text(folder / f"{name}.contexts.json", json.dumps(shown_contexts, indent=2, ensure_ascii=False) + "\n")
         shown: dict[str, Any] = {**trainer.dictionary.config.meta, "last_log": log[-1] if log else {}}
         write_dictionary_page(folder / name, card, contexts, title=f"{name} on {model.name}", meta=shown)
         cards.append(card)
