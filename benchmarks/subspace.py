@@ -59,6 +59,7 @@ def ioi_tables(model: Model, args: argparse.Namespace, emit: Emitter) -> None:
     resid_layer = int(args.resid_site.split(".")[0][1:])
     heads = important_heads(model, test.rows(list(range(min(40, test.n)))), resid_layer, 3)
     emit({"part": "ioi", "what": "setup", "clean_accuracy_test": _clean_accuracy(model, test), "heads": heads})
+    combined = ["| direction | intervention | acc | LD | FLDD % |", "|---|---|---|---|---|"]
     for site in (args.mlp_site, args.resid_site):
         for finder in args.finders.split(","):
             start = time.perf_counter()
@@ -70,6 +71,10 @@ def ioi_tables(model: Model, args: argparse.Namespace, emit: Emitter) -> None:
             print(f"\n{finder} at {site} (found in {found:.0f} s; readers {report.decomposition['readers']})")
             print(report.table())
             print(f"illusion flag: {report.illusion} {report.conditions}")
+            for r in report.rows[0 if not combined[2:] else 1 :]:
+                acc = "—" if r["intervention"] == "clean" else f"{r['accuracy']:.3f}"
+                row = f"| {finder} {site} | {r['intervention']} | {acc} | {r['logit_diff']:.3f} | {r['fldd']:.2f} |"
+                combined.append(row)
             emit(
                 {
                     "part": "ioi",
@@ -83,6 +88,8 @@ def ioi_tables(model: Model, args: argparse.Namespace, emit: Emitter) -> None:
                     "final_loss": sub.meta.get("loss_per_epoch", [None])[-1],
                 }
             )
+    print("\nAll directions on the held-out pairs (the paper's layout):")
+    print("\n".join(combined))
 
 
 def pyvene_dry_run() -> str:
