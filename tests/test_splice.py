@@ -255,3 +255,21 @@ def test_node_circuit_mixes_heads_mlps_and_latents_and_its_faithfulness_is_exact
     meta = circuit.meta
     assert (m - meta["empty"]) / (meta["full"] - meta["empty"]) == pytest.approx(circuit.faithfulness, abs=1e-5)
     assert set(circuit.effects) == set(nodes) and "L1.sae.err" in str(full)
+
+
+def test_other_estimators_run_on_latents_and_edge_methods_see_a_transparent_splice() -> None:
+    """IG with one step is AtP on latents; AtP* with GradDrop runs on them; edge attribution inside a splice
+    equals edge attribution without it (the splice changes no value and no upstream gradient)."""
+    model = tiny_model("llama", weight_scale=3.0)
+    task = padded_task()
+    outside = pathlens.edge_attribution(model, task)
+    with model.splice(_sae(), "L1.resid_pre"):
+        sites = [*latent_sites(model, "L1.sae", [0, 3, 7]), "L1.sae.err"]
+        ig = pathlens.integrated_gradients(model, task, sites=sites, steps=1)
+        first = pathlens.atp(model, task, sites=sites)
+        torch.testing.assert_close(ig.values, first.values, atol=1e-5, rtol=0)
+        star = pathlens.atp_star(model, task, sites=sites, grad_drop=True)
+        assert star.values.shape == first.values.shape and bool(torch.isfinite(star.values).all())
+        inside = pathlens.edge_attribution(model, task)
+    both = torch.isfinite(outside.scores)
+    torch.testing.assert_close(inside.scores[both], outside.scores[both], atol=1e-5, rtol=1e-4)
