@@ -96,9 +96,27 @@ def similarity(
     dd = d.double()
     if error_measure == "mul":
         return torch.einsum("bqhk,bqk->bh", a, dd * keep) / a.sum(dim=(1, 3))
-    diff = (attention.double() - dd[:, :, None, :]).abs() * keep[:, :, None, :]  # (b, q, H, k)
-    raw = diff.sum(dim=(1, 3)) / n[:, None]  # (b, H): mean|A − D| · n
-    return 1.0 - torch.round(raw * 1000.0) / 1000.0
+    return _abs_scores(attention, d, n.long().tolist(), exclude_bos, exclude_current_token)
+
+
+def _abs_scores(
+    attention: Tensor, detection: Tensor, lengths: list[int], exclude_bos: bool, exclude_current_token: bool
+) -> Tensor:
+    """The "abs" score per prompt and head, computed the way TransformerLens does it — in the pattern's own dtype,
+    one (n, n) matrix at a time, then Python's round to 3 decimals — so that a score sitting on a rounding boundary
+    rounds the same way (a float64 sum would flip some of them by 0.001)."""
+    b, heads = attention.shape[0], attention.shape[2]
+    out = torch.zeros(b, heads, dtype=torch.float64)
+    for row, n in enumerate(lengths):
+        d = detection[row, :n, :n].to(attention.dtype)
+        for head in range(heads):
+            diff = (attention[row, :n, head, :n].contiguous() - d).abs()  # (n, n)
+            if exclude_bos:
+                diff[:, 0] = 0
+            if exclude_current_token:
+                diff.fill_diagonal_(0)
+            out[row, head] = 1 - round((diff.mean() * n).item(), 3)
+    return out
 
 
 # ---- detectors on a model --------------------------------------------------------------------------------------
