@@ -273,3 +273,26 @@ def test_other_estimators_run_on_latents_and_edge_methods_see_a_transparent_spli
         inside = pathlens.edge_attribution(model, task)
     both = torch.isfinite(outside.scores)
     torch.testing.assert_close(inside.scores[both], outside.scores[both], atol=1e-5, rtol=1e-4)
+
+
+def test_generation_through_a_splice_and_steering_a_latent_while_generating() -> None:
+    """Under hf.generate (key/value cache, one token per forward): a spliced dictionary that is only read leaves
+    the tokens unchanged and its cached latents cover the whole sequence; adding to a latent equals adding its
+    decoder row to the site."""
+    model = tiny_model("llama", weight_scale=3.0)
+    ids = token_batch(n=2, p=5)
+    sae = _sae()
+
+    def generate() -> torch.Tensor:
+        return model.hf.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    plain = generate()
+    with model.splice(sae, "L1.resid_post") as sp, model.session(cache=[sp.latents]) as session:
+        read = generate()
+    assert torch.equal(read, plain)
+    assert session.cache[sp.latents].shape == (2, 5 + 3, 24)  # the last new token is never run through the model
+    with model.splice(sae, "L1.resid_post"), model.session([Intervention("L1.sae.F2", Add(torch.tensor(3.0)))]):
+        steered = generate()
+    with model.session([Intervention("L1.resid_post", Add(feature_direction(sae, 2), 3.0))]):
+        by_hand = generate()
+    assert torch.equal(steered, by_hand)
