@@ -155,6 +155,8 @@ def test_steer_study_on_a_tiny_model_writes_its_files(tmp_path: object) -> None:
     for name in ("steer.json", "vector.safetensors", "vector.json", "generations.json", "dose_response.png"):
         assert (out / name).is_file(), name
     assert json.loads((out / "steer.json").read_text())["method"] == "pca"
+    # the word-level vocabulary maps most sentiment tokens to <unk> (dropped from both sets); the rest explain it
+    assert record["explanation"]["paths"][0]["nodes"][0] == "intervention:L1.resid_post"
     assert SteeringVector.load(out / "vector").normalize
     assert_untouched(model, before)
     with pytest.raises(PathlensError, match=r"layer of site L9.resid_post is 9"):

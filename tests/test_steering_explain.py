@@ -132,6 +132,25 @@ def test_the_edge_into_the_logits_is_exact_on_a_linear_tail() -> None:
     assert score == pytest.approx(exact, abs=1e-5), last
 
 
+def test_concept_tokens_drop_shared_ids_and_name_an_unusable_vocabulary() -> None:
+    from pathlens.steering.explain import concept_tokens
+    from tests.test_steering_finders import tiny_with_words
+
+    words = tiny_with_words()
+    positive, negative = concept_tokens(words, "sentiment")
+    unk = words.tokenizer.unk_token_id
+    assert unk not in positive and unk not in negative and positive and negative
+    with pytest.raises(PathlensError, match="share every token"):
+        concept_tokens(_OneToken(), "sentiment")
+
+
+class _OneToken:
+    """A stand-in model whose tokenizer maps every word to token 7."""
+
+    name = "one-token"
+    tokenizer = staticmethod(lambda text, add_special_tokens=False: {"input_ids": [7]})
+
+
 def test_explain_bad_inputs_are_named() -> None:
     model = tiny_model("gpt2")
     vec = _vector(model)

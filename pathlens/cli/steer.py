@@ -25,7 +25,9 @@ def print_steering(record: dict[str, Any], title: str) -> None:
         for key, text in example.items():
             console.print(f"[bold]{key}[/]: {text!r}", markup=True, highlight=False)
     explanation = record.get("explanation")
-    if explanation:
+    if explanation and "skipped" in explanation:
+        console.print(f"why it works: not computed ({explanation['skipped']})", highlight=False)
+    elif explanation:
         console.print(
             f"why it works: concept metric {explanation['unsteered_metric']:+.3f} unsteered → "
             f"{explanation['steered_metric']:+.3f} steered (scale {explanation['scale']:g}); strongest pathways:"

@@ -108,6 +108,8 @@ def _cost(rows: Sequence[Mapping[str, Any]], budget: Any) -> str:
 def _explanation(found: Mapping[str, Any] | None) -> str:
     if not found:
         return '<p class="caption">Not computed for this study.</p>'
+    if "skipped" in found:
+        return f'<p class="caption">Not computed: {esc(found["skipped"])}</p>'
     intro = (
         f"Concept metric: {found.get('metric')} at each prompt's last token, over {found.get('n_prompts')} neutral "
         f"prompts: {fmt(found.get('unsteered_metric'))} unsteered, {fmt(found.get('steered_metric'))} steered "

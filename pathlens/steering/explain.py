@@ -69,6 +69,26 @@ class TokenSetDifference:
         return f"TokenSetDifference({len(self.positive)} positive, {len(self.negative)} negative tokens)"
 
 
+def concept_tokens(model: Model, concept: str) -> tuple[list[int], list[int]]:
+    """A shipped concept's (positive, negative) token ids on `model`'s tokenizer (`CONCEPT_TOKENS`), without ids
+    both sets share (words a small vocabulary maps to one unknown token); an error naming the concept when a set
+    is left empty or the concept has no token sets."""
+    if concept not in CONCEPT_TOKENS:
+        raise PathlensError(
+            f"explain: no token sets for concept {concept!r} (known: {sorted(CONCEPT_TOKENS)}); pass "
+            "tokens=(positive, negative)."
+        )
+    positive, negative = (token_ids(model, words) for words in CONCEPT_TOKENS[concept])
+    shared = set(positive) & set(negative)
+    positive, negative = [t for t in positive if t not in shared], [t for t in negative if t not in shared]
+    if not positive or not negative:
+        raise PathlensError(
+            f"explain: the {concept} token sets share every token on {model.name}'s tokenizer (ids {sorted(shared)}); "
+            "pass tokens=(positive, negative) this tokenizer tells apart."
+        )
+    return positive, negative
+
+
 def concept_task(
     model: Model,
     prompts: Sequence[str] | Tensor,
@@ -188,12 +208,7 @@ def explain(
     """
     vector.check(model)
     if tokens is None:
-        if concept not in CONCEPT_TOKENS:
-            raise PathlensError(
-                f"explain: no token sets for concept {concept!r} (known: {sorted(CONCEPT_TOKENS)}); pass "
-                "tokens=(positive, negative)."
-            )
-        tokens = CONCEPT_TOKENS[concept]
+        tokens = concept_tokens(model, concept)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise PathlensError(f"explain: k must be a positive integer (paths to report), got {k!r}.")
     task = concept_task(model, neutral_prompts()[:n_prompts] if prompts is None else prompts, *tokens, name=concept)

@@ -241,7 +241,7 @@ def steer_study(
     measured on `heldout` (default: the shipped held-out neutral text). Writes
     `vector.safetensors`/`.json`, the sweep's files and `steer.json` (the record returned) into `out`."""
     from pathlens.steering.data import contrast
-    from pathlens.steering.explain import CONCEPT_TOKENS, explain
+    from pathlens.steering.explain import CONCEPT_TOKENS, concept_tokens, explain
     from pathlens.steering.finders import find
 
     data = contrast(concept)
@@ -279,10 +279,15 @@ def steer_study(
     explanation: dict[str, Any] | None = None
     files = {k: str(v) for k, v in result.files.items()}
     if explain_vector and concept in CONCEPT_TOKENS and strongest[1] > 0:
-        why = explain(model, vec, scale=strongest[1], concept=concept, n_prompts=explain_prompts)
-        why.graph.save(folder / "explanation_graph")
-        files["explanation_graph"] = str(folder / "explanation_graph.safetensors")
-        explanation = why.summary()
+        try:
+            tokens = concept_tokens(model, concept)
+        except PathlensError as err:  # a tokenizer that cannot tell the concept's words apart: say so, go on
+            explanation = {"skipped": str(err)}
+        else:
+            why = explain(model, vec, scale=strongest[1], tokens=tokens, concept=concept, n_prompts=explain_prompts)
+            why.graph.save(folder / "explanation_graph")
+            files["explanation_graph"] = str(folder / "explanation_graph.safetensors")
+            explanation = why.summary()
     record = {
         **result.summary,
         "concept": concept,
