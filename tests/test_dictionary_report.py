@@ -14,7 +14,7 @@ from pathlens.features.evaluate import evaluate
 from pathlens.features.sae import Dictionary, DictionaryConfig
 from pathlens.features.splice import splice
 from pathlens.features.store import collect
-from pathlens.features.train import on_the_fly, store_batches
+from pathlens.features.train import Trainer, on_the_fly, store_batches, train
 from pathlens.report.dictionary_page import render_dictionary_page
 from pathlens.report.dictionary_study import StudySettings, dictionary_study
 from tests.helpers import VOCAB, assert_untouched, snapshot, tiny_model
@@ -136,3 +136,12 @@ def test_cli_trains_an_sae_and_a_transcoder_from_a_store(tmp_path: Path) -> None
         app, ["features", "sae", *common[:2], "--store", str(tmp_path / "none")], terminal_width=300
     )
     assert missing.exit_code == 2 and "activation store" in " ".join(missing.output.split())
+
+
+def test_train_reads_the_stores_own_loader(tmp_path: Path) -> None:
+    """`train` takes any stream of {site: rows} batches: the activation store's shuffled DataLoader included."""
+    _, store, _ = _store(tmp_path)
+    trainer = Trainer(Dictionary(DictionaryConfig("topk", 32, 16, k=2)), "L1.resid_pre")
+    loader = store.loader(["L1.resid_pre"], batch_size=16, seed=0)
+    train([trainer], loader)
+    assert trainer.steps == len(loader.dataset) and trainer.tokens == store.n_rows
