@@ -143,7 +143,7 @@ def test_contexts_and_promoted_tokens(tmp_path: Path) -> None:
     values = [c.activation for c in contexts]
     assert values == sorted(values, reverse=True) and values[0] == pytest.approx(float(result.G[:, 2].max()))
     for c in contexts:
-        assert c.token == f"t{int(ids[c.window, c.position])} " and c.position >= 1  # BOS left out of the store
+        assert c.token == f"t{int(ids[c.window, c.position])} " and c.position >= 1  # position 0 left out of the store
     # promoted tokens by hand: z through GPT-2's c_proj (Conv1D: x @ W, no bias), ln_f, lm_head
     z = result.F[:, 1]
     hf = model.hf
@@ -225,7 +225,7 @@ def test_cli_store_then_snmf(tmp_path: Path, smollm2: Any) -> None:
          "--corpus", str(text), "--out", str(store_dir)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "stored 512 rows" in result.output
+    assert "stored 496 rows" in result.output  # 16 windows of 32 tokens, each without its first position
     manifest = json.loads((store_dir / "manifest.json").read_text())
     assert manifest["sites"] == ["L2.mlp_post"] and manifest["model"]["name"] == "smollm2"
     result = runner.invoke(

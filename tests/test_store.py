@@ -47,7 +47,7 @@ def test_rows_equal_a_cached_run_and_model_untouched(tmp_path: Path) -> None:
     store = collect(model, SITES, wins, tmp_path, batch_size=BATCH, max_bytes=BUDGET)
     assert_untouched(model, before)
     assert store.complete and store.manifest["n_shards"] == 6 and store.manifest["shard_windows"] == 4
-    assert store.n_rows == N_WINDOWS * (CONTEXT - 1)  # BOS position left out
+    assert store.n_rows == N_WINDOWS * (CONTEXT - 1)  # the first position (BOS here) left out
     reference = model.run(wins.ids, cache=SITES).cache
     for site in SITES:
         expected = reference[site][:, 1:].reshape(-1, store.widths[site])
@@ -80,13 +80,20 @@ def test_stop_early_and_stream_give_the_same_values(tmp_path: Path) -> None:
     full = collect(model, ["L0.attn_out"], ids, tmp_path / "b", batch_size=BATCH, max_bytes=BUDGET, stop_early=False)
     assert store_files(tmp_path / "a") == store_files(tmp_path / "b")
     before = snapshot(model)
-    batches = stream(model, ["L0.attn_out"], ids, batch_size=BATCH)
+    batches = stream(model, ["L0.attn_out"], ids, batch_size=BATCH, skip_first=True)
     first = next(batches)
     assert_untouched(model, before)  # no hook outlives a batch, even with the stream half read
     model.run(ids[:2])  # a forward of its own runs to the end
     flying = torch.cat([first["L0.attn_out"], *(b["L0.attn_out"] for b in batches)])
     assert torch.equal(flying, early.rows("L0.attn_out"))
-    assert full.n_rows == N_WINDOWS * CONTEXT
+    assert full.n_rows == N_WINDOWS * (CONTEXT - 1)
+    every = collect(model, ["L0.attn_out"], ids, tmp_path / "c", batch_size=BATCH, max_bytes=BUDGET, skip_first=False)
+    reference = model.run(ids, cache=["L0.attn_out"]).cache["L0.attn_out"]  # (n, P, d)
+    torch.testing.assert_close(every.rows("L0.attn_out"), reference.reshape(-1, 32), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(early.rows("L0.attn_out"), reference[:, 1:].reshape(-1, 32), atol=1e-6, rtol=1e-5)
+    assert every.origin(torch.tensor([0, CONTEXT]))[1].tolist() == [0, 0]
+    assert len(next(stream(model, "L0.attn_out", ids, batch_size=2))["L0.attn_out"]) == 2 * CONTEXT  # no BOS: kept
+    assert len(next(stream(model, "L0.attn_out", with_bos(ids), batch_size=2))["L0.attn_out"]) == 2 * (CONTEXT - 1)
 
 
 def test_bfloat16_store_and_progress(tmp_path: Path) -> None:
@@ -160,6 +167,8 @@ def test_resume_refuses_another_model_site_or_dtype(tmp_path: Path) -> None:
         collect(model, SITES, window_ids(seed=5), tmp_path, batch_size=BATCH, max_bytes=BUDGET)
     with pytest.raises(PathlensError, match="another out= folder"):
         collect(model, SITES, window_ids(), tmp_path, batch_size=2, max_bytes=BUDGET)
+    with pytest.raises(PathlensError, match="different skip_first"):
+        collect(model, SITES, window_ids(), tmp_path, batch_size=BATCH, max_bytes=BUDGET, skip_first=False)
 
 
 def test_check_refuses_another_model_or_a_missing_site(tmp_path: Path) -> None:

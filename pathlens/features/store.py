@@ -3,8 +3,10 @@
 Collect (`collect(model, sites, source, out)`): the corpus's context windows (`pathlens.features.corpus`) run
 through the model in batches of `batch_size` windows, one forward per batch for all sites, read through a
 `HookSession` (the one hook mechanism). The forward stops once the last requested block has run (`stop_early`):
-nothing after it is needed. Rows — one per token, in window order; the BOS position is left out when the windows
-start with BOS (`exclude_bos`) — are gathered into shards of `shard_windows` windows.
+nothing after it is needed. Rows — one per token, in window order — are gathered into shards of `shard_windows`
+windows. The first position of every window is left out (`skip_first`, on by default): with a BOS token it holds
+no text, and without one (SmolLM2) it is the attention sink, whose residual stream is ~150 times the norm of the
+others (SmolLM2 L12.resid_post: 23,000 vs 140) and would dominate any dictionary trained on the rows.
 
 On disk, in `out/`:
 
@@ -86,20 +88,20 @@ def stream(
     *,
     batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
-    exclude_bos: bool = True,
+    skip_first: bool | None = None,
     stop_early: bool = True,
     start: int = 0,
     stop: int | None = None,
 ) -> Iterator[dict[str, Tensor]]:
     """Activations of `sites` over windows [start, stop) of `source`, one batch of `batch_size` windows at a time:
-    {site: (rows, width)} with rows = windows × positions (BOS left out if `exclude_bos` and the windows have it),
-    flattened in window order. Nothing touches disk; one forward per batch reads every site, stopped after the last
-    block a site lives in (`stop_early`). The hooks exist only during each batch's forward, so a partly consumed
-    stream leaves the model as it was."""
+    {site: (rows, width)} with rows = windows × positions, flattened in window order. `skip_first` leaves out each
+    window's position 0 (None: only when the windows start with BOS). Nothing touches disk; one forward per batch
+    reads every site, stopped after the last block a site lives in (`stop_early`). The hooks exist only during each
+    batch's forward, so a partly consumed stream leaves the model as it was."""
     names = _site_names(model, sites)
     ids, bos = _ids_and_bos(source)
     _check_batch(batch_size)
-    skip = int(bos and exclude_bos)
+    skip = int(bos if skip_first is None else skip_first)
     stop = len(ids) if stop is None else stop
     reads = [parse_site(s) for s in names]
     hooks = _stop_hooks(model, names) if stop_early else []
@@ -175,7 +177,7 @@ def collect(
     batch_size: int = 8,
     max_bytes: int = DEFAULT_MAX_BYTES,
     dtype: torch.dtype | str = torch.float32,
-    exclude_bos: bool = True,
+    skip_first: bool = True,
     stop_early: bool = True,
     progress: Progress | None = None,
 ) -> "ActivationStore":
@@ -192,7 +194,7 @@ def collect(
         wins = Windows.of_ids(source)
     else:
         wins = source if isinstance(source, Windows) else windows(source, model.tokenizer, context, n_tokens, seed)
-    skip = int(wins.bos and exclude_bos)
+    skip = int(skip_first)
     per_row = _probe_widths(model, names, wins.ids[:1, :2], torch_dtype)
     widths = dict(per_row)
     row_bytes = sum(widths.values()) * torch_dtype.itemsize
@@ -206,7 +208,7 @@ def collect(
         "dtype": _dtype_name(torch_dtype),
         "corpus": wins.describe(),
         "context": wins.context,
-        "exclude_bos": bool(skip),
+        "skip_first": bool(skip),
         "rows_per_window": wins.context - skip,
         "batch_windows": batch_size,
         "shard_windows": shard_windows,
@@ -239,7 +241,7 @@ def collect(
             wins,
             batch_size=batch_size,
             dtype=torch_dtype,
-            exclude_bos=exclude_bos,
+            skip_first=bool(skip),
             stop_early=stop_early,
             start=first,
             stop=last,
@@ -308,7 +310,7 @@ _IDENTITY = (
     ("sites", "sites"),
     ("dtype", "dtype"),
     ("corpus", "corpus windows"),
-    ("exclude_bos", "exclude_bos"),
+    ("skip_first", "skip_first"),
     ("batch_windows", "batch size"),
     ("shard_windows", "shard size (set by max_bytes)"),
 )
@@ -502,9 +504,9 @@ class ActivationStore:
         return safetensors.torch.load((self.path / WINDOWS_FILE).read_bytes())["ids"]
 
     def origin(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """(window, position) of each store row index in `rows` (positions count the BOS token if there is one)."""
+        """(window, position) of each store row index in `rows`: positions in the window (0 is the first token)."""
         per = int(self.manifest["rows_per_window"])
-        skip = int(self.manifest["exclude_bos"])
+        skip = int(self.manifest["context"]) - per
         starts = torch.tensor([0] + [entry["rows"] for entry in self.manifest["shards"]]).cumsum(0)
         firsts = torch.tensor([entry["first_window"] for entry in self.manifest["shards"]])
         shard = torch.searchsorted(starts[1:], rows, right=True)
