@@ -142,7 +142,12 @@ class IllusionReport:
         values = [r["fldd"] for r in shown]
         bars = ax.bar(names, values, color=["#888888", "#c0392b", "#2874a6", "#7d3c98", "#aaaaaa"][: len(shown)])
         for bar, r in zip(bars, shown, strict=True):
-            ax.annotate(f"acc {r['accuracy']:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center")
+            ax.annotate(
+                f"acc {r['accuracy']:.2f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+            )
         for y in (self.thresholds.near_zero, -self.thresholds.near_zero, self.thresholds.large):
             ax.axhline(y, color="0.6", lw=0.8, ls="--")
         ax.set_ylabel("FLDD %")
