@@ -538,7 +538,8 @@ class StoreDataset(IterableDataset):
     over join the next buffer), so every row comes exactly once per epoch. Epoch e's order depends only on (seed,
     e); iterating again starts the next epoch (`epoch` says which comes next; set it to replay one).
 
-    Yields a (batch, width) tensor for one site given as a string, else {site: (batch, width)}."""
+    Yields a (batch, width) tensor for one site given as a string, else {site: (batch, width)}. Memory: about
+    twice `buffer_shards` shards (the buffer and its shuffled copy)."""
 
     def __init__(
         self,
