@@ -7,6 +7,9 @@ Parts:
   of W CPUs, for W = 1 and 2. Actors are started and their models built before timing (`startup_seconds`
   reports that cost once); runs are interleaved round by round; `identical` says whether the scores equal the
   local ones bit for bit. Targets: speedup ≥ 1.6 with 2 workers, ≤ 1.10× the local time with 1.
+- half: SmolLM2 loaded in fp32 and in bf16 (`pathlens.load("smollm2", dtype=...)`), 8 IOI prompts: the head
+  sweep (`patch`, every head, all positions) and AtP over heads; each row gives the Pearson correlation of the
+  bf16 scores with the fp32 ones (target ≥ 0.99), the largest difference and both run times.
 
 Run `python benchmarks/scale.py --json` for one JSON line per row (keys `workload`, `workers`, `seconds`,
 `local_seconds`, `speedup_vs_local`, `identical`, ...).
@@ -40,7 +43,8 @@ from benchmarks.common import (
 )
 from pathlens.distributed import ModelSpec, RayExecutor
 
-PARTS = ("ray",)
+PARTS = ("ray", "half")
+CORRELATION_TARGET = 0.99
 RAY_WORKLOAD = "gpt2-heads"
 SPEEDUP_TARGET = 1.6
 ONE_WORKER_TARGET = 1.10
@@ -103,6 +107,46 @@ def run_ray(args: argparse.Namespace, emit: Emitter) -> list[str]:
     return missed
 
 
+def run_half(args: argparse.Namespace, emit: Emitter) -> list[str]:
+    """The half part: bf16 SmolLM2 against fp32 for patching and AtP; returns the missed targets."""
+    from pathlens.tasks import ioi
+
+    set_threads(args.threads)
+    models = {dtype: pathlens.load("smollm2", dtype=dtype, device=args.device) for dtype in ("float32", "bfloat16")}
+    task = ioi(models["float32"].tokenizer, n=8, seed=0)
+    engines = {
+        "patch": lambda m: pathlens.patch(m, task, sites="heads", progress=False),
+        "atp": lambda m: pathlens.atp(m, task, sites="heads"),
+    }
+    missed = []
+    for engine, run in engines.items():
+        scores, seconds = {}, {}
+        for dtype, model in models.items():
+            start = time.perf_counter()
+            scores[dtype] = run(model).values.flatten().double()
+            seconds[dtype] = time.perf_counter() - start
+        pair = torch.stack([scores["float32"], scores["bfloat16"]])
+        corr = float(torch.corrcoef(pair)[0, 1])
+        met = corr >= CORRELATION_TARGET
+        emit(
+            {
+                "part": "half",
+                "workload": "smollm2-ioi8-heads",
+                "engine": engine,
+                "dtype": "bfloat16",
+                "correlation_vs_fp32": round(corr, 5),
+                "max_abs_diff": round(float((pair[0] - pair[1]).abs().max()), 5),
+                "fp32_scale": round(float(pair[0].abs().max()), 5),
+                "seconds": round(seconds["bfloat16"], 2),
+                "fp32_seconds": round(seconds["float32"], 2),
+                "met": met,
+            }
+        )
+        if not met:
+            missed.append(f"half {engine}: correlation {corr:.4f} (target {CORRELATION_TARGET})")
+    return missed
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     """The rows as a plain table (without --json)."""
     for row in rows:
@@ -117,6 +161,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the non-Ray parts (0: default)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts: {', '.join(PARTS)}")
     parser.add_argument("--workers", default="1,2", help="comma list of Ray worker counts (ray part)")
+    parser.add_argument("--device", default="cpu", help="torch device of the non-Ray parts (e.g. cuda)")
     args = parser.parse_args(argv)
     check_parts(parser, args, PARTS)
     check_repeats_and_threads(parser, args)
@@ -132,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     missed: list[str] = []
     if "ray" in args.parts:
         missed += run_ray(args, emit)
-    set_threads(args.threads)
+    if "half" in args.parts:
+        missed += run_half(args, emit)
     if not args.json:
         print_table(emit.rows)
     for problem in missed:
