@@ -54,8 +54,9 @@ def _exact(model, task, vec: SteeringVector, kind: str) -> torch.Tensor:
     return torch.tensor(out)
 
 
-def test_scores_track_exact_patching_of_steered_activations_and_model_untouched() -> None:
-    model = tiny_model("llama", weight_scale=2.0)
+@pytest.mark.parametrize("family", ["llama", "gemma3", "neox_parallel"])
+def test_scores_track_exact_patching_of_steered_activations_and_model_untouched(family: str) -> None:
+    model = tiny_model(family, weight_scale=2.0)
     ids = token_batch(n=4, p=7)
     vec = _vector(model, size=0.3)
     before = snapshot(model)
