@@ -263,3 +263,17 @@ def test_bad_inputs_are_named() -> None:
         WeightedSteering(steering.controller, SteeringVector({"L0.resid_post": torch.ones(32)}), steering.read_sites)
     with pytest.raises(PathlensError, match="alpha must be a finite number"):
         steering.with_(alpha=float("inf"))
+
+
+def test_the_learned_study_writes_a_record_on_smollm2(smollm2: Model, tmp_path: Path) -> None:
+    """`pathlens steer --method controller` on the real model, at its smallest: rows per α, generations, the
+    trained controller saved; KL 0 at the unsteered row, finite elsewhere."""
+    from pathlens.steering.learned.study_controller import learned_study
+
+    before = snapshot(smollm2)
+    record = learned_study(smollm2, "sentiment", "controller", tmp_path, scales=[0.04], n_prompts=2, max_new_tokens=3)
+    assert [row["scale"] for row in record["rows"]] == [0.0, 0.04]
+    assert record["rows"][0]["kl"] == 0.0 and record["rows"][1]["kl"] > 0.0
+    assert (tmp_path / "steer.json").is_file() and (tmp_path / "controller.safetensors").is_file()
+    assert WeightedSteering.load(tmp_path / "controller").sites == [f"L{i}.resid_post" for i in range(30)]
+    assert_untouched(smollm2, before)

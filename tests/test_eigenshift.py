@@ -10,6 +10,8 @@ bit-identical after every apply, including one that raised.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor
@@ -175,3 +177,21 @@ def test_bad_inputs_are_named() -> None:
     narrow = EigenShift(torch.eye(16)[:, :2], 0.0, (0, 1), unembedding_site(model))
     with pytest.raises(PathlensError, match="directions have 16 entries"):
         narrow.edited(model)
+
+
+def test_copy_equals_op_and_the_study_runs_on_smollm2(smollm2: Model, tmp_path: Path) -> None:
+    """The real model (tied 49152×576 unembedding): the copy's logits equal the run-time op's within 1e-4."""
+    from pathlens.steering.learned.study_controller import learned_study
+
+    before = snapshot(smollm2)
+    ids, mask = smollm2.tokenize(["The library opens at nine.", "A stone bridge connects the town."])
+    shift = eigenshift(smollm2, ["It was terrible and awful."], ["It was wonderful and lovely."], k=16, beta=0.0)
+    with shift.applied(smollm2):
+        live = smollm2.hf(input_ids=ids, attention_mask=mask).logits
+    copied = shift.edited(smollm2).run(ids, attention_mask=mask).logits
+    torch.testing.assert_close(copied[mask.bool()], live[mask.bool()], atol=1e-4, rtol=0)
+    assert_untouched(smollm2, before)
+    record = learned_study(smollm2, "sentiment", "eigenshift", tmp_path, scales=[0.0], n_prompts=1, max_new_tokens=3)
+    assert [row["scale"] for row in record["rows"]] == [1.0, 0.0]
+    assert record["rows"][1]["ppl_increase"] != 0.0
+    assert_untouched(smollm2, before)
