@@ -4,7 +4,8 @@ Parts (`--parts`, comma list; each is a function of `PARTS` yielding JSON rows, 
 theirs there):
 - store: collect one site (`--site`, default L6.mlp_post) over `--tokens` tokens of the default corpus into a
   fresh store (safetensors shards, checksums, manifest), against the floor: a plain forward of the whole model
-  (`model.hf(ids)` under no_grad, no hooks) over the same windows in the same batches, timed in the same run,
+  (`model.hf(ids, use_cache=False)` under no_grad, no hooks, no key/value cache built) over the same windows in
+  the same batches, timed in the same run,
   interleaved. Two rows: `store` (the default, which stops the forward after the site's block) and
   `store-full-forward` (stop_early=False: the whole model runs, so the ratio is the cost of reading, copying
   and writing). Target: ratio_vs_floor ≥ 0.85.
@@ -77,7 +78,7 @@ class Workload:
         ids, size = self.windows.ids, self.args.batch_size
         with torch.no_grad():
             for first in range(0, len(ids), size):
-                self.model.hf(input_ids=ids[first : first + size])
+                self.model.hf(input_ids=ids[first : first + size], use_cache=False)
 
 
 def store_rows(work: Workload) -> Iterator[Row]:
