@@ -32,7 +32,9 @@ from torch import Tensor
 
 from pathlens.errors import PathlensError
 from pathlens.interventions import Ablate, Intervention, Op, Project, Replace
+from pathlens.memory import parse_bytes
 from pathlens.model import Model, Run
+from pathlens.patching.budget import sweep_cost
 from pathlens.patching.checkpoint import SWEEP_VERSION, Checkpoint, task_digest, weights_digest
 from pathlens.patching.cone import ConePatch, ConeRunner, cone_start
 from pathlens.patching.executor import Executor, resolved_executor, tensor_fingerprint
@@ -127,7 +129,7 @@ def patch(
     metric: Metric | None = None,
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    max_batch_tokens: int | None = None,
     out: "str | os.PathLike[str] | None" = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -137,6 +139,7 @@ def patch(
     prefilter: Prefilter = "atp*",
     executor: "str | Executor | None" = None,
     subspace: "Tensor | None" = None,
+    max_memory: int | str | None = None,
 ) -> Scores:
     """Patch (or ablate) every site of `sites` at `positions`; return the patched metric per cell as Scores.
 
@@ -147,7 +150,10 @@ def patch(
         discovery and faithfulness patch) or "denoise" (corrupted run, clean activation patched in).
     ablation: "zero" | "mean" | "resample" to ablate on the clean prompts instead of patching.
     metric: per-prompt metric (logits, task) -> (N,); it sees logits (N, 1, V) at the scored positions.
-    layers: restrict a group to these layers. max_batch_tokens: the most tokens one patched forward holds.
+    layers: restrict a group to these layers. max_batch_tokens: the most tokens one patched forward holds
+        (default `DEFAULT_MAX_BATCH_TOKENS`). max_memory: instead, the bytes the sweep may hold (an int or a string
+        such as "2GB"): its chunk size follows from the sweep's per-token cost (`patching.budget`); a budget that
+        cannot hold one row raises, naming the least it needs.
     out: folder for resumable progress: a re-run with the same model weights, task, metric and arguments resumes;
         one that differs in any of them raises saying which (see `patching.checkpoint`). Checked to be a
         writable folder before any forward. overwrite: discard the progress saved in `out` and start over.
@@ -167,6 +173,7 @@ def patch(
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons, subspace).resolve(model, task)
     if setup.spec.subspace is not None and (ablation is not None or top_k is not None):
         raise PathlensError("subspace= patches toward the source run; it takes neither ablation= nor top_k=.")
+    max_batch_tokens = _token_budget(setup, max_batch_tokens, max_memory)
     _check_options(ablation, max_batch_tokens, top_k, out, prefilter)
     if top_k is not None and executor not in (None, "local"):
         raise PathlensError("top_k= runs in this process (a verified top-k run is short); drop executor=.")
@@ -179,6 +186,7 @@ def patch(
         "cone": cone,
         "seed": seed,
         "positions": positions if isinstance(positions, str) else [int(p) for p in positions],
+        **({"max_memory": parse_bytes(max_memory)} if max_memory is not None else {}),
     }
     if setup.spec.subspace is not None:
         settings["subspace"] = tensor_fingerprint(setup.spec.subspace)
@@ -219,6 +227,19 @@ def patch(
         progress,
     )
     return _assemble(sweep, state.values, settings, {"top_k": top_k, "prefilter": prefilter, "verified": len(verified)})
+
+
+def _token_budget(setup: ResolvedSpec, max_batch_tokens: int | None, max_memory: int | str | None) -> int:
+    """The chunk size in tokens: `max_batch_tokens`, or what `max_memory` allows (`patching.budget`)."""
+    if max_memory is None:
+        return DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
+    if max_batch_tokens is not None:
+        raise PathlensError("pass max_memory= (bytes) or max_batch_tokens= (tokens per forward), not both.")
+    task, variants = setup.task, setup.plan.variants
+    through_z = setup.spec.subspace is None
+    families = {executed_variant(v, 0, task.seq_len, through_z).site.family for v in variants}
+    cost = sweep_cost(setup.model, task.n, task.seq_len, families, len(variants))
+    return cost.tokens_for(parse_bytes(max_memory))
 
 
 def _check_options(
@@ -442,6 +463,7 @@ def _assemble(
             base_metric=base_metric,
             cone=settings["cone"],
             max_batch_tokens=settings["max_batch_tokens"],
+            **({"max_memory": settings["max_memory"]} if "max_memory" in settings else {}),
             **(verification or {}),
         ),
         pos_labels=pos_labels,

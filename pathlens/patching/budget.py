@@ -1,0 +1,105 @@
+"""What a patching sweep costs in memory, from the model's shapes: the chunk size a `max_memory=` budget allows.
+
+A sweep holds, for its whole life, the base runs' state (`fixed`): the cone runner's block inputs and key/value
+cache for every layer, the source run's cache of every patched site family, the logits at the scored positions
+and the per-row results. Each chunk then adds, per token it runs (`per_token`), what one block call keeps alive
+at its peak — hidden states and norms (≈ 6·d_model), queries/keys/values and head outputs with their rotary copies
+(2·(2H + 2G)·d_head), attention scores and probabilities against every key (2·H·P), the MLP's hidden layer
+(3·d_mlp) — plus, per row, the key/value cache of the prefix for every layer after the cone's start (at most
+2·G·d_head·2P per layer) and the logits with the metric's temporaries (3·V). The per-token figure is the worst
+over cone starts (a one-position cone pays a row's whole prefix cache for one token), so every chunk fits. The
+base runs (one forward of all N·P tokens) must fit too.
+
+`sweep_cost(...).tokens_for(budget)` is the `max_batch_tokens` a budget allows; the sweep then chunks exactly as
+with that token count. These are estimates from shapes: `pathlens.memory.TensorPeak` measures the real peak,
+and the tests check it stays under the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from pathlens.errors import PathlensError
+from pathlens.memory import megabytes
+from pathlens.model import Model
+from pathlens.sites import Site
+
+_HIDDEN_COPIES = 6  # block input, norm outputs, attention output, resid_mid, MLP output, block output
+_ROTARY_COPIES = 2  # q/k/v and head outputs, and their rotated or reshaped copies
+_SCORE_COPIES = 2  # attention scores and probabilities
+_MLP_COPIES = 3  # gate, up and activation (gated MLPs); in, activation and a temporary otherwise
+_LOGIT_COPIES = 3  # logits, and the metric's softmax / gathered temporaries
+
+
+@dataclass(frozen=True)
+class SweepCost:
+    """Bytes a sweep holds throughout (`fixed`), per token of a chunk at its worst cone start (`per_token`), and
+    at the peak of its base runs (`base_peak`, beyond `fixed`)."""
+
+    fixed: int
+    per_token: int
+    base_peak: int
+    seq_len: int
+
+    @property
+    def least(self) -> int:
+        """The smallest budget that runs the sweep: its fixed state plus the larger of the base runs and one row."""
+        return self.fixed + max(self.base_peak, self.per_token * self.seq_len)
+
+    def tokens_for(self, budget: int) -> int:
+        """The most tokens one chunk may hold under `budget` bytes; PathlensError if not even one row fits."""
+        if budget < self.least:
+            raise PathlensError(
+                f"max_memory={megabytes(budget)} MB is too small for one row of this sweep: it needs at least "
+                f"{megabytes(self.least)} MB ({megabytes(self.fixed)} MB of it the base runs' caches, which grow "
+                "with the number of prompts and their length); raise max_memory, or patch fewer prompts or sites."
+            )
+        return max(self.seq_len, (budget - self.fixed) // self.per_token)
+
+    def peak(self, max_batch_tokens: int) -> int:
+        """The estimated peak of a sweep whose chunks hold at most `max_batch_tokens` tokens."""
+        return self.fixed + max(self.base_peak, self.per_token * max(max_batch_tokens, self.seq_len))
+
+
+def site_width(model: Model, site: Site, seq_len: int) -> int:
+    """Values one (row, position) cell of a site family holds."""
+    a = model.arch
+    widths = {
+        "head_z": a.n_heads * a.d_head,
+        "head": a.n_heads * a.d_model,
+        "q": a.n_heads * a.d_head,
+        "k": a.n_kv_heads * a.d_head,
+        "v": a.n_kv_heads * a.d_head,
+        "mlp_post": a.d_mlp or 0,
+        "attn_pattern": a.n_heads * seq_len,
+    }
+    return widths.get(site.kind, a.d_model)
+
+
+def element_size(model: Model) -> int:
+    """Bytes per activation value: the model's floating dtype."""
+    dtype = next((p.dtype for p in model.hf.parameters() if p.is_floating_point()), torch.float32)
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def sweep_cost(model: Model, n: int, seq_len: int, families: Iterable[Site], n_variants: int) -> SweepCost:
+    """The memory cost of a sweep of `n_variants` variants of `n` prompts of `seq_len` tokens on `model`, patching
+    the site `families` (as the sweep executes them)."""
+    a = model.arch
+    e = element_size(model)
+    d, h, g, dh, layers = a.d_model, a.n_heads, a.n_kv_heads, a.d_head, a.n_layers
+    vocab = model.vocab_size
+    runner = layers * n * seq_len * (d + 2 * g * dh) + n * vocab + 2 * n * seq_len * dh
+    cached = sum(layers * n * seq_len * site_width(model, f, seq_len) for f in set(families))
+    source = cached + n * min(n, seq_len) * vocab  # logits at the scored positions only
+    fixed = e * (runner + source) + 8 * n_variants * n
+    activation = (
+        _HIDDEN_COPIES * d + _ROTARY_COPIES * (2 * h + 2 * g) * dh + _SCORE_COPIES * h * seq_len
+    ) + _MLP_COPIES * (a.d_mlp or 0)
+    prefix_cache = layers * 2 * g * dh * 2 * seq_len  # worst start: every layer's cache, prefix and new positions
+    per_token = e * (activation + prefix_cache + _LOGIT_COPIES * vocab)
+    base_peak = e * (n * seq_len * activation + n * seq_len * vocab)
+    return SweepCost(fixed=fixed, per_token=per_token, base_peak=base_peak, seq_len=seq_len)

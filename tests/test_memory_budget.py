@@ -1,0 +1,79 @@
+"""`max_memory=` on patching sweeps: the chunk size follows from the sweep's cost, the measured peak stays under the
+budget, and the scores are those of the same chunking given as tokens.
+
+The measured peak is `pathlens.memory.TensorPeak` (every tensor storage created inside the call and alive at the
+same time, counted by a torch dispatch mode); its own hand case is checked first.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pathlens
+from pathlens.memory import TensorPeak, parse_bytes
+from pathlens.patching.budget import sweep_cost
+from pathlens.sites import Site
+from pathlens.tasks.base import Task
+from tests.helpers import VOCAB, tiny_model
+
+
+def wide_task(n: int = 16, p: int = 12) -> Task:
+    """Enough prompts that a budget binds: 16 pairs of 12 random tokens, differing at two positions."""
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(1, VOCAB, (n, p), generator=g)
+    corrupt = clean.clone()
+    corrupt[:, [3, 7]] = torch.randint(1, VOCAB, (n, 2), generator=g)
+    answers, wrong = torch.randint(1, VOCAB, (n,), generator=g), torch.randint(1, VOCAB, (n,), generator=g)
+    return Task("wide", clean, corrupt, answers, wrong, torch.full((n,), p - 1), torch.ones_like(clean))
+
+
+def test_sizes_and_the_peak_counter() -> None:
+    assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("1.5GiB") == 3 * 2**29 and parse_bytes(512) == 512
+    for bad in ("2 parsecs", "", -1, 0, True, 1.5):
+        with pytest.raises(pathlens.PathlensError, match="max_memory="):
+            parse_bytes(bad)
+    before = torch.ones(1000)
+    with TensorPeak() as peak:
+        a = torch.ones(1000)  # 4000 bytes
+        b = a * 2  # 8000 alive
+        del a  # 4000
+        c = b + 1  # 8000
+        c.view(-1).add_(1)  # in place: nothing new
+        before[:10].mul_(2)  # a tensor made before the block: not counted
+        del b, c
+    assert peak.peak == 8000 and peak.current == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize(("sites", "positions"), [("heads", "all"), ("resid_pre", "each")])
+def test_the_measured_peak_stays_under_the_budget(family: str, sites: str, positions: str) -> None:
+    model, task = tiny_model(family, weight_scale=4.0), wide_task()
+    options = {"sites": sites, "positions": positions, "progress": False}
+    families = {Site("head_z" if sites == "heads" else sites, layer) for layer in range(model.n_layers)}
+    cost = sweep_cost(model, task.n, task.seq_len, families, model.n_layers * 4 * task.seq_len)
+    default = pathlens.patch(model, task, **options)  # type: ignore[arg-type]
+    tokens = []
+    for factor in (1.0, 1.5, 3.0):
+        budget = int(cost.least * factor)
+        with TensorPeak() as peak:
+            scores = pathlens.patch(model, task, max_memory=budget, **options)  # type: ignore[arg-type]
+        assert 0 < peak.peak <= budget, (factor, peak.peak, budget)
+        if factor == 1.0:  # the estimate is a bound, not a guess far above it (measured: 42-66 % of the budget)
+            assert peak.peak >= budget / 4, (peak.peak, budget)
+        tokens.append(scores.meta["max_batch_tokens"])
+        assert scores.meta["max_memory"] == budget
+        same_chunks = pathlens.patch(model, task, max_batch_tokens=tokens[-1], **options)  # type: ignore[arg-type]
+        assert torch.equal(scores.values, same_chunks.values)
+        torch.testing.assert_close(scores.values, default.values, atol=1e-5, rtol=0)
+    assert tokens == sorted(tokens) and tokens[0] < tokens[-1]
+
+
+def test_a_budget_too_small_for_one_row_and_conflicting_knobs() -> None:
+    model, task = tiny_model("llama"), wide_task()
+    with pytest.raises(pathlens.PathlensError, match=r"too small for one row of this sweep: it needs at least"):
+        pathlens.patch(model, task, max_memory="10KB", progress=False)
+    with pytest.raises(pathlens.PathlensError, match="not both"):
+        pathlens.patch(model, task, max_memory="1GB", max_batch_tokens=100, progress=False)
+    with pytest.raises(pathlens.PathlensError, match="max_memory='lots'"):
+        pathlens.patch(model, task, max_memory="lots", progress=False)
