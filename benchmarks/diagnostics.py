@@ -49,6 +49,7 @@ from pathlens import Model, load
 from pathlens.diagnostics import heads
 from pathlens.diagnostics.commitment import commitment
 from pathlens.diagnostics.lens import logit_lens
+from pathlens.diagnostics.lib import lib, second_copy_loss
 from pathlens.diagnostics.training import Training, plot_runs, previous_token_pattern, train, uniform_pattern
 from pathlens.interventions import Ablate, Intervention, Replace
 from pathlens.tasks import ioi
@@ -340,6 +341,31 @@ def clamp_rows(steps: int, every: int, out: Path, emit: Emitter) -> None:
         )
 
 
+def lib_rows(out: Path, emit: Emitter) -> None:
+    """LIB vs PCA on induction-2l: 16 repeated random-token sequences, loss = the second copy's cross-entropy."""
+    model = load("induction-2l")
+    ids = heads.repeated_tokens(model, n=16, length=20)
+    start = time.perf_counter()
+    result = lib(model, ids, loss=second_copy_loss)
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    result.plot(out / "lib_induction2l.png")
+    for row in result.table().to_dict("records"):
+        emit({"part": "lib", "model": "induction-2l", "seconds": round(seconds, 1), **row})
+    frame = result.ablation.to_frame()
+    for (kind, site), group in frame.groupby(["basis", "site"]):
+        emit(
+            {
+                "part": "lib-curve",
+                "basis": kind,
+                "site": site,
+                "base_loss": result.ablation.meta["base_loss"],
+                "ablated": group["ablated"].tolist(),
+                "loss_increase": [round(v, 4) for v in group["value"]],
+            }
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON line per row")
@@ -363,6 +389,8 @@ def main() -> None:
         top_heads_rows(emit)
     if "lens" in args.parts and smollm2 is not None:
         lens_rows(smollm2, args.repeats, out, emit)
+    if "lib" in args.parts:
+        lib_rows(out, emit)
     if "clamp" in args.parts:
         clamp_rows(args.clamp_steps, args.clamp_every, out, emit)
     if not args.json:

@@ -181,3 +181,43 @@ def massive(
         write_text(out / "intervention.json", test.to_json(orient="records", indent=2))
         console.print(test.to_string(index=False))
     console.print(f"wrote {out}/: scan/ (safetensors + JSON), massive.png, hits.csv, summary.csv, intervention.csv")
+
+
+@app.command(name="lib")
+def lib_command(
+    model: str = typer.Option(
+        "induction-2l", help="embedded name, local folder or hub name (small models: LIB is costly)"
+    ),
+    prompt: Optional[list[str]] = typer.Option(None, help="a prompt (repeat); default: repeated random tokens"),  # noqa: UP045
+    n: int = typer.Option(16, min=1, help="repeated random-token sequences (without --prompt)"),
+    length: Optional[int] = typer.Option(None, min=2, help="length of each repeated half"),  # noqa: UP045
+    seed: int = typer.Option(0, help="seed of the random tokens"),
+    tolerance: float = typer.Option(0.05, min=0.0, help="loss increase (nats) that still counts as 'little'"),
+    out: Path = typer.Option(Path("out/lib"), help="output folder"),
+) -> None:
+    """Local Interaction Basis and PCA of every residual-stream layer: bases (safetensors + JSON), the loss increase
+    per number of directions ablated (lib_ablation.csv, lib.png) and how many each basis can ablate (lib_table.csv).
+    Without --prompt the loss is the second copy's cross-entropy on repeated random tokens."""
+    from pathlens.diagnostics import heads as detectors
+    from pathlens.diagnostics.lib import lib as local_interaction_basis
+    from pathlens.diagnostics.lib import next_token_loss, second_copy_loss
+
+    output_folder(out)
+    loaded = load_model(model)
+    with option("'--prompt' or '--length'"):
+        ids = list(prompt) if prompt else detectors.repeated_tokens(loaded, n=n, length=length, seed=seed)
+        result = local_interaction_basis(
+            loaded, ids, loss=next_token_loss if prompt else second_copy_loss, tolerance=tolerance, progress=True
+        )
+    result.save(out / "lib")
+    result.plot(out / "lib.png")
+    table = result.table()
+    table.to_csv(out / "lib_table.csv", index=False)
+    result.ablation.to_frame().to_csv(out / "lib_ablation.csv", index=False)
+    rich_table = Table(title=f"directions ablatable with a loss increase <= {tolerance} ({loaded.name})")
+    for column in table.columns:
+        rich_table.add_column(str(column), justify="right")
+    for row in table.to_dict("records"):
+        rich_table.add_row(*(f"{v:g}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(rich_table)
+    console.print(f"wrote {out}/: lib/ (bases and Scores), lib.png, lib_table.csv, lib_ablation.csv")
