@@ -50,7 +50,9 @@ from pathlens.diagnostics import heads
 from pathlens.diagnostics.commitment import commitment
 from pathlens.diagnostics.lens import logit_lens
 from pathlens.diagnostics.lib import lib, second_copy_loss
+from pathlens.diagnostics.massive import intervention_test, scan
 from pathlens.diagnostics.training import Training, plot_runs, previous_token_pattern, train, uniform_pattern
+from pathlens.features.corpus import windows
 from pathlens.interventions import Ablate, Intervention, Replace
 from pathlens.tasks import ioi
 from pathlens.zoo.train_induction import TrainSettings, build_model, learning_rate, make_batch, repeated_sequences
@@ -341,6 +343,39 @@ def clamp_rows(steps: int, every: int, out: Path, emit: Emitter) -> None:
         )
 
 
+def massive_rows(model: Model, tokens: int, out: Path, emit: Emitter) -> None:
+    """The massive-activation scan of SmolLM2 over `tokens` tokens of the offline default corpus (128-token windows),
+    and the paper's intervention test at the first layer with hits."""
+    wins = windows(None, model.tokenizer, context=128, n_tokens=tokens, seed=0)
+    start = time.perf_counter()
+    found = scan(model, wins)
+    seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    found.save(out / "massive")
+    found.plot(out / "massive_smollm2.png")
+    for row in found.summary().to_dict("records"):
+        emit(
+            {
+                "part": "massive",
+                "windows": len(wins),
+                "tokens": wins.n_tokens,
+                "seconds": round(seconds, 1),
+                **{k: ({str(a): int(b) for a, b in v.items()} if isinstance(v, dict) else v) for k, v in row.items()},
+            }
+        )
+    stats = found.layer_stats
+    emit(
+        {
+            "part": "massive-layer-stats",
+            "top1": [round(float(x), 1) for x in stats.sel(stat="top1").values],
+            "median": [round(float(x), 3) for x in stats.sel(stat="median").values],
+        }
+    )
+    if found.first_layer() is not None:
+        for row in intervention_test(model, found, wins).to_dict("records"):
+            emit({"part": "massive-intervention", **row})
+
+
 def lib_rows(out: Path, emit: Emitter) -> None:
     """LIB vs PCA on induction-2l: 16 repeated random-token sequences, loss = the second copy's cross-entropy."""
     model = load("induction-2l")
@@ -374,6 +409,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     parser.add_argument("--out", default="benchmarks/out/diagnostics", help="where PNGs and results go")
+    parser.add_argument("--massive-tokens", type=int, default=10_240, help="tokens the massive-activation scan reads")
     parser.add_argument("--clamp-steps", type=int, default=1500, help="training steps per clamp condition")
     parser.add_argument("--clamp-every", type=int, default=100, help="checkpoint interval of the clamp runs")
     args = parser.parse_args()
@@ -382,13 +418,15 @@ def main() -> None:
     set_threads(args.threads)
     emit = Emitter(json=args.json, extra={"threads": torch.get_num_threads()})
     out = Path(args.out)
-    smollm2 = load("smollm2") if {"heads", "lens"} & set(args.parts) else None
+    smollm2 = load("smollm2") if {"heads", "lens", "massive"} & set(args.parts) else None
     if "heads" in args.parts and smollm2 is not None:
         heads_rows(smollm2, args.repeats, emit)
     if "top-heads" in args.parts:
         top_heads_rows(emit)
     if "lens" in args.parts and smollm2 is not None:
         lens_rows(smollm2, args.repeats, out, emit)
+    if "massive" in args.parts and smollm2 is not None:
+        massive_rows(smollm2, args.massive_tokens, out, emit)
     if "lib" in args.parts:
         lib_rows(out, emit)
     if "clamp" in args.parts:
