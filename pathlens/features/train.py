@@ -93,11 +93,9 @@ class Trainer:
 
     def losses(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """The loss terms on one batch (x (n, d_in), y (n, d_out) in the model's units): "mse", "sparsity" (L1,
-        AuxK or L0 by kind, already weighted), "loss", and the latents "f" (n, width, detached for TopK)."""
+        AuxK or L0 by kind, already weighted), "loss", and the latents "f" (n, width)."""
         d, c = self.dictionary, self.dictionary.config
         target = y.to(d.W_dec.dtype) * d.s_out  # (n, d_out)
-        if c.kind == "topk":
-            return self._topk_losses(x, target)
         z = d.pre_acts(x)  # (n, width)
         f = d.activate(z, train=True)  # (n, width)
         recon = d.decode_scaled(f)  # (n, d_out)
@@ -109,28 +107,6 @@ class Trainer:
             sparsity = c.l0 * Step.apply(z, torch.exp(d.log_threshold), c.bandwidth).sum(-1).mean()
         else:
             sparsity = self.config.aux_coef * self.aux_loss(z, (target - recon).detach())
-        return {"mse": mse, "sparsity": sparsity, "loss": mse + sparsity, "f": f}
-
-    def _topk_losses(self, x: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """TopK's losses touching only the selected latents: the pre-activations are computed once without
-        gradients to choose the k latents of each token, then recomputed with gradients for those k only, and
-        decoded from the k decoder rows (Gao et al.'s sparse kernels, in plain torch). The same values and
-        gradients as the dense form, at about a third of its cost."""
-        d, k = self.dictionary, self.dictionary.config.k
-        xc = d.centered(x)  # (n, d_in)
-        with torch.no_grad():
-            z = xc @ d.W_enc + d.b_enc  # (n, width)
-        indices = torch.topk(z, k, dim=-1).indices  # (n, k)
-        pre = torch.einsum("nd,nkd->nk", xc, d.W_enc.T[indices]) + d.b_enc[indices]  # (n, k)
-        values = torch.relu(pre)
-        recon = torch.einsum("nk,nkd->nd", values, d.W_dec[indices]) + d.b_dec  # (n, d_out)
-        mse = (recon - target).pow(2).sum(-1).mean()
-        dead = self.dead.nonzero().flatten().to(x.device)
-        sparsity = recon.new_zeros(())
-        if dead.numel():
-            z_dead = xc @ d.W_enc[:, dead] + d.b_enc[dead]  # (n, n_dead)
-            sparsity = self.config.aux_coef * self._aux(z_dead, dead, (target - recon).detach())
-        f = torch.zeros_like(z).scatter(-1, indices, values.detach())  # (n, width)
         return {"mse": mse, "sparsity": sparsity, "loss": mse + sparsity, "f": f}
 
     def aux_loss(self, z: Tensor, residual: Tensor) -> Tensor:
