@@ -180,3 +180,24 @@ def test_bad_inputs_are_named() -> None:
         heads.previous_token(model, ids, error_measure="sq")  # type: ignore[arg-type]
     with pytest.raises(PathlensError, match="not repeated"):
         heads.prefix_matching(model, token_batch(n=2, p=9))
+
+
+def test_cli_heads_writes_scores_png_and_table(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from pathlens.cli import app
+    from pathlens.results import Scores
+
+    result = CliRunner().invoke(
+        app,
+        ["heads", "--model", "induction-2l", "--n", "4", "--length", "10", "--out", str(tmp_path)],
+        terminal_width=200,
+    )
+    assert result.exit_code == 0, result.output
+    assert "L1.H0" in result.output and "prefix_matching" in result.output
+    for name in ("previous_token", "duplicate_token", "induction", "prefix_matching"):
+        assert Scores.load(tmp_path / name).dims == ("layer", "head")
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert (tmp_path / "heads_top.csv").read_text().startswith("layer,head,value,detector")
+    bad = CliRunner().invoke(app, ["heads", "--error-measure", "sq", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "unknown measure" in bad.output

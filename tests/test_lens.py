@@ -174,3 +174,17 @@ def test_commitment_save_load_plot(tmp_path) -> None:
     assert torch.allclose(again.restored.values, result.restored.values, atol=0, rtol=0, equal_nan=True)
     result.plot(tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_cli_lens_on_prompts(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from pathlens.cli import app
+
+    result = CliRunner().invoke(
+        app, ["lens", "--prompt", "The capital of France is", "--k", "3", "--out", str(tmp_path)], terminal_width=200
+    )
+    assert result.exit_code == 0, result.output
+    assert Lens.load(tmp_path / "lens").top_id.shape[1] == 30
+    assert (tmp_path / "lens.png").is_file()
+    assert (tmp_path / "lens_last_position.csv").read_text().startswith("layer,top1,p1,top2,p2,top3,p3")

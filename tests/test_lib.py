@@ -134,3 +134,17 @@ def test_table_save_plot_and_bad_sites(setup, tmp_path) -> None:
     assert isinstance(result, LIB)
     with pytest.raises(PathlensError, match="not a LIB layer"):
         lib(model, ids, sites=["L0.mlp_out"])
+
+
+def test_cli_lib_writes_table_and_bases(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from pathlens.cli import app
+
+    result = CliRunner().invoke(
+        app, ["lib", "--model", "induction-2l", "--n", "2", "--length", "3", "--out", str(tmp_path)], terminal_width=200
+    )
+    assert result.exit_code == 0, result.output
+    assert "L1.resid_pre" in result.output
+    assert (tmp_path / "lib_table.csv").read_text().startswith("site,kept_directions,ablatable_lib,ablatable_pca")
+    assert (tmp_path / "lib" / "ablation.safetensors").is_file() and (tmp_path / "lib.png").is_file()

@@ -131,3 +131,23 @@ def test_save_load_plot_and_bad_inputs(tmp_path) -> None:
         scan(model, ids, layers=[5])
     with pytest.raises(PathlensError, match="no massive activations"):
         intervention_test(model, scan(model, ids), ids)
+
+
+def test_cli_massive_on_a_small_corpus(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from pathlens.cli import app
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The town sits on the bank of a wide river. " * 40)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        ["massive", "--corpus", str(corpus), "--tokens", "128", "--context", "64", "--out", str(out)],
+        terminal_width=200,
+    )
+    assert result.exit_code == 0, result.output
+    found = MassiveScan.load(out / "scan")
+    assert found.hits.values.shape[0] > 0  # SmolLM2's massive activation (dim 507 at the first token)
+    assert 507 in set(found.table()["dim"])
+    assert (out / "intervention.csv").read_text().startswith("intervention,layer,dims,perplexity,ratio")
