@@ -1,5 +1,6 @@
 """`max_memory=` on patching sweeps: the chunk size follows from the sweep's cost, the measured peak stays under the
-budget, and the scores are those of the same chunking given as tokens.
+budget, and the scores are those of the same chunking given as tokens; `pathlens plan` estimates the forwards
+`patch` then runs (counted by the chunks it records).
 
 The measured peak is `pathlens.memory.TensorPeak` (every tensor storage created inside the call and alive at the
 same time, counted by a torch dispatch mode); its own hand case is checked first.
@@ -7,12 +8,18 @@ same time, counted by a torch dispatch mode); its own hand case is checked first
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import pathlens
+from pathlens.cli import app
 from pathlens.memory import TensorPeak, parse_bytes
 from pathlens.patching.budget import sweep_cost
+from pathlens.patching.checkpoint import Checkpoint
+from pathlens.patching.estimate import estimate_patch
 from pathlens.sites import Site
 from pathlens.tasks.base import Task
 from tests.helpers import VOCAB, tiny_model
@@ -77,3 +84,31 @@ def test_a_budget_too_small_for_one_row_and_conflicting_knobs() -> None:
         pathlens.patch(model, task, max_memory="1GB", max_batch_tokens=100, progress=False)
     with pytest.raises(pathlens.PathlensError, match="max_memory='lots'"):
         pathlens.patch(model, task, max_memory="lots", progress=False)
+
+
+def test_the_estimate_plans_the_chunks_patch_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, task = tiny_model("llama", weight_scale=4.0), wide_task()
+    options: dict[str, Any] = {"sites": "resid_pre", "positions": "each", "max_memory": "1MB"}
+    found = estimate_patch(model, task, **options)
+    recorded: list[int] = []
+    original = Checkpoint.record
+
+    def record(self: Checkpoint, index: int, values: torch.Tensor) -> None:
+        recorded.append(index)
+        original(self, index, values)
+
+    monkeypatch.setattr(Checkpoint, "record", record)
+    scores = pathlens.patch(model, task, progress=False, **options)
+    assert found.forwards == len(recorded) + 2 and found.max_batch_tokens == scores.meta["max_batch_tokens"]
+    assert found.variants == scores.values.numel() and found.peak_bytes <= parse_bytes("1MB")
+    assert found.seconds > 0
+
+
+def test_plan_command_prints_the_estimate() -> None:
+    result = CliRunner().invoke(
+        app, ["plan", "--model", "induction-2l", "--task", "induction", "--sites", "heads", "--max-memory", "5MB"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "forwards" in result.output and "peak memory" in result.output and "time" in result.output
+    refused = CliRunner().invoke(app, ["plan", "--model", "induction-2l", "--method", "atp"])
+    assert refused.exit_code == 2 and "plan estimates patch" in refused.output

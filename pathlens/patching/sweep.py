@@ -173,7 +173,7 @@ def patch(
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons, subspace).resolve(model, task)
     if setup.spec.subspace is not None and (ablation is not None or top_k is not None):
         raise PathlensError("subspace= patches toward the source run; it takes neither ablation= nor top_k=.")
-    max_batch_tokens = _token_budget(setup, max_batch_tokens, max_memory)
+    max_batch_tokens = token_budget(setup, max_batch_tokens, max_memory)
     _check_options(ablation, max_batch_tokens, top_k, out, prefilter)
     if top_k is not None and executor not in (None, "local"):
         raise PathlensError("top_k= runs in this process (a verified top-k run is short); drop executor=.")
@@ -229,7 +229,7 @@ def patch(
     return _assemble(sweep, state.values, settings, {"top_k": top_k, "prefilter": prefilter, "verified": len(verified)})
 
 
-def _token_budget(setup: ResolvedSpec, max_batch_tokens: int | None, max_memory: int | str | None) -> int:
+def token_budget(setup: ResolvedSpec, max_batch_tokens: int | None, max_memory: int | str | None) -> int:
     """The chunk size in tokens: `max_batch_tokens`, or what `max_memory` allows (`patching.budget`)."""
     if max_memory is None:
         return DEFAULT_MAX_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
@@ -240,6 +240,20 @@ def _token_budget(setup: ResolvedSpec, max_batch_tokens: int | None, max_memory:
     families = {executed_variant(v, 0, task.seq_len, through_z).site.family for v in variants}
     cost = sweep_cost(setup.model, task.n, task.seq_len, families, len(variants))
     return cost.tokens_for(parse_bytes(max_memory))
+
+
+def planned_chunks(setup: ResolvedSpec, ablation: Ablation | None, max_batch_tokens: int) -> list[Chunk]:
+    """The chunks `patch` would run for `setup`, planned without its base runs, for estimates: as if the model
+    keeps a key/value cache (the position cone; a model without one runs the same chunks from position 0)."""
+    task = setup.task
+    base_ids, source_ids = (task.clean_ids, task.clean_ids) if ablation is not None else setup.runs
+    shared = shared_prefix(base_ids, source_ids) if ablation is None else 0
+    through_z = setup.spec.subspace is None
+    executed = [executed_variant(v, shared, task.seq_len, through_z) for v in setup.plan.variants]
+    starts = [
+        (_NO_OP_LAYER, task.seq_len) if v.positions == () else cone_start(v.site, v.positions, True) for v in executed
+    ]
+    return _chunks(range(len(executed)), starts, task.n, task.seq_len, max_batch_tokens)
 
 
 def _check_options(
