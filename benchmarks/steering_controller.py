@@ -244,7 +244,7 @@ def eigenshift_rows(model: Model, args: argparse.Namespace) -> Iterator[dict[str
     }
     examples: dict[str, list[str]] = {"unsteered": base_gen.texts[:3]}
     best: dict[str, Any] | None = None
-    for how in ("mean-diff", "auroc"):
+    for how in args.hows:
         start = time.perf_counter()
         comps = components(model, states[concept].float(), states[~concept].float(), how)  # type: ignore[arg-type]
         score_seconds = read_seconds + time.perf_counter() - start
@@ -281,7 +281,7 @@ def eigenshift_rows(model: Model, args: argparse.Namespace) -> Iterator[dict[str
                     best = row
                 del edited
                 yield row
-    yield {"workload": "eigenshift-best-within-5pct-ppl", "method": "eigenshift", **(best or {})}
+    yield {**(best or {}), "workload": "eigenshift-best-within-5pct-ppl", "method": "eigenshift"}
     yield {"workload": "eigenshift-examples", "method": "eigenshift", "prompts": openings[:3], "steered": examples}
     shift = components(model, states[concept].float(), states[~concept].float(), "auroc").select(8, 0.0, model)  # type: ignore[arg-type]
     edited = shift.edited(model)
@@ -336,6 +336,7 @@ def main() -> None:
     parser.add_argument("--ks", default="1,2,4,8,16,32", help="EigenShift component counts")
     parser.add_argument("--betas", default="0,0.5", help="EigenShift β values")
     parser.add_argument("--vader-ks", default="4,16", help="k values (β = 0) whose generations are scored")
+    parser.add_argument("--hows", default="mean-diff,auroc", help="EigenShift component scores: mean-diff, auroc")
     args = parser.parse_args()
     check_repeats_and_threads(parser, args)
     check_parts(parser, args, PARTS)
@@ -344,6 +345,9 @@ def main() -> None:
     args.fixed_scales, args.alphas, args.betas = _floats(args.fixed_scales), _floats(args.alphas), _floats(args.betas)
     args.ks = [int(k) for k in _floats(args.ks)]
     args.vader_ks = [int(k) for k in _floats(args.vader_ks)]
+    args.hows = [h for h in args.hows.split(",") if h]
+    if not args.hows or any(h not in ("mean-diff", "auroc") for h in args.hows):
+        parser.error("--hows is a comma list of mean-diff, auroc")
     emit = Emitter(json=args.json, extra={"model": "smollm2", "threads": args.threads or torch.get_num_threads()})
     for row in rows(args):
         emit(row)
