@@ -6,7 +6,8 @@
 - timing: `round_robin`, the one timing loop (runners interleaved round by round, optional warm-up), with
   `time_once` for a runner too slow to repeat and `plain_forward`, the unit floors and costs are measured in;
 - memory: `peak_rss_growth_mb` of a call, `in_fresh_process` to measure it where earlier runs cannot hide it;
-- arguments: `check_repeats_and_threads` (--quick, --repeats, --threads) and `check_parts` (--parts);
+- arguments: `check_repeats_and_threads` (--quick, --repeats, --threads, and --device when a script adds it with
+  `add_device_argument`) and `check_parts` (--parts);
 - output: `Emitter` (rows kept for the closing table, each printed at once as a JSON line with --json),
   `versions` of the libraries measured, `max_abs_diff` and `ratio`.
 """
@@ -49,10 +50,11 @@ T = TypeVar("T")
 # ------------------------------------------------------------------------------------------------------ workload
 
 
-def build_gpt2() -> GPT2LMHeadModel:
-    """GPT-2-small shape with seeded random weights, fp32, eval mode (the default attention implementation)."""
+def build_gpt2(device: str | torch.device = "cpu") -> GPT2LMHeadModel:
+    """GPT-2-small shape with seeded random weights (drawn on the CPU, so every device gets the same ones), fp32,
+    eval mode (the default attention implementation), on `device`."""
     torch.manual_seed(SEED)
-    return GPT2LMHeadModel(GPT2Config()).eval()
+    return GPT2LMHeadModel(GPT2Config()).eval().to(device)
 
 
 def synthetic_ioi_task(vocab_size: int) -> Task:
@@ -243,6 +245,24 @@ def check_repeats_and_threads(parser: argparse.ArgumentParser, args: argparse.Na
     if args.threads < 0:
         parser.error("--threads must be 0 (torch's default) or more")
     args.threads = args.threads or None
+    if hasattr(args, "device"):
+        check_device(parser, args)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """`--device` (default cpu): where a script builds its models, so the same script measures a GPU."""
+    parser.add_argument("--device", default="cpu", help="torch device of the models: cpu, cuda, cuda:1, mps")
+
+
+def check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--device` names a device this machine has (checked by `check_repeats_and_threads` when the script has it)."""
+    from pathlens.errors import PathlensError
+    from pathlens.loading import as_device
+
+    try:
+        args.device = as_device(args.device)
+    except PathlensError as err:
+        parser.error(f"--device: {err}")
 
 
 def check_parts(parser: argparse.ArgumentParser, args: argparse.Namespace, parts: tuple[str, ...]) -> None:

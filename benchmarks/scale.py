@@ -10,6 +10,10 @@ Parts:
 - half: SmolLM2 loaded in fp32 and in bf16 (`pathlens.load("smollm2", dtype=...)`), 8 IOI prompts: the head
   sweep (`patch`, every head, all positions) and AtP over heads; each row gives the Pearson correlation of the
   bf16 scores with the fp32 ones (target ≥ 0.99), the largest difference and both run times.
+- memory: the GPT-2-shape head sweep (as in the ray part) under three `max_memory` budgets: the least that runs
+  it, ×2 and ×4. `peak_mb` is measured by `pathlens.memory.TensorPeak`: every tensor storage the call creates,
+  counted while alive (a torch dispatch mode; weights and the allocator's cache not counted), the CPU
+  counterpart of CUDA's max_memory_allocated; `estimate_mb` is the cost model's bound, `met` says peak ≤ budget.
 
 Run `python benchmarks/scale.py --json` for one JSON line per row (keys `workload`, `workers`, `seconds`,
 `local_seconds`, `speedup_vs_local`, `identical`, ...).
@@ -33,6 +37,7 @@ import torch
 import pathlens
 from benchmarks.common import (
     Emitter,
+    add_device_argument,
     build_gpt2,
     check_parts,
     check_repeats_and_threads,
@@ -43,7 +48,8 @@ from benchmarks.common import (
 )
 from pathlens.distributed import ModelSpec, RayExecutor
 
-PARTS = ("ray", "half")
+PARTS = ("ray", "half", "memory")
+BUDGET_FACTORS = (1.0, 2.0, 4.0)
 CORRELATION_TARGET = 0.99
 RAY_WORKLOAD = "gpt2-heads"
 SPEEDUP_TARGET = 1.6
@@ -51,9 +57,10 @@ ONE_WORKER_TARGET = 1.10
 SWEEP: dict[str, Any] = {"sites": "heads", "positions": "all", "direction": "denoise", "progress": False}
 
 
-def gpt2_model() -> pathlens.Model:
-    """The benchmark's GPT-2-shape model (seeded random weights), wrapped: the builder Ray workers call."""
-    return pathlens.Model(build_gpt2(), name="gpt2-shape")
+def gpt2_model(device: str = "cpu") -> pathlens.Model:
+    """The benchmark's GPT-2-shape model (seeded random weights) on `device`, wrapped: the builder Ray workers
+    call."""
+    return pathlens.Model(build_gpt2(device), name="gpt2-shape")
 
 
 def run_ray(args: argparse.Namespace, emit: Emitter) -> list[str]:
@@ -61,13 +68,15 @@ def run_ray(args: argparse.Namespace, emit: Emitter) -> list[str]:
     import ray
 
     set_threads(1)  # the local floor is single-threaded, like each worker
-    model = gpt2_model()
+    model = gpt2_model(str(args.device))
+    gpus = 1.0 if args.device.type == "cuda" else 0.0
     task = synthetic_ioi_task(model.vocab_size)
     missed: list[str] = []
     ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         for workers in args.workers:
-            with RayExecutor(workers=workers, threads=1, model=ModelSpec(gpt2_model)) as executor:
+            spec = ModelSpec(gpt2_model, {"device": str(args.device)})
+            with RayExecutor(workers=workers, threads=1, model=spec, gpus_per_worker=gpus) as executor:
                 start = time.perf_counter()
                 pathlens.patch(model, task, executor=executor, **SWEEP)  # actors start and build the model
                 startup = time.perf_counter() - start
@@ -147,6 +156,46 @@ def run_half(args: argparse.Namespace, emit: Emitter) -> list[str]:
     return missed
 
 
+def run_memory(args: argparse.Namespace, emit: Emitter) -> list[str]:
+    """The memory part: peak tensor memory of the head sweep under three budgets; returns the missed targets."""
+    from pathlens.memory import TensorPeak, megabytes
+    from pathlens.patching.estimate import estimate_patch
+
+    set_threads(args.threads)
+    model = pathlens.Model(build_gpt2(args.device), name="gpt2-shape")
+    task = synthetic_ioi_task(model.vocab_size)
+    options: dict[str, Any] = {"sites": "heads", "positions": "all", "direction": "denoise"}
+    least = estimate_patch(model, task, max_memory="1TB", **options).least_bytes
+    missed = []
+    for factor in BUDGET_FACTORS:
+        budget = int(least * factor)
+        found = estimate_patch(model, task, max_memory=budget, **options)
+        start = time.perf_counter()
+        with TensorPeak() as peak:
+            pathlens.patch(model, task, max_memory=budget, progress=False, **options)
+        seconds = time.perf_counter() - start
+        met = peak.peak <= budget
+        emit(
+            {
+                "part": "memory",
+                "workload": "gpt2-heads",
+                "engine": "patch",
+                "budget_mb": megabytes(budget),
+                "peak_mb": megabytes(peak.peak),
+                "estimate_mb": megabytes(found.peak_bytes),
+                "max_batch_tokens": found.max_batch_tokens,
+                "forwards": found.forwards,
+                "seconds": round(seconds, 2),
+                "estimated_seconds": round(found.seconds, 2),
+                "peak_method": "TensorPeak (live tensor storages created by the call)",
+                "met": met,
+            }
+        )
+        if not met:
+            missed.append(f"memory: peak {megabytes(peak.peak)} MB over the {megabytes(budget)} MB budget")
+    return missed
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     """The rows as a plain table (without --json)."""
     for row in rows:
@@ -161,7 +210,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the non-Ray parts (0: default)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts: {', '.join(PARTS)}")
     parser.add_argument("--workers", default="1,2", help="comma list of Ray worker counts (ray part)")
-    parser.add_argument("--device", default="cpu", help="torch device of the non-Ray parts (e.g. cuda)")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     check_parts(parser, args, PARTS)
     check_repeats_and_threads(parser, args)
@@ -179,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         missed += run_ray(args, emit)
     if "half" in args.parts:
         missed += run_half(args, emit)
+    if "memory" in args.parts:
+        missed += run_memory(args, emit)
     if not args.json:
         print_table(emit.rows)
     for problem in missed:
