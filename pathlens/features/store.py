@@ -539,7 +539,7 @@ class StoreDataset(IterableDataset):
     e); iterating again starts the next epoch (`epoch` says which comes next; set it to replay one).
 
     Yields a (batch, width) tensor for one site given as a string, else {site: (batch, width)}. Memory: about
-    twice `buffer_shards` shards (the buffer and its shuffled copy)."""
+    `buffer_shards` shards (the buffer; each batch gathers its rows from it)."""
 
     def __init__(
         self,
@@ -578,15 +578,18 @@ class StoreDataset(IterableDataset):
         for at in range(0, n, self.buffer_shards):
             loaded = [self.store.shard(i, self.sites) for i in order[at : at + self.buffer_shards]]
             parts = ([carry] if carry is not None else []) + loaded
-            buffer = {s: torch.cat([p[s] for p in parts]) for s in self.sites}  # (rows, width)
-            rows = buffer[self.sites[0]].shape[0]
-            if self.shuffle:
-                perm = torch.randperm(rows, generator=gen)
-                buffer = {s: v[perm] for s, v in buffer.items()}
+            buffer = {s: torch.cat([p[s] for p in parts]) if len(parts) > 1 else parts[0][s] for s in self.sites}
+            rows = buffer[self.sites[0]].shape[0]  # buffer: {site: (rows, width)}
             full = rows // self.batch_size * self.batch_size
-            for lo in range(0, full, self.batch_size):
-                yield self._batch({s: v[lo : lo + self.batch_size] for s, v in buffer.items()})
-            carry = {s: v[full:] for s, v in buffer.items()}
+            if self.shuffle:  # each batch gathers its rows of one permutation: no shuffled copy of the buffer
+                perm = torch.randperm(rows, generator=gen)
+                for lo in range(0, full, self.batch_size):
+                    yield self._batch({s: v[perm[lo : lo + self.batch_size]] for s, v in buffer.items()})
+                carry = {s: v[perm[full:]] for s, v in buffer.items()}
+            else:
+                for lo in range(0, full, self.batch_size):
+                    yield self._batch({s: v[lo : lo + self.batch_size] for s, v in buffer.items()})
+                carry = {s: v[full:] for s, v in buffer.items()}
         if carry is not None and carry[self.sites[0]].shape[0] and not self.drop_last:
             yield self._batch(carry)
 
