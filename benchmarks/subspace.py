@@ -60,7 +60,7 @@ def ioi_tables(model: Model, args: argparse.Namespace, emit: Emitter) -> None:
     heads = important_heads(model, test.rows(list(range(min(40, test.n)))), resid_layer, 3)
     emit({"part": "ioi", "what": "setup", "clean_accuracy_test": _clean_accuracy(model, test), "heads": heads})
     combined = ["| direction | intervention | acc | LD | FLDD % |", "|---|---|---|---|---|"]
-    for site in (args.mlp_site, args.resid_site):
+    for site in [s for s in (args.mlp_site, args.resid_site) if s]:
         for finder in args.finders.split(","):
             start = time.perf_counter()
             kw: dict[str, Any] = {"epochs": args.epochs} if finder == "das" else {}
