@@ -3,7 +3,7 @@
 The node-level analogue of `pathlens.circuits.discover` for nodes the edge graph does not hold (the sparse
 feature circuits of Marks et al. 2024): every node is scored by AtP (`pathlens.atp`, one forward pair and one
 backward for all of them), nodes are ranked by |effect|, and the circuit is the smallest top-K whose exact
-faithfulness reaches `target`:
+faithfulness reaches `target` (sizes 1, 2, 4, ... and then a bisection between the last two):
 
     faithfulness(C) = (m(C) − m(∅)) / (m(M) − m(∅))
 
@@ -62,7 +62,9 @@ def node_circuit(
     metric: Metric | None = None,
 ) -> NodeCircuit:
     """The smallest top-K circuit of `nodes` (site strings; latents of spliced dictionaries included) reaching
-    `target` faithfulness, trying `sizes` (default: 1, 2, 4, ... up to all nodes); see the module docstring."""
+    `target` faithfulness, trying `sizes` (default: 1, 2, 4, ... up to all nodes, then bisecting between the last
+    size below the target and the first above it; the faithfulness may not grow monotonically with the size, so
+    the bisection finds a size reaching the target, not always the smallest); see the module docstring."""
     if not nodes:
         raise PathlensError("node_circuit: give at least one node (a site such as 'L3.H2' or 'L6.sae.F12').")
     names = [str(model.resolve(n, write=True)) for n in nodes]
@@ -90,17 +92,29 @@ def node_circuit(
             "node_circuit: patching every node does not change the metric, so no circuit of these nodes explains "
             "it; include the components that carry the behaviour."
         )
-    tried = sorted({min(len(ranked), max(1, int(s))) for s in sizes} if sizes else _doubling(len(ranked)))
-    curve = []
-    chosen, score = len(ranked), 1.0
-    for size in tried:
+
+    def faithfulness(size: int) -> float:
         value = (patched_metric(set(ranked[:size])) - empty) / (full - empty)
         curve.append((size, value))
-        if value >= target:
-            chosen, score = size, value
+        return value
+
+    tried = sorted({min(len(ranked), max(1, int(s))) for s in sizes} if sizes else _doubling(len(ranked)))
+    curve: list[tuple[int, float]] = []
+    below = 0
+    for size in tried:
+        if faithfulness(size) >= target:
             break
-    else:
-        chosen, score = curve[-1]
+        below = size
+    chosen, score = curve[-1]
+    if score >= target and not sizes:  # bisect between the last size below the target and the first above it
+        low, high = below, chosen
+        while high - low > 1:
+            middle = (low + high) // 2
+            value = faithfulness(middle)
+            low, high = (low, middle) if value >= target else (middle, high)
+            if value >= target:
+                chosen, score = middle, value
+    curve.sort()
     return NodeCircuit(
         nodes=ranked[:chosen],
         effects=effects,
