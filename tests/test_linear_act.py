@@ -320,6 +320,26 @@ def test_transport_study_writes_the_steer_and_its_sweep(method: str, tmp_path: P
     assert record["rows"][0]["ppl_increase"] == 0.0 and record["total_units"] == 64
     loaded = TransportSteer.load(tmp_path / "transport")
     assert loaded.meta["method"] == method and loaded.sites == ["L0.mlp_out", "L1.mlp_out"]
+    assert record["vector"] == str(tmp_path / "transport.safetensors")
     assert (tmp_path / "steer.json").is_file() and (tmp_path / "dose_response.csv").is_file()
     with pytest.raises(PathlensError, match="unknown transport method 'ot'"):
         transport_study(model, "sentiment", "ot", tmp_path, None, [1.0])
+
+
+def test_steer_command_dispatches_transport_methods(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import json
+
+    from typer.testing import CliRunner
+
+    from pathlens.cli import app
+
+    monkeypatch.setattr(importlib.import_module("pathlens.cli.steer"), "load_model", lambda name: tiny_with_words())
+    args = ["steer", "--method", "linear-act", "--prompts", "2", "--max-new-tokens", "2", "--scales", "1"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "steer.json").read_text())
+    assert record["method"] == "linear-act" and [r["scale"] for r in record["rows"]] == [0.0, 1.0]
+    assert (tmp_path / "transport.safetensors").is_file() and (tmp_path / "steer.html").is_file()
+    bad = CliRunner().invoke(app, ["steer", "--model", "no-such-model", "--method", "ot", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "lineas, linear-act" in " ".join(bad.output.split())

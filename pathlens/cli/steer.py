@@ -40,7 +40,7 @@ def print_steering(record: dict[str, Any], title: str) -> None:
 def steer(
     model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
     concept: str = typer.Option("sentiment", help="a shipped contrast set: sentiment, formality, refusal, joy, ..."),
-    method: str = typer.Option("mean-diff", help="mean-diff | pca | probe"),
+    method: str = typer.Option("mean-diff", help="mean-diff | pca | probe | lineas | linear-act"),
     layer: Optional[int] = typer.Option(None, help="layer whose resid_post is steered (default: a third up)"),  # noqa: UP045
     scales: str = typer.Option("-0.2,-0.1,0.1,0.2", help="comma list of scales, fractions of the typical norm"),
     prompts: int = typer.Option(16, min=1, max=64, help="how many shipped neutral prompts to generate from"),
@@ -56,6 +56,8 @@ def steer(
     from pathlens.report.steer_page import write_steer_page
     from pathlens.steering.data import CONCEPTS
     from pathlens.steering.finders import FINDERS
+    from pathlens.steering.learned.study_transport import METHODS as TRANSPORT_METHODS
+    from pathlens.steering.learned.study_transport import transport_study
     from pathlens.steering.sweep import steer_study
     from pathlens.steering.vector import POLICIES
 
@@ -63,9 +65,10 @@ def steer(
         raise typer.BadParameter(
             f"unknown concept set {concept!r}; use one of {', '.join(CONCEPTS)}.", param_hint="'--concept'"
         )
-    if method not in FINDERS:
+    if method not in FINDERS and method not in TRANSPORT_METHODS:
         raise typer.BadParameter(
-            f"unknown method {method!r}; use one of {', '.join(FINDERS)}.", param_hint="'--method'"
+            f"unknown method {method!r}; use one of {', '.join([*FINDERS, *TRANSPORT_METHODS])}.",
+            param_hint="'--method'",
         )
     if positions not in POLICIES:
         raise typer.BadParameter(
@@ -80,20 +83,25 @@ def steer(
     output_folder(out)
     loaded = load_model(model)
     with option("'--layer' or '--scales'"), console.status(f"steering {concept} with {method} …"):
-        record = steer_study(
-            loaded,
-            concept,
-            method,
-            out,
-            layer,
-            scale_list,
-            prompts,
-            max_new_tokens,
-            seed,
-            do_sample=sample,
-            positions=positions,  # type: ignore[arg-type]  # checked against POLICIES above
-            explain_vector=explain,
-        )
+        if method in TRANSPORT_METHODS:  # scales are strengths λ of the fitted maps (1: the maps as fitted)
+            record = transport_study(
+                loaded, concept, method, out, layer, scale_list, prompts, max_new_tokens, seed, do_sample=sample
+            )
+        else:
+            record = steer_study(
+                loaded,
+                concept,
+                method,
+                out,
+                layer,
+                scale_list,
+                prompts,
+                max_new_tokens,
+                seed,
+                do_sample=sample,
+                positions=positions,  # type: ignore[arg-type]  # checked against POLICIES above
+                explain_vector=explain,
+            )
     page = write_steer_page(out, record)
     print_steering(record, title=f"{concept} / {method} at {record['site']}")
     console.print(

@@ -110,7 +110,7 @@ def transport_study(
         "site": f"{KIND} at {'every layer' if layer is None else f'layer {layer}'}",
         "active_units": int(active["active"].sum()),
         "total_units": int(active["width"].sum()),
-        "steer": str(folder / "transport.safetensors"),
+        "vector": str(folder / "transport.safetensors"),
         "examples": examples,
         "explanation": None,
         "files": {k: str(v) for k, v in result.files.items()},
