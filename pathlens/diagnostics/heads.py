@@ -31,8 +31,6 @@ from pathlens.model import Model
 from pathlens.results import Scores
 
 ErrorMeasure = Literal["mul", "abs"]
-PatternLike = "Tensor | Callable[[Tensor], Tensor]"
-DETECTORS = ("previous_token", "duplicate_token", "induction", "prefix_matching")
 
 
 # ---- detection patterns ----------------------------------------------------------------------------------------

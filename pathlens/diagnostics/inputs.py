@@ -1,5 +1,5 @@
 """What every diagnostic accepts as its prompts: text, a list of texts or token ids (b, p), turned into checked
-token ids and a mask, and the per-row lengths that say which cells of a right-padded batch are real."""
+token ids and a 0/1 mask (right-padded: each row's real tokens first)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from torch import Tensor
 
 from pathlens.errors import PathlensError
 from pathlens.model import Model
-
-Prompts = "str | Sequence[str] | Tensor"
 
 
 def token_inputs(model: Model, inputs: object, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -40,8 +38,3 @@ def token_inputs(model: Model, inputs: object, attention_mask: Tensor | None = N
             "left-padded rows are not supported here."
         )
     return ids, mask
-
-
-def row_lengths(mask: Tensor) -> list[int]:
-    """Real tokens of each right-padded row."""
-    return [int(n) for n in mask.sum(1)]

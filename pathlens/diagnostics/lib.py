@@ -213,8 +213,9 @@ def lib(
     """LIB and PCA bases of every residual-stream layer of `model` on `prompts` (ids (b, p) or texts), and the loss
     increase (under `loss`, default next-token cross-entropy) when the least important directions are ablated.
 
-    grid: numbers of ablated directions to try (default: 0, powers of two and multiples of d/8 up to d). sites: a subset of the layers
-    (resid_pre[l] or the final resid_post); the Jacobians still run from the output back through every later layer.
+    grid: numbers of ablated directions to try (default: 0, powers of two and multiples of d/8 up to d).
+    sites: a subset of the layers (resid_pre[l] or the final resid_post); the Jacobians still run from the output
+    back through every later layer.
     Cost: one backward per (output position, output feature) per layer — meant for small models.
     """
     ids, mask = token_inputs(model, prompts, attention_mask)
