@@ -40,7 +40,9 @@ def print_steering(record: dict[str, Any], title: str) -> None:
 def steer(
     model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
     concept: str = typer.Option("sentiment", help="a shipped contrast set: sentiment, formality, refusal, joy, ..."),
-    method: str = typer.Option("mean-diff", help="mean-diff | pca | probe | lineas | linear-act"),
+    method: str = typer.Option(
+        "mean-diff", help="mean-diff | pca | probe | lineas | linear-act | controller | eigenshift"
+    ),
     layer: Optional[int] = typer.Option(None, help="layer whose resid_post is steered (default: a third up)"),  # noqa: UP045
     scales: str = typer.Option("-0.2,-0.1,0.1,0.2", help="comma list of scales, fractions of the typical norm"),
     prompts: int = typer.Option(16, min=1, max=64, help="how many shipped neutral prompts to generate from"),
@@ -56,6 +58,7 @@ def steer(
     from pathlens.report.steer_page import write_steer_page
     from pathlens.steering.data import CONCEPTS
     from pathlens.steering.finders import FINDERS
+    from pathlens.steering.learned.study_controller import LEARNED_METHODS, learned_study
     from pathlens.steering.learned.study_transport import METHODS as TRANSPORT_METHODS
     from pathlens.steering.learned.study_transport import transport_study
     from pathlens.steering.sweep import steer_study
@@ -65,9 +68,9 @@ def steer(
         raise typer.BadParameter(
             f"unknown concept set {concept!r}; use one of {', '.join(CONCEPTS)}.", param_hint="'--concept'"
         )
-    if method not in FINDERS and method not in TRANSPORT_METHODS:
+    if method not in FINDERS and method not in TRANSPORT_METHODS and method not in LEARNED_METHODS:
         raise typer.BadParameter(
-            f"unknown method {method!r}; use one of {', '.join([*FINDERS, *TRANSPORT_METHODS])}.",
+            f"unknown method {method!r}; use one of {', '.join([*FINDERS, *TRANSPORT_METHODS, *LEARNED_METHODS])}.",
             param_hint="'--method'",
         )
     if positions not in POLICIES:
@@ -87,6 +90,9 @@ def steer(
             record = transport_study(
                 loaded, concept, method, out, layer, scale_list, prompts, max_new_tokens, seed, do_sample=sample
             )
+        elif method in LEARNED_METHODS:  # scales are α (controller) or β (eigenshift); the vector default means theirs
+            chosen = None if scales == "-0.2,-0.1,0.1,0.2" else scale_list
+            record = learned_study(loaded, concept, method, out, chosen, min(prompts, 32), max_new_tokens, seed)
         else:
             record = steer_study(
                 loaded,

@@ -4,7 +4,8 @@ vader_mean, vader_shift, ppl_increase, kl).
 
 - controller: a per-layer mean-difference direction (positive − negative side, every layer's resid_post at its
   typical norm) and a controller trained with the negative side as "needs steering" and the positive side plus
-  the first 16 neutral prompts as "needs none" (gate sigmoid, lagged). Scales are α. Each row: VADER of greedy
+  the first 16 neutral prompts as "needs none" (gate sigmoid; update "prompt", since the lagged mode switches
+  itself off after the first steps on SmolLM2, see controller.py). Scales are α. Each row: VADER of greedy
   continuations of the negative-side prompts (targets) and its shift; `kl`: KL(unsteered ‖ steered) of the
   next-token distributions along the unsteered continuations of neutral prompts not used in training
   (`forced_logits`, every step), the cost where no steering is needed; ppl_increase is not measured (the controller
@@ -123,7 +124,7 @@ def learned_study(
         found = mean_difference(model, data.positive, data.negative, layer_sites(model), data=f"pathlens {concept}")
         direction = SteeringVector(found.vectors, normalize=True, norms=found.norms, positions="last", meta=found.meta)
         trained = train_controller(
-            model, data.negative, data.positive + neutral[:16], direction, seed=seed, gate="sigmoid"
+            model, data.negative, data.positive + neutral[:16], direction, seed=seed, gate="sigmoid", update="prompt"
         )
         trained.save(folder / "controller")
         targets, keep = data.negative[:n_prompts], neutral[32 : 32 + n_prompts]
@@ -151,14 +152,14 @@ def learned_study(
         base = generate(model, prompts, max_new_tokens=max_new_tokens)
         base_vader = _mean_vader(base.texts)
         generations += [{"scale": 1.0, "prompt": p, "text": t} for p, t in zip(prompts, base.texts, strict=True)]
-        rows.append(_row(1.0, base_vader, base_vader, 0.0, 0.0))
+        rows.append(_row(1.0, base_vader, base_vader, (base_ppl, base_ppl), 0.0))
         for beta in chosen:
             edited = scored.select(EIGENSHIFT_K, beta, model).edited(model)
             gen = generate(edited, prompts, max_new_tokens=max_new_tokens)
             steered = next_token_logprobs(edited, texts)[0]
             ppl = cost(edited, texts, None, baseline=(steered, baseline[1], baseline[2]))["ppl"]
             kl = float((baseline[0].exp() * (baseline[0] - steered)).sum(-1)[baseline[2]].mean())
-            rows.append(_row(beta, _mean_vader(gen.texts), base_vader, ppl / base_ppl - 1.0, kl))
+            rows.append(_row(beta, _mean_vader(gen.texts), base_vader, (ppl, base_ppl), kl))
             generations += [{"scale": beta, "prompt": p, "text": t} for p, t in zip(prompts, gen.texts, strict=True)]
         extra = {"k": EIGENSHIFT_K, "components": scored.ranked()[:EIGENSHIFT_K].tolist(), "score": "auroc"}
     examples = []
@@ -181,11 +182,16 @@ def learned_study(
     return record
 
 
-def _row(scale: float, vader: float, base_vader: float, ppl_increase: float | None, kl: float) -> dict[str, Any]:
+def _row(scale: float, vader: float, base_vader: float, ppl: tuple[float, float] | None, kl: float) -> dict[str, Any]:
+    """One row of the record, with the keys the fixed-vector sweep's rows have; `ppl` is (steered, unsteered)
+    perplexity on the held-out text, or None where it is not measured (NaN)."""
+    steered, base = (float("nan"), float("nan")) if ppl is None else ppl
     return {
         "scale": scale,
         "vader_mean": vader,
         "vader_shift": vader - base_vader,
-        "ppl_increase": float("nan") if ppl_increase is None else ppl_increase,
+        "ppl": steered,
+        "ppl_base": base,
+        "ppl_increase": steered / base - 1.0,
         "kl": kl,
     }
