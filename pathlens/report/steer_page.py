@@ -39,6 +39,7 @@ img { max-width: 100%; }
 """
 
 _DOSE_COLUMNS = ("scale", "vader_mean", "vader_shift", "ppl", "ppl_increase", "kl", "entropy", "n")
+_SIGNED = ("vader_mean", "vader_shift", "ppl_increase")
 
 
 def _provenance(record: Mapping[str, Any]) -> str:
@@ -66,7 +67,7 @@ def _dose_table(rows: Sequence[Mapping[str, Any]]) -> str:
         out = []
         for c in _DOSE_COLUMNS:
             value = row.get(c)
-            text = fmt(value) if c in ("scale", "n") or not isinstance(value, float) else signed(value)
+            text = signed(value) if c in _SIGNED and isinstance(value, float) else fmt(value)
             out.append((esc(text), True))
         cells.append(out)
     return html_table(list(_DOSE_COLUMNS), cells)
