@@ -124,6 +124,7 @@ def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     train_ids, heldout = wins.ids[: args.windows], wins.ids[args.windows :]
     start = time.perf_counter()
     x = activations(model, site, train_ids, args.store)
+    x = x[: args.train_tokens] if args.train_tokens else x
     collect_s = time.perf_counter() - start
     held = activations(model, site, heldout, None)
     d, width = int(x.shape[1]), 8 * int(x.shape[1])
@@ -189,6 +190,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=1000, help="training windows of 128 tokens")
     parser.add_argument("--heldout", type=int, default=64, help="held-out windows (FVE, L0)")
     parser.add_argument("--ce-windows", type=int, default=16, help="held-out windows for CE recovered")
+    parser.add_argument("--train-tokens", type=int, default=0, help="train on the first N tokens only (0: all)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--floor-epochs", type=int, default=1, help="epochs the floor and SAELens are timed on")
     parser.add_argument("--batch", type=int, default=1024)
