@@ -16,7 +16,9 @@ unless a SAELens virtualenv is given with `--saelens-python` (SAELens pins trans
 share this environment); it then trains SAELens' TopK SAE on the same saved activations in a subprocess.
 
 Run `python benchmarks/features_sae.py --json` (one JSON line per row); `--store DIR` reuses an activation store
-(`pathlens store` / `pathlens.features.collect`) holding the site instead of collecting.
+(`pathlens store` / `pathlens.features.collect`) holding the site instead of collecting; it must hold the first
+`--windows` of `windows(default corpus, context=128, n_tokens=128 × (windows + heldout), seed=0)` (the cut the
+held-out windows come from, so they stay disjoint from the training rows).
 """
 
 from __future__ import annotations
