@@ -58,7 +58,8 @@ def test_the_measured_peak_stays_under_the_budget(family: str, sites: str, posit
     model, task = tiny_model(family, weight_scale=4.0), wide_task()
     options = {"sites": sites, "positions": positions, "progress": False}
     families = {Site("head_z" if sites == "heads" else sites, layer) for layer in range(model.n_layers)}
-    cost = sweep_cost(model, task.n, task.seq_len, families, model.n_layers * 4 * task.seq_len)
+    last = task.seq_len - 1 if positions == "each" else 0
+    cost = sweep_cost(model, task.n, task.seq_len, families, model.n_layers * 4 * task.seq_len, last)
     default = pathlens.patch(model, task, **options)  # type: ignore[arg-type]
     tokens = []
     for factor in (1.0, 1.5, 3.0):

@@ -6,9 +6,10 @@ and the per-row results. Each chunk then adds, per token it runs (`per_token`), 
 at its peak — hidden states and norms (≈ 6·d_model), queries/keys/values and head outputs with their rotary copies
 (2·(2H + 2G)·d_head), attention scores and probabilities against every key (2·H·P), the MLP's hidden layer
 (3·d_mlp) — plus, per row, the key/value cache of the prefix for every layer after the cone's start (at most
-2·G·d_head·2P per layer) and the logits with the metric's temporaries (3·V). The per-token figure is the worst
-over cone starts (a one-position cone pays a row's whole prefix cache for one token), so every chunk fits. The
-base runs (one forward of all N·P tokens) must fit too.
+2·G·d_head·2P per layer) and the logits with the metric's temporaries (3·V), spread over the row's tokens. The
+per-token figure is the worst over the sweep's cone starts (a one-position cone at the end pays a row's whole
+prefix cache for one token; a sweep patching all positions at once starts every cone at 0 and needs none), so
+every chunk fits. The base runs (one forward of all N·P tokens) must fit too.
 
 `sweep_cost(...).tokens_for(budget)` is the `max_batch_tokens` a budget allows; the sweep then chunks exactly as
 with that token count. These are estimates from shapes: `pathlens.memory.TensorPeak` measures the real peak,
@@ -85,9 +86,12 @@ def element_size(model: Model) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def sweep_cost(model: Model, n: int, seq_len: int, families: Iterable[Site], n_variants: int) -> SweepCost:
+def sweep_cost(
+    model: Model, n: int, seq_len: int, families: Iterable[Site], n_variants: int, last_start: int | None = None
+) -> SweepCost:
     """The memory cost of a sweep of `n_variants` variants of `n` prompts of `seq_len` tokens on `model`, patching
-    the site `families` (as the sweep executes them)."""
+    the site `families` (as the sweep executes them), whose latest cone starts at position `last_start` (None:
+    the worst, P − 1; 0 when every variant patches all positions, so no chunk needs a prefix cache)."""
     a = model.arch
     e = element_size(model)
     d, h, g, dh, layers = a.d_model, a.n_heads, a.n_kv_heads, a.d_head, a.n_layers
@@ -99,7 +103,8 @@ def sweep_cost(model: Model, n: int, seq_len: int, families: Iterable[Site], n_v
     activation = (
         _HIDDEN_COPIES * d + _ROTARY_COPIES * (2 * h + 2 * g) * dh + _SCORE_COPIES * h * seq_len
     ) + _MLP_COPIES * (a.d_mlp or 0)
-    prefix_cache = layers * 2 * g * dh * 2 * seq_len  # worst start: every layer's cache, prefix and new positions
-    per_token = e * (activation + prefix_cache + _LOGIT_COPIES * vocab)
-    base_peak = e * (n * seq_len * activation + n * seq_len * vocab)
+    start = seq_len - 1 if last_start is None else min(max(last_start, 0), seq_len - 1)
+    prefix_cache = layers * 2 * g * dh * 2 * seq_len if start > 0 else 0  # per row: every layer's keys and values
+    per_token = e * (activation + (prefix_cache + _LOGIT_COPIES * vocab) // (seq_len - start))
+    base_peak = e * (n * seq_len * activation + n * min(n, seq_len) * vocab)
     return SweepCost(fixed=fixed, per_token=per_token, base_peak=base_peak, seq_len=seq_len)

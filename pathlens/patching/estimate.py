@@ -58,7 +58,8 @@ def estimate_patch(
     chunks = planned_chunks(setup, ablation, tokens)
     through_z = setup.spec.subspace is None
     families = {executed_variant(v, 0, task.seq_len, through_z).site.family for v in setup.plan.variants}
-    cost = sweep_cost(model, task.n, task.seq_len, families, len(setup.plan.variants))
+    last_start = max(v.start_position for v in setup.plan.variants)
+    cost = sweep_cost(model, task.n, task.seq_len, families, len(setup.plan.variants), last_start)
     with torch.no_grad():
         start = time.perf_counter()
         model.run(task.clean_ids, attention_mask=task.attention_mask)

@@ -238,7 +238,8 @@ def token_budget(setup: ResolvedSpec, max_batch_tokens: int | None, max_memory: 
     task, variants = setup.task, setup.plan.variants
     through_z = setup.spec.subspace is None
     families = {executed_variant(v, 0, task.seq_len, through_z).site.family for v in variants}
-    cost = sweep_cost(setup.model, task.n, task.seq_len, families, len(variants))
+    last_start = max(v.start_position for v in variants)
+    cost = sweep_cost(setup.model, task.n, task.seq_len, families, len(variants), last_start)
     return cost.tokens_for(parse_bytes(max_memory))
 
 
