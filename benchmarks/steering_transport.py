@@ -1,7 +1,9 @@
 """Transport steering benchmark on the embedded SmolLM2: LinEAS and Linear-AcT against the mean-difference vector.
 
 Data: the shipped sentiment set, unpaired — source = 32 negative sentences (pairs 16..47), target = 32 positive
-sentences (pairs 0..31). Parts:
+sentences (pairs 0..31). LinEAS takes each sentence's last token as its sample (`--pooling last`: with the official
+mean pooling it moved generations far less on this set), Linear-AcT its mean over tokens (`--act-pooling mean`, the
+official default: last-token maps broke generation). Parts:
 - train: LinEAS on the chosen sites (default every layer's mlp_out), timed (target ≤ 120 s on 2 cores), with its
   active units per site (target ≤ 10 % of the chosen sites' units); Linear-AcT ("incr") fitted on the same data,
   timed; the mean-difference vector (positive − negative, at L`--layer`.resid_post, normalized to the typical norm).
@@ -179,7 +181,7 @@ def train_rows(model: Model, args: argparse.Namespace, steers: dict[str, Any]) -
     }
     act, act_seconds = time_once(
         lambda: linear_act(
-            model, source, target, sites, mode=args.act_mode, pooling=args.pooling, data="pathlens sentiment set"
+            model, source, target, sites, mode=args.act_mode, pooling=args.act_pooling, data="pathlens sentiment set"
         )
     )
     steers["linear-act"] = act
@@ -189,6 +191,7 @@ def train_rows(model: Model, args: argparse.Namespace, steers: dict[str, Any]) -
         "workload": "train",
         "method": "linear-act",
         "mode": args.act_mode,
+        "pooling": args.act_pooling,
         "seconds": round(act_seconds, 2),
         "sites": len(sites),
     }
@@ -295,15 +298,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     p.add_argument("--kinds", default="mlp_out", help="site kinds LinEAS / Linear-AcT act on (comma list)")
     p.add_argument("--layers", default="all", help="'all' or a comma list of layers")
-    p.add_argument("--steps", type=int, default=60, help="LinEAS training steps")
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--l1", type=float, default=0.5, help="LinEAS l1 penalty (per unit of lr)")
+    p.add_argument("--steps", type=int, default=40, help="LinEAS training steps")
+    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--l1", type=float, default=0.8, help="LinEAS l1 penalty (per unit of lr)")
     p.add_argument("--group", type=float, default=0.0, help="LinEAS group penalty")
-    p.add_argument("--pooling", default="last", choices=["mean", "last", "all"], help="samples per sentence")
+    p.add_argument("--pooling", default="last", choices=["mean", "last", "all"], help="LinEAS samples per sentence")
+    p.add_argument("--act-pooling", default="mean", choices=["mean", "last", "all"], help="Linear-AcT's")
     p.add_argument("--act-mode", default="incr", choices=["incr", "atonce"])
     p.add_argument("--layer", type=int, default=10, help="layer of the mean-difference vector (resid_post)")
-    p.add_argument("--strengths", default="0.5,1,2,4", help="transport strengths λ")
-    p.add_argument("--scales", default="0.1,0.2,0.3,0.4", help="mean-diff scales (fractions of the typical norm)")
+    p.add_argument("--strengths", default="1,2,3,4", help="transport strengths λ")
+    p.add_argument("--scales", default="0.1,0.2,0.3", help="mean-diff scales (fractions of the typical norm)")
     p.add_argument("--prompts", type=int, default=64, help="how many shipped neutral prompts")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
     p.add_argument("--out", default="benchmarks/out/steering_transport", help="where steers and sweeps are written")

@@ -26,7 +26,10 @@ METHODS = ("lineas", "linear-act")
 KIND = "mlp_out"
 """The site kind the maps act on by default: each layer's MLP output (the down projection's output, one of the
 official Linear-AcT sites for Llama-style models)."""
-LINEAS_DEFAULTS: dict[str, Any] = {"steps": 60, "lr": 0.02, "l1": 0.5, "group": 0.0}
+LINEAS_DEFAULTS: dict[str, Any] = {"steps": 40, "lr": 0.03, "l1": 0.8, "group": 0.0, "pooling": "last"}
+"""LinEAS settings of the study: those of benchmarks/steering_transport.py. Each sentence's last token is its sample
+(on the shipped sentiment set mean pooling, the official default, moved generations far less); Linear-AcT keeps its
+mean pooling (last-token ranges and maps broke generation there)."""
 
 
 def fit_transport(
