@@ -116,7 +116,9 @@ def test_control_keeps_the_flag_down(toy_tasks) -> None:
     report = illusion_check(model, sub, test)
     print(report.table())
     assert not report.illusion
-    assert not report.conditions["full_component_near_zero"] and report.row("full-component")["fldd"] > 100
+    assert (
+        not report.conditions["full_component_not_toward_counterfactual"] and report.row("full-component")["fldd"] > 100
+    )
     assert report.row("row-part")["fldd"] == pytest.approx(report.row("direction")["fldd"], abs=1.0)
     assert report.decomposition["row_norm"] > 0.99
 

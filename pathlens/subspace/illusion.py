@@ -29,9 +29,10 @@ The row space is found rank-aware: the left singular vectors of W whose singular
 (a QR of a rank-deficient W returns arbitrary extra directions).
 
 The illusion flag is raised when all four hold (thresholds in FLDD percentage points, written in the report):
-the full-component effect is ≈ 0 (|FLDD| ≤ `near_zero`), the 1-D effect is large (FLDD ≥ `large`), the
-null-part effect is ≈ 0 (|FLDD| ≤ `near_zero`) and the row-part effect is ≪ the 1-D one
-(FLDD_row ≤ `row_fraction`·FLDD_direction).
+the whole component does not move the output toward the counterfactual (FLDD ≤ `near_zero`: one-sided, since a
+full patch that moves it away — the paper's MLP8, FLDD −8 — is no evidence for the direction either), the 1-D
+effect is large (FLDD ≥ `large`), the null-part effect is ≈ 0 (|FLDD| ≤ `near_zero`) and the row-part effect is
+≪ the 1-D one (FLDD_row ≤ `row_fraction`·FLDD_direction).
 """
 
 from __future__ import annotations
@@ -384,7 +385,7 @@ def illusion_check(
         rows_out.append(row)
     by = {r["intervention"]: r for r in rows_out}
     conditions = {
-        "full_component_near_zero": abs(by["full-component"]["fldd"]) <= thresholds.near_zero,
+        "full_component_not_toward_counterfactual": by["full-component"]["fldd"] <= thresholds.near_zero,
         "direction_large": by["direction"]["fldd"] >= thresholds.large,
         "null_part_near_zero": abs(by["null-part"]["fldd"]) <= thresholds.near_zero,
         "row_part_much_smaller": by["row-part"]["fldd"] <= thresholds.row_fraction * by["direction"]["fldd"],
@@ -410,7 +411,7 @@ def illusion_check(
         "placebo_seed": placebo_seed,
         "subspace": dict(subspace.meta),
         "flag_rule": (
-            f"illusion = |FLDD full-component| <= {thresholds.near_zero} and FLDD direction >= {thresholds.large} "
+            f"illusion = FLDD full-component <= {thresholds.near_zero} and FLDD direction >= {thresholds.large} "
             f"and |FLDD null-part| <= {thresholds.near_zero} and FLDD row-part <= {thresholds.row_fraction} x FLDD "
             "direction"
         ),
