@@ -13,7 +13,10 @@ over those), so a busy machine's load falls on both alike. Reported:
 training tokens/s of each and their ratio, and pathlens' dictionary's FVE and L0 on held-out windows' activations
 and its CE loss recovered when spliced into the model (`pathlens.features.evaluate`). `saelens_ratio` is null
 unless a SAELens virtualenv is given with `--saelens-python` (SAELens pins transformer-lens 3.x, so it cannot
-share this environment); it then trains SAELens' TopK SAE on the same saved activations in a subprocess.
+share this environment: `python3 -m venv /work/saelens-venv`, pip install the CPU torch 2.13.0 wheel, then
+`pip install sae-lens`); SAELens' TopK SAE (`benchmarks/saelens_topk.py`) then trains on 8 batches of the same
+saved activations in a subprocess, alternated with pathlens on the same 8 batches, and the ratio compares the
+medians of those alternated runs.
 
 Run `python benchmarks/features_sae.py --json` (one JSON line per row); `--store DIR` reuses an activation store
 (`pathlens store` / `pathlens.features.collect`) holding the site instead of collecting; it must hold the first
@@ -33,6 +36,7 @@ if not __package__:  # run as `python benchmarks/features_sae.py`: import the pa
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import time
 from collections.abc import Iterator
@@ -43,7 +47,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from benchmarks.common import Emitter, ratio, set_threads
+from benchmarks.common import Emitter, set_threads
 from pathlens import Model, load
 from pathlens.features.corpus import windows
 from pathlens.features.evaluate import evaluate
@@ -106,15 +110,33 @@ def fve_l0(encode: Any, decode: Any, x: Tensor) -> tuple[float, float]:
     return 1.0 - float(err.pow(2).sum()) / float((x - x.mean(0)).pow(2).sum()), float((f > 0).sum(-1).float().mean())
 
 
-def saelens_tokens_per_s(python: str, data: Path, args: argparse.Namespace) -> float | None:
-    """Train SAELens' TopK SAE on the saved activations in its own interpreter; None if that fails."""
+def saelens_alternating(python: str, x: Tensor, site: str, args: argparse.Namespace) -> tuple[float, float] | None:
+    """(pathlens, SAELens) training tokens/s, each the median of `--saelens-rounds` runs of the same 8 batches of
+    saved activations, alternated run by run (SAELens in its own interpreter, timed inside it; a busy machine's
+    load then falls on both alike); None if SAELens fails."""
+    data = Path(args.out) / "saelens-slice.safetensors"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    rows = x[: 8 * args.batch].contiguous()
+    save_file({"x": rows}, str(data))
     script = Path(__file__).with_name("saelens_topk.py")
-    cmd = [python, str(script), str(data), str(args.k), str(args.batch), str(args.lr), str(args.floor_epochs)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        print(f"SAELens run failed: {done.stderr[-400:]}", file=sys.stderr)
-        return None
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"])
+    cmd = [python, str(script), str(data), str(args.k), str(args.batch), str(args.lr), "1"]
+    ours, theirs = [], []
+    for _ in range(args.saelens_rounds):
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TQDM_DISABLE": "1"})
+        if done.returncode != 0:
+            print(f"SAELens run failed: {done.stderr[-400:]}", file=sys.stderr)
+            return None
+        theirs.append(float(json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]))
+        d = rows.shape[1]
+        trainer = Trainer(
+            Dictionary(DictionaryConfig("topk", d, 8 * d, k=args.k), seed=0), site, config=TrainConfig(lr=args.lr)
+        )
+        batches = list(tensor_batches({site: rows}, args.batch, seed=0))
+        start = time.perf_counter()
+        for batch in batches:
+            trainer.step(batch[site])
+        ours.append(len(batches) * args.batch / (time.perf_counter() - start))
+    return statistics.median(ours), statistics.median(theirs)
 
 
 def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
@@ -148,12 +170,7 @@ def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     fve, l0 = fve_l0(ours.encode, ours.decode, held)
     floor_fve, floor_l0 = fve_l0(floor.encode, lambda f: (f @ floor.w_dec + floor.b_dec) / floor.scale, held)
     card = evaluate(model, ours, heldout[: args.ce_windows], site=site, name="sae-topk")
-    saelens = None
-    if args.saelens_python:
-        data = Path(args.out) / "activations.safetensors"
-        data.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"x": x.contiguous()}, str(data))
-        saelens = saelens_tokens_per_s(args.saelens_python, data, args)
+    paired = saelens_alternating(args.saelens_python, x, site, args) if args.saelens_python else None
     if args.out:
         ours.save(Path(args.out) / "sae-topk")
     ours_tps, floor_tps = tokens / seconds["pathlens"], floor_tokens / seconds["floor"]
@@ -169,8 +186,9 @@ def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         "tokens_per_s": round(ours_tps, 1),
         "floor_tokens_per_s": round(floor_tps, 1),
         "ratio_vs_floor": round(ours_tps / floor_tps, 3),
-        "saelens_tokens_per_s": saelens,
-        "saelens_ratio": ratio(ours_tps, saelens),
+        "saelens_tokens_per_s": None if paired is None else round(paired[1], 1),
+        "saelens_pathlens_tokens_per_s": None if paired is None else round(paired[0], 1),
+        "saelens_ratio": None if paired is None else round(paired[0] / paired[1], 3),
         "fve": round(fve, 4),
         "l0": round(l0, 2),
         "floor_epochs": args.floor_epochs,
@@ -201,6 +219,7 @@ def main() -> None:
     parser.add_argument("--store", default=None, help="an activation store holding the site (else collected)")
     parser.add_argument("--out", default="benchmarks/out/features_sae", help="where the dictionary is saved")
     parser.add_argument("--saelens-python", default=None, help="python of a virtualenv with SAELens installed")
+    parser.add_argument("--saelens-rounds", type=int, default=3, help="alternated pathlens/SAELens timing runs")
     args = parser.parse_args()
     if args.threads is not None and args.threads < 0:
         parser.error("--threads must be >= 0")
