@@ -6,12 +6,29 @@ The nouns: `Model` (an unmodified model plus its sites), `Site` (a named activat
 result types). The verbs: `load`, `generate` (batched generation, steered per row), `patch`, `atp`,
 `atp_star`, `relp`, `integrated_gradients`, `compare`, `edge_attribution`; circuits
 (`pathlens.circuits.discover`, ...), steering (`pathlens.steering`), task generators and metrics
-(`pathlens.tasks.ioi`, ...), diagnostics and reports live in their packages, which `import pathlens` loads."""
+(`pathlens.tasks.ioi`, ...), subspaces and DAS (`pathlens.subspace`, `illusion_check`), features (activation store,
+semi-NMF, sparse dictionaries spliced in as sites: `pathlens.features`), diagnostics (logit lens, head detectors,
+massive activations, LIB, `train` with interventions held during training), the Ray executor
+(`pathlens.distributed`) and reports live in their packages, which `import pathlens` loads."""
 
-from pathlens import arch, attribution, circuits, diagnostics, patching, report, results, steering, tasks
+from pathlens import (
+    arch,
+    attribution,
+    circuits,
+    diagnostics,
+    distributed,
+    features,
+    patching,
+    report,
+    results,
+    steering,
+    subspace,
+    tasks,
+)
 from pathlens.arch.base import ArchMap
 from pathlens.attribution import atp, atp_star, compare, integrated_gradients, relp
 from pathlens.circuits import edge_attribution
+from pathlens.diagnostics import train
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
 from pathlens.interventions import Ablate, Add, Intervention, Op, Project, ProjectOut, Replace, Scale, StopGradient
@@ -21,6 +38,7 @@ from pathlens.patching import patch
 from pathlens.results import Scores
 from pathlens.sites import Site, parse_site
 from pathlens.steering import SteeringVector, generate
+from pathlens.subspace import Subspace, illusion_check
 from pathlens.tasks import Task
 
 __all__ = [
@@ -42,6 +60,7 @@ __all__ = [
     "Scores",
     "Site",
     "SteeringVector",
+    "Subspace",
     "StopGradient",
     "Task",
     "arch",
@@ -51,8 +70,11 @@ __all__ = [
     "circuits",
     "compare",
     "diagnostics",
+    "distributed",
     "edge_attribution",
+    "features",
     "generate",
+    "illusion_check",
     "integrated_gradients",
     "load",
     "parse_site",
@@ -62,5 +84,7 @@ __all__ = [
     "report",
     "results",
     "steering",
+    "subspace",
     "tasks",
+    "train",
 ]
