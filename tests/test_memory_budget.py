@@ -15,14 +15,15 @@ import torch
 from typer.testing import CliRunner
 
 import pathlens
+from pathlens.circuits.edge_patching import EdgePatcher
 from pathlens.cli import app
 from pathlens.memory import TensorPeak, parse_bytes
-from pathlens.patching.budget import sweep_cost
+from pathlens.patching.budget import edge_patch_cost, sweep_cost
 from pathlens.patching.checkpoint import Checkpoint
 from pathlens.patching.estimate import estimate_patch
 from pathlens.sites import Site
 from pathlens.tasks.base import Task
-from tests.helpers import VOCAB, tiny_model
+from tests.helpers import VOCAB, assert_untouched, snapshot, tiny_model
 
 
 def wide_task(n: int = 16, p: int = 12) -> Task:
@@ -113,3 +114,46 @@ def test_plan_command_prints_the_estimate() -> None:
     assert "forwards" in result.output and "peak memory" in result.output and "time" in result.output
     refused = CliRunner().invoke(app, ["plan", "--model", "induction-2l", "--method", "atp"])
     assert refused.exit_code == 2 and "plan estimates patch" in refused.output
+
+
+def random_circuits(patcher: EdgePatcher, k: int = 6) -> torch.Tensor:
+    """`k` random circuits (K, S, R) bool, about half the edges kept."""
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(k, patcher.n_senders, patcher.n_receivers, generator=g) < 0.5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_edge_patching_peak_stays_under_the_budget(family: str) -> None:
+    """The patcher built and run inside the budget (its source state counted), at 1, 1.5 and 3 times the least
+    budget: measured peak ≤ budget, and the metrics equal those of the same rows per forward given as tokens."""
+    model, task = tiny_model(family, weight_scale=4.0), wide_task(n=8)
+    layout_senders = EdgePatcher(model, task, max_batch_tokens=10**6).n_senders
+    cost = edge_patch_cost(model, task.n, task.seq_len, layout_senders, post_norm=False)
+    before = snapshot(model)
+    tokens = []
+    for factor in (1.0, 1.5, 3.0):
+        budget = int(cost.least * factor)
+        with TensorPeak() as peak:
+            patcher = EdgePatcher(model, task, max_memory=budget)
+            kept = random_circuits(patcher)
+            values = patcher.per_prompt(kept)
+        assert 0 < peak.peak <= budget, (factor, peak.peak, budget)
+        if factor == 1.0:  # a bound, not far above the real peak
+            assert peak.peak >= budget / 4, (peak.peak, budget)
+        tokens.append(patcher.max_batch_tokens)
+        by_hand = EdgePatcher(model, task, max_batch_tokens=patcher.max_batch_tokens).per_prompt(kept)
+        assert torch.equal(values, by_hand)
+        one_forward = EdgePatcher(model, task, max_batch_tokens=10**6).per_prompt(kept)
+        torch.testing.assert_close(values, one_forward, atol=1e-5, rtol=0)
+    assert tokens == sorted(tokens) and tokens[0] < tokens[-1]
+    assert_untouched(model, before)
+
+
+def test_edge_patching_budget_errors() -> None:
+    model, task = tiny_model("llama"), wide_task(n=8)
+    with pytest.raises(pathlens.PathlensError, match=r"too small for one row of edge patching: it needs at least"):
+        EdgePatcher(model, task, max_memory="10KB")
+    with pytest.raises(pathlens.PathlensError, match="not both"):
+        EdgePatcher(model, task, max_memory="1GB", max_batch_tokens=100)
+    with pytest.raises(pathlens.PathlensError, match="max_memory='lots'"):
+        EdgePatcher(model, task, max_memory="lots")

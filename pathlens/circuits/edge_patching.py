@@ -17,7 +17,8 @@ gets the module's output on the source input, computed once per patcher: sparse 
 than the layers they touch.
 
 Rows of one forward are (circuit, prompt) pairs, so a curve over circuit sizes costs a few batched forwards
-(chunked to `max_batch_tokens`). `tests/test_circuits.py` checks single-edge patches against an explicit
+(chunked to `max_batch_tokens`, or to the rows a `max_memory=` budget allows: `patching.budget.edge_patch_cost`).
+`tests/test_circuits.py` checks single-edge patches against an explicit
 recomputation of the receiver's input, and that keeping every edge gives the clean run and keeping none the
 corrupted run.
 
@@ -43,7 +44,9 @@ from pathlens.arch.calls import first_output, hidden_input, with_first_output, w
 from pathlens.circuits.layout import QKV, PostNorm, check_supported, graph_layout, o_proj_output, post_norms
 from pathlens.errors import PathlensError
 from pathlens.hooks import HookSession
+from pathlens.memory import parse_bytes
 from pathlens.model import Model
+from pathlens.patching.budget import edge_patch_cost
 from pathlens.patching.spec import DEFAULT_DIRECTION, runs_for
 from pathlens.patching.sweep import scored_view
 from pathlens.sites import Site
@@ -58,7 +61,10 @@ class EdgePatcher:
     """Edge-patched runs of `task` on `model`: `metric(kept)` for circuits `kept` (K, S, R) bool → (K,).
 
     direction "noise" (default, `DEFAULT_DIRECTION`): the clean prompts run, removed edges carry the corrupted
-    senders (or their mean / zero with `ablation`); "denoise": the reverse.
+    senders (or their mean / zero with `ablation`); "denoise": the reverse. max_batch_tokens: tokens per forward
+    (default `DEFAULT_EDGE_BATCH_TOKENS`); max_memory: instead, the bytes the patcher may hold (an int or a string
+    such as "2GB"), its source state included: the rows per forward follow from its per-row cost
+    (`patching.budget.edge_patch_cost`), and the results are those of `max_batch_tokens` = rows × P.
     """
 
     def __init__(
@@ -68,7 +74,8 @@ class EdgePatcher:
         ablation: str = "patch",
         direction: str = DEFAULT_DIRECTION,
         metric: Metric | None = None,
-        max_batch_tokens: int = DEFAULT_EDGE_BATCH_TOKENS,
+        max_batch_tokens: int | None = None,
+        max_memory: int | str | None = None,
     ):
         if ablation not in ABLATIONS:
             raise PathlensError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}.")
@@ -80,7 +87,8 @@ class EdgePatcher:
                 f"edge patching calls the attention / MLP input norms; {a.family}'s ArchMap names none "
                 "(pass attn_norm= and mlp_norm=)."
             )
-        self.model, self.max_batch_tokens = model, max(1, max_batch_tokens)
+        self.model, self.max_memory = model, None if max_memory is None else parse_bytes(max_memory)
+        self.max_batch_tokens = self._batch_tokens(task, max_batch_tokens, max_memory)
         self.metric = metric or task.metric
         self.task = task.with_metric(self.metric)  # type: ignore[arg-type]
         self.layout = graph_layout(model)
@@ -114,6 +122,16 @@ class EdgePatcher:
         self._source_metric = self._mean_metric(
             run.logits[torch.arange(task.n), torch.searchsorted(scored, task.answer_pos)]
         )
+
+    def _batch_tokens(self, task: Task, max_batch_tokens: int | None, max_memory: int | str | None) -> int:
+        """Tokens per forward: `max_batch_tokens`, or the rows `max_memory` allows times P (`edge_patch_cost`)."""
+        if max_memory is None:
+            return max(1, DEFAULT_EDGE_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens)
+        if max_batch_tokens is not None:
+            raise PathlensError("pass max_memory= (bytes) or max_batch_tokens= (tokens per forward), not both.")
+        n_senders = len(graph_layout(self.model).senders)
+        cost = edge_patch_cost(self.model, task.n, task.seq_len, n_senders, post_norms(self.model) is not None)
+        return cost.rows_for(parse_bytes(max_memory)) * task.seq_len
 
     def _mean_metric(self, answer_logits: Tensor) -> float:
         """Batch-mean metric of logits (N, V) at each prompt's answer position."""

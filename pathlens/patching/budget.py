@@ -108,3 +108,70 @@ def sweep_cost(
     per_token = e * (activation + (prefix_cache + _LOGIT_COPIES * vocab) // (seq_len - start))
     base_peak = e * (n * seq_len * activation + n * min(n, seq_len) * vocab)
     return SweepCost(fixed=fixed, per_token=per_token, base_peak=base_peak, seq_len=seq_len)
+
+
+@dataclass(frozen=True)
+class RowCost:
+    """Bytes an engine that runs rows (circuit × prompt, prompt × step) in chunks holds throughout (`fixed`), per
+    row of a chunk (`per_row`), and at the peak of its set-up runs (`setup_peak`, beyond `fixed`)."""
+
+    fixed: int
+    per_row: int
+    setup_peak: int
+    engine: str
+
+    @property
+    def least(self) -> int:
+        """The smallest budget that runs the engine: its fixed state plus the larger of its set-up and one row."""
+        return self.fixed + max(self.setup_peak, self.per_row)
+
+    def rows_for(self, budget: int) -> int:
+        """The most rows one chunk may hold under `budget` bytes; PathlensError if not even one row fits."""
+        if budget < self.least:
+            raise PathlensError(
+                f"max_memory={megabytes(budget)} MB is too small for one row of {self.engine}: it needs at least "
+                f"{megabytes(self.least)} MB ({megabytes(self.fixed)} MB of it state kept for every prompt, which "
+                "grows with the number of prompts and their length); raise max_memory, or pass fewer prompts."
+            )
+        return max(1, (budget - self.fixed) // self.per_row)
+
+    def peak(self, rows: int) -> int:
+        """The estimated peak with chunks of at most `rows` rows."""
+        return self.fixed + max(self.setup_peak, self.per_row * max(rows, 1))
+
+
+def forward_activation(model: Model, seq_len: int) -> int:
+    """Values one token of a forward keeps alive at the peak of a block call (see the module docstring)."""
+    a = model.arch
+    d, h, g, dh = a.d_model, a.n_heads, a.n_kv_heads, a.d_head
+    hidden = _HIDDEN_COPIES * d + _ROTARY_COPIES * (2 * h + 2 * g) * dh + _SCORE_COPIES * h * seq_len
+    return hidden + _MLP_COPIES * (a.d_mlp or 0)
+
+
+def edge_patch_cost(model: Model, n: int, seq_len: int, n_senders: int, post_norm: bool) -> RowCost:
+    """The memory cost of exact edge patching (`circuits.EdgePatcher`) of `n` prompts of `seq_len` tokens on a
+    graph of `n_senders` senders; `post_norm`: the model has post-attention norms (linearised head writes kept).
+
+    Fixed, per prompt token: the source run's sender outputs (input, head z, MLP outputs), the source residual
+    before every read point and its normed copies, the row-wise modules' outputs on the source input, the
+    gather buffer (one row of sender differences per prompt) and, with post-norms, every head's source write.
+    Per row: the sender differences D (senders × d_model per token), every layer's recorded block input and
+    attention output, one layer's corrected receiver inputs and their normed copies ((2H + 2G)·d_model per
+    token, each twice), the forward itself, and the logits with the metric's temporaries (3·V per row). The
+    set-up is one source forward caching those sites and the residual stream."""
+    a = model.arch
+    e = element_size(model)
+    d, h, g, dh, layers = a.d_model, a.n_heads, a.n_kv_heads, a.d_head, a.n_layers
+    mlp = a.mlp is not None
+    sources = d + layers * (h * dh + (d if mlp else 0))
+    residuals = (2 * layers + 1) * d  # source residual before each attention and MLP, and after the last block
+    normed = 2 * layers * d
+    known = layers * ((h + 2 * g) * dh + (d if mlp else 0))
+    writes = layers * h * d if post_norm else 0
+    per_token_fixed = sources + residuals + normed + known + writes + n_senders * d
+    fixed = e * n * seq_len * per_token_fixed
+    per_row_token = n_senders * d + 2 * layers * d + 2 * 2 * (h + 2 * g) * d + d + forward_activation(model, seq_len)
+    per_row = e * (seq_len * per_row_token + _LOGIT_COPIES * model.vocab_size)
+    run_cache = 2 * layers * d + (layers * d if post_norm else 0)
+    setup_peak = e * n * (seq_len * (forward_activation(model, seq_len) + run_cache) + _LOGIT_COPIES * model.vocab_size)
+    return RowCost(fixed=fixed, per_row=per_row, setup_peak=setup_peak, engine="edge patching")
