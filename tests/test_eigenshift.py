@@ -5,7 +5,8 @@ mean-difference and AUROC scores against a hand computation (projections on the 
 for AUROC); the edited copy's unembedding has exactly the expected singular values (rank d − k at β = 0, rank 0 with
 all selected, within float32 rounding); the copy's logits equal the run-time op's within 1e-5 on several families
 (tied and untied unembeddings, a final soft-cap); no component selected gives bit-identical logits; the model is
-bit-identical after every apply, including one that raised.
+bit-identical after every apply, including one that raised; save/load gives back bit-identical tensors and fields,
+and the loaded shift generates bit-identical tokens and logits.
 """
 
 from __future__ import annotations
@@ -177,6 +178,48 @@ def test_bad_inputs_are_named() -> None:
     narrow = EigenShift(torch.eye(16)[:, :2], 0.0, (0, 1), unembedding_site(model))
     with pytest.raises(PathlensError, match="directions have 16 entries"):
         narrow.edited(model)
+
+
+def test_save_and_load_round_trip_bit_identically_and_steer_the_same(tmp_path: Path) -> None:
+    """Every tensor and field comes back bit-identical; the loaded shift generates the same tokens and logits."""
+    model = tiny_model("llama")
+    shift = eigenshift(model, _texts(1), _texts(2), k=5, beta=0.25, how="auroc")
+    shift.save(tmp_path / "shift")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shift.json", "shift.safetensors"]
+    loaded = EigenShift.load(tmp_path / "shift.safetensors")
+    assert shift.sigma is not None and shift.scores is not None and loaded.sigma is not None
+    assert loaded.scores is not None
+    assert torch.equal(loaded.basis, shift.basis) and loaded.basis.dtype == shift.basis.dtype == torch.float64
+    assert torch.equal(loaded.sigma, shift.sigma) and torch.equal(loaded.scores, shift.scores)
+    assert (loaded.beta, loaded.components, loaded.site) == (shift.beta, shift.components, shift.site)
+    assert loaded.meta == shift.meta and loaded.meta["how"] == "auroc" and loaded.meta["model"] == model.name
+    scored = components(model, _texts(1), _texts(2), "auroc")
+    assert torch.equal(loaded.sigma, scored.sigma[list(shift.components)])  # what was selected, with its σ and score
+    assert torch.equal(loaded.scores, scored.scores[list(shift.components)])
+    ids = _texts(4, n=3, p=6)
+    before = generate(model, ids, shift, max_new_tokens=4, logits=True)
+    after = generate(model, ids, loaded, max_new_tokens=4, logits=True)
+    assert torch.equal(before.ids, after.ids)
+    assert before.logits is not None and after.logits is not None and torch.equal(before.logits, after.logits)
+    assert torch.equal(loaded.edited(model).run(ids).logits, shift.edited(model).run(ids).logits)
+
+
+def test_a_shift_built_by_hand_saves_without_sigma_and_load_checks_the_files(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    bare = EigenShift(torch.eye(32)[:, :2], 0.5, (0, 1), unembedding_site(model))
+    bare.save(tmp_path / "bare")
+    loaded = EigenShift.load(tmp_path / "bare")
+    assert loaded.sigma is None and loaded.scores is None and torch.equal(loaded.basis, bare.basis)
+    with pytest.raises(PathlensError, match="does not exist"):
+        EigenShift.load(tmp_path / "missing")
+    (tmp_path / "other.json").write_text('{"format": "pathlens.SteeringVector"}')
+    (tmp_path / "other.safetensors").write_bytes(b"")
+    with pytest.raises(PathlensError, match="was not written by EigenShift.save"):
+        EigenShift.load(tmp_path / "other")
+    with pytest.raises(PathlensError, match="2 component indices for 3 basis columns"):
+        EigenShift(torch.eye(32)[:, :3], 0.5, (0, 1), unembedding_site(model))
+    with pytest.raises(PathlensError, match=r"sigma must be a \(2,\) tensor"):
+        EigenShift(torch.eye(32)[:, :2], 0.5, (0, 1), unembedding_site(model), sigma=torch.ones(3))
 
 
 def test_copy_equals_op_and_the_study_runs_on_smollm2(smollm2: Model, tmp_path: Path) -> None:

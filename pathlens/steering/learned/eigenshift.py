@@ -21,9 +21,12 @@ Hidden states are read at every real position of the given texts (the paper read
 from __future__ import annotations
 
 import copy
+import json
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -34,10 +37,12 @@ from pathlens.errors import PathlensError
 from pathlens.hooks import HookSession
 from pathlens.interventions import Intervention, ScaleSubspace
 from pathlens.model import Model
+from pathlens.results.io import load_pair, save_pair
 from pathlens.sites import parse_site
 from pathlens.steering.vector import check_scale
 
 Score = Literal["mean-diff", "auroc"]
+FORMAT = "pathlens.EigenShift"
 Texts = Sequence[str] | Tensor
 
 
@@ -140,6 +145,8 @@ class Components:
             components=tuple(int(i) for i in chosen),
             site=str(site),
             meta={**self.meta, "how": self.how, "k": k},
+            sigma=self.sigma[chosen].contiguous(),  # (k,)
+            scores=self.scores[chosen].contiguous(),  # (k,)
         )
 
 
@@ -186,12 +193,53 @@ class EigenShift:
     components: tuple[int, ...]
     site: str
     meta: dict[str, Any] = field(default_factory=dict)
+    sigma: Tensor | None = None
+    scores: Tensor | None = None
 
     def __post_init__(self) -> None:
         check_scale(self.beta, "beta")
         if not isinstance(self.basis, Tensor) or self.basis.ndim != 2:
             raise PathlensError("EigenShift: basis must be a (d, k) tensor of right singular vectors.")
+        if len(self.components) != self.basis.shape[1]:
+            raise PathlensError(
+                f"EigenShift: {len(self.components)} component indices for {self.basis.shape[1]} basis columns; "
+                "give one index per column."
+            )
+        for name, value in (("sigma", self.sigma), ("scores", self.scores)):
+            if value is not None and (not isinstance(value, Tensor) or tuple(value.shape) != (self.k,)):
+                raise PathlensError(f"EigenShift: {name} must be a ({self.k},) tensor, one per selected component.")
         parse_site(self.site)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write `<path>.safetensors` (the selected right singular vectors `basis` (d, k), and their singular values
+        and concept scores when known) and `<path>.json` (β, component indices, site, provenance in `meta`)."""
+        tensors = {"basis": self.basis.detach().contiguous().cpu()}
+        for name, value in (("sigma", self.sigma), ("scores", self.scores)):
+            if value is not None:
+                tensors[name] = value.detach().contiguous().cpu()
+        header = {
+            "beta": float(self.beta),
+            "components": list(self.components),
+            "site": self.site,
+            "has": sorted(tensors),
+            "meta": self.meta,
+        }
+        save_pair(path, FORMAT, tensors, header)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "EigenShift":
+        """Read what `save` wrote (checksums checked); the tensors come back bit-identical."""
+        names = ["basis", *(n for n in ("sigma", "scores") if n in _saved_tensor_names(path))]
+        tensors, header = load_pair(path, FORMAT, names, ["beta", "components", "site", "has", "meta"])
+        return cls(
+            basis=tensors["basis"],
+            beta=float(header["beta"]),
+            components=tuple(int(i) for i in header["components"]),
+            site=str(header["site"]),
+            meta=dict(header["meta"]),
+            sigma=tensors.get("sigma"),
+            scores=tensors.get("scores"),
+        )
 
     @property
     def k(self) -> int:
@@ -249,6 +297,18 @@ class EigenShift:
             with torch.no_grad():
                 weight.copy_(new)
         return Model(hf, model.tokenizer, arch=model.arch, name=f"{model.name} (eigenshift k={self.k}, β={self.beta})")
+
+
+def _saved_tensor_names(path: str | os.PathLike[str]) -> list[str]:
+    """The tensor names a saved pair's JSON lists under "has" (empty if unreadable: `load_pair` then names the
+    problem)."""
+    base = Path(os.fspath(path)).expanduser()
+    base = base.with_suffix("") if base.suffix in (".safetensors", ".json") else base
+    try:
+        has = json.loads(base.with_name(base.name + ".json").read_text(encoding="utf-8")).get("has")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(n) for n in has] if isinstance(has, list) else []
 
 
 def eigenshift(
