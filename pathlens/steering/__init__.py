@@ -35,13 +35,14 @@ from pathlens.steering.finders import (
     read_activations,
     select_layer,
 )
-from pathlens.steering.generate import Generation, generate
+from pathlens.steering.generate import Generation, Steerer, generate
 from pathlens.steering.sweep import SweepResult, sweep
 from pathlens.steering.vector import SteeringVector
 
 __all__ = [
     "Explanation",
     "Generation",
+    "Steerer",
     "SteeringVector",
     "SweepResult",
     "TokenSetDifference",
