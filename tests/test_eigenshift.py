@@ -20,6 +20,7 @@ from torch import Tensor
 from pathlens import Model
 from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, ScaleSubspace
+from pathlens.steering import Steerer
 from pathlens.steering.generate import generate
 from pathlens.steering.learned.eigenshift import (
     EigenShift,
@@ -190,6 +191,7 @@ def test_save_and_load_round_trip_bit_identically_and_steer_the_same(tmp_path: P
     assert shift.sigma is not None and shift.scores is not None and loaded.sigma is not None
     assert loaded.scores is not None
     assert torch.equal(loaded.basis, shift.basis) and loaded.basis.dtype == shift.basis.dtype == torch.float64
+    assert isinstance(loaded, Steerer)  # usable as steer= of pathlens.generate
     assert torch.equal(loaded.sigma, shift.sigma) and torch.equal(loaded.scores, shift.scores)
     assert (loaded.beta, loaded.components, loaded.site) == (shift.beta, shift.components, shift.site)
     assert loaded.meta == shift.meta and loaded.meta["how"] == "auroc" and loaded.meta["model"] == model.name

@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 
 from pathlens.cli import app
 from pathlens.model import Model
+from pathlens.steering.data import contrast
 from pathlens.steering.learned.controller import WeightedSteering
+from pathlens.steering.learned.eigenshift import components
 from tests.helpers import assert_untouched, llama_like, snapshot
 from tests.test_linear_act import tiny_with_words, word_tokenizer
 
@@ -89,7 +91,8 @@ def test_steer_eigenshift_writes_the_record_and_the_page(tmp_path: Path, monkeyp
     assert record["rows"][0]["ppl_increase"] == 0.0 and record["rows"][0]["kl"] == 0.0
     assert record["rows"][2]["kl"] > record["rows"][1]["kl"] > 0.0  # shrinking further moves the output further
     assert len(record["components"]) == 8 and len(set(record["components"])) == 8
-    assert all(0 <= c < model.arch.d_model for c in record["components"])
+    data = contrast("sentiment")  # the record's components are the 8 best by AUROC, negative side vs positive
+    assert record["components"] == components(model, data.negative, data.positive, "auroc").ranked()[:8].tolist()
     assert (tmp_path / "generations.json").is_file() and "eigenshift" in (tmp_path / "steer.html").read_text()
     assert_untouched(model, before)
 
