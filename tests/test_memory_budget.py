@@ -15,10 +15,11 @@ import torch
 from typer.testing import CliRunner
 
 import pathlens
+from pathlens.circuits.edge_attribution import edge_attribution
 from pathlens.circuits.edge_patching import EdgePatcher
 from pathlens.cli import app
 from pathlens.memory import TensorPeak, parse_bytes
-from pathlens.patching.budget import edge_patch_cost, sweep_cost
+from pathlens.patching.budget import edge_attribution_cost, edge_patch_cost, sweep_cost
 from pathlens.patching.checkpoint import Checkpoint
 from pathlens.patching.estimate import estimate_patch
 from pathlens.sites import Site
@@ -157,3 +158,44 @@ def test_edge_patching_budget_errors() -> None:
         EdgePatcher(model, task, max_memory="1GB", max_batch_tokens=100)
     with pytest.raises(pathlens.PathlensError, match="max_memory='lots'"):
         EdgePatcher(model, task, max_memory="lots")
+
+
+@pytest.mark.parametrize(("family", "method"), [("llama", "eap-ig"), ("gpt2", "eap"), ("gemma3", "eap-ig")])
+def test_edge_attribution_peak_stays_under_the_budget(family: str, method: str) -> None:
+    """edge_attribution under 1, 1.5 and 3 times its least budget: measured peak ≤ budget, scores bit-equal to the
+    rows per chunk the cost gives passed as tokens by hand, and within 1e-5 of one chunk of every row."""
+    model, task = tiny_model(family, weight_scale=4.0), wide_task(n=8)
+    reference = EdgePatcher(model, task, max_batch_tokens=10**6)
+    cost = edge_attribution_cost(model, task.n, task.seq_len, reference.n_senders, reference.post is not None)
+    steps = 3
+    one_chunk = edge_attribution(model, task, method, steps=steps, max_batch_tokens=10**6)  # type: ignore[arg-type]
+    before = snapshot(model)
+    rows = []
+    for factor in (1.0, 1.5, 3.0):
+        budget = int(cost.least * factor)
+        with TensorPeak() as peak:
+            graph = edge_attribution(model, task, method, steps=steps, max_memory=budget)  # type: ignore[arg-type]
+        assert 0 < peak.peak <= budget, (factor, peak.peak, budget)
+        if factor == 1.0:
+            assert peak.peak >= budget / 4, (peak.peak, budget)
+        rows.append(cost.rows_for(budget))
+        by_hand = edge_attribution(model, task, method, steps=steps, max_batch_tokens=rows[-1] * task.seq_len)  # type: ignore[arg-type]
+        assert _same(graph.scores, by_hand.scores)
+        torch.testing.assert_close(graph.scores, one_chunk.scores, atol=1e-5, rtol=1e-4, equal_nan=True)
+    assert rows == sorted(rows) and rows[0] < rows[-1] and rows[0] < task.n
+    assert_untouched(model, before)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-equal, NaN where the other is NaN."""
+    return bool(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()))
+
+
+def test_edge_attribution_budget_errors() -> None:
+    model, task = tiny_model("llama"), wide_task(n=8)
+    with pytest.raises(pathlens.PathlensError, match=r"too small for one row of edge attribution: it needs at least"):
+        edge_attribution(model, task, max_memory="10KB")
+    with pytest.raises(pathlens.PathlensError, match="not both"):
+        edge_attribution(model, task, max_memory="1GB", max_batch_tokens=100)
+    with pytest.raises(pathlens.PathlensError, match="max_memory='lots'"):
+        edge_attribution(model, task, max_memory="lots")

@@ -67,12 +67,15 @@ from pathlens.circuits.layout import (
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
 from pathlens.interventions import Intervention, Replace
+from pathlens.memory import parse_bytes
 from pathlens.model import Model
+from pathlens.patching.budget import edge_attribution_cost
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, check_option
 from pathlens.sites import Site
 from pathlens.tasks.base import Task
 from pathlens.tasks.metrics import Metric
 
+DEFAULT_ATTRIBUTION_BATCH_TOKENS = 4096
 EdgeMethod = Literal["eap", "eap-ig", "relp"]
 METHODS: tuple[str, ...] = get_args(EdgeMethod)
 
@@ -85,8 +88,9 @@ def edge_attribution(
     metric: Metric | None = None,
     steps: int = 5,
     rules: Collection[str] | None = None,
-    max_batch_tokens: int = 4096,
+    max_batch_tokens: int | None = None,
     clean_interventions: Sequence[Intervention] = (),
+    max_memory: int | str | None = None,
 ) -> Graph:
     """Score every edge of `model`'s graph on `task` (see module docstring) → Graph (batch-mean scores).
 
@@ -94,10 +98,17 @@ def edge_attribution(
     forward) | "relp" (LRP `rules`). direction: "noise" (default, `DEFAULT_DIRECTION`: what
     discovery and faithfulness patch) or "denoise". clean_interventions: applied to the run of the clean
     prompts; those writing the residual stream become senders "intervention:<site>" (see module docstring).
+    max_batch_tokens: tokens per forward/backward (default `DEFAULT_ATTRIBUTION_BATCH_TOKENS`); max_memory:
+    instead, the bytes the call may hold (an int or a string such as "2GB"): the (prompt, step) rows per chunk
+    follow from their cost (`patching.budget.edge_attribution_cost`), scores as with `max_batch_tokens` = rows × P.
     """
     check_option("method", method, METHODS)
     if steps < 1:
         raise PathlensError(f"steps must be at least 1, got {steps}.")
+    if max_memory is not None and max_batch_tokens is not None:
+        raise PathlensError("pass max_memory= (bytes) or max_batch_tokens= (tokens per forward), not both.")
+    if max_batch_tokens is None:
+        max_batch_tokens = DEFAULT_ATTRIBUTION_BATCH_TOKENS
     if max_batch_tokens < 1:
         raise PathlensError("max_batch_tokens must be at least 1.")
     check_supported(model)
@@ -118,6 +129,10 @@ def edge_attribution(
     clean_side = list(clean_interventions)
     sides = (clean_side, []) if direction == "noise" else ([], clean_side)  # (base run's, source run's)
     writes = _stream_writes(model, clean_side)
+    if max_memory is not None:
+        n_senders, post = len(layout.senders) + len(writes), post_norms(model) is not None
+        cost = edge_attribution_cost(model, task.n, task.seq_len, n_senders, post)
+        max_batch_tokens = cost.rows_for(parse_bytes(max_memory)) * task.seq_len
     deltas, base_input, source_input = _sender_deltas(model, task, base_ids, source_ids, sides, writes)
 
     senders = layout.senders + [f"intervention:{site}" for site in writes]

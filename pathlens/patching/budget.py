@@ -175,3 +175,31 @@ def edge_patch_cost(model: Model, n: int, seq_len: int, n_senders: int, post_nor
     run_cache = 2 * layers * d + (layers * d if post_norm else 0)
     setup_peak = e * n * (seq_len * (forward_activation(model, seq_len) + run_cache) + _LOGIT_COPIES * model.vocab_size)
     return RowCost(fixed=fixed, per_row=per_row, setup_peak=setup_peak, engine="edge patching")
+
+
+def edge_attribution_cost(model: Model, n: int, seq_len: int, n_senders: int, post_norm: bool) -> RowCost:
+    """The memory cost of edge attribution (`circuits.edge_attribution`) of `n` prompts of `seq_len` tokens with
+    `n_senders` senders (intervention writes included); a row is one (prompt, interpolation step).
+
+    Fixed, per prompt token: every sender's difference Δz (senders × d_model) and the base / source input
+    residuals. Per row, a forward that keeps its graph for the backward pass: every layer's activations
+    (`forward_activation`) and cached receiver inputs, the logits at every position with the metric's
+    temporaries (3·V per token), the gradients at every receiver input (attention receivers' per-head gradients,
+    (H + 2G)·d_model per token per layer, kept for every layer, and about three times one layer's of them while
+    a batched backward runs), the backward's own temporaries (about two layers' activations) and the per-prompt
+    copy of Δz the scores are summed against. The set-up runs the base and the source forward caching the sender
+    outputs, then concatenates their differences (a second copy of Δz for a moment)."""
+    a = model.arch
+    e = element_size(model)
+    d, h, g, dh, layers = a.d_model, a.n_heads, a.n_kv_heads, a.d_head, a.n_layers
+    mlp_out = d if a.mlp is not None else 0
+    activation = forward_activation(model, seq_len)
+    fixed = e * n * seq_len * (n_senders + 2) * d
+    cached = layers * (3 * d + (h + 2 * g) * dh) + d
+    receivers = (h + 2 * g) * d
+    grads = layers * (receivers + 2 * d + (h + 2 * g) * dh) + 3 * receivers
+    per_token = layers * activation + cached + _LOGIT_COPIES * model.vocab_size + grads + 2 * activation
+    per_row = e * seq_len * (per_token + n_senders * d)
+    sites = d + layers * (h * dh + mlp_out + (d if post_norm else 0))
+    setup = seq_len * (n_senders * d + 2 * sites + layers * activation + _LOGIT_COPIES * model.vocab_size)
+    return RowCost(fixed=fixed, per_row=per_row, setup_peak=e * n * setup, engine="edge attribution")
