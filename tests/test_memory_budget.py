@@ -22,6 +22,7 @@ from pathlens.memory import TensorPeak, parse_bytes
 from pathlens.patching.budget import edge_attribution_cost, edge_patch_cost, sweep_cost
 from pathlens.patching.checkpoint import Checkpoint
 from pathlens.patching.estimate import estimate_patch
+from pathlens.results import Scores
 from pathlens.sites import Site
 from pathlens.tasks.base import Task
 from tests.helpers import VOCAB, assert_untouched, snapshot, tiny_model
@@ -199,3 +200,16 @@ def test_edge_attribution_budget_errors() -> None:
         edge_attribution(model, task, max_memory="1GB", max_batch_tokens=100)
     with pytest.raises(pathlens.PathlensError, match="max_memory='lots'"):
         edge_attribution(model, task, max_memory="lots")
+
+
+def test_patch_command_takes_a_memory_budget(tmp_path: Any) -> None:
+    """`pathlens patch --max-memory` sizes the sweep's chunks (recorded in the saved scores); a bad size or both
+    knobs are usage errors."""
+    args = ["patch", "--model", "induction-2l", "--task", "induction", "--sites", "heads", "--n", "4"]
+    result = CliRunner().invoke(app, [*args, "--max-memory", "20MB", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    saved = Scores.load(tmp_path / "a" / "heads_all")
+    assert saved.meta["max_memory"] == 20 * 10**6
+    for bad in (["--max-memory", "lots"], ["--max-memory", "1GB", "--max-batch-tokens", "100"]):
+        refused = CliRunner().invoke(app, [*args, *bad, "--out", str(tmp_path / "b")])
+        assert refused.exit_code == 2 and "--max-memory" in refused.output, refused.output

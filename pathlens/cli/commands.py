@@ -14,7 +14,9 @@ from rich.table import Table
 
 from pathlens.circuits.discover import DiscoveryMethod, Ranking
 from pathlens.circuits.edge_attribution import EdgeMethod
+from pathlens.errors import PathlensError
 from pathlens.loading import EMBEDDED
+from pathlens.memory import parse_bytes
 from pathlens.model import Model
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction
 from pathlens.patching.sweep import DEFAULT_MAX_BATCH_TOKENS
@@ -137,7 +139,10 @@ def patch(
     direction: Direction = typer.Option(DEFAULT_DIRECTION, help="noise (default: what circuits patch) | denoise"),
     n: int = typer.Option(8, min=1, help="number of prompt pairs"),
     seed: int = typer.Option(0, help="task seed"),
-    max_batch_tokens: int = typer.Option(DEFAULT_MAX_BATCH_TOKENS, min=1, help="most tokens in one patched forward"),
+    max_batch_tokens: Optional[int] = typer.Option(  # noqa: UP045
+        None, min=1, help=f"most tokens in one patched forward (default {DEFAULT_MAX_BATCH_TOKENS})"
+    ),
+    max_memory: Optional[str] = typer.Option(None, help="memory budget, e.g. 2GB (sizes the chunks instead)"),  # noqa: UP045
     out: Path = typer.Option(Path("out/patch"), help="output folder (a killed sweep resumes from it)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="discard the progress saved in --out and start over"),
 ) -> None:
@@ -145,6 +150,11 @@ def patch(
     from pathlens.patching import patch as run_patch
 
     family, task = site_group(sites), task_choice(task)
+    if max_memory is not None:
+        with option("'--max-memory'"):
+            parse_bytes(max_memory, "--max-memory")
+            if max_batch_tokens is not None:
+                raise PathlensError("pass --max-memory or --max-batch-tokens, not both.")
     output_folder(out)
     loaded = load_model(model)
     with option("'--task'"):
@@ -156,6 +166,7 @@ def patch(
         positions=positions,
         direction=direction,
         max_batch_tokens=max_batch_tokens,
+        max_memory=max_memory,
         out=out / "progress",
         overwrite=overwrite,
         progress=True,
