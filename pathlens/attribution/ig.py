@@ -22,12 +22,16 @@ from torch import Tensor
 from pathlens.attribution.atp import cells, estimate_scores
 from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, Replace
+from pathlens.memory import parse_bytes
 from pathlens.model import Model, Run
+from pathlens.patching.budget import integrated_gradients_cost
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, Sites
 from pathlens.results import Scores
 from pathlens.sites import INDEX_LETTER, Site
 from pathlens.tasks.base import Task
 from pathlens.tasks.metrics import Metric
+
+DEFAULT_IG_BATCH_TOKENS = 4096
 
 
 def integrated_gradients(
@@ -40,14 +44,25 @@ def integrated_gradients(
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
     steps: int = 5,
-    max_batch_tokens: int = 4096,
+    max_batch_tokens: int | None = None,
+    max_memory: int | str | None = None,
 ) -> Scores:
     """IG estimates of `pathlens.patch(model, task, sites, positions, direction)`: same Scores layout.
-    direction: "noise" by default (`DEFAULT_DIRECTION`, every method's: what circuit discovery patches)."""
+    direction: "noise" by default (`DEFAULT_DIRECTION`, every method's: what circuit discovery patches).
+    max_batch_tokens: tokens per forward/backward (default `DEFAULT_IG_BATCH_TOKENS`); max_memory: instead, the
+    bytes the call may hold (an int or a string such as "2GB"): the (prompt, step) rows per chunk follow from
+    their cost (`patching.budget.integrated_gradients_cost`), scores as with `max_batch_tokens` = rows × P."""
     if steps < 1:
         raise PathlensError(f"steps must be at least 1, got {steps}.")
+    if max_memory is not None and max_batch_tokens is not None:
+        raise PathlensError("pass max_memory= (bytes) or max_batch_tokens= (tokens per forward), not both.")
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
     families = sorted({v.site.family for v in setup.plan.variants}, key=str)
+    if max_memory is not None:
+        cost = integrated_gradients_cost(model, task.n, task.seq_len, families)
+        max_batch_tokens = cost.rows_for(parse_bytes(max_memory)) * task.seq_len
+    elif max_batch_tokens is None:
+        max_batch_tokens = DEFAULT_IG_BATCH_TOKENS
     base_ids, source_ids = setup.runs
     base = model.run(base_ids, attention_mask=task.attention_mask, cache=families)
     source = model.run(source_ids, attention_mask=task.attention_mask, cache=families)

@@ -203,3 +203,27 @@ def edge_attribution_cost(model: Model, n: int, seq_len: int, n_senders: int, po
     sites = d + layers * (h * dh + mlp_out + (d if post_norm else 0))
     setup = seq_len * (n_senders * d + 2 * sites + layers * activation + _LOGIT_COPIES * model.vocab_size)
     return RowCost(fixed=fixed, per_row=per_row, setup_peak=e * n * setup, engine="edge attribution")
+
+
+def integrated_gradients_cost(model: Model, n: int, seq_len: int, families: Iterable[Site]) -> RowCost:
+    """The memory cost of activation integrated gradients (`attribution.integrated_gradients`) of `n` prompts of
+    `seq_len` tokens over the site `families`; a row is one (prompt, step).
+
+    Fixed, per prompt token: the base and the source run's logits at every position and their caches of every
+    family, and, for the family being scored, its difference, gradient sum and product (three of its widths).
+    Per row: a forward that keeps its graph for the backward (every layer's activations), the interpolated
+    point and its gradient, the logits with the metric's temporaries (3·V per token) and the backward's own
+    temporaries (about two layers' activations). The set-up is the base and source forwards."""
+    a = model.arch
+    e = element_size(model)
+    widths = [site_width(model, f, seq_len) for f in set(families)]
+    widest = max(widths, default=a.d_model)
+    activation = forward_activation(model, seq_len)
+    fixed = e * n * seq_len * (2 * model.vocab_size + 2 * sum(widths) + 3 * widest)
+    per_token = (a.n_layers + 2) * activation + 3 * widest + _LOGIT_COPIES * model.vocab_size
+    return RowCost(
+        fixed=fixed,
+        per_row=e * seq_len * per_token,
+        setup_peak=e * n * seq_len * activation,
+        engine="integrated gradients",
+    )
