@@ -14,6 +14,10 @@ every chunk fits. The base runs (one forward of all N·P tokens) must fit too.
 `sweep_cost(...).tokens_for(budget)` is the `max_batch_tokens` a budget allows; the sweep then chunks exactly as
 with that token count. These are estimates from shapes: `pathlens.memory.TensorPeak` measures the real peak,
 and the tests check it stays under the budget.
+
+Engines that run rows in chunks (edge patching's (circuit, prompt) rows, edge attribution's and integrated
+gradients' (prompt, step) rows) describe their cost as a `RowCost` (state kept for every prompt, bytes per row,
+the set-up's peak): `rows_for(budget)` is the rows per chunk, which they run as `max_batch_tokens` = rows × P.
 """
 
 from __future__ import annotations
