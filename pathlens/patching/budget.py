@@ -192,7 +192,8 @@ def edge_attribution_cost(model: Model, n: int, seq_len: int, n_senders: int, po
     (H + 2G)·d_model per token per layer, kept for every layer, and about three times one layer's of them while
     a batched backward runs), the backward's own temporaries (about two layers' activations) and the per-prompt
     copy of Δz the scores are summed against. The set-up runs the base and the source forward caching the sender
-    outputs, then concatenates their differences (a second copy of Δz for a moment)."""
+    outputs without grad (one block's activations at a time), then concatenates their differences (a second copy
+    of Δz for a moment)."""
     a = model.arch
     e = element_size(model)
     d, h, g, dh, layers = a.d_model, a.n_heads, a.n_kv_heads, a.d_head, a.n_layers
@@ -205,7 +206,7 @@ def edge_attribution_cost(model: Model, n: int, seq_len: int, n_senders: int, po
     per_token = layers * activation + cached + _LOGIT_COPIES * model.vocab_size + grads + 2 * activation
     per_row = e * seq_len * (per_token + n_senders * d)
     sites = d + layers * (h * dh + mlp_out + (d if post_norm else 0))
-    setup = seq_len * (n_senders * d + 2 * sites + layers * activation + _LOGIT_COPIES * model.vocab_size)
+    setup = seq_len * (n_senders * d + 2 * sites + activation + _LOGIT_COPIES * model.vocab_size)
     return RowCost(fixed=fixed, per_row=per_row, setup_peak=e * n * setup, engine="edge attribution")
 
 
