@@ -22,7 +22,7 @@ from pathlens.cli import app
 from pathlens.model import Model
 from pathlens.steering.data import contrast
 from pathlens.steering.learned.controller import WeightedSteering
-from pathlens.steering.learned.eigenshift import components
+from pathlens.steering.learned.eigenshift import EigenShift, components
 from tests.helpers import assert_untouched, llama_like, snapshot
 from tests.test_linear_act import tiny_with_words, word_tokenizer
 
@@ -94,6 +94,10 @@ def test_steer_eigenshift_writes_the_record_and_the_page(tmp_path: Path, monkeyp
     data = contrast("sentiment")  # the record's components are the 8 best by AUROC, negative side vs positive
     assert record["components"] == components(model, data.negative, data.positive, "auroc").ranked()[:8].tolist()
     assert (tmp_path / "generations.json").is_file() and "eigenshift" in (tmp_path / "steer.html").read_text()
+    saved = EigenShift.load(tmp_path / "eigenshift")  # the strongest β swept, with the record's components
+    assert saved.beta == 0.0 and record["saved_beta"] == 0.0
+    assert sorted(saved.components) == sorted(record["components"])
+    assert "eigenshift.safetensors/.json" in record["files"] and "eigenshift.safetensors" in output
     assert_untouched(model, before)
 
 

@@ -110,7 +110,11 @@ def steer(
             )
     page = write_steer_page(out, record)
     print_steering(record, title=f"{concept} / {method} at {record['site']}")
-    console.print(
-        f"wrote {page}, {out}/steer.json, vector.safetensors/.json, generations.json, dose_response.csv/.png"
-        + (", explanation_graph.safetensors/.json" if record.get("explanation") else "")
-    )
+    files = record.get("files") or [
+        "steer.json",
+        "vector.safetensors/.json",
+        "generations.json",
+        "dose_response.csv/.png",
+        *(["explanation_graph.safetensors/.json"] if record.get("explanation") else []),
+    ]
+    console.print(f"wrote {page} and, in {out}: {', '.join(files)}")

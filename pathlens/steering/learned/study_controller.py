@@ -107,8 +107,8 @@ def learned_study(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Run `method` ("controller" or "eigenshift") on the shipped contrast set `concept` (module docstring); write
-    `generations.json`, the trained object (`controller.safetensors/.json`) and `steer.json` (the record returned)
-    into `out`."""
+    `generations.json`, the trained object (`controller.safetensors/.json`, or `eigenshift.safetensors/.json` at the
+    strongest β swept) and `steer.json` (the record returned, whose `files` lists them) into `out`."""
     if method not in LEARNED_METHODS:
         raise PathlensError(f"unknown learned steering method {method!r}; use one of {list(LEARNED_METHODS)}.")
     if isinstance(n_prompts, bool) or not 1 <= n_prompts <= 32:
@@ -161,7 +161,14 @@ def learned_study(
             kl = float((baseline[0].exp() * (baseline[0] - steered)).sum(-1)[baseline[2]].mean())
             rows.append(_row(beta, _mean_vader(gen.texts), base_vader, (ppl, base_ppl), kl))
             generations += [{"scale": beta, "prompt": p, "text": t} for p, t in zip(prompts, gen.texts, strict=True)]
-        extra = {"k": EIGENSHIFT_K, "components": scored.ranked()[:EIGENSHIFT_K].tolist(), "score": "auroc"}
+        strongest = min(chosen) if chosen else 0.0  # β: the smallest keeps the least of the components
+        scored.select(EIGENSHIFT_K, strongest, model).save(folder / "eigenshift")
+        extra = {
+            "k": EIGENSHIFT_K,
+            "components": scored.ranked()[:EIGENSHIFT_K].tolist(),
+            "score": "auroc",
+            "saved_beta": strongest,
+        }
     examples = []
     for prompt in dict.fromkeys(g["prompt"] for g in generations[: min(3, n_prompts)]):
         mine = {f"scale {g['scale']:g}": g["text"] for g in generations if g["prompt"] == prompt}
@@ -175,6 +182,7 @@ def learned_study(
         "examples": examples,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
+        "files": ["steer.json", "generations.json", f"{method}.safetensors/.json"],
         **extra,
     }
     write_text(folder / "generations.json", json.dumps(generations, indent=1, ensure_ascii=False) + "\n")
