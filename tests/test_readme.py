@@ -2,8 +2,9 @@
 
 Python blocks are executed as they stand (on the embedded models, in a temporary working directory). Every
 `pathlens ...` line of a bash block is parsed against the command line (unknown commands or options fail), and
-run through it unless it is a study on SmolLM2 (`demo`, `patch`, `attribute`, `circuit` take minutes there;
-tests/test_cli.py runs the demo and the same commands on the induction model). Other bash lines (`make`, `pip`,
+run through it unless it is a study on SmolLM2 (`demo`, `patch`, `attribute`, `circuit`, `steer`, `subspace`,
+`store`, `features`, `lens`, `massive` take minutes there; tests/test_cli.py and each capability's CLI tests run them
+on small models). Other bash lines (`make`, `pip`,
 benchmark scripts) are not run. The public names the README uses are exported from `pathlens` and its packages.
 """
 
@@ -25,7 +26,8 @@ import pathlens
 from pathlens.cli import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-STUDIES = ("demo", "patch", "attribute", "circuit")  # subcommands that run a study on their --model
+# subcommands that run a study on their --model
+STUDIES = ("demo", "patch", "attribute", "circuit", "steer", "subspace", "store", "features", "lens", "massive")
 CHEAP_MODELS = ("induction-2l",)  # models a study runs on in about a second
 
 
