@@ -196,7 +196,20 @@ def _time(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-PARTS: dict[str, Callable[[Workload], Iterator[Row]]] = {"store": store_rows, "loader": loader_rows, "snmf": snmf_rows}
+def sae_rows(work: Workload) -> Iterator[Row]:
+    """The TopK SAE training workload of benchmarks/features_sae.py with its defaults (run that script directly to
+    change them, or to time SAELens in its own virtualenv)."""
+    from benchmarks import features_sae
+
+    yield from features_sae.rows(features_sae.parse(["--threads", str(work.args.threads)]))
+
+
+PARTS: dict[str, Callable[[Workload], Iterator[Row]]] = {
+    "store": store_rows,
+    "loader": loader_rows,
+    "snmf": snmf_rows,
+    "sae-topk": sae_rows,
+}
 """Each part yields rows; a new feature workload adds its function here."""
 
 

@@ -201,7 +201,8 @@ def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     }
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """This benchmark's arguments (`argv`, or the command line), checked."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON line per row")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -220,9 +221,14 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/out/features_sae", help="where the dictionary is saved")
     parser.add_argument("--saelens-python", default=None, help="python of a virtualenv with SAELens installed")
     parser.add_argument("--saelens-rounds", type=int, default=3, help="alternated pathlens/SAELens timing runs")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 0:
         parser.error("--threads must be >= 0")
+    return args
+
+
+def main() -> None:
+    args = parse()
     set_threads(args.threads or None)
     emit = Emitter(json=args.json, extra={"model": "smollm2", "threads": torch.get_num_threads()})
     for row in rows(args):

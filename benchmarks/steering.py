@@ -21,6 +21,10 @@ Parts:
   logistic probe before and after, at several layers (target: chance ± 5 %), and the largest |logit difference|
   between the weight-orthogonalized copy and run-time ablation (target ≤ 1e-4).
 - explain: the pathways a sentiment vector acts through (`pathlens.steering.explain`), and how long it takes.
+- learned: the learned-steering methods on the same sentiment data, with their own modules' default settings
+  (not in the default parts: they train for minutes): LinEAS and Linear-AcT beside mean-diff
+  (benchmarks/steering_transport.py) and the weighted controller and EigenShift
+  (benchmarks/steering_controller.py); run those scripts directly to change their settings.
 
 Run `python benchmarks/steering.py --json` for one JSON line per row.
 """
@@ -62,7 +66,8 @@ from pathlens.steering import SteeringVector, contrast, explain, find, generate,
 from pathlens.steering.ablation import ablation_interventions, orthogonalized, probe_after_ablation
 from pathlens.steering.generate import left_padded, pad_id
 
-PARTS = ("generate", "generate-per-row", "dose-response", "ablation", "explain")
+PARTS = ("generate", "generate-per-row", "dose-response", "ablation", "explain", "learned")
+DEFAULT_PARTS = PARTS[:-1]
 N_PROMPTS, NEW_TOKENS = 32, 48
 DOSE_PROMPTS, DOSE_TOKENS, DOSE_SEED = 64, 48, 0
 TARGET_SHIFT, PPL_BUDGET = 0.3, 0.25
@@ -359,7 +364,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS), help=f"comma list of {', '.join(PARTS)}")
     parser.add_argument("--peers", default="nnsight,tl", help="peers timed on the generate workload")
     parser.add_argument("--peer-repeats", type=int, default=1, help="timed runs of each peer")
     parser.add_argument("--layer", type=int, default=10)
@@ -406,6 +411,14 @@ def main() -> None:
             emit(row)
     if "explain" in args.parts:
         for row in explain_rows(model, vec, prompts=16):
+            emit(row)
+    if "learned" in args.parts:
+        from benchmarks import steering_controller, steering_transport
+
+        shared = ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+        for row in steering_transport.rows(steering_transport.parser().parse_args(shared)):
+            emit(row)
+        for row in steering_controller.rows(steering_controller.parse(shared)):
             emit(row)
     if not args.json:
         for row in emit.rows:

@@ -322,7 +322,8 @@ def _floats(text: str) -> list[float]:
     return [float(s) for s in text.split(",") if s.strip()]
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """This benchmark's arguments (`argv`, or the command line), checked and with the comma lists parsed."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print one JSON line per row")
     parser.add_argument("--quick", action="store_true", help="one timed repeat")
@@ -337,7 +338,7 @@ def main() -> None:
     parser.add_argument("--betas", default="0,0.5", help="EigenShift β values")
     parser.add_argument("--vader-ks", default="4,16", help="k values (β = 0) whose generations are scored")
     parser.add_argument("--hows", default="mean-diff,auroc", help="EigenShift component scores: mean-diff, auroc")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     check_repeats_and_threads(parser, args)
     check_parts(parser, args, PARTS)
     if not 1 <= args.n_prompts <= 24:
@@ -348,6 +349,11 @@ def main() -> None:
     args.hows = [h for h in args.hows.split(",") if h]
     if not args.hows or any(h not in ("mean-diff", "auroc") for h in args.hows):
         parser.error("--hows is a comma list of mean-diff, auroc")
+    return args
+
+
+def main() -> None:
+    args = parse()
     emit = Emitter(json=args.json, extra={"model": "smollm2", "threads": args.threads or torch.get_num_threads()})
     for row in rows(args):
         emit(row)
