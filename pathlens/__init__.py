@@ -1,10 +1,10 @@
 """pathlens: find, verify and steer the pathways inside neural networks.
 
-The nouns: `Model` (an unmodified model plus its sites), `Site` (a named activation point), `Intervention`
-(one way to change a site during a run: an `Op` — `Replace`, `Add`, `Ablate`, `Scale`, `Project`,
-`StopGradient`, `ProjectOut`), `SteeringVector`, `Task` (the behaviour to explain), `Scores` and `Graph` (the
-result types). The verbs: `load`, `generate` (batched generation, steered per row), `patch`, `atp`,
-`atp_star`, `relp`, `integrated_gradients`, `compare`, `edge_attribution`; circuits
+The nouns: `Model` (an unmodified model plus its sites), `Site` (a named activation point), `Intervention` (one way
+to change a site during a run: an `Op` — `Replace`, `Add`, `Ablate`, `Scale`, `Project`, `StopGradient`,
+`ProjectOut`, `Affine`, `ScaleSubspace`, `AddDynamic`, `Tap`), `SteeringVector`, `Subspace`, `Task` (the behaviour
+to explain), `Scores` and `Graph` (the result types). The verbs: `load`, `generate` (batched generation, steered per
+row), `patch`, `atp`, `atp_star`, `relp`, `integrated_gradients`, `compare`, `edge_attribution`; circuits
 (`pathlens.circuits.discover`, ...), steering (`pathlens.steering`), task generators and metrics
 (`pathlens.tasks.ioi`, ...), subspaces and DAS (`pathlens.subspace`, `illusion_check`), features (activation store,
 semi-NMF, sparse dictionaries spliced in as sites: `pathlens.features`), diagnostics (logit lens, head detectors,
@@ -31,7 +31,21 @@ from pathlens.circuits import edge_attribution
 from pathlens.diagnostics import train
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
-from pathlens.interventions import Ablate, Add, Intervention, Op, Project, ProjectOut, Replace, Scale, StopGradient
+from pathlens.interventions import (
+    Ablate,
+    Add,
+    AddDynamic,
+    Affine,
+    Intervention,
+    Op,
+    Project,
+    ProjectOut,
+    Replace,
+    Scale,
+    ScaleSubspace,
+    StopGradient,
+    Tap,
+)
 from pathlens.loading import EMBEDDED, load
 from pathlens.model import Cache, Model, Run
 from pathlens.patching import patch
@@ -45,6 +59,8 @@ __all__ = [
     "EMBEDDED",
     "Ablate",
     "Add",
+    "AddDynamic",
+    "Affine",
     "ArchMap",
     "Cache",
     "Graph",
@@ -57,11 +73,13 @@ __all__ = [
     "Replace",
     "Run",
     "Scale",
+    "ScaleSubspace",
     "Scores",
     "Site",
     "SteeringVector",
     "Subspace",
     "StopGradient",
+    "Tap",
     "Task",
     "arch",
     "atp",

@@ -12,9 +12,11 @@
   logit difference) to heads, MLPs and edges (AtP/EAP with the steered run as the clean run) and lists the
   pathways from the vector's write to the logits.
 - shipped data (data/): `contrast(name)`, `neutral_prompts()`, `heldout_text()`.
+- learned steering (learned/, loaded with this package): Linear-AcT, LinEAS, the weighted controller, EigenShift.
 """
 
-from pathlens.steering.ablation import ablation_interventions, orthogonalized
+from pathlens.steering import learned
+from pathlens.steering.ablation import ablation_interventions, orthogonalized, probe_after_ablation
 from pathlens.steering.data import contrast, heldout_text, neutral_prompts
 from pathlens.steering.evaluate import (
     cost,
@@ -56,6 +58,7 @@ __all__ = [
     "generate",
     "heldout_text",
     "layer_sites",
+    "learned",
     "mean_difference",
     "neutral_prompts",
     "next_token_entropy",
@@ -63,6 +66,7 @@ __all__ = [
     "orthogonalized",
     "pca_direction",
     "perplexity",
+    "probe_after_ablation",
     "probe_direction",
     "read_activations",
     "select_layer",
