@@ -1,8 +1,8 @@
 """What the benchmark scripts share: the GPT-2 workload, timing, peak memory, argument checks and output.
 
 - workload: `build_gpt2` (GPT-2-small shape, seeded random weights), `synthetic_ioi_task` (8 IOI-shaped pairs of
-  15 random tokens), `mean_logit_diff` (the metric every library computes), `tl_bridge` (TransformerLens'
-  wrapper of an HF model, for the scripts that time it);
+  15 random tokens), `task_on` (a task's tensors on a device), `mean_logit_diff` (the metric every library
+  computes), `tl_bridge` (TransformerLens' wrapper of an HF model, for the scripts that time it);
 - timing: `round_robin`, the one timing loop (runners interleaved round by round, optional warm-up), with
   `time_once` for a runner too slow to repeat and `plain_forward`, the unit floors and costs are measured in;
 - memory: `peak_rss_growth_mb` of a call, `in_fresh_process` to measure it where earlier runs cannot hide it;
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -83,9 +84,17 @@ def synthetic_ioi_task(vocab_size: int) -> Task:
 
 def mean_logit_diff(logits: Tensor, task: Task) -> Tensor:
     """Batch-mean logit(answer) - logit(wrong) at each row's answer position; logits (N, P, V) -> scalar."""
-    rows = torch.arange(logits.shape[0])
-    final = logits[rows, task.answer_pos]  # (N, V)
-    return (final[rows, task.answer_ids] - final[rows, task.wrong_ids]).mean()
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    final = logits[rows, task.answer_pos.to(logits.device)]  # (N, V)
+    answers, wrong = task.answer_ids.to(logits.device), task.wrong_ids.to(logits.device)
+    return (final[rows, answers] - final[rows, wrong]).mean()
+
+
+def task_on(task: Task, device: str | torch.device) -> Task:
+    """`task` with its token tensors on `device`, for the runs that feed a model by hand (floors, peers); pathlens
+    moves a task's inputs to `Model.device` itself."""
+    tensors = ("clean_ids", "corrupt_ids", "answer_ids", "wrong_ids", "answer_pos", "attention_mask")
+    return dataclasses.replace(task, **{name: getattr(task, name).to(device) for name in tensors})
 
 
 def tl_bridge(hf: PreTrainedModel, own_copy: bool = True) -> Any:
