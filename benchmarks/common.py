@@ -310,7 +310,7 @@ def max_abs_diff(a: Tensor, b: Tensor) -> float:
     """Largest |a - b| of two same-shape grids."""
     if a.shape != b.shape:
         raise ValueError(f"grids differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return float((a.float() - b.float()).abs().max())
+    return float((a.float().cpu() - b.float().cpu()).abs().max())
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
