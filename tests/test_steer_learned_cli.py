@@ -97,7 +97,8 @@ def test_steer_eigenshift_writes_the_record_and_the_page(tmp_path: Path, monkeyp
     saved = EigenShift.load(tmp_path / "eigenshift")  # the strongest β swept, with the record's components
     assert saved.beta == 0.0 and record["saved_beta"] == 0.0
     assert sorted(saved.components) == sorted(record["components"])
-    assert "eigenshift.safetensors/.json" in record["files"] and "eigenshift.safetensors" in output
+    assert record["files"]["eigenshift"] == str(tmp_path / "eigenshift.safetensors")
+    assert "eigenshift.safetensors" in output
     assert_untouched(model, before)
 
 

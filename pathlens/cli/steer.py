@@ -12,6 +12,8 @@ from pathlens.cli.app import app, console, load_model, option, output_folder
 
 _COLUMNS = ("scale", "vader_mean", "vader_shift", "ppl_increase", "kl")
 
+DEFAULT_SCALES = "-0.2,-0.1,0.1,0.2"  # for vectors; learned methods read this default as their own
+
 
 def print_steering(record: dict[str, Any], title: str) -> None:
     """The dose–response table, one before/after example and the pathways of a steer study's record."""
@@ -44,7 +46,11 @@ def steer(
         "mean-diff", help="mean-diff | pca | probe | lineas | linear-act | controller | eigenshift"
     ),
     layer: Optional[int] = typer.Option(None, help="layer whose resid_post is steered (default: a third up)"),  # noqa: UP045
-    scales: str = typer.Option("-0.2,-0.1,0.1,0.2", help="comma list of scales, fractions of the typical norm"),
+    scales: str = typer.Option(
+        DEFAULT_SCALES,
+        help="comma list of scales: fractions of the typical norm (vectors), strengths λ (lineas, linear-act; "
+        "default 1,2,3), α (controller) or β (eigenshift)",
+    ),
     prompts: int = typer.Option(16, min=1, max=64, help="how many shipped neutral prompts to generate from"),
     max_new_tokens: int = typer.Option(32, min=1, help="tokens generated per prompt"),
     positions: str = typer.Option("all", help="where the vector is added: all | prompt | generated | last"),
@@ -87,11 +93,12 @@ def steer(
     loaded = load_model(model)
     with option("'--layer' or '--scales'"), console.status(f"steering {concept} with {method} …"):
         if method in TRANSPORT_METHODS:  # scales are strengths λ of the fitted maps (1: the maps as fitted)
+            strengths = [1.0, 2.0, 3.0] if scales == DEFAULT_SCALES else scale_list  # the vector default means λ's
             record = transport_study(
-                loaded, concept, method, out, layer, scale_list, prompts, max_new_tokens, seed, do_sample=sample
+                loaded, concept, method, out, layer, strengths, prompts, max_new_tokens, seed, do_sample=sample
             )
         elif method in LEARNED_METHODS:  # scales are α (controller) or β (eigenshift); the vector default means theirs
-            chosen = None if scales == "-0.2,-0.1,0.1,0.2" else scale_list
+            chosen = None if scales == DEFAULT_SCALES else scale_list
             record = learned_study(loaded, concept, method, out, chosen, min(prompts, 32), max_new_tokens, seed)
         else:
             record = steer_study(
@@ -110,11 +117,5 @@ def steer(
             )
     page = write_steer_page(out, record)
     print_steering(record, title=f"{concept} / {method} at {record['site']}")
-    files = record.get("files") or [
-        "steer.json",
-        "vector.safetensors/.json",
-        "generations.json",
-        "dose_response.csv/.png",
-        *(["explanation_graph.safetensors/.json"] if record.get("explanation") else []),
-    ]
-    console.print(f"wrote {page} and, in {out}: {', '.join(files)}")
+    written = [Path(record["vector"]).name, "steer.json", *(Path(f).name for f in record.get("files", {}).values())]
+    console.print(f"wrote {page} and, in {out}: {', '.join(dict.fromkeys(written))}")

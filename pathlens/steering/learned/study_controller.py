@@ -182,7 +182,8 @@ def learned_study(
         "examples": examples,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
-        "files": ["steer.json", "generations.json", f"{method}.safetensors/.json"],
+        "vector": str(folder / f"{method}.safetensors"),
+        "files": {"generations": str(folder / "generations.json"), method: str(folder / f"{method}.safetensors")},
         **extra,
     }
     write_text(folder / "generations.json", json.dumps(generations, indent=1, ensure_ascii=False) + "\n")
