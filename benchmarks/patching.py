@@ -41,6 +41,7 @@ from benchmarks.common import (
     SEED,
     Emitter,
     Timed,
+    add_device_argument,
     build_gpt2,
     check_repeats_and_threads,
     in_fresh_process,
@@ -52,6 +53,7 @@ from benchmarks.common import (
     round_robin,
     set_threads,
     synthetic_ioi_task,
+    task_on,
     tl_bridge,
     versions,
 )
@@ -349,12 +351,13 @@ def time_grids(
 
 
 def run_gpt2_workload(
-    workload: str, libraries: list[str], repeats: int, threads: int | None, memory: bool
+    workload: str, libraries: list[str], repeats: int, threads: int | None, memory: bool, device: torch.device
 ) -> dict[str, Any]:
-    """Time `libraries` and the reference loop on one GPT-2 workload; check their grids agree; measure memory."""
+    """Time `libraries` and the reference loop on one GPT-2 workload on `device` (every library's model there, the
+    task's tensors too); check their grids agree; measure memory."""
     family = family_of(workload)
-    hf = build_gpt2()
-    task = synthetic_ioi_task(hf.config.vocab_size)
+    hf = build_gpt2(device)
+    task = task_on(synthetic_ioi_task(hf.config.vocab_size), device)
     shape = Shape.of(hf.config)
     runners = {lib: make_runner(lib, hf, family, own_copy=True) for lib in libraries}
     runners["torch"] = make_runner("torch", hf, family, own_copy=False)
@@ -403,13 +406,14 @@ def run_gpt2_workload(
     }
 
 
-def run_smollm2_workloads(workloads: list[str], repeats: int) -> list[dict[str, Any]]:
-    """pathlens alone on the embedded SmolLM2 with an IOI task (BABA templates), against the FLOP floor."""
+def run_smollm2_workloads(workloads: list[str], repeats: int, device: torch.device) -> list[dict[str, Any]]:
+    """pathlens alone on the embedded SmolLM2 (on `device`) with an IOI task (BABA templates), against the FLOP
+    floor."""
     import pathlens
     from pathlens.tasks import ioi
 
-    model = pathlens.load("smollm2")
-    task = ioi(model.tokenizer, n=N_PROMPTS, seed=SEED, templates="BABA")
+    model = pathlens.load("smollm2", device=device)
+    task = task_on(ioi(model.tokenizer, n=N_PROMPTS, seed=SEED, templates="BABA"), device)
     shape = Shape.of(model.hf.config)
     rows = []
     for workload in workloads:
@@ -429,7 +433,7 @@ def run_smollm2_workloads(workloads: list[str], repeats: int) -> list[dict[str, 
     return rows
 
 
-def run_checkpoint_workload(repeats: int) -> dict[str, Any]:
+def run_checkpoint_workload(repeats: int, device: torch.device) -> dict[str, Any]:
     """The same pathlens sweep timed without and with `out=` (a new folder each run, so nothing resumes),
     interleaved by `round_robin`: GPT-2-small shape, the residual stream entering every block at every position,
     one chunk per (layer, position) — the most checkpoint writes per second of compute of the patching workloads.
@@ -438,7 +442,7 @@ def run_checkpoint_workload(repeats: int) -> dict[str, Any]:
 
     import pathlens
 
-    hf = build_gpt2()
+    hf = build_gpt2(device)
     model, task = pathlens.Model(hf), synthetic_ioi_task(hf.config.vocab_size)
     with tempfile.TemporaryDirectory() as root:
         folders = (os.path.join(root, str(i)) for i in itertools.count())
@@ -534,6 +538,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--skip-memory", action="store_true", help="do not measure peak memory (saves one run each)")
     parser.add_argument("--tol", type=float, default=1e-3, help="largest allowed |grid - reference| (exit 1 above)")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     args.libs = [lib for lib in args.libs.split(",") if lib]
     if args.workloads is None:
@@ -548,6 +553,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(w in PATHLENS_ONLY for w in args.workloads) and "pathlens" not in args.libs:
         parser.error("the smollm2 and checkpoint workloads time pathlens alone; keep pathlens in --libs or drop them")
     check_repeats_and_threads(parser, args)
+    if args.device.type != "cpu" and not args.skip_memory:
+        parser.error(
+            "peak memory is measured as the CPU process's RSS: with --device other than cpu, add --skip-memory"
+        )
     return args
 
 
@@ -556,13 +565,13 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     emit = Emitter(json=args.json)
     for workload in (w for w in GPT2_WORKLOADS if w in args.workloads):
-        emit(run_gpt2_workload(workload, args.libs, args.repeats, args.threads, not args.skip_memory))
+        emit(run_gpt2_workload(workload, args.libs, args.repeats, args.threads, not args.skip_memory, args.device))
     smollm2 = [w for w in SMOLLM2_WORKLOADS if w in args.workloads]
     if smollm2:
-        for row in run_smollm2_workloads(smollm2, args.repeats):
+        for row in run_smollm2_workloads(smollm2, args.repeats, args.device):
             emit(row)
     if CHECKPOINT_WORKLOAD in args.workloads:
-        emit(run_checkpoint_workload(args.repeats))
+        emit(run_checkpoint_workload(args.repeats, args.device))
     if not args.json:
         print_table(emit.rows)
     problems = disagreements(emit.rows, args.tol)
