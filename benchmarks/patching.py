@@ -216,7 +216,10 @@ def pathlens_runner(hf: nn.Module, family: str, tokenizer: Any = None) -> Runner
     positions: Literal["all", "each"] = "all" if family == "heads" else "each"
 
     def run(task: Task) -> Grid:
-        scores = pathlens.patch(model, task, sites=family, positions=positions, direction="denoise", progress=False)
+        user_task = task_on(task, "cpu")  # as a user holds it: pathlens moves inputs to the model's device
+        scores = pathlens.patch(
+            model, user_task, sites=family, positions=positions, direction="denoise", progress=False
+        )
         return scores.values.float()
 
     return run
