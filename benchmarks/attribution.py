@@ -43,6 +43,7 @@ from benchmarks.common import (
     SEED,
     Emitter,
     Runner,
+    add_device_argument,
     build_gpt2,
     check_parts,
     check_repeats_and_threads,
@@ -54,6 +55,7 @@ from benchmarks.common import (
     round_robin,
     set_threads,
     synthetic_ioi_task,
+    task_on,
     time_once,
     tl_bridge,
     versions,
@@ -121,6 +123,7 @@ def plain_floor(hf: nn.Module, task: Task, families: tuple[str, ...]) -> dict[st
     block inputs) on both runs and their gradients on the corrupted one, and returns the AtP estimates they
     give (denoising: base = corrupted, source = clean) as effects over the base metric: heads (layer, head)
     summed over positions, the others (layer, pos); batch means. So the floor does all of AtP's arithmetic."""
+    task = task_on(task, next(hf.parameters()).device)  # (N, P) ids: a negligible copy next to the passes
     paths = module_paths(hf.config)
     blocks = hf.get_submodule(paths["blocks"])
     n_heads = paths["heads"]
@@ -215,6 +218,7 @@ def tl_runner(bridge: Any, task: Task, granularity: str) -> Runner:
     from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
 
     config = EdgeAttributionConfig(granularity=granularity)  # type: ignore[arg-type]
+    task = task_on(task, next(bridge.parameters()).device)
 
     def metric_for(i: int) -> Callable[[Tensor], Tensor]:
         pos, answer, wrong = int(task.answer_pos[i]), int(task.answer_ids[i]), int(task.wrong_ids[i])
@@ -313,7 +317,7 @@ def node_row(method: str, family: str, seconds: float, floors: dict[str, float],
 
 
 def run_gpt2_nodes(args: argparse.Namespace, problems: list[str], emit: Callable[[dict[str, Any]], None]) -> None:
-    hf = build_gpt2()
+    hf = build_gpt2(args.device)
     task = gpt2_task(hf, args.gpt2_prompts)
     model = pathlens.Model(hf)
     n_layers, n_heads = hf.config.n_layer, hf.config.n_head
@@ -422,7 +426,7 @@ def run_gpt2_nodes(args: argparse.Namespace, problems: list[str], emit: Callable
 
 
 def run_gpt2_eap(args: argparse.Namespace, problems: list[str], emit: Callable[[dict[str, Any]], None]) -> None:
-    hf = build_gpt2()
+    hf = build_gpt2(args.device)
     task = gpt2_task(hf, args.gpt2_prompts)
     model = pathlens.Model(hf)
     runners: dict[str, Runner] = {
@@ -495,7 +499,7 @@ class SmolLM2:
     def __init__(self, args: argparse.Namespace) -> None:
         from pathlens.tasks import ioi
 
-        self.model = pathlens.load("smollm2")
+        self.model = pathlens.load("smollm2", device=args.device)
         self.task = ioi(self.model.tokenizer, n=args.smollm2_prompts, seed=SEED)
         self.exact: dict[str, Scores] = {}
         self.exact_seconds: dict[str, float] = {}
@@ -717,9 +721,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-tl", action="store_true", help="skip TransformerLens")
     parser.add_argument("--skip-memory", action="store_true", help="do not measure EAP's peak memory")
     parser.add_argument("--tol", type=float, default=1e-4, help="largest allowed disagreement (exit 1 above)")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     check_parts(parser, args, PARTS)
     check_repeats_and_threads(parser, args)
+    if args.device.type != "cpu" and "gpt2-eap" in args.parts and not args.skip_memory:
+        parser.error("EAP's peak memory is the CPU process's RSS: with --device other than cpu, add --skip-memory")
     args.gpt2_prompts = 4 if args.quick else 8
     args.smollm2_prompts = 4 if args.quick else 8
     return args
