@@ -37,6 +37,7 @@ import torch
 import pathlens
 from benchmarks.common import (
     Emitter,
+    add_device_argument,
     build_gpt2,
     check_parts,
     check_repeats_and_threads,
@@ -44,6 +45,7 @@ from benchmarks.common import (
     round_robin,
     set_threads,
     synthetic_ioi_task,
+    task_on,
     time_once,
 )
 from pathlens import Graph, Model, Task
@@ -129,7 +131,7 @@ def curve_row(
     `forward_times` more forwards after the last. Only the forward is warmed up: the first curve of a patcher also
     pays for its buffer's pages, and is timed like the others."""
     patcher = EdgePatcher(model, task, max_batch_tokens=EDGE_BATCH_TOKENS)
-    forward = plain_forward(model.hf, task)
+    forward = plain_forward(model.hf, task_on(task, model.device))
     per_round = {"forward": forward_times}
     timed = round_robin(
         {"forward": forward, "curve": functools.partial(faithfulness_curve, patcher, graph)},
@@ -164,8 +166,8 @@ def curve_row(
     }
 
 
-def gpt2_curve_row(repeats: int) -> dict[str, Any]:
-    hf = build_gpt2()
+def gpt2_curve_row(repeats: int, device: torch.device) -> dict[str, Any]:
+    hf = build_gpt2(device)
     task = synthetic_ioi_task(hf.config.vocab_size)
     model = Model(hf, name="gpt2-small-shape-random")
     graph = edge_attribution(model, task, "eap")
@@ -175,11 +177,11 @@ def gpt2_curve_row(repeats: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- induction
 
 
-def induction_rows(repeats: int) -> list[dict[str, Any]]:
+def induction_rows(repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """Every discovery method on induction-2l: time (median), size, faithfulness, exactness, top pathway."""
     from pathlens.report.studies import task_for
 
-    model = pathlens.load("induction-2l")
+    model = pathlens.load("induction-2l", device=device)
     task = task_for(model, "induction", N_INDUCTION, 0)
     patcher = EdgePatcher(model, task)
     rows = []
@@ -227,12 +229,12 @@ def induction_rows(repeats: int) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------ SmolLM2 IOI
 
 
-def ioi_rows(repeats: int, quick: bool, parts: list[str]) -> list[dict[str, Any]]:
+def ioi_rows(repeats: int, quick: bool, parts: list[str], device: torch.device) -> list[dict[str, Any]]:
     """SmolLM2 IOI: circuits per (method, seed) and the pathway overlap of the seeds ("ioi" part), and the cost
     of the seed-0 EAP-IG graph's curve ("curve" part; that graph comes from the seed-0 discovery when it runs)."""
     from pathlens.tasks.ioi import ioi
 
-    model = pathlens.load("smollm2")
+    model = pathlens.load("smollm2", device=device)
     tasks = {seed: ioi(model.tokenizer, n=N_IOI, seed=seed) for seed in IOI_SEEDS}
     runs: list[tuple[DiscoveryMethod, int]] = [("eap-ig", seed) for seed in IOI_SEEDS] + (
         [] if quick else [("relp", 0)]
@@ -384,6 +386,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0 keeps torch's default")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts: {', '.join(PARTS)}")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     check_parts(parser, args, PARTS)
     check_repeats_and_threads(parser, args)
@@ -396,12 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     emit = Emitter(json=args.json, extra={"threads": torch.get_num_threads(), "repeats": args.repeats})
     start = time.perf_counter()
     if "induction" in args.parts:
-        for row in induction_rows(args.repeats):
+        for row in induction_rows(args.repeats, args.device):
             emit(row)
     if "curve" in args.parts and not args.quick:
-        emit(gpt2_curve_row(args.repeats))
+        emit(gpt2_curve_row(args.repeats, args.device))
     if "ioi" in args.parts or "curve" in args.parts:
-        for row in ioi_rows(args.repeats, args.quick, args.parts):
+        for row in ioi_rows(args.repeats, args.quick, args.parts, args.device):
             emit(row)
     if not args.json:
         print_rows(emit.rows)
