@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from benchmarks.common import (
     Emitter,
+    add_device_argument,
     check_parts,
     check_repeats_and_threads,
     max_abs_diff,
@@ -79,7 +80,7 @@ def _adding_hook(vectors: Tensor) -> Callable[..., Any]:
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
-        steered = hidden + vectors.to(hidden.dtype)
+        steered = hidden + vectors.to(hidden)
         return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
     return hook
@@ -99,7 +100,7 @@ def _hooked_generate(model: Model, ids: Tensor, mask: Tensor, layer: int, vector
             )
     finally:
         handle.remove()
-    return out[:, ids.shape[1] :]
+    return out[:, ids.shape[1] :].cpu()
 
 
 def nnsight_runner(model: Model, ids: Tensor, mask: Tensor, layer: int, added: Tensor) -> Callable[[], Tensor]:
@@ -130,7 +131,7 @@ def tl_runner(model: Model, ids: Tensor, mask: Tensor, layer: int, added: Tensor
     bridge = tl_bridge(model.hf)  # type: ignore[arg-type]  # an HF PreTrainedModel
 
     def hook(x: Tensor, hook: Any) -> Tensor:
-        return x + added.to(x.dtype)
+        return x + added.to(x)
 
     def run() -> Tensor:
         with torch.no_grad(), bridge.hooks(fwd_hooks=[(f"blocks.{layer}.hook_out", hook)]):
@@ -158,9 +159,9 @@ def sentiment_vector(model: Model, method: str, site: str, scale: float = 1.0) -
 
 def generation_rows(model: Model, vec: SteeringVector, layer: int, args: argparse.Namespace) -> Iterator[dict]:
     prompts = neutral_prompts()[:N_PROMPTS]
-    ids, mask = left_padded(model, prompts, None)
+    ids, mask = (t.to(model.device) for t in left_padded(model, prompts, None))  # the floor's and peers' inputs
     site = vec.sites[0]
-    added = vec.scale * vec.effective(site)
+    added = (vec.scale * vec.effective(site)).to(model.device)
     timed = round_robin(
         {
             "pathlens": lambda: generate(model, prompts, vec, max_new_tokens=NEW_TOKENS).ids,
@@ -203,7 +204,7 @@ def generation_rows(model: Model, vec: SteeringVector, layer: int, args: argpars
     steer = [entries[i % 4] for i in range(N_PROMPTS)]
     unit = vec.effective(site)
     per_row = torch.stack([torch.zeros_like(unit) if e is None else e[1] * unit for e in steer])  # (B, d)
-    per_row = per_row[:, None, :]  # (B, 1, d)
+    per_row = per_row[:, None, :].to(model.device)  # (B, 1, d)
     timed = round_robin(
         {
             "per_row": lambda: generate(model, prompts, steer, max_new_tokens=NEW_TOKENS).ids,
@@ -376,11 +377,12 @@ def main() -> None:
     parser.add_argument("--greedy", action="store_true", help="greedy dose-response instead of seeded sampling")
     parser.add_argument("--probe-layers", default="3,6,10,15,20,29", help="layers the ablation probe reads")
     parser.add_argument("--out", default="benchmarks/out/steering", help="where the dose-response files go")
+    add_device_argument(parser)
     args = parser.parse_args()
     check_repeats_and_threads(parser, args)
     check_parts(parser, args, PARTS)
     set_threads(args.threads)
-    model = load("smollm2")
+    model = load("smollm2", device=args.device)
     site = f"L{args.layer}.resid_post"
     emit = Emitter(json=args.json, extra={"model": "smollm2", "threads": torch.get_num_threads()})
     if "generate" in args.parts or "generate-per-row" in args.parts or "explain" in args.parts:
