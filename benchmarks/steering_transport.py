@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from benchmarks.common import (
     Emitter,
+    add_device_argument,
     check_parts,
     check_repeats_and_threads,
     ratio,
@@ -84,12 +85,13 @@ def _map_hook(delta: Tensor, bias: Tensor, store: list[Tensor]) -> Callable[...,
 
 def floor_step(model: Model, texts: list[str], layers: list[int], targets: dict[int, Tensor]) -> Callable[[], float]:
     """One LinEAS step (forward with every map on, W2 loss, backward) with plain forward hooks on `mlp` modules."""
-    ids, mask = model.tokenize(texts)
+    ids, mask = (t.to(model.device) for t in model.tokenize(texts))
+    targets = {layer: t.to(model.device) for layer, t in targets.items()}
     blocks = model.hf.get_submodule(model.arch.blocks)
     params = {
         layer: (
-            torch.zeros(targets[layer].shape[1], requires_grad=True),
-            torch.zeros(targets[layer].shape[1], requires_grad=True),
+            torch.zeros(targets[layer].shape[1], device=model.device, requires_grad=True),
+            torch.zeros(targets[layer].shape[1], device=model.device, requires_grad=True),
         )
         for layer in layers
     }
@@ -279,7 +281,7 @@ def dose_rows(model: Model, args: argparse.Namespace, steers: dict[str, Any]) ->
 def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """The benchmark's rows, in order; `args` as `main` parses them."""
     set_threads(args.threads)
-    model = load("smollm2")
+    model = load("smollm2", device=args.device)
     steers: dict[str, Any] = {}
     if "train" in args.parts or "dose-response" in args.parts:
         yield from train_rows(model, args, steers)
@@ -311,6 +313,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=64, help="how many shipped neutral prompts")
     p.add_argument("--tokens", type=int, default=32, help="new tokens per generation")
     p.add_argument("--out", default="benchmarks/out/steering_transport", help="where steers and sweeps are written")
+    add_device_argument(p)
     return p
 
 
