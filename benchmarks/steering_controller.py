@@ -44,7 +44,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.common import Emitter, check_parts, check_repeats_and_threads, round_robin, set_threads
+from benchmarks.common import (
+    Emitter,
+    add_device_argument,
+    check_parts,
+    check_repeats_and_threads,
+    round_robin,
+    set_threads,
+)
 from pathlens import Model, load
 from pathlens.steering import (
     SteeringVector,
@@ -165,7 +172,7 @@ def controller_rows(model: Model, args: argparse.Namespace) -> Iterator[dict[str
         "steered": examples,
     }
     prompts = targets[:16]
-    ids, mask = left_padded(model, prompts, None)
+    ids, mask = (t.to(model.device) for t in left_padded(model, prompts, None))  # the floor's inputs
     ctrl = trained.with_(alpha=args.alphas[-1], gate="sigmoid")
     fixed_vec = direction.with_scale(args.fixed_scales[-1])
 
@@ -287,7 +294,7 @@ def eigenshift_rows(model: Model, args: argparse.Namespace) -> Iterator[dict[str
     edited = shift.edited(model)
     probe_ids, probe_mask = model.tokenize(heldout[:8])
     with torch.no_grad(), shift.applied(model):
-        live = model.hf(input_ids=probe_ids, attention_mask=probe_mask).logits
+        live = model.hf(input_ids=probe_ids.to(model.device), attention_mask=probe_mask.to(model.device)).logits
     copied = edited.run(probe_ids, attention_mask=probe_mask).logits
     prompts = openings[:16]
     timed = round_robin(
@@ -311,7 +318,7 @@ def eigenshift_rows(model: Model, args: argparse.Namespace) -> Iterator[dict[str
 def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """Every row of the chosen parts (see module docstring), as they are measured."""
     set_threads(args.threads)
-    model = load("smollm2")
+    model = load("smollm2", device=args.device)
     if "controller" in args.parts:
         yield from controller_rows(model, args)
     if "eigenshift" in args.parts:
@@ -338,6 +345,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--betas", default="0,0.5", help="EigenShift β values")
     parser.add_argument("--vader-ks", default="4,16", help="k values (β = 0) whose generations are scored")
     parser.add_argument("--hows", default="mean-diff,auroc", help="EigenShift component scores: mean-diff, auroc")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     check_repeats_and_threads(parser, args)
     check_parts(parser, args, PARTS)
