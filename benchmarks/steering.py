@@ -417,7 +417,7 @@ def main() -> None:
     if "learned" in args.parts:
         from benchmarks import steering_controller, steering_transport
 
-        shared = ["--threads", str(args.threads), "--repeats", str(args.repeats)]
+        shared = ["--threads", str(args.threads or 0), "--repeats", str(args.repeats), "--device", str(args.device)]
         for row in steering_transport.rows(steering_transport.parser().parse_args(shared)):
             emit(row)
         for row in steering_controller.rows(steering_controller.parse(shared)):
