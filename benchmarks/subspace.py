@@ -37,7 +37,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Emitter, check_parts, check_repeats_and_threads, round_robin, set_threads
+from benchmarks.common import (
+    Emitter,
+    add_device_argument,
+    check_parts,
+    check_repeats_and_threads,
+    round_robin,
+    set_threads,
+)
 from pathlens import Model, load
 from pathlens.subspace import illusion_check
 from pathlens.subspace.das import DASSettings, DASTrainer
@@ -50,7 +57,7 @@ PARTS = ("ioi", "speed", "pyvene")
 def _clean_accuracy(model: Model, task: Task) -> float:
     with torch.no_grad():
         logits = model.run(task.clean_ids, attention_mask=task.attention_mask).logits
-    final = logits[torch.arange(task.n), task.answer_pos]
+    final = logits[torch.arange(task.n), task.answer_pos].cpu()
     return float((final.argmax(-1) == task.answer_ids).double().mean())
 
 
@@ -116,9 +123,10 @@ def speed(model: Model, args: argparse.Namespace, emit: Emitter) -> None:
     assert cached.runner is not None, "the cached-prefix path should apply to SmolLM2"
     full = DASTrainer(model, train, args.mlp_site, DASSettings(seed=args.seed, cached_prefix=False))
     rows = torch.arange(20)
-    ids, mask = train.clean_ids[rows], train.attention_mask[rows]
+    ids, mask = train.clean_ids[rows].to(model.device), train.attention_mask[rows].to(model.device)  # the floor's
     labels, pos = train.counterfactual_ids, train.answer_pos[rows]
     assert labels is not None
+    labels = labels.to(model.device)
     loss_cached, grad_cached = cached.loss_and_grad(rows)
     loss_full, grad_full = full.loss_and_grad(rows)
 
@@ -176,12 +184,14 @@ def versus_pyvene(model: Model, args: argparse.Namespace, emit: Emitter) -> None
     train, _ = counterfactual_split(model, "ioi", 40, 8, args.seed)
     rows = torch.arange(20)
     ids, mask, last = train.clean_ids[rows], train.attention_mask[rows], train.answer_pos[rows]
+    ids, mask, corrupt = ids.to(model.device), mask.to(model.device), train.corrupt_ids[rows].to(model.device)
     labels = train.counterfactual_ids
     assert labels is not None
+    labels = labels.to(model.device)
     site = f"L{layer}.resid_post"
     ours = DASTrainer(model, train, site, DASSettings(seed=args.seed))
     ours_full = DASTrainer(model, train, site, DASSettings(seed=args.seed, cached_prefix=False))
-    theirs_model = load("smollm2")
+    theirs_model = load("smollm2", device=model.device)
     config = pv.IntervenableConfig(
         representations=[
             {
@@ -195,6 +205,7 @@ def versus_pyvene(model: Model, args: argparse.Namespace, emit: Emitter) -> None
         intervention_types=pv.LowRankRotatedSpaceIntervention,
     )
     intervenable = pv.IntervenableModel(config, theirs_model.hf)
+    intervenable.set_device(model.device)  # its interventions (the model is there already)
     intervenable.disable_model_gradients()
     params = [
         p for v in intervenable.interventions.values() for p in (v[0] if isinstance(v, tuple) else v).parameters()
@@ -203,7 +214,7 @@ def versus_pyvene(model: Model, args: argparse.Namespace, emit: Emitter) -> None
     unit = [[[int(p)] for p in last]]
 
     def pyvene_step() -> None:
-        sources = [{"input_ids": train.corrupt_ids[rows], "attention_mask": mask}]
+        sources = [{"input_ids": corrupt, "attention_mask": mask}]
         _, out = intervenable({"input_ids": ids, "attention_mask": mask}, sources, {"sources->base": (unit, unit)})
         loss = torch.nn.functional.cross_entropy(out.logits[torch.arange(20), last], labels[rows])
         loss.backward()
@@ -252,6 +263,7 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    add_device_argument(parser)
     args = parser.parse_args()
     check_repeats_and_threads(parser, args)
     check_parts(parser, args, PARTS)
@@ -259,7 +271,7 @@ def main() -> None:
         args.epochs = 3
     set_threads(args.threads)
     emit = Emitter(args.json, {"threads": torch.get_num_threads()})
-    model = load("smollm2")
+    model = load("smollm2", device=args.device)
     if "speed" in args.parts:
         speed(model, args, emit)
     if "pyvene" in args.parts:
