@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from benchmarks.common import Emitter, set_threads
+from benchmarks.common import Emitter, add_device_argument, check_device, set_threads
 from pathlens import Model, load
 from pathlens.features.corpus import windows
 from pathlens.features.evaluate import evaluate
@@ -61,12 +61,12 @@ class FloorSAE:
 
     def __init__(self, d: int, width: int, k: int, lr: float, x: Tensor, seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
-        w_dec = torch.randn(width, d, generator=gen)
+        w_dec = torch.randn(width, d, generator=gen).to(x.device)  # drawn on the CPU: the same start on any device
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.scale = math.sqrt(d / float(x.pow(2).sum(-1).mean()))
         self.w_enc = w_dec.T.clone().requires_grad_()
         self.w_dec = w_dec.requires_grad_()
-        self.b_enc = torch.zeros(width, requires_grad=True)
+        self.b_enc = torch.zeros(width, device=x.device, requires_grad=True)
         self.b_dec = (x * self.scale).mean(0).requires_grad_()
         self.k = k
         self.opt = torch.optim.Adam([self.w_enc, self.w_dec, self.b_enc, self.b_dec], lr=lr)
@@ -142,17 +142,18 @@ def saelens_alternating(python: str, x: Tensor, site: str, args: argparse.Namesp
 def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """The benchmark's rows (one: `sae-topk`)."""
     set_threads(args.threads)
-    model = load("smollm2")
+    model = load("smollm2", device=args.device)
     site = f"L{args.layer}.resid_post"
     wins = windows(None, model.tokenizer, context=128, n_tokens=128 * (args.windows + args.heldout), seed=0)
     train_ids, heldout = wins.ids[: args.windows], wins.ids[args.windows :]
     start = time.perf_counter()
     x = activations(model, site, train_ids, args.store)
-    x = x[: args.train_tokens] if args.train_tokens else x
+    x = (x[: args.train_tokens] if args.train_tokens else x).to(args.device)
     collect_s = time.perf_counter() - start
-    held = activations(model, site, heldout, None)
+    held = activations(model, site, heldout, None).to(args.device)
     d, width = int(x.shape[1]), 8 * int(x.shape[1])
     ours = Dictionary(DictionaryConfig("topk", d, width, k=args.k, meta={"site": site, "model": "smollm2"}), seed=0)
+    ours = ours.to(args.device)
     trainer = Trainer(ours, site, config=TrainConfig(lr=args.lr, dead_steps=args.dead_steps), seed=0)
     floor = FloorSAE(d, width, args.k, args.lr, x[: args.batch], seed=0)
     seconds = {"pathlens": 0.0, "floor": 0.0}
@@ -221,9 +222,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/out/features_sae", help="where the dictionary is saved")
     parser.add_argument("--saelens-python", default=None, help="python of a virtualenv with SAELens installed")
     parser.add_argument("--saelens-rounds", type=int, default=3, help="alternated pathlens/SAELens timing runs")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 0:
         parser.error("--threads must be >= 0")
+    check_device(parser, args)
+    if args.saelens_python and args.device.type != "cpu":
+        parser.error(
+            "--saelens-python: the SAELens comparison trains on the CPU (benchmarks/saelens_topk.py); "
+            "run it with --device cpu"
+        )
     return args
 
 
