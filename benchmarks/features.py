@@ -40,7 +40,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Emitter, check_parts, check_repeats_and_threads, ratio, round_robin, set_threads
+from benchmarks.common import (
+    Emitter,
+    add_device_argument,
+    check_parts,
+    check_repeats_and_threads,
+    ratio,
+    round_robin,
+    set_threads,
+)
 from pathlens import Model, load
 from pathlens.features import ActivationStore, Windows, collect, default_corpus, snmf, windows
 
@@ -53,7 +61,7 @@ class Workload:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.model: Model = load(args.model)
+        self.model: Model = load(args.model, device=args.device)
         self.windows: Windows = windows(default_corpus(), self.model.tokenizer, args.context, args.tokens, seed=0)
         self.scratch = Path(tempfile.mkdtemp(prefix="pathlens-bench-features-"))
         self._store: ActivationStore | None = None
@@ -75,7 +83,7 @@ class Workload:
 
     def plain_forward(self) -> None:
         """The floor: the model's own forward over the same windows in the same batches, no hooks."""
-        ids, size = self.windows.ids, self.args.batch_size
+        ids, size = self.windows.ids.to(self.model.device), self.args.batch_size
         with torch.no_grad():
             for first in range(0, len(ids), size):
                 self.model.hf(input_ids=ids[first : first + size], use_cache=False)
@@ -201,7 +209,8 @@ def sae_rows(work: Workload) -> Iterator[Row]:
     change them, or to time SAELens in its own virtualenv)."""
     from benchmarks import features_sae
 
-    yield from features_sae.rows(features_sae.parse(["--threads", str(work.args.threads)]))
+    argv = ["--threads", str(work.args.threads or 0), "--device", str(work.args.device)]
+    yield from features_sae.rows(features_sae.parse(argv))
 
 
 PARTS: dict[str, Callable[[Workload], Iterator[Row]]] = {
@@ -228,9 +237,14 @@ def main() -> None:
     parser.add_argument("--max-mb", type=int, default=64, help="store memory budget (sets the shard size)")
     parser.add_argument("--snmf-rows", type=int, default=8192)
     parser.add_argument("--snmf-iters", type=int, default=20)
+    add_device_argument(parser)
     args = parser.parse_args()
     check_repeats_and_threads(parser, args)
     check_parts(parser, args, tuple(PARTS))
+    if args.device.type != "cpu" and "snmf" in args.parts:
+        parser.error(
+            "--device: the snmf part runs on the CPU (pathlens.features.snmf has no device); drop it from --parts"
+        )
     set_threads(args.threads)
     work = Workload(args)
     emit = Emitter(json=args.json, extra={"model": args.model, "threads": torch.get_num_threads()})
