@@ -38,6 +38,7 @@ from torch import Tensor
 
 from benchmarks.common import (
     Emitter,
+    add_device_argument,
     check_parts,
     check_repeats_and_threads,
     ratio,
@@ -183,13 +184,14 @@ def top_heads_rows(emit: Emitter) -> None:
 
 def _floor_lens(model: Model, ids: Tensor, mask: Tensor, k: int) -> Tensor:
     """The floor: one forward with every hidden state; final norm and unembedding by hand, top-k per layer."""
+    ids, mask = ids.to(model.device), mask.to(model.device)
     norm = model.hf.get_submodule(model.arch.final_norm or "")
     unembed = model.hf.get_submodule(model.arch.unembed)
     with torch.no_grad():
         hidden = model.hf(ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
         # the last entry is already normed by the model; the lens of the last layer reads the block output
         tops = [unembed(norm(h)).float().log_softmax(-1).topk(k, -1).indices for h in hidden[:-1]]
-    return torch.stack(tops, 1)
+    return torch.stack(tops, 1).cpu()
 
 
 def lens_rows(model: Model, repeats: int, out: Path, emit: Emitter) -> None:
@@ -263,11 +265,11 @@ def _clamp_eval(eval_ids: Tensor, interventions: list[Intervention]) -> Callable
     second = torch.arange(t_len + 1, 2 * t_len)  # positions predicting r_2..r_T
 
     def evaluate(model: Model, step: int) -> dict[str, float]:
-        run = model.run(eval_ids, cache=["L0.pattern", "L1.pattern"], interventions=interventions)
+        run = model.run(eval_ids, cache=["L0.pattern", "L1.pattern"], interventions=interventions, cache_device="cpu")
         lengths = [int(eval_ids.shape[1])] * int(eval_ids.shape[0])
         induction = heads.similarity(run.cache["L1.pattern"], heads.induction_pattern(eval_ids), lengths).mean(0)
         previous = heads.similarity(run.cache["L0.pattern"], heads.previous_token_pattern(eval_ids), lengths).mean(0)
-        logits = run.logits[:, second].double()  # (n, T-1, V)
+        logits = run.logits[:, second].double().cpu()  # (n, T-1, V)
         target = eval_ids[:, second + 1]
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target)
         return {
@@ -280,14 +282,14 @@ def _clamp_eval(eval_ids: Tensor, interventions: list[Intervention]) -> Callable
     return evaluate
 
 
-def clamp_rows(steps: int, every: int, out: Path, emit: Emitter) -> None:
+def clamp_rows(steps: int, every: int, out: Path, emit: Emitter, device: torch.device) -> None:
     """Train induction-2l's recipe (solo phase: the two circuit heads) from the same seed under each condition."""
     settings = TrainSettings(steps=steps, solo_steps=steps)
     eval_ids = repeated_sequences(256, settings.eval_repeat, settings.num_tokens, torch.Generator().manual_seed(2))
     runs: dict[str, Training] = {}
     for name, interventions in clamp_conditions().items():
         torch.manual_seed(settings.seed)
-        model = Model(build_model(settings), name=f"induction-2l recipe ({name})")
+        model = Model(build_model(settings).to(device), name=f"induction-2l recipe ({name})")
         decay = [p for p in model.hf.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.hf.parameters() if p.dim() < 2]
         optimizer = torch.optim.AdamW(
@@ -376,9 +378,9 @@ def massive_rows(model: Model, tokens: int, out: Path, emit: Emitter) -> None:
             emit({"part": "massive-intervention", **row})
 
 
-def lib_rows(out: Path, emit: Emitter) -> None:
+def lib_rows(out: Path, emit: Emitter, device: torch.device) -> None:
     """LIB vs PCA on induction-2l: 16 repeated random-token sequences, loss = the second copy's cross-entropy."""
-    model = load("induction-2l")
+    model = load("induction-2l", device=device)
     ids = heads.repeated_tokens(model, n=16, length=20)
     start = time.perf_counter()
     result = lib(model, ids, loss=second_copy_loss)
@@ -412,13 +414,20 @@ def main() -> None:
     parser.add_argument("--massive-tokens", type=int, default=10_240, help="tokens the massive-activation scan reads")
     parser.add_argument("--clamp-steps", type=int, default=1500, help="training steps per clamp condition")
     parser.add_argument("--clamp-every", type=int, default=100, help="checkpoint interval of the clamp runs")
+    add_device_argument(parser)
     args = parser.parse_args()
     check_repeats_and_threads(parser, args)
     check_parts(parser, args, PARTS)
+    on_cpu_only = [p for p in ("heads", "top-heads") if p in args.parts]
+    if args.device.type != "cpu" and on_cpu_only:
+        parser.error(
+            f"--device: the {', '.join(on_cpu_only)} part(s) run on the CPU only (pathlens.diagnostics.heads scores "
+            "patterns with CPU masks while they are cached on the model's device); drop them from --parts"
+        )
     set_threads(args.threads)
     emit = Emitter(json=args.json, extra={"threads": torch.get_num_threads()})
     out = Path(args.out)
-    smollm2 = load("smollm2") if {"heads", "lens", "massive"} & set(args.parts) else None
+    smollm2 = load("smollm2", device=args.device) if {"heads", "lens", "massive"} & set(args.parts) else None
     if "heads" in args.parts and smollm2 is not None:
         heads_rows(smollm2, args.repeats, emit)
     if "top-heads" in args.parts:
@@ -428,9 +437,9 @@ def main() -> None:
     if "massive" in args.parts and smollm2 is not None:
         massive_rows(smollm2, args.massive_tokens, out, emit)
     if "lib" in args.parts:
-        lib_rows(out, emit)
+        lib_rows(out, emit, args.device)
     if "clamp" in args.parts:
-        clamp_rows(args.clamp_steps, args.clamp_every, out, emit)
+        clamp_rows(args.clamp_steps, args.clamp_every, out, emit, args.device)
     if not args.json:
         for row in emit.rows:
             print(row)
