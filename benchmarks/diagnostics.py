@@ -418,12 +418,6 @@ def main() -> None:
     args = parser.parse_args()
     check_repeats_and_threads(parser, args)
     check_parts(parser, args, PARTS)
-    on_cpu_only = [p for p in ("heads", "top-heads") if p in args.parts]
-    if args.device.type != "cpu" and on_cpu_only:
-        parser.error(
-            f"--device: the {', '.join(on_cpu_only)} part(s) run on the CPU only (pathlens.diagnostics.heads scores "
-            "patterns with CPU masks while they are cached on the model's device); drop them from --parts"
-        )
     set_threads(args.threads)
     emit = Emitter(json=args.json, extra={"threads": torch.get_num_threads()})
     out = Path(args.out)

@@ -71,10 +71,12 @@ def similarity(
     """Per prompt and head, how well attention patterns match detection patterns.
 
     attention: (b, q, H, k) probabilities (the `attn_pattern` site layout); detection: (b, q, k) or (q, k).
-    lengths: real tokens of each right-padded prompt (default: all p). Returns (b, H) float64.
+    lengths: real tokens of each right-padded prompt (default: all p). Returns (b, H) float64 on the CPU, wherever
+    the patterns were computed.
     """
     if error_measure not in ("mul", "abs"):
         raise PathlensError(f"error_measure={error_measure!r}: use 'mul' or 'abs' (TransformerLens' two measures).")
+    attention, detection = attention.cpu(), detection.cpu()  # scores are per (prompt, head): reduce on the CPU
     b, p = attention.shape[0], attention.shape[1]
     d = detection if detection.ndim == 3 else detection[None].expand(b, p, p)
     if tuple(d.shape) != (b, p, p):
