@@ -181,7 +181,11 @@ def hf_dataset(
     def documents(seed: int) -> Iterator[str]:
         try:
             import datasets  # type: ignore[import-untyped]  # no stubs
-
+        except ImportError as err:
+            raise PathlensError(
+                f"the Hugging Face dataset {name!r} needs the `datasets` package: pip install 'pathlens[datasets]'."
+            ) from err
+        try:
             stream = datasets.load_dataset(name, config, split=split, streaming=True, **load_kwargs)
             stream = stream.shuffle(seed=seed, buffer_size=_HF_SHUFFLE_BUFFER)
             for row in stream:
