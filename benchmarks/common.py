@@ -300,6 +300,12 @@ class Emitter:
         if self.json:
             print(json.dumps(row), flush=True)
 
+    def finish(self) -> None:
+        """Without `json`, print every row collected (with it, each was printed as it came)."""
+        if not self.json:
+            for row in self.rows:
+                print(row)
+
 
 def versions(dists: Iterable[str]) -> dict[str, str]:
     """Installed version of each distribution, by its name on PyPI."""

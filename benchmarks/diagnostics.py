@@ -434,9 +434,7 @@ def main() -> None:
         lib_rows(out, emit, args.device)
     if "clamp" in args.parts:
         clamp_rows(args.clamp_steps, args.clamp_every, out, emit, args.device)
-    if not args.json:
-        for row in emit.rows:
-            print(row)
+    emit.finish()
 
 
 if __name__ == "__main__":

@@ -254,9 +254,7 @@ def main() -> None:
                 emit(row)
     finally:
         shutil.rmtree(work.scratch, ignore_errors=True)
-    if not args.json:
-        for row in emit.rows:
-            print(row)
+    emit.finish()
 
 
 if __name__ == "__main__":

@@ -241,9 +241,7 @@ def main() -> None:
     emit = Emitter(json=args.json, extra={"model": "smollm2", "threads": torch.get_num_threads()})
     for row in rows(args):
         emit(row)
-    if not args.json:
-        for row in emit.rows:
-            print(row)
+    emit.finish()
 
 
 if __name__ == "__main__":

@@ -422,9 +422,7 @@ def main() -> None:
             emit(row)
         for row in steering_controller.rows(steering_controller.parse(shared)):
             emit(row)
-    if not args.json:
-        for row in emit.rows:
-            print(row)
+    emit.finish()
 
 
 if __name__ == "__main__":
