@@ -4,7 +4,7 @@ evaluate them on its held-out windows and write one page per dictionary (`pathle
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -13,6 +13,18 @@ from pathlens.cli.app import console, load_model, option, output_folder
 from pathlens.cli.features import features_app
 from pathlens.errors import PathlensError
 from pathlens.report.dictionary_study import StudySettings
+
+# The training options both commands take (defaults in each signature).
+Kinds = Annotated[str, typer.Option(help="comma list of relu, topk, batchtopk, jumprelu (trained together)")]
+Expansion = Annotated[int, typer.Option(min=1, help="latents per input dimension")]
+ActiveLatents = Annotated[int, typer.Option(min=1, help="active latents per token (topk, batchtopk)")]
+L1 = Annotated[float, typer.Option(min=0.0, help="L1 coefficient (relu)")]
+L0 = Annotated[float, typer.Option(min=0.0, help="L0 coefficient (jumprelu)")]
+LearningRate = Annotated[float, typer.Option(min=0.0, help="Adam learning rate")]
+Batch = Annotated[int, typer.Option(min=1, help="tokens per step")]
+Epochs = Annotated[int, typer.Option(min=1, help="passes over the store")]
+Heldout = Annotated[int, typer.Option(min=1, help="store windows held out for the evaluation card and contexts")]
+Seed = Annotated[int, typer.Option(help="seed of initialisation and shuffling")]
 
 
 def _kinds(kinds: str) -> list[str]:
@@ -67,16 +79,16 @@ def sae_command(
     store: Path = typer.Option(..., help="an activation store folder (pathlens store ...)"),
     out: Path = typer.Option(Path("out/sae"), help="output folder"),
     site: Optional[str] = typer.Option(None, help="the store's site to encode (default: its first)"),  # noqa: UP045
-    kind: str = typer.Option("topk", help="comma list of relu, topk, batchtopk, jumprelu (trained together)"),
-    expansion: int = typer.Option(8, min=1, help="latents per input dimension"),
-    k: int = typer.Option(32, min=1, help="active latents per token (topk, batchtopk)"),
-    l1: float = typer.Option(1.0, min=0.0, help="L1 coefficient (relu)"),
-    l0: float = typer.Option(1.0, min=0.0, help="L0 coefficient (jumprelu)"),
-    lr: float = typer.Option(1e-3, min=0.0, help="Adam learning rate"),
-    batch: int = typer.Option(1024, min=1, help="tokens per step"),
-    epochs: int = typer.Option(1, min=1, help="passes over the store"),
-    heldout: int = typer.Option(32, min=1, help="store windows held out for the evaluation card and contexts"),
-    seed: int = typer.Option(0, help="seed of initialisation and shuffling"),
+    kind: Kinds = "topk",
+    expansion: Expansion = 8,
+    k: ActiveLatents = 32,
+    l1: L1 = 1.0,
+    l0: L0 = 1.0,
+    lr: LearningRate = 1e-3,
+    batch: Batch = 1024,
+    epochs: Epochs = 1,
+    heldout: Heldout = 32,
+    seed: Seed = 0,
 ) -> None:
     """Train sparse autoencoders on a store's site; write each with its evaluation card and page."""
     kinds = _kinds(kind)
@@ -93,16 +105,16 @@ def transcoder_command(
     store: Path = typer.Option(..., help="an activation store folder holding L{layer}.mlp_in and L{layer}.mlp_out"),
     out: Path = typer.Option(Path("out/transcoder"), help="output folder"),
     layer: int = typer.Option(..., min=0, help="the layer whose MLP the transcoder replaces"),
-    kind: str = typer.Option("topk", help="comma list of relu, topk, batchtopk, jumprelu (trained together)"),
-    expansion: int = typer.Option(8, min=1, help="latents per input dimension"),
-    k: int = typer.Option(32, min=1, help="active latents per token (topk, batchtopk)"),
-    l1: float = typer.Option(1.0, min=0.0, help="L1 coefficient (relu)"),
-    l0: float = typer.Option(1.0, min=0.0, help="L0 coefficient (jumprelu)"),
-    lr: float = typer.Option(1e-3, min=0.0, help="Adam learning rate"),
-    batch: int = typer.Option(1024, min=1, help="tokens per step"),
-    epochs: int = typer.Option(1, min=1, help="passes over the store"),
-    heldout: int = typer.Option(32, min=1, help="store windows held out for the evaluation card and contexts"),
-    seed: int = typer.Option(0, help="seed of initialisation and shuffling"),
+    kind: Kinds = "topk",
+    expansion: Expansion = 8,
+    k: ActiveLatents = 32,
+    l1: L1 = 1.0,
+    l0: L0 = 1.0,
+    lr: LearningRate = 1e-3,
+    batch: Batch = 1024,
+    epochs: Epochs = 1,
+    heldout: Heldout = 32,
+    seed: Seed = 0,
 ) -> None:
     """Train transcoders from a layer's MLP input to its MLP output; write each with its card and page."""
     kinds = _kinds(kind)
