@@ -233,17 +233,26 @@ class EdgePatcher:
 
     def per_prompt(self, kept: Tensor) -> Tensor:
         """Metric per circuit and prompt (K, N)."""
-        n, seq_len = self.task.n, self.task.seq_len
         k = int(kept.shape[0])
-        total = k * n
-        values = torch.empty(total, dtype=torch.float64)
-        rows_per_chunk = max(1, self.max_batch_tokens // seq_len)
-        rows_held = min(total, rows_per_chunk) + n
+        values = torch.empty(k * self.task.n, dtype=torch.float64)
+        for rows in self.row_chunks(k):
+            values[rows.start : rows.stop] = self.rows_metric(kept, rows)
+        return values.view(k, self.task.n)
+
+    def row_chunks(self, k: int) -> list[range]:
+        """The rows of each forward `per_prompt` runs for `k` circuits, in order: row r is circuit r // N on
+        prompt r % N (what an executor hands out by index, `circuits.edge_work`)."""
+        total, per = k * self.task.n, max(1, self.max_batch_tokens // self.task.seq_len)
+        return [range(first, min(total, first + per)) for first in range(0, total, per)]
+
+    def rows_metric(self, kept: Tensor, rows: range) -> Tensor:
+        """Metric (B,) float64 of the (circuit, prompt) rows `rows` (one of `row_chunks(len(kept))`) of circuits
+        `kept` (K, S, R), in one forward."""
+        n, seq_len = self.task.n, self.task.seq_len
+        rows_held = min(int(kept.shape[0]) * n, max(1, self.max_batch_tokens // seq_len)) + n
         workspace = self._workspace(self.n_senders * rows_held * seq_len * self.model.arch.d_model)
-        for first in range(0, total, rows_per_chunk):
-            rows = torch.arange(first, min(total, first + rows_per_chunk))
-            values[rows] = self._run(kept, rows // n, rows % n, workspace).double()
-        return values.view(k, n)
+        index = torch.arange(rows.start, rows.stop)
+        return self._run(kept, index // n, index % n, workspace).double()
 
     def _workspace(self, size: int) -> Tensor:
         """A buffer of at least `size` elements for the sender differences of one chunk, kept between calls
