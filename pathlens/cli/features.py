@@ -51,7 +51,8 @@ def store(
     sites: str = typer.Option("L6.mlp_post", help="comma list of sites, e.g. L6.mlp_post,L12.resid_post"),
     tokens: str = typer.Option("1M", help="tokens to run through the model: 4096, 250k, 1M"),
     corpus: str = typer.Option(
-        "default", help="'default' (offline: World English Bible), a .txt/.jsonl file or folder, or hf:NAME[/CONFIG]"
+        "default",
+        help="'default' (offline: World English Bible), a .txt/.jsonl file or folder, hf:NAME or hf:NAME/CONFIG",
     ),
     context: int = typer.Option(128, min=2, help="tokens per context window"),
     batch_size: int = typer.Option(8, min=1, help="windows per forward"),
