@@ -22,7 +22,7 @@ the set-up's peak): `rows_for(budget)` is the rows per chunk, which they run as 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -232,3 +232,43 @@ def integrated_gradients_cost(model: Model, n: int, seq_len: int, families: Iter
         setup_peak=e * n * seq_len * activation,
         engine="integrated gradients",
     )
+
+
+def first_order_cost(
+    model: Model, seq_len: int, families: Iterable[Site], n_variants: int, qk_layers: int = 0
+) -> RowCost:
+    """The memory cost of a first-order estimate (`attribution.atp`, `relp`, `atp_star`) of prompts of `seq_len`
+    tokens over the site `families` (those the estimate caches, with AtP*'s patterns, queries and keys) scored as
+    `n_variants` cells; `qk_layers` attention layers get AtP*'s exact softmax. A row is one prompt; the chunks
+    keep nothing across them but their sums.
+
+    Per row: the source run's logits and cache of every family, and the base run with its graph kept for the
+    backward (every layer's activations, the logits with the metric's temporaries), the gradients at every
+    family, the backward's own temporaries (about two layers' activations), the products (n_s − n_b)·∂m/∂n with
+    their temporaries (four widths of every family in all), the per-variant effects (float64), and for each
+    QK-fixed layer the changed softmax rows against every key (about six (H, P) copies per token)."""
+    a = model.arch
+    e = element_size(model)
+    widths = sum(site_width(model, f, seq_len) for f in set(families))
+    activation = forward_activation(model, seq_len)
+    vocab = model.vocab_size
+    per_token = (
+        (a.n_layers + 2) * activation + (1 + _LOGIT_COPIES) * vocab + 4 * widths + qk_layers * 6 * a.n_heads * seq_len
+    )
+    return RowCost(
+        fixed=0, per_row=e * seq_len * per_token + 8 * n_variants, setup_peak=0, engine="attribution patching"
+    )
+
+
+def prompt_chunk_for(cost_of: Callable[[int], RowCost], budget: int, rows_per_prompt: int, n: int) -> tuple[int, int]:
+    """(prompts per chunk, rows per forward) under `budget` bytes for an engine run on chunks of whole prompts,
+    whose cost for a chunk of k prompts is `cost_of(k)` (its state and set-up growing linearly with k) and whose
+    prompts take `rows_per_prompt` rows each (integrated gradients' steps): the most prompts (up to `n`) whose
+    rows fit one forward; if not even one prompt's do, one prompt per chunk with as many rows per forward as fit
+    (PathlensError, naming the budget and the least it needs, if not even one row fits)."""
+    one = cost_of(1)
+    whole = one.fixed + max(one.setup_peak, one.per_row * rows_per_prompt)
+    prompts = min(n, budget // whole)
+    if prompts >= 1:
+        return prompts, prompts * rows_per_prompt
+    return 1, min(rows_per_prompt, one.rows_for(budget))
