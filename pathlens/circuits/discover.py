@@ -30,6 +30,13 @@ search found, flagged `meta["reached_target"] = False` with a warning naming the
 meta records the faithfulness, the target and whether it was reached, the curve(s), the ranking, the ablation,
 the direction and the metric.
 
+Where the work runs: the scoring methods' independent evaluations (the exact edge scores of "patching", the
+faithfulness curves, the sizes tried below the chosen one) run on `executor=` ("ray" or an executor object, see
+`circuits.edge_work`) when one is given, bit-identical to a local run with the same torch threads per process;
+ACDC's decisions are sequential (each depends on the last), so ACDC, the refinement pass and the single-circuit
+checks always run in this process. Memory: `max_memory=` (bytes or a string such as "2GB") bounds the edge
+attribution and the edge patcher, run one after the other, instead of `max_batch_tokens`.
+
 Direction: "noise" by default (`pathlens.patching.spec.DEFAULT_DIRECTION`, the default of every method): the
 clean prompts run and every edge outside the circuit carries its corrupted value — what ACDC, EAP-IG and MIB's
 circuit track measure.
@@ -44,13 +51,18 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from pathlens.circuits.edge_attribution import edge_attribution
+from pathlens.circuits.edge_attribution import EdgeMethod, edge_attribution
 from pathlens.circuits.edge_effects import edge_effects
-from pathlens.circuits.edge_patching import DEFAULT_EDGE_BATCH_TOKENS, EdgePatcher
+from pathlens.circuits.edge_patching import EdgePatcher
+from pathlens.circuits.edge_work import metric_of
 from pathlens.circuits.faithfulness import Curve, faithfulness, faithfulness_curve, top_k_masks, with_endpoints
+from pathlens.circuits.layout import graph_layout, post_norms
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
+from pathlens.memory import parse_bytes
 from pathlens.model import Model
+from pathlens.patching.budget import edge_patch_cost
+from pathlens.patching.executor import Executor, resolved_executor
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, check_option
 from pathlens.sites import parse_node
 from pathlens.tasks.base import Task
@@ -75,30 +87,39 @@ def discover(
     metric: Metric | None = None,
     steps: int = 5,
     threshold: float = 0.05,
-    max_batch_tokens: int = DEFAULT_EDGE_BATCH_TOKENS,
+    max_batch_tokens: int | None = None,
     by: Ranking = "auto",
     refine: int = 64,
+    max_memory: int | str | None = None,
+    executor: "str | Executor | None" = None,
 ) -> Graph:
-    """Find a circuit for `task` on `model` with `method` (see module docstring); returns a pruned Graph."""
+    """Find a circuit for `task` on `model` with `method` (see module docstring); returns a pruned Graph.
+
+    max_batch_tokens: tokens per edge-patched forward (default: `EdgePatcher`'s); max_memory: instead, a budget
+    for the whole call (edge attribution, then the patcher); passing both raises. executor: where the scoring
+    methods' independent evaluations run (None / "local", "ray", or an executor object; module docstring)."""
     check_option("method", method, DISCOVERY_METHODS)
     check_option("by", by, get_args(Ranking))
+    if max_memory is not None:
+        _check_budget(model, task, max_batch_tokens, max_memory)
     metric = metric or task.metric
     assert metric is not None
-    patcher = EdgePatcher(model, task, ablation, direction, metric, max_batch_tokens)
+    scoring: EdgeMethod = "eap" if method in EXACT_SCORES else method  # type: ignore[assignment]
+    estimate = edge_attribution(model, task, scoring, direction, metric, steps=steps, max_memory=max_memory)
+    patcher = EdgePatcher(model, task, ablation, direction, metric, max_batch_tokens, max_memory)
     if method == "acdc":
-        circuit = _acdc(patcher, edge_attribution(model, task, "eap", direction, metric), threshold)
+        circuit = _acdc(patcher, estimate, threshold)
         curve, curves, ranking, score = None, {}, None, faithfulness(patcher, circuit)
     else:
-        if method == "patching":
-            template = edge_attribution(model, task, "eap", direction, metric)
-            graph = replace(edge_effects(patcher), meta=dict(template.meta))
-        else:
-            graph = edge_attribution(model, task, method, direction, metric, steps=steps)
-        rankings = ("abs", "support") if by == "auto" else (by,)
-        curves = {r: faithfulness_curve(patcher, graph, sizes, r) for r in rankings}
-        ranking, curve, chosen = _choose(curves, target)
-        if top_k is None:
-            chosen = _between(patcher, graph, curve, ranking, chosen, target)
+        with resolved_executor(executor) as runner:
+            graph = estimate
+            if method == "patching":
+                graph = replace(edge_effects(patcher, executor=runner), meta=dict(estimate.meta))
+            rankings = ("abs", "support") if by == "auto" else (by,)
+            curves = {r: faithfulness_curve(patcher, graph, sizes, r, runner) for r in rankings}
+            ranking, curve, chosen = _choose(curves, target)
+            if top_k is None:
+                chosen = _between(patcher, graph, curve, ranking, chosen, target, runner)
         circuit = graph.prune(top_k=top_k or chosen, by=ranking).without_dangling()  # type: ignore[arg-type]
         score = faithfulness(patcher, circuit)
         if circuit.n_edges <= refine:
@@ -128,6 +149,16 @@ def discover(
     return circuit
 
 
+def _check_budget(model: Model, task: Task, max_batch_tokens: int | None, max_memory: int | str) -> None:
+    """Raise before any forward if `max_memory` comes with `max_batch_tokens` or cannot hold one row of edge
+    patching (`patching.budget.edge_patch_cost`, as `EdgePatcher` sizes its forwards)."""
+    if max_batch_tokens is not None:
+        raise PathlensError("pass max_memory= (bytes) or max_batch_tokens= (tokens per forward), not both.")
+    senders = len(graph_layout(model).senders)
+    cost = edge_patch_cost(model, task.n, task.seq_len, senders, post_norms(model) is not None)
+    cost.rows_for(parse_bytes(max_memory))
+
+
 def _refined(
     patcher: EdgePatcher, circuit: Graph, score: float, threshold: float, target: float
 ) -> tuple[Graph, float]:
@@ -143,7 +174,14 @@ def _refined(
 
 
 def _between(
-    patcher: EdgePatcher, graph: Graph, curve: Curve, by: str, size: int, target: float, points: int = 8
+    patcher: EdgePatcher,
+    graph: Graph,
+    curve: Curve,
+    by: str,
+    size: int,
+    target: float,
+    executor: Executor | None = None,
+    points: int = 8,
 ) -> int:
     """The smallest circuit reaching `target` between the curve size below `size` and `size` itself: `points`
     evenly spaced sizes in that gap measured in one batch (the curve's sizes are log-spaced, so the gap can be
@@ -152,7 +190,7 @@ def _between(
     if not below or size - below[-1] < 2:
         return size
     candidates = sorted({round(below[-1] + (size - below[-1]) * i / points) for i in range(1, points)} - {size})
-    values = patcher.metric_of(top_k_masks(graph, candidates, by))
+    values = metric_of(patcher, top_k_masks(graph, candidates, by), executor)
     span = curve.full - curve.empty
     reaching = [s for s, v in zip(candidates, values.tolist(), strict=True) if (v - curve.empty) / span >= target]
     return reaching[0] if reaching else size

@@ -26,9 +26,11 @@ import torch
 from torch import Tensor
 
 from pathlens.circuits.edge_patching import EdgePatcher
+from pathlens.circuits.edge_work import metric_of
 from pathlens.circuits.mib import MIB_FRACTIONS, mib_sizes
 from pathlens.errors import PathlensError
 from pathlens.graph import Graph
+from pathlens.patching.executor import Executor, resolved_executor
 from pathlens.results.display import html_block, html_table, line_svg
 
 
@@ -159,23 +161,34 @@ def _normalized(values: Tensor, full: float, empty: float) -> list[float]:
     return [float((v - empty) / span) for v in values]
 
 
-def with_endpoints(patcher: EdgePatcher, valid: Tensor, kept: list[Tensor]) -> tuple[float, float, Tensor]:
+def with_endpoints(
+    patcher: EdgePatcher, valid: Tensor, kept: list[Tensor], executor: Executor | None = None
+) -> tuple[float, float, Tensor]:
     """(m(M), m(∅), m of each circuit in `kept` (S, R) masks), one batch of rows: the full graph `valid` is one
     more row (no edge patched: the plain run), m(∅) the patcher's source run under interchange ablation or
-    one more row (mean / zero)."""
+    one more row (mean / zero). executor: where the rows run (`circuits.edge_work.metric_of`; None: here)."""
     ends = [valid] if patcher.ablation == "patch" else [valid, torch.zeros_like(valid)]
-    values = patcher.metric_of(torch.stack(ends + kept))
+    values = metric_of(patcher, torch.stack(ends + kept), executor)
     empty = patcher.source_metric if patcher.ablation == "patch" else float(values[1])
     return float(values[0]), empty, values[len(ends) :]
 
 
 def faithfulness_curve(
-    patcher: EdgePatcher, graph: Graph, sizes: list[int] | Literal["mib"] | None = None, by: str = "abs"
+    patcher: EdgePatcher,
+    graph: Graph,
+    sizes: list[int] | Literal["mib"] | None = None,
+    by: str = "abs",
+    executor: "str | Executor | None" = None,
 ) -> Curve:
     """Normalized faithfulness of the top-k circuits of `graph` (ranked `by`, see `Graph.prune`) for k in
     `sizes` (default: 20 log-spaced; "mib": MIB's edge fractions, see the module docstring). The circuits and
     the full graph (m(M)) run as rows of the same batched forwards; m(∅) is the patcher's source run
-    (interchange ablation) or one more row (mean / zero); a size holding every edge is the full graph."""
+    (interchange ablation) or one more row (mean / zero); a size holding every edge is the full graph.
+
+    executor: where those forwards run: None / "local" (this process), "ray" (a local Ray cluster started for
+    this call) or an executor object such as `pathlens.distributed.RayExecutor(address=...)`; the patcher's
+    chunks are planned here and the curve is bit-identical to the local one (same torch threads per process).
+    Its memory is the patcher's: build it with `EdgePatcher(..., max_memory=)`."""
     fractions = None
     if sizes == "mib":
         fractions, sizes = list(MIB_FRACTIONS), mib_sizes(graph.edges_total)
@@ -184,7 +197,8 @@ def faithfulness_curve(
     sizes = sizes or default_sizes(graph.edges_total)
     partial = sorted({s for s in sizes if s < graph.edges_total})
     kept = list(top_k_masks(graph, partial, by)) if partial else []
-    full, empty, circuits = with_endpoints(patcher, graph.valid, kept)
+    with resolved_executor(executor) as runner:
+        full, empty, circuits = with_endpoints(patcher, graph.valid, kept, runner)
     measured = dict(zip(partial, circuits.tolist(), strict=True))
     values = [measured.get(s, full) for s in sizes]
     return Curve(
