@@ -21,9 +21,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pathlens.attribution.chunked import (
+    PromptChunkJob,
+    PromptChunks,
+    check_knobs,
+    chunk_interventions,
+    prompts_per_chunk,
+    summed,
+)
 from pathlens.attribution.lrp import rule_objects
 from pathlens.interventions import Intervention
+from pathlens.memory import parse_bytes
 from pathlens.model import Model, Run
+from pathlens.patching.budget import first_order_cost, prompt_chunk_for
+from pathlens.patching.executor import Executor
 from pathlens.patching.plan import Plan
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, ResolvedSpec, Sites
 from pathlens.results import Scores
@@ -111,18 +122,72 @@ def cells(plan: Plan, effect: dict[Site, Tensor]) -> Tensor:
     return values
 
 
-def estimate_scores(setup: ResolvedSpec, per_cell: Tensor, base_metric: float, method: str, **meta: Any) -> Scores:
-    """Scores in patch()'s layout from per-variant, per-prompt effects (n_variants, N): base + batch mean; `meta`
-    adds to the spec's meta (model, task, n_prompts) before the base metric."""
-    plan = setup.plan
+def chunk_sums(per_cell: Tensor, per_prompt: Tensor) -> Tensor:
+    """One chunk's contribution (`attribution.chunked`): per-variant effects (n_variants, n) and base metric (n,)
+    summed over the chunk's prompts in float64 → (n_variants + 1,)."""
+    return torch.cat([per_cell.double().sum(dim=1), per_prompt.double().sum()[None]])
+
+
+def estimate_scores(setup: ResolvedSpec, total: Tensor, method: str, **meta: Any) -> Scores:
+    """Scores in patch()'s layout from `total` (n_variants + 1,), the `chunk_sums` added over every prompt: base
+    metric + the batch-mean effect per variant; `meta` adds to the spec's meta (model, task, n_prompts) before
+    the base metric."""
+    plan, n = setup.plan, setup.task.n
+    base_metric = float(total[-1] / n)
     return Scores(
-        values=(base_metric + per_cell.mean(dim=1)).reshape(plan.shape).float(),
+        values=(base_metric + total[:-1] / n).reshape(plan.shape).float(),
         dims=plan.dims,
         coords=plan.coords,
         metric=setup.metric_name,
         method=method,
         meta=setup.meta(**meta, base_metric=base_metric),
     )
+
+
+@dataclass(frozen=True)
+class FirstOrderSums:
+    """The `ChunkSums` of AtP (no `rules`) and RelP (LRP `rules`): `first_order` on one chunk's prompts, with the
+    clean-side interventions cut to them."""
+
+    spec: PatchSpec
+    rules: frozenset[str] = frozenset()
+    clean_interventions: tuple[Intervention, ...] = ()
+
+    @property
+    def description(self) -> str:
+        return "relp" if self.rules else "atp"
+
+    def sums(self, model: Model, task: Task, rows: Tensor) -> Tensor:
+        setup = self.spec.resolve(model, task.rows(rows))
+        clean_side = chunk_interventions(self.clean_interventions, rows, task.n, self.description)
+        fo = first_order(setup, setup.plan, rules=self.rules, clean_interventions=clean_side)
+        return chunk_sums(cells(setup.plan, fo.effect), fo.per_prompt)
+
+
+def first_order_chunks(
+    setup: ResolvedSpec,
+    plan: Plan,
+    max_batch_tokens: int | None,
+    max_memory: int | str | None,
+    qk_layers: int = 0,
+) -> PromptChunks:
+    """The prompt chunks of a first-order estimate: one forward and backward of `max_batch_tokens` tokens, or as
+    many prompts as `max_memory` holds (`patching.budget.first_order_cost` of `plan`'s families); neither: all
+    prompts in one chunk."""
+    check_knobs(max_batch_tokens, max_memory)
+    task = setup.task
+    if max_memory is None:
+        return PromptChunks(task.n, prompts_per_chunk(task, max_batch_tokens))
+    families = {v.site.family for v in plan.variants}
+    cost = first_order_cost(setup.model, task.seq_len, families, len(setup.plan.variants), qk_layers)
+    size, _ = prompt_chunk_for(lambda _: cost, parse_bytes(max_memory), 1, task.n)
+    return PromptChunks(task.n, size)
+
+
+def chunk_meta(chunks: PromptChunks, max_memory: int | str | None) -> dict[str, Any]:
+    """What a chunked estimate records: the prompts per chunk (when they are split) and the budget."""
+    meta: dict[str, Any] = {"prompts_per_chunk": chunks.size} if chunks.count > 1 else {}
+    return {**meta, **({"max_memory": parse_bytes(max_memory)} if max_memory is not None else {})}
 
 
 def atp(
@@ -135,10 +200,21 @@ def atp(
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
     clean_interventions: Sequence[Intervention] = (),
+    max_batch_tokens: int | None = None,
+    max_memory: int | str | None = None,
+    executor: "str | Executor | None" = None,
 ) -> Scores:
     """AtP estimates of `pathlens.patch(model, task, sites, positions, direction)`: same Scores layout.
     direction: "noise" by default (`DEFAULT_DIRECTION`, every method's: what circuit discovery patches).
-    clean_interventions: applied to the run of the clean prompts (see `first_order`)."""
+    clean_interventions: applied to the run of the clean prompts (see `first_order`).
+    max_batch_tokens: the prompts run in chunks of this many tokens per forward and backward; max_memory: instead,
+    the bytes the call may hold (an int or a string such as "2GB"; prompts per chunk from
+    `patching.budget.first_order_cost`); neither: every prompt in one forward. executor: where the chunks run —
+    None / "local" (here), "ray" or an executor object (`pathlens.distributed.RayExecutor`): chunks are planned
+    here as for a local run and their float64 sums added in chunk order, so the scores are bit-identical to the
+    local run's (same torch threads per process; see `attribution.chunked`)."""
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
-    fo = first_order(setup, setup.plan, clean_interventions=clean_interventions)
-    return estimate_scores(setup, cells(setup.plan, fo.effect), fo.base_metric, f"atp:{direction}")
+    chunks = first_order_chunks(setup, setup.plan, max_batch_tokens, max_memory)
+    job = PromptChunkJob(setup.task, chunks, FirstOrderSums(setup.spec, clean_interventions=tuple(clean_interventions)))
+    total = summed(model, job, executor)
+    return estimate_scores(setup, total, f"atp:{direction}", **chunk_meta(chunks, max_memory))

@@ -29,18 +29,27 @@ ranking nodes (verify the top ones with `pathlens.patch`), not a patched metric.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from pathlens.arch.base import get_blocks, get_module
-from pathlens.attribution.atp import cells, estimate_scores, first_order
+from pathlens.attribution.atp import (
+    cells,
+    chunk_meta,
+    chunk_sums,
+    estimate_scores,
+    first_order,
+    first_order_chunks,
+)
+from pathlens.attribution.chunked import PromptChunkJob, summed
 from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, StopGradient
 from pathlens.model import Model
-from pathlens.patching.plan import Variant
+from pathlens.patching.executor import Executor
+from pathlens.patching.plan import Plan, Variant
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, ResolvedSpec, Sites
 from pathlens.results import Scores
 from pathlens.sites import Site
@@ -61,6 +70,9 @@ def atp_star(
     neurons: dict[int, Sequence[int]] | None = None,
     qk_fix: bool = True,
     grad_drop: bool = False,
+    max_batch_tokens: int | None = None,
+    max_memory: int | str | None = None,
+    executor: "str | Executor | None" = None,
 ) -> Scores:
     """AtP* estimates of `pathlens.patch(model, task, sites, positions, direction)`, in the same Scores layout.
     direction: "noise" by default (`DEFAULT_DIRECTION`, every method's: what circuit discovery patches).
@@ -72,30 +84,67 @@ def atp_star(
     grad_drop=True: values are the GradDrop magnitudes ĉ ≥ 0 (module docstring), method
         "atp*:graddrop:<direction>", metric "|Δ <metric>|" — scores to rank nodes by, not patched metrics.
         Costs one forward and backward more per layer; needs at least two layers.
+    max_batch_tokens / max_memory / executor: the prompts in chunks and where they run, as for `atp` (the memory
+        cost counts the patterns, queries and keys the QK fix reads).
     """
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
     plan = setup.plan
-    qk_families = sorted({v.site.family for v in plan.variants if v.site.kind in _QK}, key=str) if qk_fix else []
+    qk_families = _qk_families(plan, qk_fix)
     if qk_families:
         _check_qk_fix(model)
-    if not grad_drop:
-        per_cell, base_metric = _estimate(setup, qk_families, ())
-        return estimate_scores(setup, per_cell, base_metric, f"atp*:{direction}")
     n_layers = model.n_layers
-    if n_layers < 2:
+    if grad_drop and n_layers < 2:
         raise PathlensError("grad_drop needs a model with at least two layers (it averages over L − 1 layers).")
-    total = torch.zeros(len(plan.variants), task.n, dtype=torch.float64)
-    for layer in range(n_layers):
-        per_cell, base_metric = _estimate(setup, qk_families, _drop(model, layer))
-        total += per_cell.abs()
+    attn_layers = len({f.layer for f in qk_families})
+    chunks = first_order_chunks(setup, _with_qk_sites(plan, qk_families), max_batch_tokens, max_memory, attn_layers)
+    job = PromptChunkJob(setup.task, chunks, AtpStarSums(setup.spec, qk_fix, grad_drop))
+    total = summed(model, job, executor)
+    meta = chunk_meta(chunks, max_memory)
+    if not grad_drop:
+        return estimate_scores(setup, total, f"atp*:{direction}", **meta)
+    n = setup.task.n
     return Scores(
-        values=(total.mean(dim=1) / (n_layers - 1)).reshape(plan.shape).float(),
+        values=(total[:-1] / n / (n_layers - 1)).reshape(plan.shape).float(),
         dims=plan.dims,
         coords=plan.coords,
         metric=f"|Δ {setup.metric_name}|",
         method=f"atp*:graddrop:{direction}",
-        meta=setup.meta(base_metric=base_metric),
+        meta=setup.meta(**meta, base_metric=float(total[-1] / n)),
     )
+
+
+@dataclass(frozen=True)
+class AtpStarSums:
+    """The `ChunkSums` of AtP*: on one chunk's prompts, the QK-fixed estimates summed over them (or, with
+    `grad_drop`, Σ_ℓ |Î_ℓ| summed over them), then the base metric's sum."""
+
+    spec: PatchSpec
+    qk_fix: bool
+    grad_drop: bool
+    description: str = "atp*"
+
+    def sums(self, model: Model, task: Task, rows: Tensor) -> Tensor:
+        setup = self.spec.resolve(model, task.rows(rows))
+        qk_families = _qk_families(setup.plan, self.qk_fix)
+        if not self.grad_drop:
+            return chunk_sums(*_estimate(setup, qk_families, ()))
+        total = torch.zeros(len(setup.plan.variants), setup.task.n, dtype=torch.float64)
+        for layer in range(model.n_layers):
+            per_cell, per_prompt = _estimate(setup, qk_families, _drop(model, layer))
+            total += per_cell.abs()
+        return chunk_sums(total, per_prompt)
+
+
+def _qk_families(plan: Plan, qk_fix: bool) -> list[Site]:
+    """The query/key site families of `plan` that get the exact softmax."""
+    return sorted({v.site.family for v in plan.variants if v.site.kind in _QK}, key=str) if qk_fix else []
+
+
+def _with_qk_sites(plan: Plan, qk_families: list[Site]) -> Plan:
+    """`plan` extended with the pattern, query and key of every layer the QK fix reads (cached, never scored)."""
+    attn_layers = sorted({f.layer for f in qk_families if f.layer is not None})
+    needed = [Site(kind, layer) for layer in attn_layers for kind in ("attn_pattern", "q", "k")]
+    return replace(plan, variants=plan.variants + tuple(Variant(site, None, -1) for site in needed))
 
 
 def _check_qk_fix(model: Model) -> None:
@@ -121,13 +170,10 @@ def _drop(model: Model, layer: int) -> list[Intervention]:
 
 def _estimate(
     setup: ResolvedSpec, qk_families: list[Site], interventions: Sequence[Intervention]
-) -> tuple[Tensor, float]:
-    """Per-variant, per-prompt estimates (n_variants, N), QK-fixed for `qk_families`, and the base metric."""
+) -> tuple[Tensor, Tensor]:
+    """Per-variant, per-prompt estimates (n_variants, N), QK-fixed for `qk_families`, and the base metric (N,)."""
     model, plan = setup.model, setup.plan
-    attn_layers = sorted({f.layer for f in qk_families if f.layer is not None})
-    needed = [Site(kind, layer) for layer in attn_layers for kind in ("attn_pattern", "q", "k")]
-    extra = tuple(Variant(site, None, -1) for site in needed)
-    fo = first_order(setup, replace(plan, variants=plan.variants + extra), interventions=interventions)
+    fo = first_order(setup, _with_qk_sites(plan, qk_families), interventions=interventions)
     effect = dict(fo.effect)
     joint = plan.variants[0].positions is None
     for family in qk_families:
@@ -147,7 +193,7 @@ def _estimate(
             effect[family] = _per_group(_row_change(a, g, scale * _scores(q_b, k_s - k_b, n_rep)), n_rep)
         else:
             effect[family] = _one_key_change(a, g, scale * _scores(q_b, k_s - k_b, n_rep), n_rep)
-    return cells(plan, effect), fo.base_metric
+    return cells(plan, effect), fo.per_prompt
 
 
 def _scale(model: Model, layer: int) -> float:

@@ -15,17 +15,20 @@ to `max_batch_tokens`. For the input-interpolating variant over all edges, see `
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from pathlens.attribution.atp import cells, estimate_scores
+from pathlens.attribution.atp import cells, chunk_meta, chunk_sums, estimate_scores
+from pathlens.attribution.chunked import PromptChunkJob, PromptChunks, check_knobs, prompts_per_chunk, summed
 from pathlens.errors import PathlensError
 from pathlens.interventions import Intervention, Replace
 from pathlens.memory import parse_bytes
 from pathlens.model import Model, Run
-from pathlens.patching.budget import integrated_gradients_cost
-from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, Sites
+from pathlens.patching.budget import integrated_gradients_cost, prompt_chunk_for
+from pathlens.patching.executor import Executor
+from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, ResolvedSpec, Sites
 from pathlens.results import Scores
 from pathlens.sites import INDEX_LETTER, Site
 from pathlens.tasks.base import Task
@@ -46,32 +49,67 @@ def integrated_gradients(
     steps: int = 5,
     max_batch_tokens: int | None = None,
     max_memory: int | str | None = None,
+    executor: "str | Executor | None" = None,
 ) -> Scores:
     """IG estimates of `pathlens.patch(model, task, sites, positions, direction)`: same Scores layout.
     direction: "noise" by default (`DEFAULT_DIRECTION`, every method's: what circuit discovery patches).
-    max_batch_tokens: tokens per forward/backward (default `DEFAULT_IG_BATCH_TOKENS`); max_memory: instead, the
-    bytes the call may hold (an int or a string such as "2GB"): the (prompt, step) rows per chunk follow from
-    their cost (`patching.budget.integrated_gradients_cost`), scores as with `max_batch_tokens` = rows × P."""
+    max_batch_tokens: tokens per forward/backward (default `DEFAULT_IG_BATCH_TOKENS`): the prompts run in chunks
+    of as many whole prompts as one forward holds with all their steps (or one prompt, its steps over several
+    forwards); max_memory: instead, the bytes the call may hold (an int or a string such as "2GB"): prompts per
+    chunk and rows per forward from their cost (`patching.budget.integrated_gradients_cost`), scores as with
+    `max_batch_tokens` = rows × P (`ig_chunks`). executor: where the chunks run, as for `atp`."""
     if steps < 1:
         raise PathlensError(f"steps must be at least 1, got {steps}.")
-    if max_memory is not None and max_batch_tokens is not None:
-        raise PathlensError("pass max_memory= (bytes) or max_batch_tokens= (tokens per forward), not both.")
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
-    families = sorted({v.site.family for v in setup.plan.variants}, key=str)
-    if max_memory is not None:
-        cost = integrated_gradients_cost(model, task.n, task.seq_len, families)
-        max_batch_tokens = cost.rows_for(parse_bytes(max_memory)) * task.seq_len
-    elif max_batch_tokens is None:
-        max_batch_tokens = DEFAULT_IG_BATCH_TOKENS
-    base_ids, source_ids = setup.runs
-    base = model.run(base_ids, attention_mask=task.attention_mask, cache=families)
-    source = model.run(source_ids, attention_mask=task.attention_mask, cache=families)
-    per_prompt = setup.metric(base.logits, setup.task).detach()
-    effect = {
-        f: _family_effect(model, setup.task, f, base, source, base_ids, setup.metric, steps, max_batch_tokens)
-        for f in families
-    }
-    return estimate_scores(setup, cells(setup.plan, effect), float(per_prompt.mean()), f"ig:{direction}", steps=steps)
+    chunks, rows_per_forward = ig_chunks(setup, steps, max_batch_tokens, max_memory)
+    job = PromptChunkJob(setup.task, chunks, IgSums(setup.spec, steps, rows_per_forward))
+    total = summed(model, job, executor)
+    return estimate_scores(setup, total, f"ig:{direction}", steps=steps, **chunk_meta(chunks, max_memory))
+
+
+def ig_chunks(
+    setup: ResolvedSpec, steps: int, max_batch_tokens: int | None, max_memory: int | str | None
+) -> tuple[PromptChunks, int]:
+    """The prompt chunks of `integrated_gradients` and the (prompt, step) rows of one forward."""
+    check_knobs(max_batch_tokens, max_memory)
+    model, task = setup.model, setup.task
+    if max_memory is None:
+        tokens = DEFAULT_IG_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens
+        size = prompts_per_chunk(task, tokens, rows_per_prompt=steps)
+        return PromptChunks(task.n, size), max(1, tokens // task.seq_len)
+    families = {v.site.family for v in setup.plan.variants}
+    budget = parse_bytes(max_memory)
+    size, rows = prompt_chunk_for(
+        lambda k: integrated_gradients_cost(model, k, task.seq_len, families), budget, steps, task.n
+    )
+    return PromptChunks(task.n, size), rows
+
+
+@dataclass(frozen=True)
+class IgSums:
+    """The `ChunkSums` of integrated gradients: on one chunk's prompts, the base and source runs, then every
+    family's (prompt, step) rows `rows_per_forward` at a time; the per-variant effects summed over the prompts."""
+
+    spec: PatchSpec
+    steps: int
+    rows_per_forward: int
+    description: str = "integrated gradients"
+
+    def sums(self, model: Model, task: Task, rows: Tensor) -> Tensor:
+        setup = self.spec.resolve(model, task.rows(rows))
+        families = sorted({v.site.family for v in setup.plan.variants}, key=str)
+        base_ids, source_ids = setup.runs
+        mask = setup.task.attention_mask
+        base = model.run(base_ids, attention_mask=mask, cache=families)
+        source = model.run(source_ids, attention_mask=mask, cache=families)
+        per_prompt = setup.metric(base.logits, setup.task).detach()
+        effect = {
+            f: _family_effect(
+                model, setup.task, f, base, source, base_ids, setup.metric, self.steps, self.rows_per_forward
+            )
+            for f in families
+        }
+        return chunk_sums(cells(setup.plan, effect), per_prompt)
 
 
 def _family_effect(
@@ -83,16 +121,15 @@ def _family_effect(
     base_ids: Tensor,
     metric: Metric,
     steps: int,
-    max_batch_tokens: int,
+    rows_per_forward: int,
 ) -> Tensor:
     """Per-prompt IG effect of one family, summed over its feature dims: (N, P) or (N, P, index)."""
     start, end = base.cache[family], source.cache[family]
     delta = end - start
     grad_sum = torch.zeros_like(start)
     total = steps * task.n
-    rows_per_chunk = max(1, max_batch_tokens // task.seq_len)
-    for first in range(0, total, rows_per_chunk):
-        rows = torch.arange(first, min(total, first + rows_per_chunk))
+    for first in range(0, total, rows_per_forward):
+        rows = torch.arange(first, min(total, first + rows_per_forward))
         prompts, step = rows // steps, rows % steps
         alpha = (step.double() / steps).to(start.dtype).view(-1, *([1] * (start.ndim - 1)))
         point = start[prompts] + alpha * delta[prompts]

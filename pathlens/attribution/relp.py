@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from pathlens.attribution.atp import cells, estimate_scores, first_order
+from pathlens.attribution.atp import FirstOrderSums, chunk_meta, estimate_scores, first_order_chunks
+from pathlens.attribution.chunked import PromptChunkJob, summed
 from pathlens.attribution.lrp import rules_for
 from pathlens.model import Model
+from pathlens.patching.executor import Executor
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, Sites
 from pathlens.results import Scores
 from pathlens.tasks.base import Task
@@ -30,13 +32,16 @@ def relp(
     layers: Sequence[int] | None = None,
     neurons: dict[int, Sequence[int]] | None = None,
     rules: Collection[str] | None = None,
+    max_batch_tokens: int | None = None,
+    max_memory: int | str | None = None,
+    executor: "str | Executor | None" = None,
 ) -> Scores:
     """RelP estimates of `pathlens.patch(model, task, sites, positions, direction)` under LRP `rules` (default:
     `lrp.DEFAULT_RULES`; add "AH" to treat attention patterns as constants). direction: "noise" by default
-    (`DEFAULT_DIRECTION`, every method's: what circuit discovery patches)."""
+    (`DEFAULT_DIRECTION`, every method's: what circuit discovery patches). max_batch_tokens / max_memory /
+    executor: the prompts in chunks and where they run, as for `atp`."""
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons).resolve(model, task)
     chosen = rules_for(rules)
-    fo = first_order(setup, setup.plan, rules=chosen)
-    return estimate_scores(
-        setup, cells(setup.plan, fo.effect), fo.base_metric, f"relp:{direction}", rules=sorted(chosen)
-    )
+    chunks = first_order_chunks(setup, setup.plan, max_batch_tokens, max_memory)
+    total = summed(model, PromptChunkJob(setup.task, chunks, FirstOrderSums(setup.spec, frozenset(chosen))), executor)
+    return estimate_scores(setup, total, f"relp:{direction}", rules=sorted(chosen), **chunk_meta(chunks, max_memory))
