@@ -56,9 +56,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from pathlens.errors import PathlensError
 from pathlens.features.corpus import Corpus, Windows, windows
-from pathlens.hooks import HookSession
+from pathlens.features.store_budget import store_cost
+from pathlens.features.store_work import StoreJob, StoreRunner, probe_widths, resolve_sites, shard_bytes, site_batches
+from pathlens.memory import parse_bytes
 from pathlens.model import Model
 from pathlens.patching.checkpoint import weights_digest
+from pathlens.patching.executor import Executor, resolved_executor
 from pathlens.results.io import writable_folder, write_bytes, write_safetensors, write_text
 from pathlens.sites import Site, parse_site
 
@@ -69,13 +72,10 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WINDOWS_FILE = "windows.safetensors"
 DEFAULT_MAX_BYTES = 512 * 2**20
+DEFAULT_BATCH = 8
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int, int], None]
-"""Called with (windows done, windows in total) after every batch."""
-
-
-class _Collected(Exception):
-    """Raised by the early-stop hook once every requested site has been read: the rest of the forward is skipped."""
+"""Called with (windows done, windows in total) after every batch (on an executor: after every shard)."""
 
 
 # ---- on the fly -----------------------------------------------------------------------------------------------
@@ -86,70 +86,40 @@ def stream(
     sites: Sequence[Site | str] | Site | str,
     source: Windows | Tensor,
     *,
-    batch_size: int = 8,
+    batch_size: int | None = None,
+    max_memory: int | str | None = None,
     dtype: torch.dtype = torch.float32,
     skip_first: bool | None = None,
     stop_early: bool = True,
     start: int = 0,
     stop: int | None = None,
 ) -> Iterator[dict[str, Tensor]]:
-    """Activations of `sites` over windows [start, stop) of `source`, one batch of `batch_size` windows at a time:
-    {site: (rows, width)} with rows = windows × positions, flattened in window order. `skip_first` leaves out each
-    window's position 0 (None: only when the windows start with BOS). Nothing touches disk; one forward per batch
-    reads every site, stopped after the last block a site lives in (`stop_early`). The hooks exist only during each
-    batch's forward, so a partly consumed stream leaves the model as it was."""
-    names = _site_names(model, sites)
+    """Activations of `sites` over windows [start, stop) of `source`, one batch of `batch_size` windows at a time
+    (default 8; or as many as `max_memory` allows, bytes or "2GB": see `store_budget`): {site: (rows, width)} with
+    rows = windows × positions, flattened in window order. `skip_first` leaves out each window's position 0 (None:
+    only when the windows start with BOS). Nothing touches disk; one forward per batch reads every site, stopped
+    after the last block a site lives in (`stop_early`). The hooks exist only during each batch's forward, so a
+    partly consumed stream leaves the model as it was."""
+    names = resolve_sites(model, sites)
     ids, bos = _ids_and_bos(source)
-    _check_batch(batch_size)
     skip = int(bos if skip_first is None else skip_first)
     stop = len(ids) if stop is None else stop
-    reads = [parse_site(s) for s in names]
-    hooks = _stop_hooks(model, names) if stop_early else []
-    for first in range(start, stop, batch_size):
-        batch = ids[first : min(first + batch_size, stop)]  # (B, P)
-        session = HookSession(model, reads, cache_dtype=dtype, extra_hooks=hooks)
-        with session:
-            try:
-                model.forward(batch, None, session)
-            except _Collected:
-                pass
+    if max_memory is not None:
+        if batch_size is not None:
+            raise PathlensError(f"pass max_memory={max_memory!r} or batch_size={batch_size!r}, not both.")
+        widths = probe_widths(model, names, ids)
+        cost = store_cost(model, widths, max(stop - start, 1), ids.shape[1], dtype, skip, stop_early, shards=False)
+        batch_size = cost.plan(parse_bytes(max_memory)).batch_size
+    batch_size = DEFAULT_BATCH if batch_size is None else batch_size
+    _check_batch(batch_size)
+    for cached in site_batches(
+        model, names, ids, batch_size, dtype=dtype, stop_early=stop_early, start=start, stop=stop
+    ):
         out = {}
         for name in names:
-            value = session.cache[name][:, skip:]  # (B, P', ...)
+            value = cached[name][:, skip:]  # (B, P', ...)
             out[name] = value.reshape(value.shape[0] * value.shape[1], -1)  # (B·P', width)
         yield out
-
-
-def _stop_hooks(model: Model, names: list[str]) -> list[tuple[str, str, Callable[..., Any]]]:
-    """A hook that ends the forward after the last block any site lives in (none if a site needs the whole model)."""
-    sites = [parse_site(n) for n in names]
-    if any(s.kind in ("logits", "module") for s in sites):
-        return []
-    layers = [s.layer for s in sites if s.layer is not None]
-
-    def stop(*_: Any) -> None:
-        raise _Collected
-
-    if not layers:
-        return [(f"{model.arch.blocks}.0", "pre", stop)]
-    return [(f"{model.arch.blocks}.{max(layers)}", "fwd", stop)]
-
-
-def _site_names(model: Model, sites: Sequence[Site | str] | Site | str) -> list[str]:
-    listed = [sites] if isinstance(sites, (str, Site)) else list(sites)
-    if not listed:
-        raise PathlensError("give at least one site to collect, e.g. sites=['L6.mlp_post'].")
-    names = []
-    for site in listed:
-        resolved = model.resolve(site)
-        if resolved.kind == "attn_pattern":
-            raise PathlensError(
-                f"site {resolved}: attention patterns have no fixed width per token; store q/k/v instead."
-            )
-        if str(resolved) in names:
-            raise PathlensError(f"site {resolved} is listed twice; list each site once.")
-        names.append(str(resolved))
-    return names
 
 
 def _ids_and_bos(source: Windows | Tensor) -> tuple[Tensor, bool]:
@@ -174,20 +144,35 @@ def collect(
     n_tokens: int | None = None,
     context: int = 128,
     seed: int = 0,
-    batch_size: int = 8,
-    max_bytes: int = DEFAULT_MAX_BYTES,
+    batch_size: int | None = None,
+    max_bytes: int | None = None,
+    max_memory: int | str | None = None,
     dtype: torch.dtype | str = torch.float32,
     skip_first: bool = True,
     stop_early: bool = True,
+    executor: "str | Executor | None" = None,
     progress: Progress | None = None,
 ) -> "ActivationStore":
     """Run the model over the windows of `source` and store `sites` in `out` (see the module docstring); resumes
     a store already there. `source` is a corpus (then `n_tokens`, `context` and `seed` cut its windows: see
-    `corpus.windows`), ready `Windows` or token ids (n, context). Returns the finished store."""
-    names = _site_names(model, sites)
+    `corpus.windows`), ready `Windows` or token ids (n, context). Returns the finished store.
+
+    Sizes: `max_memory` (bytes or "2GB", per process) sets the windows per forward and per shard from the
+    collection's cost (`store_budget`); or give them by hand: `batch_size` windows per forward (default 8) and
+    `max_bytes` for the store's buffers (default 512 MiB), which sets the shard size. `executor` ("ray" or an
+    executor object such as `pathlens.distributed.RayExecutor(...)`) computes the shards on its workers, one shard
+    per chunk; this process writes each as it arrives, so the files and manifest equal a local run's."""
+    names = resolve_sites(model, sites)
     torch_dtype = _dtype(dtype)
-    _check_batch(batch_size)
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+    if max_memory is not None and (batch_size is not None or max_bytes is not None):
+        given = "batch_size" if batch_size is not None else "max_bytes"
+        raise PathlensError(
+            f"pass max_memory={max_memory!r} (which sets the batch and shard sizes) or {given}= by hand, not both."
+        )
+    budget = None if max_memory is None else parse_bytes(max_memory)
+    if batch_size is not None:
+        _check_batch(batch_size)
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
         raise PathlensError(f"max_bytes={max_bytes!r}; give the store's memory budget in bytes.")
     folder = writable_folder(out, "out=")
     if isinstance(source, Tensor):
@@ -195,10 +180,17 @@ def collect(
     else:
         wins = source if isinstance(source, Windows) else windows(source, model.tokenizer, context, n_tokens, seed)
     skip = int(skip_first)
-    per_row = _probe_widths(model, names, wins.ids[:1, :2], torch_dtype)
-    widths = dict(per_row)
-    row_bytes = sum(widths.values()) * torch_dtype.itemsize
-    shard_windows = _shard_windows(max_bytes, batch_size, row_bytes * wins.context, len(wins))
+    widths = probe_widths(model, names, wins.ids)
+    if budget is not None:
+        plan = store_cost(model, widths, len(wins), wins.context, torch_dtype, skip, stop_early).plan(budget)
+        batch, shard_windows = plan.batch_size, plan.shard_windows
+    else:
+        batch, max_bytes = batch_size or DEFAULT_BATCH, max_bytes or DEFAULT_MAX_BYTES
+        row_bytes = sum(widths.values()) * torch_dtype.itemsize
+        shard_windows = _shard_windows(max_bytes, batch, row_bytes * wins.context, len(wins))
+    job = StoreJob(
+        tuple(names), tuple(widths[n] for n in names), wins.ids, skip, batch, shard_windows, torch_dtype, stop_early
+    )
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -209,14 +201,15 @@ def collect(
         "corpus": wins.describe(),
         "context": wins.context,
         "skip_first": bool(skip),
-        "rows_per_window": wins.context - skip,
-        "batch_windows": batch_size,
+        "rows_per_window": job.rows_per_window,
+        "batch_windows": batch,
         "shard_windows": shard_windows,
         "n_windows": len(wins),
-        "n_shards": math.ceil(len(wins) / shard_windows),
+        "n_shards": job.n_shards,
         "tokens_total": wins.n_tokens,
-        "rows_total": len(wins) * (wins.context - skip),
+        "rows_total": len(wins) * job.rows_per_window,
         "max_bytes": max_bytes,
+        "max_memory": budget,
         "shards": [],
         "rows_stored": 0,
         "complete": False,
@@ -226,45 +219,44 @@ def collect(
     if not _windows_match(folder, wins):
         write_safetensors(folder / WINDOWS_FILE, {"ids": wins.ids.contiguous()})
     _write_manifest(folder, manifest, committed)
-    rows_per_window = wins.context - skip
-    for k in range(math.ceil(len(wins) / shard_windows)):
-        if k in committed:
-            continue
-        first, last = k * shard_windows, min((k + 1) * shard_windows, len(wins))
-        before = sum(entry["n_windows"] for entry in committed.values())
-        shape = ((last - first) * rows_per_window,)
-        buffers = {name: torch.empty((*shape, widths[name]), dtype=torch_dtype) for name in names}
-        row = 0
-        for batch in stream(
-            model,
-            names,
-            wins,
-            batch_size=batch_size,
-            dtype=torch_dtype,
-            skip_first=bool(skip),
-            stop_early=stop_early,
-            start=first,
-            stop=last,
-        ):
-            n = next(iter(batch.values())).shape[0]
-            for name in names:
-                buffers[name][row : row + n] = batch[name]  # (rows of the batch, width)
-            row += n
-            if progress is not None:
-                progress(before + row // rows_per_window, len(wins))
-        data = safetensors.torch.save(buffers)
-        del buffers
-        file = f"shard-{k:05d}.safetensors"
+    todo = [k for k in range(job.n_shards) if k not in committed]
+
+    def commit(index: int, data: bytes) -> None:
+        """Write shard `index`'s file, then the manifest entry that commits it (once: a repeat is ignored)."""
+        if index in committed:
+            return
+        first, last = job.windows_of(index)
+        file = f"shard-{index:05d}.safetensors"
         write_bytes(folder / file, data)
-        committed[k] = {
+        committed[index] = {
             "file": file,
             "first_window": first,
             "n_windows": last - first,
-            "rows": row,
+            "rows": (last - first) * job.rows_per_window,
             "sha256": hashlib.sha256(data).hexdigest(),
         }
-        del data
         _write_manifest(folder, manifest, committed)
+
+    def windows_done() -> int:
+        return sum(entry["n_windows"] for entry in committed.values())
+
+    with resolved_executor(executor) as runner:
+        if runner is None:
+            for k in todo:
+                before = windows_done()
+                report = None if progress is None else lambda done, before=before: progress(before + done, len(wins))
+                commit(k, shard_bytes(model, job, k, report))
+        else:
+
+            def arrived(index: int, values: Tensor) -> None:
+                commit(index, values.numpy().tobytes())
+                if progress is not None:
+                    progress(windows_done(), len(wins))
+
+            runner.run(model, job, StoreRunner(model, job).fingerprint(), todo, arrived)
+    missing = [k for k in todo if k not in committed]
+    if missing:
+        raise PathlensError(f"the executor returned without computing shards {missing[:10]} of this store.")
     return ActivationStore(folder)
 
 
@@ -278,12 +270,6 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
-
-
-def _probe_widths(model: Model, names: list[str], ids: Tensor, dtype: torch.dtype) -> dict[str, int]:
-    """Each site's width per token (its trailing dimensions flattened), from one forward on two tokens."""
-    batch = next(stream(model, names, ids, batch_size=1, dtype=dtype))
-    return {name: int(value.shape[1]) for name, value in batch.items()}
 
 
 def _shard_windows(max_bytes: int, batch_size: int, window_bytes: int, n_windows: int) -> int:
@@ -311,8 +297,8 @@ _IDENTITY = (
     ("dtype", "dtype"),
     ("corpus", "corpus windows"),
     ("skip_first", "skip_first"),
-    ("batch_windows", "batch size"),
-    ("shard_windows", "shard size (set by max_bytes)"),
+    ("batch_windows", "batch size (set by batch_size or max_memory)"),
+    ("shard_windows", "shard size (set by max_bytes or max_memory)"),
 )
 
 
