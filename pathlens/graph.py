@@ -80,7 +80,11 @@ class Graph:
 
     def receiver_nodes(self, receiver: str) -> list[str]:
         """The component(s) a receiver input belongs to: "L4.H1.q" → ["L4.H1"]; a key-value group's input
-        feeds every query head of the group; "L4.mlp" → ["L4.mlp"]; "logits" → ["logits"]."""
+        feeds every query head of the group; "L4.mlp" → ["L4.mlp"], or the latents and error of an SAE spliced on
+        its output (`meta["feeds"]`); "logits" → ["logits"]."""
+        fed = self.meta.get("feeds", {}).get(receiver)
+        if fed is not None:
+            return list(fed)
         node = parse_node(receiver)
         if node is None or node.kind not in ("q", "k", "v") or node.index is None:
             return [receiver]

@@ -37,6 +37,14 @@ after it. Interventions elsewhere change the outputs of the components they act 
 Two identities are tested: summed over its outgoing edges, a sender's scores equal its node-level AtP
 estimate; summed over the incoming edges of the logits, they equal AtP of the final residual stream.
 
+Spliced dictionaries (`pathlens.circuits.layout`, "Spliced dictionaries"): a transcoder's or mlp_out SAE's node
+latents send Δf_i · W_dec[i] / s_out and its error node the rest of the MLP's Δ, so a family's rows plus its error
+row sum to the MLP's row of the unspliced graph. A transcoder's latents also receive: the gradient at latent i's
+input copy is ∂m/∂z_i · s_in W_enc[:, i] at the MLP input (z_i its pre-activation; ∂m/∂z from ∂m/∂f through the
+dictionary's own activation, so TopK passes the gradient of the selected latents and JumpReLU that of the latents
+above threshold), carried through the MLP's input norm in batches of latents; the error node receives the MLP
+input's gradient minus the latents' share, so a family's receiver columns plus the error's sum to the MLP's column.
+
 Gemma 2/3 (post-sublayer norms): Δz of a head is the difference of its linearised writes (g / σ) ⊙ z_h W_O[h],
 each with σ of its own run (`pathlens.circuits.layout.PostNorm`); the graph's meta says so. There a layer's heads
 sum to AtP of its attn_out, and each MLP to AtP of its mlp_out; one head's sum differs from AtP of its z by the
@@ -59,6 +67,7 @@ from pathlens.circuits.layout import (
     Layout,
     check_supported,
     graph_layout,
+    latent_families,
     linearisation_meta,
     o_proj_output,
     post_norms,
@@ -123,7 +132,8 @@ def edge_attribution(
     a = model.arch
     n_steps = steps if method == "eap-ig" else 1
     chosen = rules_for(rules) if method == "relp" else frozenset()
-    layout = graph_layout(model)
+    families = latent_families(model, task)
+    layout = graph_layout(model, families)
     qkv = [QKV(model, layer) for layer in range(a.n_layers)]
     base_ids, source_ids = setup.runs
     clean_side = list(clean_interventions)
@@ -133,7 +143,7 @@ def edge_attribution(
         n_senders, post = len(layout.senders) + len(writes), post_norms(model) is not None
         cost = edge_attribution_cost(model, task.n, task.seq_len, n_senders, post)
         max_batch_tokens = cost.rows_for(parse_bytes(max_memory)) * task.seq_len
-    deltas, base_input, source_input = _sender_deltas(model, task, base_ids, source_ids, sides, writes)
+    deltas, base_input, source_input = _sender_deltas(model, task, base_ids, source_ids, sides, writes, layout)
 
     senders = layout.senders + [f"intervention:{site}" for site in writes]
     scores = torch.zeros(len(senders), len(layout.receivers), dtype=torch.float64)
@@ -144,7 +154,7 @@ def edge_attribution(
         rows = torch.arange(first, min(total, first + rows_per_chunk))
         prompts, step = rows // n_steps, rows % n_steps
         grads, metric_sum = _receiver_grads(
-            model, task, base_ids, prompts, step, n_steps, base_input, source_input, qkv, chosen, sides[0]
+            model, task, base_ids, prompts, step, n_steps, base_input, source_input, qkv, chosen, sides[0], layout
         )
         base_metric += float(metric_sum[step == 0].sum())
         _accumulate(scores, layout, deltas, grads, prompts)
@@ -164,8 +174,29 @@ def edge_attribution(
             base_metric=base_metric / task.n,
             heads_per_group=a.n_heads // a.n_kv_heads,
             **linearisation_meta(model),
+            **latent_meta(layout),
         ),
     )
+
+
+def latent_meta(layout: Layout) -> dict[str, object]:
+    """What a Graph records about spliced dictionaries' latents as nodes: nothing without them; else `feeds` (an
+    MLP receiver → the latent senders its output is encoded into, read by `Graph.receiver_nodes`) and per
+    dictionary its kind, width, node count and whether its latents receive (a transcoder)."""
+    if not layout.families:
+        return {}
+    dictionaries = {
+        str(f.site): {
+            "kind": str(f.dictionary.kind),
+            "width": int(f.splice.width),
+            "nodes": len(f.nodes),
+            "transcoder": f.transcoder,
+            "reads": str(f.splice.source),
+            "rebuilds": str(f.splice.target),
+        }
+        for f in layout.families.values()
+    }
+    return {"feeds": dict(layout.feeds), "dictionaries": dictionaries}
 
 
 _WRITE_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out")
@@ -193,6 +224,9 @@ def _reads_after(model: Model, layout: Layout, site: Site) -> Tensor:
         col = layout.mlp_col[at]
         if col is not None:
             reads[col] = at > layer or (at == layer and mlp_too)
+        latents = layout.latent_cols.get(at)
+        if latents is not None:
+            reads[latents] = at > layer or (at == layer and mlp_too)
     reads[-1] = True
     return reads
 
@@ -204,9 +238,12 @@ def _sender_deltas(
     source_ids: Tensor,
     sides: tuple[list[Intervention], list[Intervention]] = ([], []),
     writes: Sequence[Site] = (),
+    layout: Layout | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Δz per sender, (S, N, P, d_model), in sender order (then one per intervention write); and the base / source
-    input residual streams. `sides`: the interventions of the base and the source run."""
+    input residual streams. `sides`: the interventions of the base and the source run. A layer with a spliced
+    dictionary in `layout` sends Δf_i · W_dec[i] / s_out per node latent and the rest of Δmlp_out as its error."""
+    dictionaries = {} if layout is None else layout.families
     a = model.arch
     post = post_norms(model)
     families = [Site("resid_pre", 0)] + [Site("head_z", layer) for layer in range(a.n_layers)]
@@ -214,6 +251,7 @@ def _sender_deltas(
         families += [Site("mlp_out", layer) for layer in range(a.n_layers)]
     if post is not None:
         families += [o_proj_output(model, layer) for layer in range(a.n_layers)]
+    families += [f.site for f in dictionaries.values()]
     families += list(writes)
     mask = task.attention_mask
     base = model.run(base_ids, attention_mask=mask, cache=families, interventions=sides[0]).cache
@@ -231,7 +269,14 @@ def _sender_deltas(
             norm = post[layer]
             parts.append(norm.head_writes(source[z], w_o, source[o]) - norm.head_writes(base[z], w_o, base[o]))
         if a.mlp is not None:
-            parts.append((source[Site("mlp_out", layer)] - base[Site("mlp_out", layer)])[None])
+            mlp = source[Site("mlp_out", layer)] - base[Site("mlp_out", layer)]  # (N, P, d)
+            family = dictionaries.get(layer)
+            if family is None:
+                parts.append(mlp[None])
+                continue
+            df = (source[family.site] - base[family.site])[..., family.nodes].to(mlp.dtype)  # (N, P, L)
+            latents = torch.einsum("npl,ld->lnpd", df, family.writes().to(mlp.dtype))  # (L, N, P, d)
+            parts += [latents, (mlp - latents.sum(dim=0))[None]]
     for site in writes:  # what the clean side's interventions at `site` changed there, signed source − base
         clean_side, clean_ids, sign = (sides[0], base_ids, -1.0) if sides[0] else (sides[1], source_ids, 1.0)
         others = [iv for iv in clean_side if model.resolve(iv.site, write=True) != site]
@@ -248,6 +293,19 @@ class _Grads:
     attn: list[Tensor]
     mlp: list[Tensor | None]
     logits: Tensor
+    latents: dict[int, "_LatentGrads"]
+
+
+@dataclass
+class _LatentGrads:
+    """A transcoder layer's node latents as receivers for one chunk of rows: ∂m/∂z (B, P, L) of each node
+    latent's pre-activation, its encoder directions (d, L), and the graph from the residual stream `resid` to the
+    MLP input `mlp_in` (both (B, P, d), from the run) through which each latent's input gradient is carried."""
+
+    grad_z: Tensor
+    encoder: Tensor
+    mlp_in: Tensor
+    resid: Tensor
 
 
 def _receiver_grads(
@@ -262,9 +320,13 @@ def _receiver_grads(
     qkv: list[QKV],
     rules: frozenset[str],
     base_interventions: Sequence[Intervention] = (),
+    layout: Layout | None = None,
 ) -> tuple[_Grads, Tensor]:
     """One forward/backward on rows (prompt, step): gradients of Σ rows' metric at every receiver input, with
-    `base_interventions` (the base run's, for all its rows) applied."""
+    `base_interventions` (the base run's, for all its rows) applied. At a transcoder layer of `layout` the latents
+    receive ∂m/∂z_i · s_in W_enc[:, i] at the MLP input (z_i the pre-activation, the dictionary's own activation
+    derivative) and the error node the rest of the MLP input's gradient."""
+    receiving = {} if layout is None else {k: f for k, f in layout.families.items() if f.transcoder}
     a = model.arch
     last = a.n_layers - 1
     interventions = list(base_interventions)
@@ -280,6 +342,7 @@ def _receiver_grads(
         families += [Site("attn_in", layer), Site("resid_pre", layer), *qkv[layer].sites]
         if a.mlp is not None:
             families += [Site("mlp_in", layer), Site(mlp_input_kind, layer)]
+    families += [f.site for f in receiving.values()]
     sub = task.rows(prompts)
     run = model.run(
         base_ids[prompts],
@@ -295,11 +358,14 @@ def _receiver_grads(
         wanted += [run.cache[s] for s in qkv[layer].sites]
         if a.mlp is not None:
             wanted.append(run.cache[Site("mlp_in", layer)])
+    wanted += [run.cache[f.site] for f in receiving.values()]
     raw = torch.autograd.grad(per_row.sum(), wanted, retain_graph=True, allow_unused=True)
     got = [torch.zeros_like(w) if g is None else g for w, g in zip(wanted, raw, strict=True)]
     logits_grad, cursor = got[0], 1
     attn: list[Tensor] = []
     mlp: list[Tensor | None] = []
+    latents: dict[int, _LatentGrads] = {}
+    latent_grads = dict(zip(receiving, got[len(got) - len(receiving) :], strict=True))
     for layer in range(a.n_layers):
         n_proj = len(qkv[layer].sites)
         at_input = qkv[layer].input_grads(got[cursor : cursor + n_proj])
@@ -315,15 +381,17 @@ def _receiver_grads(
         if a.mlp is None:
             mlp.append(None)
             continue
-        (g_mlp,) = torch.autograd.grad(
-            run.cache[Site("mlp_in", layer)],
-            run.cache[Site(mlp_input_kind, layer)],
-            grad_outputs=got[cursor],
-            retain_graph=True,
-        )
+        mlp_in, resid, at_mlp = run.cache[Site("mlp_in", layer)], run.cache[Site(mlp_input_kind, layer)], got[cursor]
+        family = receiving.get(layer)
+        if family is not None:
+            grad_z = family.pre_activation_grads(mlp_in, latent_grads[layer])  # (B, P, L)
+            encoder = family.encoder().to(grad_z.dtype)  # (d, L)
+            latents[layer] = _LatentGrads(grad_z, encoder, mlp_in, resid)
+            at_mlp = at_mlp - (grad_z @ encoder.T).to(at_mlp.dtype)  # the error node: what the latents do not carry
+        (g_mlp,) = torch.autograd.grad(mlp_in, resid, grad_outputs=at_mlp, retain_graph=True)
         cursor += 1
         mlp.append(g_mlp)
-    return _Grads(attn, mlp, logits_grad), per_row.detach()
+    return _Grads(attn, mlp, logits_grad, latents), per_row.detach()
 
 
 def _accumulate(scores: Tensor, layout: Layout, deltas: Tensor, grads: _Grads, prompts: Tensor) -> None:
@@ -352,3 +420,20 @@ def _accumulate(scores: Tensor, layout: Layout, deltas: Tensor, grads: _Grads, p
             scores[:stop, col] += (d[:stop] @ g_mlp).double()
             scores[n:, col] += (d[n:] @ g_mlp).double()
     scores[:, -1] += (d @ per_prompt(grads.logits)).double()
+    for layer, lg in grads.latents.items():
+        cols, stop = layout.latent_cols[layer], layout.mlp_sender_stop[layer]
+        moving = torch.nonzero(lg.grad_z.flatten(0, -2).ne(0).any(dim=0))[:, 0]  # latents with a gradient here
+        chunk = max(1, LATENT_GRAD_ELEMENTS // max(1, lg.mlp_in.numel()))
+        for first_latent in range(0, len(moving), chunk):
+            picked = moving[first_latent : first_latent + chunk]
+            at_input = torch.einsum("bpl,dl->lbpd", lg.grad_z[..., picked], lg.encoder[:, picked])  # (C, B, P, d)
+            (g,) = torch.autograd.grad(
+                lg.mlp_in, lg.resid, grad_outputs=at_input.to(lg.mlp_in.dtype), retain_graph=True, is_grads_batched=True
+            )
+            g_lat = per_prompt(g)  # (C, N'·P·d)
+            columns = cols.start + picked
+            scores[:stop, columns] += (d[:stop] @ g_lat.T).double()
+            scores[n:, columns] += (d[n:] @ g_lat.T).double()
+
+
+LATENT_GRAD_ELEMENTS = 1 << 24  # elements of one batch of latent receivers' input gradients (64 MiB in float32)

@@ -41,7 +41,16 @@ from torch import Tensor
 
 from pathlens.arch.base import get_blocks, get_module, output_weight_per_head
 from pathlens.arch.calls import first_output, hidden_input, with_first_output, with_hidden_input
-from pathlens.circuits.layout import QKV, PostNorm, check_supported, graph_layout, o_proj_output, post_norms
+from pathlens.circuits.layout import (
+    QKV,
+    LatentFamily,
+    PostNorm,
+    check_supported,
+    graph_layout,
+    latent_families,
+    o_proj_output,
+    post_norms,
+)
 from pathlens.errors import PathlensError
 from pathlens.hooks import HookSession
 from pathlens.memory import parse_bytes
@@ -88,10 +97,10 @@ class EdgePatcher:
                 "(pass attn_norm= and mlp_norm=)."
             )
         self.model, self.max_memory = model, None if max_memory is None else parse_bytes(max_memory)
+        self.layout = graph_layout(model, latent_families(model, task))
         self.max_batch_tokens = self._batch_tokens(task, max_batch_tokens, max_memory)
         self.metric = metric or task.metric
         self.task = task.with_metric(self.metric)  # type: ignore[arg-type]
-        self.layout = graph_layout(model)
         self.qkv = [QKV(model, layer) for layer in range(a.n_layers)]
         blocks = get_blocks(model.hf, a.blocks)
         self.w_o = [output_weight_per_head(get_module(b, a.o_proj), a.n_heads, a.d_head).detach() for b in blocks]
@@ -105,11 +114,12 @@ class EdgePatcher:
         residuals += [Site("resid_mid", layer) for layer in range(a.n_layers)] if a.mlp and not a.parallel else []
         self.post = post_norms(model)
         projections = [] if self.post is None else [o_proj_output(model, layer) for layer in range(a.n_layers)]
+        latents = [f.site for f in self.layout.families.values()]
         scored = torch.unique(task.answer_pos)
         run = model.run(
             source_task_ids,
             attention_mask=task.attention_mask,
-            cache=families + residuals + projections,
+            cache=families + residuals + projections + latents,
             logits_at=scored,
         )
         self.source = {family: self._ablated(run.cache[family]) for family in families}
@@ -118,6 +128,7 @@ class EdgePatcher:
         self._buffer = torch.empty(0)
         self.source_resid = self._source_residuals(run.cache, head_writes)
         self.source_normed = self._normed_source_residuals(blocks)
+        self._latent_sources(run.cache)
         self._known: dict[str, Tensor] = {}
         self._source_metric = self._mean_metric(
             run.logits[torch.arange(task.n), torch.searchsorted(scored, task.answer_pos)]
@@ -129,7 +140,7 @@ class EdgePatcher:
             return max(1, DEFAULT_EDGE_BATCH_TOKENS if max_batch_tokens is None else max_batch_tokens)
         if max_batch_tokens is not None:
             raise PathlensError("pass max_memory= (bytes) or max_batch_tokens= (tokens per forward), not both.")
-        n_senders = len(graph_layout(self.model).senders)
+        n_senders = len(self.layout.senders)
         cost = edge_patch_cost(self.model, task.n, task.seq_len, n_senders, post_norms(self.model) is not None)
         return cost.rows_for(parse_bytes(max_memory)) * task.seq_len
 
@@ -159,6 +170,24 @@ class EdgePatcher:
                     norm = get_module(block, a.mlp_norm or "")
                     out[("mlp", layer)] = norm(self.source_resid[layout.mlp_sender_stop[layer]])
         return out
+
+    def _latent_sources(self, cache: dict[Site, Tensor]) -> None:
+        """Per spliced layer: its node latents' writes W_dec[i] / s_out (L, d), their source values (N, P, L) and
+        the error node's source write (N, P, d) (ablated like every sender); for a transcoder also the node
+        latents of the normed source residual (N, P, L), what a latent with no kept edge reads."""
+        self.latent_writes: dict[int, Tensor] = {}
+        self.latent_source: dict[int, Tensor] = {}
+        self.error_source: dict[int, Tensor] = {}
+        self.latent_read_source: dict[int, Tensor] = {}
+        for layer, family in self.layout.families.items():
+            mlp = cache[Site("mlp_out", layer)]
+            writes = family.writes().to(mlp.dtype)
+            f = cache[family.site][..., family.nodes].to(mlp.dtype)  # (N, P, L)
+            self.latent_writes[layer] = writes
+            self.latent_source[layer] = self._ablated(f)
+            self.error_source[layer] = self._ablated(mlp - f @ writes)
+            if family.transcoder:
+                self.latent_read_source[layer] = family.values(self.source_normed[("mlp", layer)])
 
     def known_output(self, path: str, reads: tuple[str, int]) -> Tensor:
         """Output (N, P, ·) of the row-wise module at `path` (an MLP, a q/k/v projection) on the normed source
@@ -344,6 +373,7 @@ class _RunState:
         self.resid: dict[int, Tensor] = {}
         self.attn_out: dict[int, Tensor] = {}
         self.inputs: dict[int, list[_GroupInput]] = {}
+        self.latent_values: dict[int, tuple[Tensor, Tensor]] = {}  # transcoder layer -> (f of own inputs, f of x_e)
         layout = patcher.layout
         reads: list[tuple[int, slice | int]] = [
             (layout.sender_stop[layer], layout.attn_cols[layer]) for layer in range(a.n_layers)
@@ -351,6 +381,7 @@ class _RunState:
         reads += [
             (stop, col) for stop, col in zip(layout.mlp_sender_stop, layout.mlp_col, strict=True) if col is not None
         ]
+        reads += [(layout.mlp_sender_stop[layer], cols) for layer, cols in layout.latent_cols.items()]
         reads.append((patcher.n_senders, len(layout.receivers) - 1))
         self.plans = {(stop, str(cols)): self._plan(stop, cols) for stop, cols in reads}
         self.left_out = self._left_out_rows()
@@ -471,7 +502,9 @@ class _RunState:
                     out.append((f"{block}.{a.attn_out}", "fwd", self._record_attn_out(layer)))
                 out.append((f"{block}.{a.mlp}", "pre", self._mlp_input(layer)))
                 out += self._leave_out(f"{block}.{a.mlp}")
-                out.append((f"{block}.{a.mlp_out}", "fwd", self._mlp_output(layer)))
+                family = self.p.layout.families.get(layer)
+                output = self._mlp_output(layer) if family is None else self._latent_output(layer, family)
+                out.append((f"{block}.{a.mlp_out}", "fwd", output))
         out.append((f"{a.blocks}.{a.n_layers - 1}", "fwd", self._final()))
         return out
 
@@ -583,15 +616,50 @@ class _RunState:
             col = self.p.layout.mlp_col[layer]
             stop = self.p.layout.mlp_sender_stop[layer]
             x = self.resid[layer] if a.parallel else self.resid[layer] + self.attn_out[layer]
-            corrected = [g for g in self._corrected(x, stop, col) if g.values is not None]
+            groups = self._corrected(x, stop, col)
+            corrected = [g for g in groups if g.values is not None]
+            normed = [norm(g.values[0]) for g in corrected]  # type: ignore[index]
+            family = self.p.layout.families.get(layer)
+            if family is not None and family.transcoder:
+                self._latent_inputs(layer, family, x, hidden_input(args, kwargs), groups, normed, norm)
             if not corrected:
                 return None
             new = hidden_input(args, kwargs).clone()
-            for g in corrected:
-                new[g.rows] = norm(g.values[0])  # type: ignore[index]
+            for g, value in zip(corrected, normed, strict=True):
+                new[g.rows] = value
             return with_hidden_input(args, kwargs, new)
 
         return hook
+
+    def _latent_inputs(
+        self,
+        layer: int,
+        family: LatentFamily,
+        x: Tensor,
+        running: Tensor,
+        groups: list[_GroupInput],
+        normed: list[Tensor],
+        norm: Any,
+    ) -> None:
+        """A transcoder layer's node latents (B, P, L), each of its own input, and the node latents of the error
+        node's input x_e (the MLP call's input): `running` is the MLP input of the running residual `x`, `groups`
+        and `normed` the error column's groups and their corrected, normed inputs."""
+        source_normed = self.p.source_normed[("mlp", layer)]
+        x_error = running.clone()
+        corrected = iter(normed)
+        for g in groups:
+            if g.values is not None:
+                x_error[g.rows] = next(corrected)
+            elif g.from_source:
+                x_error[g.rows] = source_normed[self.prompts[g.rows]]
+        f = family.values(running)  # (B, P, L): every latent reading the running residual
+        for g in self._corrected(x, self.p.layout.mlp_sender_stop[layer], self.p.layout.latent_cols[layer]):
+            if g.from_source:
+                f[g.rows] = self.p.latent_read_source[layer][self.prompts[g.rows]]
+            if g.values is not None:
+                own = family.own_values(norm(g.values), g.special)  # (C, n, P)
+                f[g.rows, :, g.special] = own.permute(1, 2, 0)
+        self.latent_values[layer] = (f, family.values(x_error))
 
     def _leave_out(self, path: str) -> list[tuple[str, str, Callable[..., Any]]]:
         """Hooks that call the row-wise module at `path` on the rows `_left_out_rows` keeps only and give the
@@ -614,6 +682,33 @@ class _RunState:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
             if self.needed[sender]:
                 self.d[sender] = (first_output(output) - self.p.source[Site("mlp_out", layer)][self.prompts]).flatten(1)
+
+        return hook
+
+    def _latent_output(self, layer: int, family: LatentFamily) -> Callable[..., Any]:
+        """The output of a layer whose MLP write is split into node latents and an error node: for a transcoder,
+        MLP(x_e) + Σ_nodes (f_i(x_i) − f_i(x_e)) W_dec[i] / s_out (each latent of its own input, the error node of
+        the MLP call's); for an mlp_out SAE the MLP's own output, encoded. Fills D of the needed latent senders
+        ((f_i − f_i^src) W_dec[i] / s_out) and of the error node (its write minus its source write)."""
+        rows = self.p.layout.latent_rows[layer]
+
+        def hook(module: Any, args: tuple[Any, ...], output: Any) -> Any:
+            out = first_output(output)  # (B, P, d)
+            writes = self.p.latent_writes[layer]  # (L, d)
+            if family.transcoder:
+                f, f_error = self.latent_values.pop(layer)
+                error = out - f_error @ writes
+                new = error + f @ writes
+            else:
+                f, new = family.values(out), None
+                error = out - f @ writes
+            needed = torch.nonzero(self.needed[rows])[:, 0]
+            if needed.numel():
+                df = f[..., needed] - self.p.latent_source[layer][self.prompts][..., needed]  # (B, P, C)
+                self.d[rows.start + needed] = torch.einsum("bpc,cd->cbpd", df, writes[needed]).flatten(2)
+            if self.needed[rows.stop]:
+                self.d[rows.stop] = (error - self.p.error_source[layer][self.prompts]).flatten(1)
+            return None if new is None else with_first_output(output, new)
 
         return hook
 

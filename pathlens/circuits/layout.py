@@ -12,11 +12,35 @@ that norm: holding σ at its value in each run, head h writes (g / σ) ⊙ z_h W
 every run's residual stream is again the sum of its senders' writes and edges are defined. The MLP, the only
 sender behind its post-norm, writes the norm's output itself, so nothing changes for it. Graphs scored this
 way say so (`linearisation_meta`); node patching stays exact.
+
+Spliced dictionaries (`Model.splice`, `pathlens.features.splice`) whose latents decompose an MLP's write make
+those latents nodes of the graph (`latent_families`):
+
+- a transcoder (reads `L{l}.mlp_in`, rebuilds `L{l}.mlp_out`, named e.g. "tc"): the sender `L{l}.mlp` is
+  replaced by one sender per node latent, `L{l}.tc.F{i}`, writing f_i · W_dec[i] / s_out (`feature_direction`),
+  and the error sender `L{l}.tc.err`, writing the rest of the MLP's output: mlp_out − Σ_nodes f_i W_dec[i] / s_out,
+  which holds the decoder bias, the latents that are not nodes and the reconstruction error. The receiver
+  `L{l}.mlp` is replaced the same way: latent i reads the MLP input (through the MLP's input norm) and is
+  f_i(x_i) = encode(x_i)[i], its own input x_i (for TopK the whole encoding decides whether i is active, so the
+  encoding of x_i is computed and entry i taken); the error node reads x_e, the input of the MLP's own call, and
+  writes MLP(x_e) − Σ_nodes f_i(x_e) W_dec[i] / s_out. With every input equal, the latents and the error sum to the
+  model's MLP output exactly, so keeping every edge is the spliced model's own run.
+- an SAE on `L{l}.mlp_out` (named e.g. "sae"): the MLP stays the receiver `L{l}.mlp` (its output is encoded into
+  the latents inside the MLP node: MLP → latent edges are internal), and the sender `L{l}.mlp` is replaced by
+  `L{l}.sae.F{i}` and `L{l}.sae.err` as above; `Layout.feeds` maps the receiver to the senders it feeds.
+
+Nodes are the latents whose value differs between the clean and the corrupted run at some real (unpadded)
+position of the task: the others have no first-order effect (Δf = 0) and would only widen every sender ×
+receiver matrix (a 4608-wide dictionary is mostly silent on a task). A latent that is not a node is carried by
+the error node, so edge patching stays exact whatever the node set. A dictionary spliced anywhere else (the
+residual stream, attn_out, inside the MLP) raises a PathlensError that names `node_circuit` and transcoders.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,8 +48,142 @@ from torch import Tensor
 from pathlens.arch.base import get_module, own_tensor, weight_out_in
 from pathlens.arch.norms import norm_parts
 from pathlens.errors import PathlensError
+from pathlens.hooks import Splice
 from pathlens.model import Model
 from pathlens.sites import Site
+from pathlens.tasks.base import Task
+
+
+@dataclass(frozen=True)
+class LatentFamily:
+    """A dictionary spliced on layer `layer`'s MLP whose latents `nodes` (ascending indices) are graph nodes (see
+    the module docstring): a transcoder's latents send and receive, an mlp_out SAE's latents only send."""
+
+    splice: Splice
+    nodes: Tensor  # (L,) long
+
+    @property
+    def layer(self) -> int:
+        return int(self.splice.target.layer or 0)
+
+    @property
+    def dictionary(self) -> Any:
+        """The spliced `pathlens.features.Dictionary` (circuits sits beside features, so it is duck-typed here)."""
+        return self.splice.dictionary
+
+    @property
+    def transcoder(self) -> bool:
+        """Whether the latents read the MLP input (a transcoder) rather than its output (an SAE)."""
+        return self.splice.source != self.splice.target
+
+    @property
+    def site(self) -> Site:
+        """The latent family site (`L3.tc`): (B, P, width) latents in a run."""
+        return self.splice.latents
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{self.site}.F{i}" for i in self.nodes.tolist()]
+
+    @property
+    def error(self) -> str:
+        return str(self.splice.error)
+
+    def writes(self) -> Tensor:
+        """What one unit of each node latent writes into the residual stream, W_dec[nodes] / s_out (L, d_model)."""
+        d = self.dictionary
+        return (d.W_dec[self.nodes] / d.s_out).detach()
+
+    def encoder(self) -> Tensor:
+        """∂z_i/∂x of each node latent's pre-activation in the dictionary's input (d_in, L): s_in · W_enc[:, i]
+        (a transcoder's input is not centred by b_dec)."""
+        d = self.dictionary
+        return (d.W_enc[:, self.nodes] * d.s_in).detach()
+
+    def values(self, x: Tensor) -> Tensor:
+        """The node latents (..., L) of dictionary inputs x (..., d_in)."""
+        with torch.no_grad():
+            return self.dictionary.encode(x)[..., self.nodes].to(x.dtype)
+
+    def own_values(self, x: Tensor, latents: Tensor) -> Tensor:
+        """Latent `latents[c]` (positions among the nodes) of its own input x[c]: x (C, ..., d_in) → (C, ...).
+        Elementwise activations need only the latent's encoder column; TopK encodes each input whole."""
+        d, index = self.dictionary, self.nodes[latents]
+        with torch.no_grad():
+            if d.kind == "topk":
+                return torch.stack([d.encode(x[c])[..., int(i)] for c, i in enumerate(index.tolist())]).to(x.dtype)
+            z = torch.einsum("c...d,dc->c...", d.centered(x), d.W_enc[:, index]) + _expand(d.b_enc[index], x)
+            if d.kind == "relu":
+                f = torch.relu(z)
+            elif d.kind == "jumprelu":
+                f = z * (z > _expand(torch.exp(d.log_threshold[index]), x))
+            else:  # batchtopk at inference: ReLU above the learned threshold
+                f = torch.where(z > d.threshold, torch.relu(z), torch.zeros_like(z))
+            return f.to(x.dtype)
+
+    def pre_activation_grads(self, x: Tensor, grad_f: Tensor) -> Tensor:
+        """∂m/∂z (..., L) of the node latents, from ∂m/∂f (..., width) at inputs x (..., d_in), through the
+        dictionary's own activation: the active-set derivative (TopK: the selected latents pass their gradient;
+        JumpReLU: above the threshold, the straight-through derivative in z)."""
+        d = self.dictionary
+        with torch.enable_grad():
+            z = d.pre_acts(x.detach()).detach().requires_grad_(True)  # (..., width)
+            (grad_z,) = torch.autograd.grad(d.activate(z), z, grad_outputs=grad_f.to(z.dtype))
+        return grad_z[..., self.nodes]
+
+
+def _expand(per_latent: Tensor, x: Tensor) -> Tensor:
+    """A (C,) per-latent value shaped to broadcast against (C, ...) = x's shape without its last axis."""
+    return per_latent.view(-1, *([1] * (x.ndim - 2)))
+
+
+def latent_families(model: Model, task: Task | None = None) -> list[LatentFamily]:
+    """The dictionaries spliced into `model` as graph nodes, in layer order; each node set is the latents whose
+    value differs between `task`'s clean and corrupted runs at a real position (every latent without a task).
+    Raises a PathlensError for a splice the edge graph does not model (see the module docstring)."""
+    if not model.splices:
+        return []
+    splices = sorted(model.splices, key=lambda sp: int(sp.target.layer or 0))
+    for sp in splices:
+        _check_splice(model, sp)
+    if task is None:
+        return [LatentFamily(sp, torch.arange(sp.width)) for sp in splices]
+    sites = [sp.latents for sp in splices]
+    mask = task.attention_mask.bool()[..., None]  # (N, P, 1)
+    with torch.no_grad():
+        clean = model.run(task.clean_ids, attention_mask=task.attention_mask, cache=sites).cache
+        corrupt = model.run(task.corrupt_ids, attention_mask=task.attention_mask, cache=sites).cache
+    out = []
+    for sp in splices:
+        moved = ((clean[sp.latents] != corrupt[sp.latents]) & mask.to(clean[sp.latents].device)).any(dim=(0, 1))
+        out.append(LatentFamily(sp, torch.nonzero(moved.cpu())[:, 0]))
+    return out
+
+
+DICTIONARY_PARTS = ("W_enc", "b_enc", "W_dec", "s_in", "s_out", "kind", "centered", "pre_acts", "activate", "encode")
+
+
+def _check_splice(model: Model, sp: Splice) -> None:
+    """Raise unless `sp` is a transcoder L{l}.mlp_in → L{l}.mlp_out or an SAE on L{l}.mlp_out of a
+    `pathlens.features` Dictionary."""
+    source, target = sp.source, sp.target
+    transcoder = source.kind == "mlp_in" and target.kind == "mlp_out" and source.layer == target.layer
+    sae = source == target and target.kind == "mlp_out"
+    if not (transcoder or sae):
+        where = "the residual stream" if target.kind.startswith("resid") else str(target)
+        raise PathlensError(
+            f"edge methods cannot use the dictionary spliced as {sp.latents} ({source} → {target}): its latents "
+            f"would be nodes of {where}, which the edge graph does not model. Use "
+            "pathlens.features.node_circuit for it, or splice a transcoder (L{l}.mlp_in → L{l}.mlp_out) or an SAE "
+            "on L{l}.mlp_out."
+        )
+    if not all(hasattr(sp.dictionary, name) for name in DICTIONARY_PARTS):
+        raise PathlensError(
+            f"edge methods need the dictionary spliced as {sp.latents} to be a pathlens.features Dictionary (its "
+            f"encoder and decoder weights make each latent a node); got {type(sp.dictionary).__name__}."
+        )
+    if model.arch.mlp is None:
+        raise PathlensError(f"{model.arch.family} has no MLP, so {sp.latents} has no MLP output to decompose.")
 
 
 @dataclass(frozen=True)
@@ -37,12 +195,18 @@ class Layout:
     sender_stop: list[int]  # senders [0, stop) precede layer L's attention (index L); [L_total] = all
     mlp_sender_stop: list[int]  # senders preceding layer L's MLP
     attn_cols: list[slice]  # receiver columns of layer L's q, k, v inputs
-    mlp_col: list[int | None]  # receiver column of layer L's MLP
+    mlp_col: list[int | None]  # receiver column of layer L's MLP (a transcoder's: its error node)
+    families: dict[int, LatentFamily] = field(default_factory=dict)  # per layer, the spliced dictionary's nodes
+    latent_rows: dict[int, slice] = field(default_factory=dict)  # sender rows of a family's node latents
+    latent_cols: dict[int, slice] = field(default_factory=dict)  # receiver columns of a transcoder's node latents
+    feeds: dict[str, list[str]] = field(default_factory=dict)  # receiver -> the senders it feeds, where not itself
 
 
-def graph_layout(model: Model) -> Layout:
-    """The senders and receivers of `model`'s graph, in the order every sender × receiver matrix uses."""
+def graph_layout(model: Model, families: Sequence[LatentFamily] | None = None) -> Layout:
+    """The senders and receivers of `model`'s graph, in the order every sender × receiver matrix uses;
+    `families`: the spliced dictionaries' nodes (default: every latent of every splice, `latent_families`)."""
     a = model.arch
+    by_layer = {f.layer: f for f in (latent_families(model) if families is None else families)}
     h, g = a.n_heads, a.n_kv_heads
     kv_letter = "H" if g == h else "G"
     senders: list[str] = ["input"]
@@ -51,6 +215,9 @@ def graph_layout(model: Model) -> Layout:
     mlp_stop: list[int] = []
     attn_cols: list[slice] = []
     mlp_col: list[int | None] = []
+    latent_rows: dict[int, slice] = {}
+    latent_cols: dict[int, slice] = {}
+    feeds: dict[str, list[str]] = {}
     for layer in range(a.n_layers):
         sender_stop.append(len(senders))
         first = len(receivers)
@@ -64,12 +231,28 @@ def graph_layout(model: Model) -> Layout:
             mlp_col.append(None)
             continue
         mlp_stop.append(sender_stop[-1] if a.parallel else len(senders))
-        mlp_col.append(len(receivers))
-        receivers.append(f"L{layer}.mlp")
-        senders.append(f"L{layer}.mlp")
+        family = by_layer.get(layer)
+        if family is None:
+            mlp_col.append(len(receivers))
+            receivers.append(f"L{layer}.mlp")
+            senders.append(f"L{layer}.mlp")
+            continue
+        if family.transcoder:
+            latent_cols[layer] = slice(len(receivers), len(receivers) + len(family.nodes))
+            receivers += family.names
+            mlp_col.append(len(receivers))
+            receivers.append(family.error)
+        else:
+            mlp_col.append(len(receivers))
+            receivers.append(f"L{layer}.mlp")
+            feeds[f"L{layer}.mlp"] = [*family.names, family.error]
+        latent_rows[layer] = slice(len(senders), len(senders) + len(family.nodes))
+        senders += [*family.names, family.error]
     sender_stop.append(len(senders))
     receivers.append("logits")
-    return Layout(senders, receivers, sender_stop, mlp_stop, attn_cols, mlp_col)
+    return Layout(
+        senders, receivers, sender_stop, mlp_stop, attn_cols, mlp_col, by_layer, latent_rows, latent_cols, feeds
+    )
 
 
 def check_supported(model: Model) -> None:
@@ -245,5 +428,8 @@ def valid_mask(layout: Layout, n_layers: int) -> Tensor:
         col = layout.mlp_col[layer]
         if col is not None:
             mask[: layout.mlp_sender_stop[layer], col] = True
+        latents = layout.latent_cols.get(layer)
+        if latents is not None:
+            mask[: layout.mlp_sender_stop[layer], latents] = True
     mask[:, -1] = True
     return mask
