@@ -228,3 +228,111 @@ def test_scales_make_the_mean_square_norm_the_width() -> None:
     Trainer(d, "x").fit_scales(x, x)
     assert float((x * d.s_in).pow(2).sum(-1).mean()) == pytest.approx(6.0, rel=1e-4)
     assert math.isclose(float(d.s_in), float(d.s_out))
+
+
+def _twins(d_out: int | None, seed: int = 0) -> tuple[Trainer, Trainer, torch.Tensor, torch.Tensor]:
+    """Two trainers of the same TopK dictionary, one through the sparse code and one dense, with 5 of 64 latents
+    dead (so AuxK runs, with k_aux 4 < 5 dead), and a random batch x (48, 12) → y."""
+    g = torch.Generator().manual_seed(seed)
+    x = 3.0 * torch.randn(48, 12, generator=g) + 1.0
+    y = x if d_out is None else x @ torch.randn(12, d_out, generator=g)
+    twins = []
+    for sparse in (True, False):
+        d = Dictionary(DictionaryConfig("topk", 12, 64, d_out=d_out, k=6), seed=seed)
+        trainer = Trainer(
+            d, "x", None if d_out is None else "y", TrainConfig(lr=1e-3, k_aux=4, dead_steps=3, sparse=sparse)
+        )
+        trainer.fit_scales(x, y)
+        with torch.no_grad():
+            d.b_enc.copy_(0.1 * torch.randn(64, generator=torch.Generator().manual_seed(1)))
+        trainer.since_fired[torch.tensor([3, 17, 30, 41, 60])] = 5
+        twins.append(trainer)
+    return twins[0], twins[1], x, y
+
+
+@pytest.mark.parametrize("d_out", [None, 7])
+def test_sparse_topk_losses_and_gradients_equal_the_dense_reference(d_out: int | None) -> None:
+    """The sparse TopK path (gather k pre-activations, decode k rows, sparse backward) against the dense one
+    (scatter into (n, width), two matmuls, autograd), AuxK included: loss terms and the gradients of every
+    parameter agree within 1e-5 (float32; only the summation order differs)."""
+    fast, dense, x, y = _twins(d_out)
+    parts = [fast.sparse_topk_losses(x, y), dense.losses(x, y)]
+    assert float(parts[1]["sparsity"].detach()) > 0  # AuxK is live
+    for name in ("mse", "sparsity", "loss"):
+        torch.testing.assert_close(parts[0][name], parts[1][name], rtol=1e-5, atol=1e-5)
+    f = torch.zeros(48, 64).scatter(1, parts[0]["indices"], parts[0]["values"])
+    torch.testing.assert_close(f, parts[1]["f"], rtol=1e-5, atol=1e-5)
+    grads = []
+    for trainer, part in zip((fast, dense), parts, strict=True):
+        params = dict(trainer.dictionary.named_parameters())
+        grads.append(dict(zip(params, torch.autograd.grad(part["loss"], list(params.values())), strict=True)))
+    assert set(grads[0]) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name in grads[0]:
+        assert float(grads[1][name].abs().max()) > 1e-3, name
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _reference_step(d: Dictionary, x: torch.Tensor, dead: torch.Tensor, lr: float, k_aux: int) -> None:
+    """One TopK training step written out densely from the formulas (train.py's docstring): MSE + AuxK over the
+    `dead` latents, the decoder gradient's row-parallel part removed, plain (unfused) Adam, rows renormalised."""
+    params = [d.W_enc, d.b_enc, d.W_dec, d.b_dec]
+    xs = x * d.s_in
+    z = (xs - d.b_dec) @ d.W_enc + d.b_enc
+    top = torch.topk(z, d.config.k, dim=-1)
+    f = torch.zeros_like(z).scatter(1, top.indices, torch.relu(top.values))
+    recon = f @ d.W_dec + d.b_dec
+    residual = (xs - recon).detach()
+    z_dead = z[:, dead]
+    aux_top = torch.topk(z_dead, min(k_aux, len(dead)), dim=-1)
+    f_aux = torch.zeros_like(z_dead).scatter(1, aux_top.indices, aux_top.values)
+    aux = min(len(dead) / k_aux, 1.0) * (residual - f_aux @ d.W_dec[dead]).pow(2).sum(-1).mean()
+    loss = (recon - xs).pow(2).sum(-1).mean() + aux
+    optimizer = torch.optim.Adam(params, lr=lr, foreach=False)
+    loss.backward()
+    with torch.no_grad():
+        unit = d.W_dec / d.W_dec.norm(dim=1, keepdim=True)
+        d.W_dec.grad -= (d.W_dec.grad * unit).sum(1, keepdim=True) * unit
+        optimizer.step()
+        d.W_dec /= d.W_dec.norm(dim=1, keepdim=True)
+
+
+def test_one_sparse_topk_step_equals_a_dense_reference_step() -> None:
+    """`Trainer.step` (sparse code, fused Adam, in-place gradient projection) moves every parameter to where the
+    dense step written out above does, within 1e-6."""
+    fast, dense, x, _ = _twins(None)
+    dead = fast.dead.nonzero().flatten()
+    fast.step(x)
+    _reference_step(dense.dictionary, x, dead, lr=1e-3, k_aux=4)
+    reference = dict(dense.dictionary.named_parameters())
+    for name, value in fast.dictionary.named_parameters():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_sparse_and_dense_topk_training_agree_step_by_step() -> None:
+    """Five steps of the sparse and the dense TopK path: the same logs (loss, L0), the same firing bookkeeping
+    (so the same latents go dead and feed AuxK) and parameters within 1e-5."""
+    fast, dense, x, _ = _twins(None, seed=2)
+    for step in range(5):
+        rows = x[torch.randperm(48, generator=torch.Generator().manual_seed(step))[:32]]
+        logs = fast.step(rows), dense.step(rows)
+        assert logs[0]["l0"] == logs[1]["l0"]
+        assert logs[0]["loss"] == pytest.approx(logs[1]["loss"], rel=1e-5)
+        assert torch.equal(fast.since_fired, dense.since_fired)
+    reference = dict(dense.dictionary.named_parameters())
+    for name, value in fast.dictionary.named_parameters():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_topk_latents_kept_at_or_below_zero_do_not_fire(sparse: bool) -> None:
+    """k = 3 but only latents 6 and 7 can be positive (the others' encoder bias is −100): the step counts L0 2 and
+    resets only those two latents' idle counters, on either path."""
+    d = Dictionary(DictionaryConfig("topk", 4, 8, k=3), seed=0)
+    trainer = Trainer(d, "x", config=TrainConfig(lr=0.0, sparse=sparse))
+    trainer._fitted = True
+    with torch.no_grad():
+        d.b_enc.copy_(torch.tensor([-100.0] * 6 + [50.0, 50.0]))
+    trainer.since_fired.fill_(4)
+    log = trainer.step(torch.randn(5, 4))
+    assert log["l0"] == 2.0
+    assert trainer.since_fired.tolist() == [5] * 6 + [0, 0]

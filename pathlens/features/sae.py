@@ -188,10 +188,10 @@ class Dictionary(nn.Module):
     def remove_parallel_grad(self) -> None:
         """Drop the part of each decoder row's gradient along the row, so a step does not change its norm to
         first order (Gao et al.); the renormalisation after the step removes the rest."""
-        grad = self.W_dec.grad
-        if grad is not None:
-            unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (width, d_out)
-            grad -= (grad * unit).sum(dim=1, keepdim=True) * unit
+        grad, w = self.W_dec.grad, self.W_dec
+        if grad is not None:  # grad −= (grad·w / ‖w‖²) w per row, in place
+            along = torch.linalg.vecdot(grad, w) / w.norm(dim=1).clamp_min(1e-12).square()  # (width,)
+            grad.addcmul_(w, along.unsqueeze(1), value=-1.0)
 
     # ---- files -----------------------------------------------------------------------------------------
 

@@ -16,7 +16,12 @@ Per step (loss summed over the output dims, averaged over tokens, in the scaled 
 
 A latent is dead when it has not fired for `dead_steps` steps (SAELens counts steps: 1000). TopK, BatchTopK and
 JumpReLU keep unit-norm decoder rows (the parallel part of the gradient is removed before each step, the rows
-renormalised after). Adam. Seeded: the initialisation, the shuffling and the resampling draw from `seed`.
+renormalised after). Adam (the fused kernel where torch has one for the parameters' device). Seeded: the
+initialisation, the shuffling and the resampling draw from `seed`.
+
+TopK trains through its sparse code by default (`TrainConfig.sparse`, `pathlens.features.sparse`): the k active
+latents per token (and AuxK's k_aux dead ones) are gathered, decoded and backpropagated without the dense
+(n, width) intermediates — the same loss and gradients up to float32 summation order, about 3× fewer operations.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from torch import Tensor
 
 from pathlens.errors import PathlensError
 from pathlens.features.sae import UNIT_NORM_KINDS, Dictionary, Step
+from pathlens.features.sparse import decode_at, gather_pre_acts
 from pathlens.features.store import ActivationStore, stream
 from pathlens.model import Model
 from pathlens.sites import Site
@@ -40,7 +46,8 @@ class TrainConfig:
     """Optimisation settings of one dictionary. lr: Adam learning rate. k_aux: dead latents AuxK decodes
     (None: d_in // 2, SAELens); aux_coef: its coefficient (SAELens 1.0). dead_steps: steps without firing
     after which a latent is dead. l1_warmup: steps over which the ReLU L1 coefficient ramps up (0: none).
-    resample_every: steps between resamplings of dead ReLU latents (0: never)."""
+    resample_every: steps between resamplings of dead ReLU latents (0: never). sparse: train TopK through its
+    sparse code (False: the dense reference computation; both give the same numbers up to summation order)."""
 
     lr: float = 4e-4
     k_aux: int | None = None
@@ -49,6 +56,7 @@ class TrainConfig:
     l1_warmup: int = 0
     resample_every: int = 0
     threshold_lr: float = 0.01  # BatchTopK: the rate of its inference threshold's running average
+    sparse: bool = True
 
 
 @dataclass
@@ -70,7 +78,9 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.since_fired = torch.zeros(self.dictionary.width, dtype=torch.long)
-        self.optimizer = torch.optim.Adam(self.dictionary.parameters(), lr=self.config.lr)
+        params = list(self.dictionary.parameters())
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+        self.optimizer = torch.optim.Adam(params, lr=self.config.lr, fused=fused or None)
         self._gen = torch.Generator().manual_seed(self.seed)
         if self.dictionary.kind in UNIT_NORM_KINDS:
             self.dictionary.normalize_decoder()
@@ -109,6 +119,33 @@ class Trainer:
             sparsity = self.config.aux_coef * self.aux_loss(z, (target - recon).detach())
         return {"mse": mse, "sparsity": sparsity, "loss": mse + sparsity, "f": f}
 
+    def sparse_topk_losses(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """`losses` for a TopK dictionary through its sparse code: the same "mse", "sparsity" (AuxK) and "loss",
+        and the latents as "values"/"indices" (n, k) instead of "f". z is computed once without gradient (top-k
+        reads all of it); the kept entries are gathered again with a sparse backward (`gather_pre_acts`)."""
+        d, c = self.dictionary, self.dictionary.config
+        target = y.to(d.W_dec.dtype) * d.s_out  # (n, d_out)
+        shift = None if c.transcoder else d.b_dec
+        with torch.no_grad():
+            centered = d.centered(x)  # (n, d_in)
+            z = torch.addmm(d.b_enc, centered, d.W_enc)  # (n, width)
+            indices = torch.topk(z, c.k, dim=-1).indices.sort(dim=-1).values  # (n, k)
+        values = torch.relu(gather_pre_acts(centered, d.W_enc, d.b_enc, shift, z, indices))  # (n, k)
+        recon = decode_at(values, indices, d.W_dec) + d.b_dec  # (n, d_out)
+        mse = (recon - target).pow(2).sum(-1).mean()
+        sparsity = z.new_zeros(())
+        dead = self.dead.nonzero().flatten().to(z.device)
+        if dead.numel():
+            k_aux = self.config.k_aux or d.d_in // 2
+            picked = torch.topk(z[:, dead], min(k_aux, int(dead.numel())), dim=-1).indices  # (n, k_aux')
+            aux_indices = dead[picked].sort(dim=-1).values  # (n, k_aux')
+            aux_values = gather_pre_acts(centered, d.W_enc, d.b_enc, shift, z, aux_indices)  # (n, k_aux')
+            aux_recon = decode_at(aux_values, aux_indices, d.W_dec)  # (n, d_out)
+            residual = (target - recon).detach()  # (n, d_out)
+            scale = min(int(dead.numel()) / k_aux, 1.0)
+            sparsity = self.config.aux_coef * scale * (residual - aux_recon).pow(2).sum(-1).mean()
+        return {"mse": mse, "sparsity": sparsity, "loss": mse + sparsity, "values": values, "indices": indices}
+
     def aux_loss(self, z: Tensor, residual: Tensor) -> Tensor:
         """AuxK: decode the top-k_aux pre-activations (raw) of the dead latents (z: (n, width)) and compare with
         the residual y − ŷ (n, d_out): min(n_dead / k_aux, 1)·mean_n ‖residual − f_aux W_dec‖². 0 without dead
@@ -137,7 +174,8 @@ class Trainer:
         if not self._fitted:
             self.fit_scales(x, y)
         d = self.dictionary
-        parts = self.losses(x, y)
+        sparse = d.kind == "topk" and self.config.sparse
+        parts = self.sparse_topk_losses(x, y) if sparse else self.losses(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         if d.kind in UNIT_NORM_KINDS:
@@ -145,11 +183,18 @@ class Trainer:
         self.optimizer.step()
         if d.kind in UNIT_NORM_KINDS:
             d.normalize_decoder()
-        f = parts["f"].detach()
-        fired = (f > 0).any(0).cpu()  # (width,)
-        self.since_fired = torch.where(fired, 0, self.since_fired + 1)
-        if d.kind == "batchtopk":
-            self._update_threshold(f)
+        if sparse:
+            active = parts["values"].detach() > 0  # (n, k)
+            fired = torch.zeros(d.width, dtype=torch.bool, device=active.device)
+            fired[parts["indices"][active]] = True  # (width,)
+            l0 = active.sum(-1).float().mean()
+        else:
+            f = parts["f"].detach()
+            fired = (f > 0).any(0)  # (width,)
+            l0 = (f > 0).sum(-1).float().mean()
+            if d.kind == "batchtopk":
+                self._update_threshold(f)
+        self.since_fired = torch.where(fired.cpu(), 0, self.since_fired + 1)
         self.steps += 1
         self.tokens += int(x.shape[0])
         if d.kind == "relu" and self.config.resample_every and self.steps % self.config.resample_every == 0:
@@ -158,7 +203,7 @@ class Trainer:
             "loss": float(parts["loss"].detach()),
             "mse": float(parts["mse"].detach()),
             "sparsity": float(parts["sparsity"].detach()),
-            "l0": float((f > 0).sum(-1).float().mean()),
+            "l0": float(l0),
         }
 
     @torch.no_grad()
