@@ -104,15 +104,19 @@ def circuit_study(
     target: float = 0.8,
     steps: int = 5,
     by: Ranking = "auto",
+    max_memory: int | str | None = None,
 ) -> dict[str, Any]:
-    """Discover a circuit with `method`, measure it, find its `top_paths` pathways, and write to `out`: the
-    circuit as circuit.safetensors + circuit.json (`Graph.load(out / "circuit")` reads it back), edges.csv,
-    circuit.png, curve.png (when a curve was measured), pathways.csv, the run's record as summary.json, and
-    report.html. Returns the summary.json record (with "paths" and "seconds")."""
+    """Discover a circuit with `method` (within `max_memory` bytes, e.g. "2GB", when given), measure it, find its
+    `top_paths` pathways, and write to `out`: the circuit as circuit.safetensors + circuit.json
+    (`Graph.load(out / "circuit")` reads it back), edges.csv, circuit.png, curve.png (when a curve was measured),
+    pathways.csv, the run's record as summary.json, and report.html. Returns the summary.json record (with "paths"
+    and "seconds")."""
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    circuit = discover(model, task, method=method, top_k=top_k, target=target, steps=steps, by=by)
-    patcher = EdgePatcher(model, task)
+    circuit = discover(
+        model, task, method=method, top_k=top_k, target=target, steps=steps, by=by, max_memory=max_memory
+    )
+    patcher = EdgePatcher(model, task, max_memory=max_memory)
     routes = pathways(patcher, circuit, k=top_paths)
     seconds = time.perf_counter() - start
     mib = faithfulness_curve(patcher, circuit, sizes="mib", by=circuit.meta.get("ranked_by") or "abs")
