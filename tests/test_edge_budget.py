@@ -7,18 +7,23 @@ The peak test measures live tensor storage (`pathlens.memory.TensorPeak`) agains
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import pathlens
 from pathlens.circuits.discover import discover
 from pathlens.circuits.edge_effects import edge_effects
 from pathlens.circuits.edge_patching import EdgePatcher
 from pathlens.circuits.layout import graph_layout
+from pathlens.cli import app
 from pathlens.graph import Graph
 from pathlens.memory import TensorPeak
 from pathlens.model import Model
 from pathlens.patching.budget import edge_attribution_cost, edge_patch_cost
+from pathlens.report.studies import task_for
 from pathlens.tasks.base import Task
 from tests.helpers import assert_untouched, padded_task, snapshot, tiny_model
 
@@ -84,3 +89,19 @@ def test_a_budget_too_small_for_one_row_and_both_knobs_raise() -> None:
     with pytest.raises(pathlens.PathlensError, match="max_memory='lots'"):
         discover(model, task, max_memory="lots")
     assert_untouched(model, before)
+
+
+def test_pathlens_circuit_takes_max_memory(tmp_path: Path) -> None:
+    """`pathlens circuit --max-memory` finds the circuit `discover(..., max_memory=)` finds; a bad size is a usage
+    error and a budget too small for one row says so."""
+    args = ["circuit", "--model", "induction-2l", "--task", "induction", "--n", "4", "--method", "eap"]
+    runner = CliRunner()
+    bad = runner.invoke(app, [*args, "--max-memory", "lots", "--out", str(tmp_path / "bad")], terminal_width=200)
+    assert bad.exit_code == 2 and "--max-memory" in bad.output and "'lots' is not a size" in bad.output
+    small = runner.invoke(app, [*args, "--max-memory", "1KB", "--out", str(tmp_path / "small")], terminal_width=200)
+    assert small.exit_code != 0 and "too small for one row" in small.output
+    result = runner.invoke(app, [*args, "--max-memory", "20MB", "--out", str(tmp_path / "ok")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    model = pathlens.load("induction-2l")
+    expected = discover(model, task_for(model, "induction", 4, 0), method="eap", max_memory="20MB")
+    assert torch.equal(Graph.load(tmp_path / "ok" / "circuit").in_circuit, expected.in_circuit)

@@ -310,16 +310,20 @@ def circuit(
     by: Ranking = typer.Option("auto", help="edge ranking: auto (the better of abs and support) | abs | support"),
     n: int = typer.Option(8, min=1, help="number of prompt pairs"),
     seed: int = typer.Option(0, help="task seed"),
+    max_memory: Optional[str] = typer.Option(None, help="memory budget, e.g. 2GB (sizes the edge forwards)"),  # noqa: UP045
     out: Path = typer.Option(Path("out/circuit"), help="output folder"),
 ) -> None:
     """Circuit discovery with faithfulness curve, pathways and an offline HTML report."""
     task = task_choice(task)
+    if max_memory is not None:
+        with option("'--max-memory'"):
+            parse_bytes(max_memory, "--max-memory")
     output_folder(out)
     loaded = load_model(model)
     with option("'--task'"):
         built = task_for(loaded, task, n, seed)
     with console.status(f"discovering the {task} circuit with {method} …"):
-        record = circuit_study(loaded, built, task, method, out, top_paths, top_k, target, steps, by)
+        record = circuit_study(loaded, built, task, method, out, top_paths, top_k, target, steps, by, max_memory)
     print_circuit(record, out)
 
 
