@@ -132,7 +132,7 @@ def store_cost(
     cached = width * (e + (stored if stored != e else 0))  # the session's values, cast when the dtypes differ
     per_window = context * (per_token + cached + 8)  # + the window's token ids
     return StoreCost(
-        fixed=2 * 8 * n_windows * context,
+        fixed=2 * 8 * n_windows * context if shards else 0,  # a stream reads the caller's ids as they are
         per_window=per_window,
         stored_per_window=(context - skip) * width * stored,
         n_windows=n_windows,
