@@ -109,7 +109,7 @@ def test_the_estimate_plans_the_chunks_patch_runs(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(Checkpoint, "record", record)
     scores = pathlens.patch(model, task, progress=False, **options)
-    assert found.forwards == len(recorded) + 2 and found.max_batch_tokens == scores.meta["max_batch_tokens"]
+    assert found.units["chunks"] == len(recorded) and found.max_batch_tokens == scores.meta["max_batch_tokens"]
     assert found.variants == scores.values.numel() and found.peak_bytes <= parse_bytes("1MB")
     assert found.seconds > 0
 
@@ -120,7 +120,7 @@ def test_plan_command_prints_the_estimate() -> None:
     )
     assert result.exit_code == 0, result.output
     assert "forwards" in result.output and "peak memory" in result.output and "time" in result.output
-    refused = CliRunner().invoke(app, ["plan", "--model", "induction-2l", "--method", "atp"])
+    refused = CliRunner().invoke(app, ["plan", "--model", "induction-2l", "--method", "sweep"])
     assert refused.exit_code == 2 and "plan estimates patch" in refused.output
 
 

@@ -1,66 +1,147 @@
-"""`pathlens plan`: what a run will cost (forwards, peak memory, time) before running it."""
+"""`pathlens plan`: what a run will cost (forwards, backwards, tokens per forward, peak memory, time) before it runs.
+
+The methods are named as the commands that run them: `patch`; `attribute`'s atp, atp*, relp, ig (nodes) and eap,
+eap-ig (edges; relp with --edges); `circuit` (discovery, its scoring named by --discovery); `curve` (a faithfulness
+curve: edge patching of the top-k circuits of a scored graph, what `circuit` measures per ranking).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Callable
+from typing import Literal, Optional
 
 import typer
 from rich.table import Table
 
 from pathlens.cli.app import app, console, load_model, option, site_group, task_choice
-from pathlens.memory import megabytes
+from pathlens.errors import PathlensError
+from pathlens.memory import megabytes, parse_bytes
+from pathlens.model import Model
+from pathlens.patching.estimate import Estimate
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction
 from pathlens.report.studies import task_for
+from pathlens.tasks.base import Task
 
-PLANNED_METHODS = ("patch",)
+NODE_METHODS = ("atp", "atp*", "relp", "ig")
+EDGE_METHODS = ("eap", "eap-ig")
+PLANNED_METHODS = ("patch", *NODE_METHODS, *EDGE_METHODS, "curve", "circuit")
+DISCOVERY_SCORES = ("eap", "eap-ig", "relp", "patching")
 
 
 @app.command()
 def plan(
+    method: str = typer.Option("patch", help=f"one of {', '.join(PLANNED_METHODS)}"),
     model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
     task: str = typer.Option("ioi", help="task name"),
-    method: str = typer.Option("patch", help=f"one of {', '.join(PLANNED_METHODS)}"),
     sites: str = typer.Option("heads", help="heads | resid | mlp | attn, or any family of pathlens.patch"),
     positions: str = typer.Option("all", help="all | each"),
     direction: Direction = typer.Option(DEFAULT_DIRECTION, help="noise | denoise"),
+    edges: bool = typer.Option(False, "--edges", help="relp: score edges (as `attribute --edges`)"),
+    steps: int = typer.Option(5, min=1, help="integration steps (ig, eap-ig, circuit with eap-ig)"),
+    discovery: str = typer.Option("eap-ig", help=f"circuit: the scoring, one of {', '.join(DISCOVERY_SCORES)}"),
+    sizes: str = typer.Option("20", help="curve: how many log-spaced circuit sizes, or mib"),
     n: int = typer.Option(8, min=1, help="number of prompt pairs"),
     seed: int = typer.Option(0, help="task seed"),
     max_memory: Optional[str] = typer.Option(None, help="memory budget, e.g. 2GB (sizes the chunks)"),  # noqa: UP045
     max_batch_tokens: Optional[int] = typer.Option(None, min=1, help="most tokens in one forward"),  # noqa: UP045
 ) -> None:
-    """Print the forwards, tokens per forward, estimated peak memory and time of a run, before running it."""
-    from pathlens.patching.estimate import estimate_patch
-
+    """Print the forwards, backwards, tokens per forward, estimated peak memory and time of a run, before running
+    it; the chunks are sized by the engine's own cost model, so the run makes the forwards printed here."""
     if method not in PLANNED_METHODS:
         raise typer.BadParameter(
-            f"plan estimates {', '.join(PLANNED_METHODS)} so far, not {method!r}.", param_hint="'--method'"
+            f"unknown method {method!r}; plan estimates {', '.join(PLANNED_METHODS)}.", param_hint="'--method'"
         )
+    if edges and method not in ("relp", *EDGE_METHODS):
+        raise typer.BadParameter(f"{method} has no --edges form; use relp, eap or eap-ig.", param_hint="'--edges'")
     if positions not in ("all", "each"):
         raise typer.BadParameter("use all or each.", param_hint="'--positions'")
+    if discovery not in DISCOVERY_SCORES:
+        raise typer.BadParameter(
+            f"unknown scoring {discovery!r}; use one of {', '.join(DISCOVERY_SCORES)} (ACDC's forwards depend on each "
+            "decision, so it has no plan).",
+            param_hint="'--discovery'",
+        )
+    if max_memory is not None:
+        with option("'--max-memory'"):
+            parse_bytes(max_memory, "--max-memory")
+            if max_batch_tokens is not None:
+                raise PathlensError("pass --max-memory or --max-batch-tokens, not both.")
     family, task = site_group(sites), task_choice(task)
+    count = _curve_sizes(sizes)
     loaded = load_model(model)
     with option("'--task'"):
         built = task_for(loaded, task, n, seed)
-    with option("'--max-memory'"):
-        found = estimate_patch(
-            loaded,
-            built,
-            sites=family,
-            positions=positions,
-            direction=direction,
-            max_batch_tokens=max_batch_tokens,
-            max_memory=max_memory,
+    estimator = _estimator(method, edges, family, positions, direction, steps, discovery, count)
+    with option("'--max-memory'" if max_memory is not None else "'--method'"):
+        found = estimator(loaded, built, max_batch_tokens, max_memory)
+    what = family if method in ("patch", *NODE_METHODS) and not edges else "edges"
+    title = f"plan: {found.method} {what} of {loaded.name} on {task}, {built.n} prompts"
+    console.print(estimate_table(found, title))
+    for note in found.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
+
+
+Estimator = Callable[[Model, Task, Optional[int], Optional[str]], Estimate]  # noqa: UP045
+
+
+def _estimator(
+    method: str,
+    edges: bool,
+    family: str,
+    positions: str,
+    direction: str,
+    steps: int,
+    discovery: str,
+    sizes: int | Literal["mib"],
+) -> Estimator:
+    """The estimate function of `method` with its options bound: (model, task, max_batch_tokens, max_memory)."""
+    from pathlens.attribution.estimate import estimate_first_order, estimate_ig
+    from pathlens.circuits.estimate import estimate_curve, estimate_discover, estimate_edge_attribution
+    from pathlens.patching.estimate import estimate_patch
+
+    if method == "patch":
+        return lambda m, t, tokens, memory: estimate_patch(
+            m, t, family, positions, direction, None, None, tokens, memory
         )
-    table = Table(title=f"plan: {method} {family} ({positions}) of {loaded.name} on {task}, {built.n} prompts")
+    if method in ("atp", "atp*", "relp") and not edges:
+        return lambda m, t, tokens, memory: estimate_first_order(
+            m, t, method, family, positions, direction, None, tokens, memory
+        )
+    if method == "ig":
+        return lambda m, t, tokens, memory: estimate_ig(m, t, family, positions, direction, None, steps, tokens, memory)
+    if method in ("relp", *EDGE_METHODS):
+        return lambda m, t, tokens, memory: estimate_edge_attribution(
+            m, t, method, direction, steps, max_batch_tokens=tokens, max_memory=memory
+        )
+    if method == "curve":
+        return lambda m, t, tokens, memory: estimate_curve(m, t, sizes, direction, tokens, memory)
+    return lambda m, t, tokens, memory: estimate_discover(m, t, discovery, direction, steps, tokens, memory)
+
+
+def _curve_sizes(sizes: str) -> int | Literal["mib"]:
+    """The --sizes value: a count of log-spaced circuit sizes, or "mib" (MIB's edge fractions)."""
+    if sizes == "mib":
+        return "mib"
+    if not sizes.isdigit() or int(sizes) < 2:
+        raise typer.BadParameter(f"{sizes!r}: give a count of at least 2, or mib.", param_hint="'--sizes'")
+    return int(sizes)
+
+
+def estimate_table(found: Estimate, title: str) -> Table:
+    """The estimate as a two-column table."""
+    table = Table(title=title)
     table.add_column("quantity")
     table.add_column("estimate", justify="right")
-    for name, value in (
-        ("variants (cells)", str(found.variants)),
-        ("forwards (2 base runs + chunks)", str(found.forwards)),
+    forwards = str(found.forwards) if found.forwards_max is None else f"{found.forwards} to {found.forwards_max}"
+    rows = [(f"{name}", str(count)) for name, count in found.units.items()]
+    rows += [
+        ("forwards", forwards),
+        ("backwards", str(found.backwards)),
         ("tokens per forward (at most)", str(found.max_batch_tokens)),
         ("peak memory (MB, besides weights)", f"{megabytes(found.peak_bytes)}"),
         ("least budget that runs it (MB)", f"{megabytes(found.least_bytes)}"),
-        ("time (s, from one timed forward)", f"{found.seconds:.1f}"),
-    ):
+        ("time (s, from a timed probe forward)", f"{found.seconds:.1f}"),
+    ]
+    for name, value in rows:
         table.add_row(name, value)
-    console.print(table)
+    return table
