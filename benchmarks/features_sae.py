@@ -5,8 +5,10 @@ position of each window left out: SmolLM2's attention sink, whose norm is ~7× e
 once, then trained on for `--epochs` epochs by
 
 - pathlens: `Dictionary(topk)` + `Trainer` (`pathlens.features.train`), and
-- the floor: a minimal TopK SAE loop in plain torch written here (same width, k, batch, learning rate, Adam,
-  initialisation rule, unit-norm decoder, input scaling and b_dec start; no AuxK, no dead-latent bookkeeping),
+- the floor: the fastest TopK SAE loop written by hand here in plain torch (same width, k, batch, learning rate,
+  Adam, initialisation rule, unit-norm decoder, input scaling and b_dec start; no AuxK, no dead-latent bookkeeping,
+  no autograd: the gradients written out, touching only the k active latents per token, as pathlens' sparse path
+  does, and fused Adam),
 
 interleaved epoch by epoch on the same shuffled batches for the first `--floor-epochs` epochs (its rate is taken
 over those), so a busy machine's load falls on both alike. Reported:
@@ -15,8 +17,11 @@ and its CE loss recovered when spliced into the model (`pathlens.features.evalua
 unless a SAELens virtualenv is given with `--saelens-python` (SAELens pins transformer-lens 3.x, so it cannot
 share this environment: `python3 -m venv /work/saelens-venv`, pip install the CPU torch 2.13.0 wheel, then
 `pip install sae-lens`); SAELens' TopK SAE (`benchmarks/saelens_topk.py`) then trains on 8 batches of the same
-saved activations in a subprocess, alternated with pathlens on the same 8 batches, and the ratio compares the
-medians of those alternated runs.
+saved activations in a subprocess with as many torch threads as this run, alternated with pathlens on the same 8
+batches (`--saelens-batches`), and the ratio compares the medians of those alternated runs. SAELens runs its
+defaults for a TopK SAE otherwise (it rescales latents by decoder norms instead of renormalising the rows, and
+clips the gradient norm at 1: part of what its trainer does per step), with the same AuxK (k_aux = d_in // 2,
+coefficient 1) and dead window (`--dead-steps`).
 
 Run `python benchmarks/features_sae.py --json` (one JSON line per row); `--store DIR` reuses an activation store
 (`pathlens store` / `pathlens.features.collect`) holding the site instead of collecting; it must hold the first
@@ -39,6 +44,7 @@ import math
 import statistics
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +52,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.nn import functional as F
 
 from benchmarks.common import Emitter, add_device_argument, check_device, set_threads
 from pathlens import Model, load
@@ -56,20 +63,30 @@ from pathlens.features.store import ActivationStore, stream
 from pathlens.features.train import TrainConfig, Trainer, tensor_batches
 
 
+def csr(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A sparse CSR matrix of entries grouped by row (`crow`: where each row's entries start)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
 class FloorSAE:
-    """The floor: TopK SAE training in plain torch, the fewest operations the method needs."""
+    """The floor: TopK SAE training by hand in plain torch, the fewest operations the method needs: z in full (top-k
+    needs it), then the k kept latents only: decode = weighted sum of k decoder rows (an embedding bag); gradients
+    written out (∂ŷ = 2(ŷ − x)/n; ∂v = ⟨∂ŷ, W_dec[j]⟩ where v > 0; ∂W_dec, ∂W_enc scatter-adds of k rows per token;
+    ∂b_enc their sums; ∂b_dec = Σ∂ŷ − W_enc ∂b_enc), the parallel part of ∂W_dec removed, fused Adam."""
 
     def __init__(self, d: int, width: int, k: int, lr: float, x: Tensor, seed: int) -> None:
         gen = torch.Generator().manual_seed(seed)
         w_dec = torch.randn(width, d, generator=gen).to(x.device)  # drawn on the CPU: the same start on any device
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.scale = math.sqrt(d / float(x.pow(2).sum(-1).mean()))
-        self.w_enc = w_dec.T.clone().requires_grad_()
-        self.w_dec = w_dec.requires_grad_()
-        self.b_enc = torch.zeros(width, device=x.device, requires_grad=True)
-        self.b_dec = (x * self.scale).mean(0).requires_grad_()
+        self.w_enc = w_dec.T.contiguous()  # the fused Adam step needs each gradient laid out like its parameter
+        self.w_dec = w_dec
+        self.b_enc = torch.zeros(width, device=x.device)
+        self.b_dec = (x * self.scale).mean(0)
         self.k = k
-        self.opt = torch.optim.Adam([self.w_enc, self.w_dec, self.b_enc, self.b_dec], lr=lr)
+        self.opt = torch.optim.Adam([self.w_enc, self.w_dec, self.b_enc, self.b_dec], lr=lr, fused=True)
 
     def encode(self, x: Tensor) -> Tensor:
         z = (x * self.scale - self.b_dec) @ self.w_enc + self.b_enc  # (n, width)
@@ -77,17 +94,33 @@ class FloorSAE:
         return torch.zeros_like(z).scatter(-1, indices, torch.relu(values))
 
     def step(self, x: Tensor) -> None:
-        xs = x * self.scale
-        recon = self.encode(x) @ self.w_dec + self.b_dec  # (n, d)
-        loss = (recon - xs).pow(2).sum(-1).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            unit = self.w_dec / self.w_dec.norm(dim=1, keepdim=True)
-            self.w_dec.grad -= (self.w_dec.grad * unit).sum(1, keepdim=True) * unit  # type: ignore[operator]
+        n, k, width = int(x.shape[0]), self.k, int(self.w_dec.shape[0])
+        xs = x * self.scale  # (n, d)
+        xc = xs - self.b_dec  # (n, d)
+        z = torch.addmm(self.b_enc, xc, self.w_enc)  # (n, width)
+        idx = torch.topk(z, k, dim=-1).indices.sort(dim=-1).values  # (n, k)
+        v = z.gather(1, idx).relu_()  # (n, k)
+        grad_out = (F.embedding_bag(idx, self.w_dec, per_sample_weights=v, mode="sum") + self.b_dec - xs) * (2 / n)
+        by_token = torch.arange(0, n * k + 1, k, device=x.device)  # each token's k entries, in order
+        pattern = csr(by_token, idx.reshape(-1), torch.zeros(n * k, device=x.device), (n, width))
+        grad_v = torch.sparse.sampled_addmm(pattern, grad_out, self.w_dec.T, beta=0.0).values().view(n, k)
+        grad_v *= v > 0  # (n, k): ReLU's gradient
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # entries grouped by latent
+        by_latent = torch.zeros(width + 1, dtype=torch.long, device=x.device)
+        by_latent[1:] = torch.cumsum(torch.bincount(flat, minlength=width), 0)
+        tokens = order // k
+        grad_w_dec = csr(by_latent, tokens, v.reshape(-1)[order], (width, n)) @ grad_out  # (width, d)
+        grad_w_enc = (csr(by_latent, tokens, grad_v.reshape(-1)[order], (width, n)) @ xc).T  # (d, width)
+        grad_b_enc = torch.zeros(width, device=x.device).index_add_(0, flat, grad_v.reshape(-1))  # (width,)
+        grad_b_dec = grad_out.sum(0) - self.w_enc @ grad_b_enc  # (d,)
+        along = torch.linalg.vecdot(grad_w_dec, self.w_dec) / self.w_dec.norm(dim=1).square()  # (width,)
+        grad_w_dec.addcmul_(self.w_dec, along.unsqueeze(1), value=-1.0)
+        grads = (grad_w_enc, grad_w_dec, grad_b_enc, grad_b_dec)
+        for param, grad in zip((self.w_enc, self.w_dec, self.b_enc, self.b_dec), grads, strict=True):
+            param.grad = grad.contiguous()
         self.opt.step()
-        with torch.no_grad():
-            self.w_dec /= self.w_dec.norm(dim=1, keepdim=True)
+        self.w_dec /= self.w_dec.norm(dim=1, keepdim=True)
 
 
 def activations(model: Model, site: str, ids: Tensor, store: str | None) -> Tensor:
@@ -111,15 +144,26 @@ def fve_l0(encode: Any, decode: Any, x: Tensor) -> tuple[float, float]:
 
 
 def saelens_alternating(python: str, x: Tensor, site: str, args: argparse.Namespace) -> tuple[float, float] | None:
-    """(pathlens, SAELens) training tokens/s, each the median of `--saelens-rounds` runs of the same 8 batches of
-    saved activations, alternated run by run (SAELens in its own interpreter, timed inside it; a busy machine's
-    load then falls on both alike); None if SAELens fails."""
+    """(pathlens, SAELens) training tokens/s, each the median of `--saelens-rounds` runs of the same
+    `--saelens-batches` batches of saved activations, alternated run by run (SAELens in its own interpreter with this
+    run's torch threads, timed inside it; a busy machine's load then falls on both alike); None if SAELens fails."""
     data = Path(args.out) / "saelens-slice.safetensors"
     data.parent.mkdir(parents=True, exist_ok=True)
-    rows = x[: 8 * args.batch].contiguous()
+    rows = x[: args.saelens_batches * args.batch].contiguous()
     save_file({"x": rows}, str(data))
     script = Path(__file__).with_name("saelens_topk.py")
-    cmd = [python, str(script), str(data), str(args.k), str(args.batch), str(args.lr), "1"]
+    threads = str(torch.get_num_threads())
+    cmd = [
+        python,
+        str(script),
+        str(data),
+        str(args.k),
+        str(args.batch),
+        str(args.lr),
+        "1",
+        threads,
+        str(args.dead_steps),
+    ]
     ours, theirs = [], []
     for _ in range(args.saelens_rounds):
         done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -128,9 +172,8 @@ def saelens_alternating(python: str, x: Tensor, site: str, args: argparse.Namesp
             return None
         theirs.append(float(json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]))
         d = rows.shape[1]
-        trainer = Trainer(
-            Dictionary(DictionaryConfig("topk", d, 8 * d, k=args.k), seed=0), site, config=TrainConfig(lr=args.lr)
-        )
+        config = TrainConfig(lr=args.lr, dead_steps=args.dead_steps)
+        trainer = Trainer(Dictionary(DictionaryConfig("topk", d, 8 * d, k=args.k), seed=0), site, config=config)
         batches = list(tensor_batches({site: rows}, args.batch, seed=0))
         start = time.perf_counter()
         for batch in batches:
@@ -222,6 +265,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/out/features_sae", help="where the dictionary is saved")
     parser.add_argument("--saelens-python", default=None, help="python of a virtualenv with SAELens installed")
     parser.add_argument("--saelens-rounds", type=int, default=3, help="alternated pathlens/SAELens timing runs")
+    parser.add_argument("--saelens-batches", type=int, default=8, help="batches per SAELens/pathlens timing run")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 0:

@@ -1,10 +1,11 @@
 """SAELens' TopK SAE trained on saved activations, for `benchmarks/features_sae.py` (run in SAELens' own
 virtualenv: SAELens pins transformer-lens 3.x, which cannot share pathlens' environment).
 
-    python saelens_topk.py ACTIVATIONS.safetensors K BATCH LR EPOCHS
+    python saelens_topk.py ACTIVATIONS.safetensors K BATCH LR EPOCHS [THREADS [DEAD_WINDOW]]
 
 Trains `TopKTrainingSAE` (width 8 × d_in, SAELens' defaults otherwise: AuxK, decoder-norm rescaling) with its
-own `SAETrainer` on the tensor "x", the rows shuffled each epoch with seed e, and prints one JSON line with the
+own `SAETrainer` on the tensor "x", the rows shuffled each epoch with seed e, with THREADS torch threads (default
+1) and latents dead after DEAD_WINDOW steps without firing (default 200), and prints one JSON line with the
 training tokens per second (wall time of `fit`, which includes SAELens' per-step bookkeeping).
 """
 
@@ -44,7 +45,7 @@ def main() -> None:
         lr=lr,
         lr_end=lr,  # constant schedule (SAELens' trainer needs the field set; its config class sets lr / 10)
         device="cpu",
-        dead_feature_window=200,
+        dead_feature_window=int(sys.argv[7]) if len(sys.argv) > 7 else 200,
         logger=LoggingConfig(log_to_wandb=False),
     )
     trainer = SAETrainer(cfg, sae, batches(x, batch, epochs))
