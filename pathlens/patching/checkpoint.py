@@ -1,9 +1,11 @@
 """Resumable sweep progress in an `out=` folder, and the checks that the folder holds this very sweep, intact.
 
 A folder holds three files:
-- `sweep.json`: what the sweep is — the model's weights (SHA-256 over every parameter and buffer), the task's
-  tensors (SHA-256), the settings (direction, ablation, positions, the planned dims and coords, ...) and the
-  metric's behaviour (its per-row values on the base and source runs, which tell apart two metrics of one name).
+- `sweep.json`: what the sweep is — the model's weights (SHA-256 over every parameter and buffer), the
+  dictionaries spliced into it (`splice_records`: sites and SHA-256, so latents are never resumed with another
+  dictionary's), the task's tensors (SHA-256), the settings (direction, ablation, positions, the planned dims
+  and coords, ...) and the metric's behaviour (its per-row values on the base and source runs, which tell apart
+  two metrics of one name).
   Written last when a sweep starts, so a folder with a `sweep.json` holds a whole checkpoint.
 - `progress.safetensors`: the per-variant, per-row metric values (float64) and the finished chunks, as of the
   last merge (when the sweep started, resumed or finished);
@@ -35,10 +37,11 @@ from torch import Tensor, nn
 
 from pathlens.arch.base import own_tensor
 from pathlens.errors import PathlensError
+from pathlens.hooks import Splice
 from pathlens.results.io import AppendLog, write_bytes, write_safetensors
 from pathlens.tasks.base import Task
 
-__all__ = ["SWEEP_VERSION", "Checkpoint", "ChunkRows", "task_digest", "weights_digest"]
+__all__ = ["SWEEP_VERSION", "Checkpoint", "ChunkRows", "splice_records", "task_digest", "weights_digest"]
 
 SWEEP_VERSION = 2
 """Version of the checkpoint layout; a folder written by another layout is not resumed."""
@@ -76,6 +79,28 @@ def _loaded(root: nn.Module, name: str, tensor: Tensor) -> Tensor:
         return tensor
     owner, _, leaf = name.rpartition(".")
     return own_tensor(root.get_submodule(owner), leaf)
+
+
+def splice_records(splices: Sequence[Splice]) -> list[dict[str, Any]]:
+    """What a checkpoint records of the dictionaries spliced into the model: each one's latent family, source and
+    target sites, width and SHA-256 over its tensors (parameters and buffers of a module; else its tensor
+    attributes)."""
+    return [
+        {
+            "latents": str(sp.latents),
+            "source": str(sp.source),
+            "target": str(sp.target),
+            "width": sp.width,
+            "sha256": _dictionary_digest(sp.dictionary),
+        }
+        for sp in splices
+    ]
+
+
+def _dictionary_digest(dictionary: object) -> str:
+    if isinstance(dictionary, nn.Module):
+        return weights_digest(dictionary)
+    return _digest(sorted((k, v) for k, v in vars(dictionary).items() if isinstance(v, Tensor)))
 
 
 def task_digest(task: Task) -> str:
@@ -261,8 +286,16 @@ def _compare(out: Path, saved: dict[str, Any], identity: dict[str, Any]) -> None
         "weights": "the model's parameters or buffers changed since the progress was saved",
         "task": "its prompts, answers, answer positions or attention mask changed",
     }
-    for section in ("weights", "task", "settings"):
-        old, new = saved[section], json.loads(json.dumps(identity[section]))  # compared as JSON reads it back
+    for section in ("weights", "splices", "task", "settings"):
+        old, new = saved.get(section, []), json.loads(json.dumps(identity.get(section, [])))  # as JSON reads it back
+        if section == "splices":
+            if old != new:
+                raise _different(
+                    out,
+                    "the spliced dictionaries",
+                    f"{_spliced(old)} saved, {_spliced(new)} now; splice the dictionary the sweep began with",
+                )
+            continue
         if old == new:
             continue
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
@@ -270,6 +303,19 @@ def _compare(out: Path, saved: dict[str, Any], identity: dict[str, Any]) -> None
             shown = [f"{k}: {_short(old.get(k))} saved, {_short(new.get(k))} now" for k in changed]
             raise _different(out, section, "; ".join(shown))
         raise _different(out, section, details[section])
+
+
+def _spliced(records: Any) -> str:
+    """Saved or current splice records as text: 'L6.sae at L6.resid_post (sha256 0123abcd…)', or 'none'."""
+    if not isinstance(records, list) or not records:
+        return "none"
+    return ", ".join(
+        f"{r.get('latents')} at {r.get('source')}"
+        + (f" -> {r.get('target')}" if r.get("target") != r.get("source") else "")
+        + f" (width {r.get('width')}, sha256 {str(r.get('sha256'))[:12]}…)"
+        for r in records
+        if isinstance(r, dict)
+    )
 
 
 def _compare_metric(out: Path, saved: dict[str, Any], metric: dict[str, Any]) -> None:

@@ -35,13 +35,14 @@ from pathlens.interventions import Ablate, Intervention, Op, Project, Replace
 from pathlens.memory import parse_bytes
 from pathlens.model import Model, Run
 from pathlens.patching.budget import sweep_cost
-from pathlens.patching.checkpoint import SWEEP_VERSION, Checkpoint, task_digest, weights_digest
-from pathlens.patching.cone import ConePatch, ConeRunner, cone_start
+from pathlens.patching.checkpoint import SWEEP_VERSION, Checkpoint, splice_records, task_digest, weights_digest
+from pathlens.patching.cone import ConePatch, ConeRunner, cone_start, splice_entries
 from pathlens.patching.executor import Executor, resolved_executor, tensor_fingerprint
-from pathlens.patching.plan import Plan, Variant
+from pathlens.patching.plan import GROUP_ALIASES, SWEEP_GROUPS, Plan, Variant
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, ResolvedSpec, Sites, check_option
 from pathlens.results import Scores
 from pathlens.results.io import writable_folder
+from pathlens.sites import Site, parse_site
 from pathlens.tasks.base import Task
 from pathlens.tasks.metrics import Metric
 
@@ -106,10 +107,12 @@ def scored_view(task: Task, rows: Tensor, k: int) -> Task:
 
 
 def _identity(model: Model, task: Task, plan: Plan, settings: dict[str, Any]) -> dict[str, Any]:
-    """What a checkpoint must match besides the metric: the weights, the task's tensors and the settings."""
+    """What a checkpoint must match besides the metric: the weights, the spliced dictionaries, the task's tensors
+    and the settings."""
     return {
         "version": SWEEP_VERSION,
         "weights": {"model": model.name, "family": model.arch.family, "sha256": weights_digest(model.hf)},
+        "splices": splice_records(model.splices),
         "task": {"name": task.name, "sha256": task_digest(task)},
         "settings": {
             **{k: v for k, v in settings.items() if k != "metric"},
@@ -144,7 +147,9 @@ def patch(
     """Patch (or ablate) every site of `sites` at `positions`; return the patched metric per cell as Scores.
 
     sites: a group ("heads", "z", "q", "k", "v", "attn_out", "mlp_in", "mlp_out", "resid_pre", "resid_mid",
-        "resid_post", "neurons" with `neurons={layer: [i, ...]}`) or a list of sites ("L3.H2", "module:a.b", ...).
+        "resid_post", "neurons" with `neurons={layer: [i, ...]}`), a list of sites ("L3.H2", "module:a.b", ...), or
+        a spliced dictionary's latent family ("L6.sae": every latent, one cell each; latents run in the causal cone
+        from the layer their splice's target feeds, `patching.cone`).
     positions: "all" (one patch over every position), "each" (one per position, adds a `pos` dim) or a list.
     direction: "noise" (default, `DEFAULT_DIRECTION`: clean run, corrupted activation patched in — what circuit
         discovery and faithfulness patch) or "denoise" (corrupted run, clean activation patched in).
@@ -170,6 +175,7 @@ def patch(
         the component of its site inside span(basis), h + (h_src − h)BBᵀ, at the engine's speed; d must be the
         last dim of every swept site (heads are then patched as their d_model writes, not through z).
     """
+    sites = latent_family_sites(model, sites)
     setup = PatchSpec(sites, positions, direction, metric, layers, neurons, subspace).resolve(model, task)
     if setup.spec.subspace is not None and (ablation is not None or top_k is not None):
         raise PathlensError("subspace= patches toward the source run; it takes neither ablation= nor top_k=.")
@@ -229,6 +235,22 @@ def patch(
     return _assemble(sweep, state.values, settings, {"top_k": top_k, "prefilter": prefilter, "verified": len(verified)})
 
 
+def latent_family_sites(model: Model, sites: Sites) -> Sites:
+    """`sites`, or the list of every latent when it names a spliced dictionary's latent family ("L6.sae" →
+    ["L6.sae.F0", "L6.sae.F1", ...]: one cell per latent)."""
+    if not isinstance(sites, str) or sites in (*SWEEP_GROUPS, *GROUP_ALIASES, "neurons"):
+        return sites
+    try:
+        family = parse_site(sites)
+    except PathlensError:
+        return sites
+    if family.kind != "latent" or family.index is not None:
+        return sites
+    family = model.resolve(family)
+    width = next(sp.width for sp in model.splices if sp.latents == family)
+    return [str(Site("latent", family.layer, i, family.path)) for i in range(width)]
+
+
 def token_budget(setup: ResolvedSpec, max_batch_tokens: int | None, max_memory: int | str | None) -> int:
     """The chunk size in tokens: `max_batch_tokens`, or what `max_memory` allows (`patching.budget`)."""
     if max_memory is None:
@@ -251,8 +273,10 @@ def planned_chunks(setup: ResolvedSpec, ablation: Ablation | None, max_batch_tok
     shared = shared_prefix(base_ids, source_ids) if ablation is None else 0
     through_z = setup.spec.subspace is None
     executed = [executed_variant(v, shared, task.seq_len, through_z) for v in setup.plan.variants]
+    entries = splice_entries(setup.model)
     starts = [
-        (_NO_OP_LAYER, task.seq_len) if v.positions == () else cone_start(v.site, v.positions, True) for v in executed
+        (_NO_OP_LAYER, task.seq_len) if v.positions == () else cone_start(v.site, v.positions, True, entries)
+        for v in executed
     ]
     return _chunks(range(len(executed)), starts, task.n, task.seq_len, max_batch_tokens)
 
@@ -330,7 +354,7 @@ class _Sweep:
         starts = [
             (_NO_OP_LAYER, seq_len)
             if v.positions == ()
-            else cone_start(v.site, v.positions, position_cone)
+            else cone_start(v.site, v.positions, position_cone, runner.entries)
             if runner
             else None
             for v in executed
