@@ -257,12 +257,11 @@ def test_node_circuit_mixes_heads_mlps_and_latents_and_its_faithfulness_is_exact
     assert set(circuit.effects) == set(nodes) and "L1.sae.err" in str(full)
 
 
-def test_other_estimators_run_on_latents_and_edge_methods_see_a_transparent_splice() -> None:
-    """IG with one step is AtP on latents; AtP* with GradDrop runs on them; edge attribution inside a splice
-    equals edge attribution without it (the splice changes no value and no upstream gradient)."""
+def test_other_estimators_run_on_latents_and_edge_methods_refuse_a_residual_splice() -> None:
+    """IG with one step is AtP on latents; AtP* with GradDrop runs on them; edge attribution refuses a residual
+    stream splice, naming node_circuit (tests/test_feature_edges.py covers the splices the edge graph models)."""
     model = tiny_model("llama", weight_scale=3.0)
     task = padded_task()
-    outside = pathlens.edge_attribution(model, task)
     with model.splice(_sae(), "L1.resid_pre"):
         sites = [*latent_sites(model, "L1.sae", [0, 3, 7]), "L1.sae.err"]
         ig = pathlens.integrated_gradients(model, task, sites=sites, steps=1)
@@ -270,9 +269,8 @@ def test_other_estimators_run_on_latents_and_edge_methods_see_a_transparent_spli
         torch.testing.assert_close(ig.values, first.values, atol=1e-5, rtol=0)
         star = pathlens.atp_star(model, task, sites=sites, grad_drop=True)
         assert star.values.shape == first.values.shape and bool(torch.isfinite(star.values).all())
-        inside = pathlens.edge_attribution(model, task)
-    both = torch.isfinite(outside.scores)
-    torch.testing.assert_close(inside.scores[both], outside.scores[both], atol=1e-5, rtol=1e-4)
+        with pytest.raises(PathlensError, match="node_circuit"):
+            pathlens.edge_attribution(model, task)
 
 
 def test_generation_through_a_splice_and_steering_a_latent_while_generating() -> None:
