@@ -55,6 +55,7 @@ _MAX_EDGE_ROWS = 25
 _DASH = {"q": "", "k": "6 3", "v": "1.5 2.5"}
 _PORT = {"q": -0.7, "k": 0.0, "v": 0.7}
 _LAYER_RE = re.compile(r"^L(\d+)\.")
+_LATENT_RE = re.compile(r"^L\d+\.[a-z0-9_]+\.(F\d+|err)$")  # a spliced dictionary's latent or error node
 # geometry (px): row height, slot width of the edge view, cell width of the node view, radii, margins
 HIGHLIGHTED_PATHWAYS = 3
 """How many of the top pathways get a halo (all of them are listed in the pathways table)."""
@@ -239,14 +240,30 @@ def circuit_view(
         (p.index for p in parsed.values() if p is not None and p.kind == "head" and p.index is not None), default=-1
     )
     has_mlp = any(p is not None and p.kind == "mlp" for p in parsed.values())
-    others = [n for n, p in parsed.items() if p is None or p.kind not in ("input", "logits", "mlp", "head")]
+    outside = [n for n, p in parsed.items() if p is None or p.kind not in ("input", "logits", "mlp", "head")]
+    # other components (a spliced dictionary's latents and error, of which a graph may hold thousands) get a slot
+    # only when the circuit touches them; the rest are left out of the picture
+    others = [n for n in outside if n in counts]
+    parsed = {n: p for n, p in parsed.items() if n not in outside or n in counts}
+    latent_slot: dict[str, int] = {}  # a layer's latents side by side after the MLP slot, in the order met
+    per_layer: dict[str, int] = {}
+    for name in others:
+        if _LATENT_RE.match(name):
+            layer_name = name.split(".", 1)[0]
+            latent_slot[name] = per_layer.get(layer_name, 0)
+            per_layer[layer_name] = latent_slot[name] + 1
+    latent_width = max(per_layer.values(), default=0)
+    free = [n for n in others if n not in latent_slot]
     middle = (n_heads + has_mlp - 1) / 2
     nodes = {}
     for name, node in parsed.items():
         layer = node.layer if node is not None and node.layer is not None else -1
         if name in others:
             match = _LAYER_RE.match(name)
-            row, slot = (float(match[1]) if match else -1.0), float(n_heads + has_mlp + others.index(name))
+            after_heads = 0.45 if name in latent_slot else 0.0  # latents write where their MLP does
+            row = float(match[1]) + after_heads if match else -1.0
+            offset = latent_slot[name] if name in latent_slot else latent_width + free.index(name)
+            slot = float(n_heads + has_mlp + offset)
         elif node is not None and node.kind in ("input", "logits"):
             row, slot = (-1.0 if node.kind == "input" else float(n_layers)), middle
         elif node is not None and node.kind == "mlp":
@@ -254,7 +271,7 @@ def circuit_view(
         else:
             row, slot = float(layer), float(node.index if node is not None and node.index is not None else 0)
         nodes[name] = ViewNode(name, row, slot, importance.get(name, 0.0), net.get(name, 0.0), counts.get(name, 0))
-    n_slots = n_heads + int(has_mlp) + len(others)
+    n_slots = n_heads + int(has_mlp) + latent_width + len(free)
     view = CircuitView(nodes, edges, n_layers, n_heads, n_slots, len(kept), min(len(kept), max_edges))
     view.default_edges = _default_edges(view, node_budget)
     return view
