@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +18,9 @@ from rich.table import Table
 from rich.text import Text
 
 from pathlens.cli.app import app, console, load_model, option, output_folder
+from pathlens.errors import PathlensError
+from pathlens.memory import parse_bytes
+from pathlens.patching.executor import EXECUTORS
 from pathlens.results.io import write_text
 from pathlens.sites import parse_site
 
@@ -55,8 +59,18 @@ def store(
         help="'default' (offline: World English Bible), a .txt/.jsonl file or folder, hf:NAME or hf:NAME/CONFIG",
     ),
     context: int = typer.Option(128, min=2, help="tokens per context window"),
-    batch_size: int = typer.Option(8, min=1, help="windows per forward"),
-    max_mb: int = typer.Option(512, min=1, help="memory budget of the store's buffers, MiB (sets the shard size)"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="windows per forward (default 8)"),  # noqa: UP045
+    max_mb: Optional[int] = typer.Option(  # noqa: UP045
+        None, min=1, help="memory budget of the store's buffers, MiB (sets the shard size; default 512)"
+    ),
+    max_memory: Optional[str] = typer.Option(  # noqa: UP045
+        None, help="memory budget per process, e.g. 2GB: sets the batch and shard sizes (instead of the two above)"
+    ),
+    executor: str = typer.Option("local", help="local | ray (shards computed on Ray workers)"),
+    address: Optional[str] = typer.Option(  # noqa: UP045
+        None, help="Ray cluster address (ray://head:10001, head:6379, auto); default: start a local cluster"
+    ),
+    workers: Optional[int] = typer.Option(None, min=1, help="Ray workers (default: one per CPU)"),  # noqa: UP045
     dtype: str = typer.Option("float32", help="float32 | float16 | bfloat16"),
     seed: int = typer.Option(0, help="seed of the document and window order"),
     out: Path = typer.Option(Path("out/store"), help="store folder (a killed run resumes from it)"),
@@ -73,6 +87,17 @@ def store(
         raise typer.BadParameter(
             f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}.", param_hint="'--dtype'"
         )
+    if max_memory is not None:
+        with option("'--max-memory'"):
+            parse_bytes(max_memory, "--max-memory")
+            if batch_size is not None or max_mb is not None:
+                raise PathlensError("pass --max-memory or --batch-size/--max-mb, not both.")
+    if executor not in EXECUTORS:
+        raise typer.BadParameter(
+            f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}.", param_hint="'--executor'"
+        )
+    if executor != "ray" and (address is not None or workers is not None):
+        raise typer.BadParameter("--address and --workers need --executor ray.", param_hint="'--executor'")
     with option("'--corpus'"):
         source = corpus_of(corpus)
     output_folder(out)
@@ -87,9 +112,16 @@ def store(
         def advance(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        result = collect(
-            loaded, names, wins, out, batch_size=batch_size, max_bytes=max_mb * 2**20, dtype=dtype, progress=advance
-        )
+        with ExitStack() as stack:
+            runner = None
+            if executor == "ray":  # Ray is an optional extra: imported only when asked for
+                from pathlens.distributed import RayExecutor
+
+                runner = stack.enter_context(RayExecutor(address=address, workers=workers))
+            result = collect(
+                loaded, names, wins, out, batch_size=batch_size, max_bytes=None if max_mb is None else max_mb * 2**20,
+                max_memory=max_memory, dtype=dtype, executor=runner, progress=advance,
+            )  # fmt: skip
     seconds = time.perf_counter() - start
     manifest = result.manifest
     size = sum((out / entry["file"]).stat().st_size for entry in manifest["shards"])

@@ -174,73 +174,73 @@ def collect(
         _check_batch(batch_size)
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
         raise PathlensError(f"max_bytes={max_bytes!r}; give the store's memory budget in bytes.")
-    folder = writable_folder(out, "out=")
-    if isinstance(source, Tensor):
-        wins = Windows.of_ids(source)
-    else:
-        wins = source if isinstance(source, Windows) else windows(source, model.tokenizer, context, n_tokens, seed)
-    skip = int(skip_first)
-    widths = probe_widths(model, names, wins.ids)
-    if budget is not None:
-        plan = store_cost(model, widths, len(wins), wins.context, torch_dtype, skip, stop_early).plan(budget)
-        batch, shard_windows = plan.batch_size, plan.shard_windows
-    else:
-        batch, max_bytes = batch_size or DEFAULT_BATCH, max_bytes or DEFAULT_MAX_BYTES
-        row_bytes = sum(widths.values()) * torch_dtype.itemsize
-        shard_windows = _shard_windows(max_bytes, batch, row_bytes * wins.context, len(wins))
-    job = StoreJob(
-        tuple(names), tuple(widths[n] for n in names), wins.ids, skip, batch, shard_windows, torch_dtype, stop_early
-    )
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": {"name": model.name, "family": model.arch.family, "weights_sha256": weights_digest(model.hf)},
-        "sites": names,
-        "widths": widths,
-        "dtype": _dtype_name(torch_dtype),
-        "corpus": wins.describe(),
-        "context": wins.context,
-        "skip_first": bool(skip),
-        "rows_per_window": job.rows_per_window,
-        "batch_windows": batch,
-        "shard_windows": shard_windows,
-        "n_windows": len(wins),
-        "n_shards": job.n_shards,
-        "tokens_total": wins.n_tokens,
-        "rows_total": len(wins) * job.rows_per_window,
-        "max_bytes": max_bytes,
-        "max_memory": budget,
-        "shards": [],
-        "rows_stored": 0,
-        "complete": False,
-    }
-    committed = _resume(folder, manifest)
-    _remove_stale_temporaries(folder)
-    if not _windows_match(folder, wins):
-        write_safetensors(folder / WINDOWS_FILE, {"ids": wins.ids.contiguous()})
-    _write_manifest(folder, manifest, committed)
-    todo = [k for k in range(job.n_shards) if k not in committed]
-
-    def commit(index: int, data: bytes) -> None:
-        """Write shard `index`'s file, then the manifest entry that commits it (once: a repeat is ignored)."""
-        if index in committed:
-            return
-        first, last = job.windows_of(index)
-        file = f"shard-{index:05d}.safetensors"
-        write_bytes(folder / file, data)
-        committed[index] = {
-            "file": file,
-            "first_window": first,
-            "n_windows": last - first,
-            "rows": (last - first) * job.rows_per_window,
-            "sha256": hashlib.sha256(data).hexdigest(),
+    with resolved_executor(executor) as runner:  # a bad executor fails before any file is written
+        folder = writable_folder(out, "out=")
+        if isinstance(source, Tensor):
+            wins = Windows.of_ids(source)
+        else:
+            wins = source if isinstance(source, Windows) else windows(source, model.tokenizer, context, n_tokens, seed)
+        skip = int(skip_first)
+        widths = probe_widths(model, names, wins.ids)
+        if budget is not None:
+            plan = store_cost(model, widths, len(wins), wins.context, torch_dtype, skip, stop_early).plan(budget)
+            batch, shard_windows = plan.batch_size, plan.shard_windows
+        else:
+            batch, max_bytes = batch_size or DEFAULT_BATCH, max_bytes or DEFAULT_MAX_BYTES
+            row_bytes = sum(widths.values()) * torch_dtype.itemsize
+            shard_windows = _shard_windows(max_bytes, batch, row_bytes * wins.context, len(wins))
+        job = StoreJob(
+            tuple(names), tuple(widths[n] for n in names), wins.ids, skip, batch, shard_windows, torch_dtype, stop_early
+        )
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": {"name": model.name, "family": model.arch.family, "weights_sha256": weights_digest(model.hf)},
+            "sites": names,
+            "widths": widths,
+            "dtype": _dtype_name(torch_dtype),
+            "corpus": wins.describe(),
+            "context": wins.context,
+            "skip_first": bool(skip),
+            "rows_per_window": job.rows_per_window,
+            "batch_windows": batch,
+            "shard_windows": shard_windows,
+            "n_windows": len(wins),
+            "n_shards": job.n_shards,
+            "tokens_total": wins.n_tokens,
+            "rows_total": len(wins) * job.rows_per_window,
+            "max_bytes": max_bytes,
+            "max_memory": budget,
+            "shards": [],
+            "rows_stored": 0,
+            "complete": False,
         }
+        committed = _resume(folder, manifest)
+        _remove_stale_temporaries(folder)
+        if not _windows_match(folder, wins):
+            write_safetensors(folder / WINDOWS_FILE, {"ids": wins.ids.contiguous()})
         _write_manifest(folder, manifest, committed)
+        todo = [k for k in range(job.n_shards) if k not in committed]
 
-    def windows_done() -> int:
-        return sum(entry["n_windows"] for entry in committed.values())
+        def commit(index: int, data: bytes) -> None:
+            """Write shard `index`'s file, then the manifest entry that commits it (once: a repeat is ignored)."""
+            if index in committed:
+                return
+            first, last = job.windows_of(index)
+            file = f"shard-{index:05d}.safetensors"
+            write_bytes(folder / file, data)
+            committed[index] = {
+                "file": file,
+                "first_window": first,
+                "n_windows": last - first,
+                "rows": (last - first) * job.rows_per_window,
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            _write_manifest(folder, manifest, committed)
 
-    with resolved_executor(executor) as runner:
+        def windows_done() -> int:
+            return sum(entry["n_windows"] for entry in committed.values())
+
         if runner is None:
             for k in todo:
                 before = windows_done()
@@ -254,10 +254,10 @@ def collect(
                     progress(windows_done(), len(wins))
 
             runner.run(model, job, StoreRunner(model, job).fingerprint(), todo, arrived)
-    missing = [k for k in todo if k not in committed]
-    if missing:
-        raise PathlensError(f"the executor returned without computing shards {missing[:10]} of this store.")
-    return ActivationStore(folder)
+        missing = [k for k in todo if k not in committed]
+        if missing:
+            raise PathlensError(f"the executor returned without computing shards {missing[:10]} of this store.")
+        return ActivationStore(folder)
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
