@@ -176,9 +176,8 @@ def test_budget_and_option_errors(name: str, estimate: Estimator, options: dict[
         estimate(model, task, max_memory="1GB", max_batch_tokens=100, **options)
     with pytest.raises(pathlens.PathlensError, match="max_memory='lots'"):
         estimate(model, task, max_memory="lots", **options)
-    if name != "ig":  # IG's own default; there 0 tokens means one row per forward
-        with pytest.raises(pathlens.PathlensError, match="max_batch_tokens=0 must be at least 1"):
-            estimate(model, task, max_batch_tokens=0, **options)
+    with pytest.raises(pathlens.PathlensError, match="max_batch_tokens=0 must be at least 1"):
+        estimate(model, task, max_batch_tokens=0, **options)
     with pytest.raises(pathlens.PathlensError, match="executor='spark'"):
         estimate(model, task, executor="spark", **options)
     assert_untouched(model, before)
