@@ -30,6 +30,8 @@ from pathlens.circuits.edge_patching import EdgePatcher
 from pathlens.circuits.estimate import estimate_curve, estimate_discover, estimate_edge_attribution
 from pathlens.circuits.faithfulness import faithfulness_curve
 from pathlens.cli import app
+from pathlens.features.estimate import estimate_store
+from pathlens.features.store import collect
 from pathlens.memory import TensorPeak
 from pathlens.model import Model
 from pathlens.patching.estimate import estimate_patch
@@ -217,3 +219,32 @@ def test_plan_command_prints_each_estimate(args: list[str]) -> None:
     assert result.exit_code == 0, result.output
     for quantity in ("forwards", "backwards", "tokens per forward", "peak memory", "time"):
         assert quantity in result.output
+
+
+@pytest.mark.parametrize("knobs", [{"max_memory": "budget"}, {"batch_size": 3}])
+def test_store_plan_makes_the_forwards_of_the_run(tmp_path: Any, knobs: dict[str, Any]) -> None:
+    """The width probe and one forward per batch, counted at the model's own forward (the store stops after the
+    last block it reads); the budget case at twice the least budget, the by-hand case with 3 windows per forward
+    (measured tensor peak 20-60 % of the estimate, which also counts the serialized shard)."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (20, 16), generator=torch.Generator().manual_seed(3))
+    sites = ["L0.mlp_post", "L1.resid_pre"]
+    if "max_memory" in knobs:
+        knobs = {"max_memory": 2 * estimate_store(model, sites, ids, max_memory="1GB").least_bytes}
+    found = estimate_store(model, sites, ids, **knobs)
+    with counted(model.hf) as calls, TensorPeak() as peak:
+        store = collect(model, sites, ids, tmp_path / "store", **knobs)
+    assert len(calls) == found.forwards > 2 and not any(calls)
+    assert store.manifest["batch_windows"] == found.units["windows per forward"]
+    assert store.manifest["n_shards"] == found.units["shards"]
+    check_peak(found.peak_bytes, peak.peak)
+
+
+def test_plan_command_plans_a_store_on_smollm2() -> None:
+    """The store's plan from the store command's options, on the embedded SmolLM2 (its tokenizer cuts the corpus)."""
+    args = ["plan", "--method", "store", "--model", "smollm2", "--tokens", "2k", "--context", "32"]
+    result = CliRunner().invoke(app, [*args, "--sites", "L1.mlp_out,L2.resid_post", "--max-memory", "20MB"])
+    assert result.exit_code == 0, result.output
+    assert "63 windows of 32 tokens" in result.output and "forwards" in result.output
+    refused = CliRunner().invoke(app, [*args, "--max-memory", "1KB"])
+    assert refused.exit_code == 2 and "too small" in refused.output and "--max-memory" in refused.output

@@ -2,7 +2,8 @@
 
 The methods are named as the commands that run them: `patch`; `attribute`'s atp, atp*, relp, ig (nodes) and eap,
 eap-ig (edges; relp with --edges); `circuit` (discovery, its scoring named by --discovery); `curve` (a faithfulness
-curve: edge patching of the top-k circuits of a scored graph, what `circuit` measures per ranking).
+curve: edge patching of the top-k circuits of a scored graph, what `circuit` measures per ranking); `store` (with
+the store command's --sites, --tokens, --corpus, --context and --batch-size).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlens.tasks.base import Task
 
 NODE_METHODS = ("atp", "atp*", "relp", "ig")
 EDGE_METHODS = ("eap", "eap-ig")
-PLANNED_METHODS = ("patch", *NODE_METHODS, *EDGE_METHODS, "curve", "circuit")
+PLANNED_METHODS = ("patch", *NODE_METHODS, *EDGE_METHODS, "curve", "circuit", "store")
 DISCOVERY_SCORES = ("eap", "eap-ig", "relp", "patching")
 
 
@@ -33,7 +34,9 @@ def plan(
     method: str = typer.Option("patch", help=f"one of {', '.join(PLANNED_METHODS)}"),
     model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
     task: str = typer.Option("ioi", help="task name"),
-    sites: str = typer.Option("heads", help="heads | resid | mlp | attn, or any family of pathlens.patch"),
+    sites: Optional[str] = typer.Option(  # noqa: UP045 (typer reads the annotation)
+        None, help="heads (default) | resid | mlp | attn, or any family of pathlens.patch; store: a comma list of sites"
+    ),
     positions: str = typer.Option("all", help="all | each"),
     direction: Direction = typer.Option(DEFAULT_DIRECTION, help="noise | denoise"),
     edges: bool = typer.Option(False, "--edges", help="relp: score edges (as `attribute --edges`)"),
@@ -41,9 +44,13 @@ def plan(
     discovery: str = typer.Option("eap-ig", help=f"circuit: the scoring, one of {', '.join(DISCOVERY_SCORES)}"),
     sizes: str = typer.Option("20", help="curve: how many log-spaced circuit sizes, or mib"),
     n: int = typer.Option(8, min=1, help="number of prompt pairs"),
-    seed: int = typer.Option(0, help="task seed"),
+    seed: int = typer.Option(0, help="task seed (store: the window order)"),
     max_memory: Optional[str] = typer.Option(None, help="memory budget, e.g. 2GB (sizes the chunks)"),  # noqa: UP045
     max_batch_tokens: Optional[int] = typer.Option(None, min=1, help="most tokens in one forward"),  # noqa: UP045
+    tokens: str = typer.Option("1M", help="store: tokens to run through the model"),
+    corpus: str = typer.Option("default", help="store: 'default', a .txt/.jsonl file or folder"),
+    context: int = typer.Option(128, min=2, help="store: tokens per context window"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="store: windows per forward (default 8)"),  # noqa: UP045
 ) -> None:
     """Print the forwards, backwards, tokens per forward, estimated peak memory and time of a run, before running
     it; the chunks are sized by the engine's own cost model, so the run makes the forwards printed here."""
@@ -66,7 +73,15 @@ def plan(
             parse_bytes(max_memory, "--max-memory")
             if max_batch_tokens is not None:
                 raise PathlensError("pass --max-memory or --max-batch-tokens, not both.")
-    family, task = site_group(sites), task_choice(task)
+    if method == "store":
+        if max_batch_tokens is not None:
+            raise typer.BadParameter("the store takes --batch-size (windows).", param_hint="'--max-batch-tokens'")
+        found, title = _plan_store(model, sites or "L6.mlp_post", tokens, corpus, context, batch_size, seed, max_memory)
+        _print(found, title)
+        return
+    if batch_size is not None:
+        raise typer.BadParameter("--batch-size is the store's; pass --max-batch-tokens.", param_hint="'--batch-size'")
+    family, task = site_group(sites or "heads"), task_choice(task)
     count = _curve_sizes(sizes)
     loaded = load_model(model)
     with option("'--task'"):
@@ -75,7 +90,10 @@ def plan(
     with option("'--max-memory'" if max_memory is not None else "'--method'"):
         found = estimator(loaded, built, max_batch_tokens, max_memory)
     what = family if method in ("patch", *NODE_METHODS) and not edges else "edges"
-    title = f"plan: {found.method} {what} of {loaded.name} on {task}, {built.n} prompts"
+    _print(found, f"plan: {found.method} {what} of {loaded.name} on {task}, {built.n} prompts")
+
+
+def _print(found: Estimate, title: str) -> None:
     console.print(estimate_table(found, title))
     for note in found.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
@@ -125,6 +143,34 @@ def _curve_sizes(sizes: str) -> int | Literal["mib"]:
     if not sizes.isdigit() or int(sizes) < 2:
         raise typer.BadParameter(f"{sizes!r}: give a count of at least 2, or mib.", param_hint="'--sizes'")
     return int(sizes)
+
+
+def _plan_store(
+    model: str,
+    sites: str,
+    tokens: str,
+    corpus: str,
+    context: int,
+    batch_size: int | None,
+    seed: int,
+    max_memory: str | None,
+) -> tuple[Estimate, str]:
+    """The store's estimate for the `pathlens store` options, after cutting the corpus into its windows."""
+    from pathlens.features.corpus import corpus as corpus_of
+    from pathlens.features.corpus import parse_token_count, windows
+    from pathlens.features.estimate import estimate_store
+
+    names = [s.strip() for s in sites.split(",") if s.strip()]
+    with option("'--tokens'"):
+        n_tokens = parse_token_count(tokens)
+    with option("'--corpus'"):
+        source = corpus_of(corpus)
+    loaded = load_model(model)
+    with console.status(f"tokenizing {source.name} …"), option("'--corpus'"):
+        wins = windows(source, loaded.tokenizer, context, n_tokens, seed)
+    with option("'--sites'" if max_memory is None else "'--max-memory'"):
+        found = estimate_store(loaded, names, wins, batch_size=batch_size, max_memory=max_memory)
+    return found, f"plan: store {', '.join(names)} of {loaded.name}, {len(wins)} windows of {wins.context} tokens"
 
 
 def estimate_table(found: Estimate, title: str) -> Table:
