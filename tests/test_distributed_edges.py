@@ -135,5 +135,7 @@ def test_bad_executors_and_in_memory_models_raise(executor: Any) -> None:
         edge_effects(patcher, executor=object())  # type: ignore[arg-type]
     with pytest.raises(pathlens.PathlensError, match="cannot reach the Ray cluster"):
         faithfulness_curve(patcher, graph, executor=RayExecutor(address="ray://127.0.0.1:1", model="x"))
+    with pytest.raises(pathlens.PathlensError, match="method='acdc' decides edge by edge"):
+        discover(model, task, method="acdc", executor=executor)
     with pytest.raises(pathlens.PathlensError, match="in-memory module"):
         discover(model, task, method="patching", executor=executor)

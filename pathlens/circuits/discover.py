@@ -100,6 +100,11 @@ def discover(
     methods' independent evaluations run (None / "local", "ray", or an executor object; module docstring)."""
     check_option("method", method, DISCOVERY_METHODS)
     check_option("by", by, get_args(Ranking))
+    if method == "acdc" and executor not in (None, "local"):
+        raise PathlensError(
+            "method='acdc' decides edge by edge (each decision depends on the last), so it runs in this process; "
+            "drop executor=, or use a scoring method (eap, eap-ig, relp, patching) whose evaluations it spreads."
+        )
     if max_memory is not None:
         _check_budget(model, task, max_batch_tokens, max_memory)
     metric = metric or task.metric

@@ -9,14 +9,19 @@ or its activations). Every chunk is recorded once, the rows are averaged here ex
 them, so the values equal the local run's bit for bit given the same torch threads per process; a worker whose
 source run differs (other weights, dtype, threads) is refused by the fingerprint of the patcher's source state.
 
+A worker keeps the last patcher it built and reuses it for the next job of an equal recipe (same task tensors and
+options, the same metric object: a function imported by name; a metric pickled by value, such as a lambda, is
+rebuilt each time), so the evaluations of one discovery or repeated curves pay the source run once per worker.
+
 Edge evaluations keep no checkpoint (a curve is a few batched forwards); a `max_memory=` budget reaches every
 worker as the token count it resolved to on the driver, so workers chunk alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,6 +52,48 @@ class EdgeRecipe:
     def build(self, model: Model) -> EdgePatcher:
         """The patcher on `model` (its source run included)."""
         return EdgePatcher(model, self.task, self.ablation, self.direction, self.metric, self.max_batch_tokens)
+
+    def equals(self, other: EdgeRecipe) -> bool:
+        """Whether `other` builds the same patcher: equal options and task tensors, the same metric object."""
+        return (
+            (self.ablation, self.direction, self.max_batch_tokens)
+            == (other.ablation, other.direction, other.max_batch_tokens)
+            and self.metric is other.metric
+            and all(_same(getattr(self.task, f.name), getattr(other.task, f.name)) for f in fields(self.task))
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Deep equality of task fields: tensors bit for bit (dtype and shape too), containers item by item,
+    callables by identity, anything else by ==."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if callable(a) or callable(b):
+        return a is b
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):  # values without a plain truth value: build anew
+        return False
+
+
+_last_built: list[tuple[EdgeRecipe, EdgePatcher]] = []
+"""The patcher a worker built for its last job, with its recipe (at most one: see the module docstring)."""
+
+
+def built_on(model: Model, recipe: EdgeRecipe) -> EdgePatcher:
+    """`recipe.build(model)`, or the patcher this process built last if it was for `model` and an equal recipe."""
+    if _last_built:
+        last, patcher = _last_built[0]
+        if patcher.model is model and last.equals(recipe):
+            return patcher
+        _last_built.clear()  # free the old patcher's source state before building the next
+    patcher = recipe.build(model)
+    _last_built.append((recipe, patcher))
+    return patcher
 
 
 class EdgeChunks:
@@ -85,7 +132,7 @@ class EdgeWork:
         return f"edge patching {int(self.kept.shape[0])} circuits"
 
     def build(self, model: Model) -> EdgeChunks:
-        return EdgeChunks(self.recipe.build(model), self.kept)
+        return EdgeChunks(built_on(model, self.recipe), self.kept)
 
 
 def metric_of(patcher: EdgePatcher, kept: Tensor, executor: Executor | None = None) -> Tensor:
