@@ -47,15 +47,19 @@ def _dictionary(kind: str, width: int, transcoder: bool, seed: int) -> Dictionar
 
 @contextmanager
 def spliced(model: Model, which: str = "both") -> Iterator[dict[str, Dictionary]]:
-    """The transcoder on L0 ("L0.tc") and/or the SAE on L1.mlp_out ("L1.sae") spliced for the block."""
+    """The transcoder on L0 ("L0.tc") and/or the SAE on L1.mlp_out ("L1.sae") spliced for the block; "all" adds
+    a JumpReLU SAE on the residual stream between the layers ("L0.res" on L0.resid_post)."""
     made = {}
     with ExitStack() as stack:
-        if which in ("both", "tc"):
+        if which in ("both", "all", "tc"):
             made["tc"] = _dictionary("topk", 40, True, seed=3)
             stack.enter_context(model.splice(made["tc"], "L0.mlp_in", target="L0.mlp_out", name="tc"))
-        if which in ("both", "sae"):
+        if which in ("both", "all", "sae"):
             made["sae"] = _dictionary("relu", 40, False, seed=4)
             stack.enter_context(model.splice(made["sae"], "L1.mlp_out", name="sae"))
+        if which in ("all", "res"):
+            made["res"] = _dictionary("jumprelu", 48, False, seed=5)
+            stack.enter_context(model.splice(made["res"], "L0.resid_post", name="res"))
         yield made
 
 
@@ -235,24 +239,78 @@ def test_latent_rows_and_columns_sum_to_the_mlp(model: Model, task: Task, which:
     assert torch.equal(again.scores.nan_to_num(), plain.scores.nan_to_num())
 
 
+def test_a_residual_dictionary_is_a_bottleneck(model: Model, task: Task) -> None:
+    """An SAE on L0.resid_post (JumpReLU): no edge skips it; its rows summed = the unspliced rows of everything
+    before it (per later receiver), its columns summed = each earlier sender's unspliced edges into everything
+    after it; a latent's incoming edge = d m/dε with its input moved (no norm: it reads the stream); its outgoing
+    edges sum to its node AtP (1e-5)."""
+    plain = edge_attribution(model, task)
+    with spliced(model, "res") as made:
+        graph = edge_attribution(model, task)
+        res = made["res"]
+        family = [i for i, s in enumerate(graph.senders) if s.startswith("L0.res.")]
+        cut_cols = [j for j, r in enumerate(graph.receivers) if r.startswith("L0.res.")]
+        before = [s for s in plain.senders if s == "input" or s.startswith("L0.")]
+        after = [r for r in plain.receivers if not r.startswith("L0.")]
+        assert torch.isnan(
+            graph.scores[[graph.senders.index(s) for s in before]][:, [graph.receivers.index(r) for r in after]]
+        ).all()
+        s0, s1 = torch.nan_to_num(plain.scores.double()), torch.nan_to_num(graph.scores.double())
+        rows_before = [plain.senders.index(s) for s in before]
+        for r in after:
+            through = s1[family, graph.receivers.index(r)].sum()
+            direct = s0[rows_before, plain.receivers.index(r)].sum()
+            assert abs(float(through - direct)) <= TOL, r
+        cols_after = [plain.receivers.index(r) for r in after]
+        for s in before:
+            assert (
+                abs(float(s1[graph.senders.index(s), cut_cols].sum() - s0[plain.senders.index(s), cols_after].sum()))
+                <= TOL
+            )
+        sites = [Site("head", 0), Site("resid_pre", 1), Site("latent", 0, path="res")]
+        clean, corrupt = _runs(model, task, sites)
+        stream, f0 = clean[Site("resid_pre", 1)], clean[Site("latent", 0, path="res")]
+        delta = (corrupt[Site("head", 0)] - clean[Site("head", 0)])[:, :, 2]
+        nodes = [int(r.rsplit("F", 1)[1]) for r in graph.receivers if r.startswith("L0.res.F")]
+        for latent in nodes[:4]:
+
+            def moved(e: torch.Tensor, i: int = latent) -> list[Intervention]:
+                value = f0.clone()
+                value[..., i] = res.encode(stream + e * delta)[..., i]
+                return [Intervention(Site("latent", 0, path="res"), Replace(value))]
+
+            got = float(graph.scores[graph.senders.index("L0.H2"), graph.receivers.index(f"L0.res.F{latent}")])
+            assert abs(got - _derivative(model, task, moved)) <= TOL
+        names = [f"L0.res.F{i}" for i in nodes[:3]]
+        effects = atp(model, task, sites=names, direction="noise")
+        sums = graph.node_scores()
+        for name, value in zip(names, (effects.values - float(effects.meta["base_metric"])).tolist(), strict=True):
+            assert abs(sums[name] - value) <= TOL
+
+
 # ---- exact edge patching --------------------------------------------------------------------------------------
 
 
-def _sender_values(model: Model, layout, cache, tc: Dictionary, sae: Dictionary) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+def _sender_values(
+    model: Model, layout, cache, tc: Dictionary, sae: Dictionary, res: Dictionary | None = None
+) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
     """Each sender's write (N, P, d) in a run, from its cache, computed from the definitions."""
     out = {"input": cache[Site("resid_pre", 0)]}
     for layer in range(model.n_layers):
         for h in range(model.arch.n_heads):
             out[f"L{layer}.H{h}"] = cache[Site("head", layer)][:, :, h]
-    for layer, d, name in ((0, tc, "tc"), (1, sae, "sae")):
+    families = [(0, tc, "tc", cache[Site("mlp_out", 0)]), (1, sae, "sae", cache[Site("mlp_out", 1)])]
+    if res is not None:  # the residual dictionary's error is the rest of the stream it rebuilds
+        families.append((0, res, "res", cache[Site("resid_pre", 1)]))
+    for layer, d, name, rebuilt in families:
         f = cache[Site("latent", layer, path=name)]
-        total = torch.zeros_like(cache[Site("mlp_out", layer)])
+        total = torch.zeros_like(rebuilt)
         for s in layout.senders:
             if s.startswith(f"L{layer}.{name}.F"):
                 i = int(s.rsplit("F", 1)[1])
                 out[s] = f[..., i, None] * (d.W_dec[i] / d.s_out).detach()
                 total = total + out[s]
-        out[f"L{layer}.{name}.err"] = cache[Site("mlp_out", layer)] - total
+        out[f"L{layer}.{name}.err"] = rebuilt - total
     return out
 
 
@@ -261,21 +319,22 @@ def _reference_metric(model: Model, task: Task, kept: torch.Tensor, layout, made
     is the running residual at its read point minus Σ_{removed (u, v)} (z_u − z_u^src), placed with interventions
     on the q/k/v projection outputs, the MLP inputs, the transcoder's latents and the final residual stream. Each
     iteration takes the running values of the one before; the graph is a DAG of depth ≤ 2·layers + 2."""
-    tc, sae, a = made["tc"], made["sae"], model.arch
+    tc, sae, res, a = made["tc"], made["sae"], made.get("res"), model.arch
     sites = [Site("resid_pre", layer) for layer in range(2)] + [Site("resid_mid", layer) for layer in range(2)]
     sites += [Site("head", layer) for layer in range(2)] + [Site("mlp_out", layer) for layer in range(2)]
     sites += [Site("latent", 0, path="tc"), Site("latent", 1, path="sae")]
+    sites += [] if res is None else [Site("latent", 0, path="res")]
     mask = task.attention_mask
     with torch.no_grad():
         source = model.run(task.corrupt_ids, attention_mask=mask, cache=sites).cache
-        z_src = _sender_values(model, layout, source, tc, sae)
+        z_src = _sender_values(model, layout, source, tc, sae, res)
         valid = valid_mask(layout, 2)
         interventions: list[Intervention] = []
         metrics = []
         for _ in range(8):
             run = model.run(task.clean_ids, attention_mask=mask, cache=sites, interventions=interventions)
             metrics.append(task.metric(run.logits, task))
-            z = _sender_values(model, layout, run.cache, tc, sae)
+            z = _sender_values(model, layout, run.cache, tc, sae, res)
 
             def read(receiver: str, resid: torch.Tensor, z: dict[str, torch.Tensor] = z) -> torch.Tensor:
                 j = layout.receivers.index(receiver)
@@ -311,18 +370,30 @@ def _reference_metric(model: Model, task: Task, kept: torch.Tensor, layout, made
                     interventions.append(Intervention(Site("latent", 0, path="tc"), Replace(f)))
                 else:
                     interventions.append(Intervention(Site("mlp_in", 1), Replace(_norm(model, 1)(read("L1.mlp", mid)))))
+                if layer == 0 and res is not None:  # the residual dictionary between the layers
+                    stream = mid + run.cache[Site("mlp_out", 0)]
+                    x_err = read("L0.res.err", stream)
+                    f = res.encode(x_err)
+                    for r in layout.receivers:
+                        if r.startswith("L0.res.F"):
+                            i = int(r.rsplit("F", 1)[1])
+                            f[..., i] = res.encode(read(r, stream))[..., i]
+                    interventions.append(Intervention(Site("latent", 0, path="res"), Replace(f)))
+                    error = x_err - res.decode(res.encode(x_err))
+                    interventions.append(Intervention(Site("latent_err", 0, path="res"), Replace(error)))
             final = run.cache[Site("resid_mid", 1)] + run.cache[Site("mlp_out", 1)]
             interventions.append(Intervention(Site("resid_post", 1), Replace(read("logits", final))))
     assert (metrics[-1] - metrics[-2]).abs().max().item() <= 1e-6, "the fixed point was not reached"
     return metrics[-1]
 
 
-def test_edge_patching_equals_the_slow_reference(model: Model, task: Task) -> None:
-    """Random circuits (and single latent edges removed) on the graph with a transcoder and an SAE spliced: the
-    patcher's per-prompt metric = the fixed-point reference (1e-5); the full circuit gives the clean run and the
-    empty one the corrupted run; the model is left untouched."""
+@pytest.mark.parametrize("which", ["both", "all"])
+def test_edge_patching_equals_the_slow_reference(model: Model, task: Task, which: str) -> None:
+    """Random circuits (and single latent edges removed) on the graph with a transcoder and an SAE spliced (and,
+    with "all", a residual SAE between the layers): the patcher's per-prompt metric = the fixed-point reference
+    (1e-5); the full circuit gives the clean run and the empty one the corrupted run; the model is left untouched."""
     before = snapshot(model)
-    with spliced(model) as made:
+    with spliced(model, which) as made:
         patcher = EdgePatcher(model, task)
         layout = patcher.layout
         valid = valid_mask(layout, 2)

@@ -44,6 +44,8 @@ input copy is ∂m/∂z_i · s_in W_enc[:, i] at the MLP input (z_i its pre-acti
 dictionary's own activation, so TopK passes the gradient of the selected latents and JumpReLU that of the latents
 above threshold), carried through the MLP's input norm in batches of latents; the error node receives the MLP
 input's gradient minus the latents' share, so a family's receiver columns plus the error's sum to the MLP's column.
+A residual dictionary is a bottleneck: its latents receive ∂m/∂z_i · s_in W_enc[:, i] at the stream itself, its
+error node the stream's gradient minus theirs, and pairs that skip it are not edges (NaN).
 
 Gemma 2/3 (post-sublayer norms): Δz of a head is the difference of its linearised writes (g / σ) ⊙ z_h W_O[h],
 each with σ of its own run (`pathlens.circuits.layout.PostNorm`); the graph's meta says so. There a layer's heads
@@ -139,6 +141,12 @@ def edge_attribution(
     clean_side = list(clean_interventions)
     sides = (clean_side, []) if direction == "noise" else ([], clean_side)  # (base run's, source run's)
     writes = _stream_writes(model, clean_side)
+    if writes and layout.cuts:
+        raise PathlensError(
+            f"edge_attribution: clean-side interventions that write the residual stream ({', '.join(map(str, writes))})"
+            " and a residual-stream dictionary spliced at once are not supported; splice the dictionary on an MLP, "
+            "or intervene on a component's output."
+        )
     if max_memory is not None:
         n_senders, post = len(layout.senders) + len(writes), post_norms(model) is not None
         cost = edge_attribution_cost(model, task.n, task.seq_len, n_senders, post)
@@ -244,6 +252,7 @@ def _sender_deltas(
     input residual streams. `sides`: the interventions of the base and the source run. A layer with a spliced
     dictionary in `layout` sends Δf_i · W_dec[i] / s_out per node latent and the rest of Δmlp_out as its error."""
     dictionaries = {} if layout is None else layout.families
+    cuts = {} if layout is None else layout.cuts
     a = model.arch
     post = post_norms(model)
     families = [Site("resid_pre", 0)] + [Site("head_z", layer) for layer in range(a.n_layers)]
@@ -251,7 +260,8 @@ def _sender_deltas(
         families += [Site("mlp_out", layer) for layer in range(a.n_layers)]
     if post is not None:
         families += [o_proj_output(model, layer) for layer in range(a.n_layers)]
-    families += [f.site for f in dictionaries.values()]
+    families += [f.site for f in [*dictionaries.values(), *cuts.values()]]
+    families += [Site("resid_pre", layer) for layer in cuts]
     families += list(writes)
     mask = task.attention_mask
     base = model.run(base_ids, attention_mask=mask, cache=families, interventions=sides[0]).cache
@@ -259,6 +269,12 @@ def _sender_deltas(
     blocks = get_blocks(model.hf, a.blocks)
     parts = [(source["L0.resid_pre"] - base["L0.resid_pre"])[None]]
     for layer in range(a.n_layers):
+        cut = cuts.get(layer)
+        if cut is not None:  # a residual dictionary: its latents, and the rest of the stream as its error
+            resid = source[Site("resid_pre", layer)] - base[Site("resid_pre", layer)]  # (N, P, d)
+            df = (source[cut.site] - base[cut.site])[..., cut.nodes].to(resid.dtype)  # (N, P, L)
+            latents = torch.einsum("npl,ld->lnpd", df, cut.writes().to(resid.dtype))  # (L, N, P, d)
+            parts += [latents, (resid - latents.sum(dim=0))[None]]
         w_o = output_weight_per_head(get_module(blocks[layer], a.o_proj), a.n_heads, a.d_head).detach()
         z = Site("head_z", layer)
         if post is None:
@@ -294,6 +310,17 @@ class _Grads:
     mlp: list[Tensor | None]
     logits: Tensor
     latents: dict[int, "_LatentGrads"]
+    cuts: dict[int, "_CutGrads"]
+
+
+@dataclass
+class _CutGrads:
+    """A residual dictionary's receivers for one chunk of rows: ∂m/∂z (B, P, L) of its node latents, their encoder
+    directions (d, L), and the gradient at the error node's input copy (B, P, d) (no norm in between)."""
+
+    grad_z: Tensor
+    encoder: Tensor
+    error: Tensor
 
 
 @dataclass
@@ -327,6 +354,7 @@ def _receiver_grads(
     receive ∂m/∂z_i · s_in W_enc[:, i] at the MLP input (z_i the pre-activation, the dictionary's own activation
     derivative) and the error node the rest of the MLP input's gradient."""
     receiving = {} if layout is None else {k: f for k, f in layout.families.items() if f.transcoder}
+    cuts = {} if layout is None else layout.cuts
     a = model.arch
     last = a.n_layers - 1
     interventions = list(base_interventions)
@@ -342,7 +370,7 @@ def _receiver_grads(
         families += [Site("attn_in", layer), Site("resid_pre", layer), *qkv[layer].sites]
         if a.mlp is not None:
             families += [Site("mlp_in", layer), Site(mlp_input_kind, layer)]
-    families += [f.site for f in receiving.values()]
+    families += [f.site for f in [*receiving.values(), *cuts.values()]]
     sub = task.rows(prompts)
     run = model.run(
         base_ids[prompts],
@@ -359,13 +387,20 @@ def _receiver_grads(
         if a.mlp is not None:
             wanted.append(run.cache[Site("mlp_in", layer)])
     wanted += [run.cache[f.site] for f in receiving.values()]
+    wanted += [run.cache[s] for c, f in cuts.items() for s in (f.site, Site("resid_pre", c))]
     raw = torch.autograd.grad(per_row.sum(), wanted, retain_graph=True, allow_unused=True)
     got = [torch.zeros_like(w) if g is None else g for w, g in zip(wanted, raw, strict=True)]
     logits_grad, cursor = got[0], 1
     attn: list[Tensor] = []
     mlp: list[Tensor | None] = []
     latents: dict[int, _LatentGrads] = {}
-    latent_grads = dict(zip(receiving, got[len(got) - len(receiving) :], strict=True))
+    first_cut = len(got) - 2 * len(cuts)
+    latent_grads = dict(zip(receiving, got[first_cut - len(receiving) : first_cut], strict=True))
+    cut_grads: dict[int, _CutGrads] = {}
+    for (c, family), g_f, g_resid in zip(cuts.items(), got[first_cut::2], got[first_cut + 1 :: 2], strict=True):
+        grad_z = family.pre_activation_grads(run.cache[Site("resid_pre", c)], g_f)  # (B, P, L)
+        encoder = family.encoder().to(grad_z.dtype)  # (d, L)
+        cut_grads[c] = _CutGrads(grad_z, encoder, g_resid - (grad_z @ encoder.T).to(g_resid.dtype))
     for layer in range(a.n_layers):
         n_proj = len(qkv[layer].sites)
         at_input = qkv[layer].input_grads(got[cursor : cursor + n_proj])
@@ -382,16 +417,16 @@ def _receiver_grads(
             mlp.append(None)
             continue
         mlp_in, resid, at_mlp = run.cache[Site("mlp_in", layer)], run.cache[Site(mlp_input_kind, layer)], got[cursor]
-        family = receiving.get(layer)
-        if family is not None:
-            grad_z = family.pre_activation_grads(mlp_in, latent_grads[layer])  # (B, P, L)
-            encoder = family.encoder().to(grad_z.dtype)  # (d, L)
+        transcoder = receiving.get(layer)
+        if transcoder is not None:
+            grad_z = transcoder.pre_activation_grads(mlp_in, latent_grads[layer])  # (B, P, L)
+            encoder = transcoder.encoder().to(grad_z.dtype)  # (d, L)
             latents[layer] = _LatentGrads(grad_z, encoder, mlp_in, resid)
             at_mlp = at_mlp - (grad_z @ encoder.T).to(at_mlp.dtype)  # the error node: what the latents do not carry
         (g_mlp,) = torch.autograd.grad(mlp_in, resid, grad_outputs=at_mlp, retain_graph=True)
         cursor += 1
         mlp.append(g_mlp)
-    return _Grads(attn, mlp, logits_grad, latents), per_row.detach()
+    return _Grads(attn, mlp, logits_grad, latents, cut_grads), per_row.detach()
 
 
 def _accumulate(scores: Tensor, layout: Layout, deltas: Tensor, grads: _Grads, prompts: Tensor) -> None:
@@ -434,6 +469,18 @@ def _accumulate(scores: Tensor, layout: Layout, deltas: Tensor, grads: _Grads, p
             columns = cols.start + picked
             scores[:stop, columns] += (d[:stop] @ g_lat.T).double()
             scores[n:, columns] += (d[n:] @ g_lat.T).double()
+
+    for layer, cg in grads.cuts.items():  # a residual dictionary's receivers read the stream itself: no norm
+        cols, stop = layout.cut_cols[layer], layout.cut_stop[layer]
+        rows = torch.cat([torch.arange(stop), torch.arange(n, d.shape[0])])
+        n_latents = cg.grad_z.shape[-1]
+        grad_z = torch.zeros(last - first, *cg.grad_z.shape[1:], dtype=cg.grad_z.dtype)
+        grad_z.index_add_(0, local, cg.grad_z)  # (N', P, L) per prompt
+        senders = d[rows].view(len(rows), -1, cg.encoder.shape[0])  # (R, N'·P, d)
+        projected = senders @ cg.encoder.to(senders.dtype)  # (R, N'·P, L)
+        latent_cols = torch.arange(cols.start, cols.start + n_latents)
+        scores[rows[:, None], latent_cols[None]] += (projected * grad_z.flatten(0, 1)[None]).sum(dim=1).double()
+        scores[rows, cols.stop - 1] += (d[rows] @ per_prompt(cg.error)).double()
 
 
 LATENT_GRAD_ELEMENTS = 1 << 24  # elements of one batch of latent receivers' input gradients (64 MiB in float32)

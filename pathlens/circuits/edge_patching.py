@@ -22,6 +22,15 @@ Rows of one forward are (circuit, prompt) pairs, so a curve over circuit sizes c
 recomputation of the receiver's input, and that keeping every edge gives the clean run and keeping none the
 corrupted run.
 
+Spliced dictionaries (`pathlens.circuits.layout`, "Spliced dictionaries"): a transcoder's node latents each read
+their own input (f_i of the normed, corrected MLP input) and its error node is the MLP's own call, so the layer's
+output is MLP(x_e) + Σ_nodes (f_i(x_i) − f_i(x_e)) W_dec[i] / s_out (`_RunState._latent_output`); an mlp_out
+SAE's latents are encoded from the MLP's own output; a residual dictionary replaces the next layer's input with
+Σ_nodes f_i(x_i) W_dec[i] / s_out + x_e − Σ_nodes f_i(x_e) W_dec[i] / s_out (`_RunState._cut_input`), and the
+receivers after it give zero weight to the senders before it (`Layout.read_from`). D of a latent is
+(f_i − f_i^src) W_dec[i] / s_out. `tests/test_feature_edges.py` checks random circuits against a fixed-point
+reference built from `model.run` interventions.
+
 Gemma 2/3 (post-sublayer norms): a head's z_u is its linearised write (g / σ) ⊙ z_h W_O[h], σ held at its value
 in each run — the running row's σ for the patched forward, read from that row's own output projection
 (`pathlens.circuits.layout.PostNorm`). Each run's residual stream is still the sum of its senders' writes, so
@@ -114,7 +123,7 @@ class EdgePatcher:
         residuals += [Site("resid_mid", layer) for layer in range(a.n_layers)] if a.mlp and not a.parallel else []
         self.post = post_norms(model)
         projections = [] if self.post is None else [o_proj_output(model, layer) for layer in range(a.n_layers)]
-        latents = [f.site for f in self.layout.families.values()]
+        latents = [f.site for f in [*self.layout.families.values(), *self.layout.cuts.values()]]
         scored = torch.unique(task.answer_pos)
         run = model.run(
             source_task_ids,
@@ -188,6 +197,18 @@ class EdgePatcher:
             self.error_source[layer] = self._ablated(mlp - f @ writes)
             if family.transcoder:
                 self.latent_read_source[layer] = family.values(self.source_normed[("mlp", layer)])
+        self.cut_writes: dict[int, Tensor] = {}
+        self.cut_source: dict[int, Tensor] = {}
+        self.cut_error_source: dict[int, Tensor] = {}
+        self.cut_read_source: dict[int, Tensor] = {}
+        for layer, family in self.layout.cuts.items():
+            resid = cache[Site("resid_pre", layer)]
+            writes = family.writes().to(resid.dtype)
+            f = cache[family.site][..., family.nodes].to(resid.dtype)  # (N, P, L)
+            self.cut_writes[layer] = writes
+            self.cut_source[layer] = self._ablated(f)
+            self.cut_error_source[layer] = self._ablated(resid - f @ writes)
+            self.cut_read_source[layer] = family.values(self.source_resid[self.layout.cut_stop[layer]])
 
     def known_output(self, path: str, reads: tuple[str, int]) -> Tensor:
         """Output (N, P, ·) of the row-wise module at `path` (an MLP, a q/k/v projection) on the normed source
@@ -221,6 +242,9 @@ class EdgePatcher:
         out: dict[int, Tensor] = {}
         for layer in range(a.n_layers):
             resid = first if layer == 0 else cache[Site("resid_pre", layer)]
+            if layer in self.layout.cuts:  # after a residual dictionary the stream is its latents and error alone
+                out[self.layout.cut_stop[layer]] = resid - run + ablated
+                run, ablated = resid, self._ablated(resid)
             out[self.layout.sender_stop[layer]] = resid - run + ablated
             before_heads = (run, ablated)
             if self.post is None:
@@ -382,6 +406,8 @@ class _RunState:
             (stop, col) for stop, col in zip(layout.mlp_sender_stop, layout.mlp_col, strict=True) if col is not None
         ]
         reads += [(layout.mlp_sender_stop[layer], cols) for layer, cols in layout.latent_cols.items()]
+        reads += [(layout.cut_stop[layer], cols) for layer, cols in layout.cut_cols.items()]
+        self.window = torch.tensor(layout.read_from) if layout.read_from else None
         reads.append((patcher.n_senders, len(layout.receivers) - 1))
         self.plans = {(stop, str(cols)): self._plan(stop, cols) for stop, cols in reads}
         self.left_out = self._left_out_rows()
@@ -424,6 +450,9 @@ class _RunState:
             removed = removed[..., None]
         from_source = cheaper_form(removed)
         weights = torch.where(from_source[:, None, None], 1 - removed, -removed).transpose(1, 2)
+        if self.window is not None:  # senders before a residual dictionary reach later receivers through it only
+            first = self.window[cols].reshape(-1)  # (C,)
+            weights = weights * (torch.arange(stop)[None] >= first[:, None]).to(weights.dtype)
         nonzero = weights != 0
         has_sender, has_column = nonzero.any(dim=1), nonzero.any(dim=2)
         senders = torch.nonzero(has_sender)[:, 1].split(has_sender.sum(dim=1).tolist())
@@ -486,7 +515,8 @@ class _RunState:
         out: list[tuple[str, str, Callable[..., Any]]] = []
         for layer in range(a.n_layers):
             block = f"{a.blocks}.{layer}"
-            out.append((block, "pre", self._block_input(layer)))
+            cut = self.p.layout.cuts.get(layer)
+            out.append((block, "pre", self._block_input(layer) if cut is None else self._cut_input(layer, cut)))
             out.append((f"{block}.{a.attn}", "pre", self._attention_input(layer)))
             qkv = self.p.qkv[layer]
             for module_index, path in enumerate(qkv.paths):
@@ -526,6 +556,7 @@ class _RunState:
             projections give every receiver without its own input); receivers with their own input are left
             to `_projection`. Source rows with no such receiver here are left out of the projections."""
             stop, cols = self.p.layout.sender_stop[layer], self.p.layout.attn_cols[layer]
+            self.inputs.clear()  # the previous layer's receiver inputs are consumed (its projections ran): free them
             groups = self._corrected(self.resid[layer], stop, cols)
             for g in groups:
                 g.values = None if g.values is None else norm(g.values)
@@ -682,6 +713,44 @@ class _RunState:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
             if self.needed[sender]:
                 self.d[sender] = (first_output(output) - self.p.source[Site("mlp_out", layer)][self.prompts]).flatten(1)
+
+        return hook
+
+    def _cut_input(self, layer: int, family: LatentFamily) -> Callable[..., Any]:
+        """The input of layer `layer` behind a residual dictionary: Σ_nodes f_i(x_i) W_dec[i] / s_out plus the
+        error node's x_e − Σ_nodes f_i(x_e) W_dec[i] / s_out, each latent of its own input x_i and the error of
+        its own x_e (the stream before the dictionary, corrected for the circuit's edges into them). Fills D of
+        the needed latent senders and of the error node."""
+        stop, cols = self.p.layout.cut_stop[layer], self.p.layout.cut_cols[layer]
+        n_latents = len(family.nodes)
+        rows = slice(stop, stop + n_latents)
+
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            x = hidden_input(args, kwargs)  # (B, P, d)
+            writes = self.p.cut_writes[layer]  # (L, d)
+            f, x_error = family.values(x), x.clone()  # (B, P, L): every latent reading the running stream
+            for g in self._corrected(x, stop, cols):
+                if g.from_source:
+                    f[g.rows] = self.p.cut_read_source[layer][self.prompts[g.rows]]
+                    x_error[g.rows] = g.base
+                if g.values is None:
+                    continue
+                latent = g.special < n_latents
+                if bool(latent.any()):
+                    own = family.own_values(g.values[latent], g.special[latent])  # (C, n, P)
+                    f[g.rows, :, g.special[latent]] = own.permute(1, 2, 0)
+                if not bool(latent.all()):
+                    x_error[g.rows] = g.values[-1]  # the error node is the last column
+            error = x_error - family.values(x_error) @ writes
+            new = f @ writes + error
+            self.resid[layer] = new
+            needed = torch.nonzero(self.needed[rows])[:, 0]
+            if needed.numel():
+                df = f[..., needed] - self.p.cut_source[layer][self.prompts][..., needed]  # (B, P, C)
+                self.d[stop + needed] = torch.einsum("bpc,cd->cbpd", df, writes[needed]).flatten(2)
+            if self.needed[rows.stop]:
+                self.d[rows.stop] = (error - self.p.cut_error_source[layer][self.prompts]).flatten(1)
+            return with_hidden_input(args, kwargs, new)
 
         return hook
 

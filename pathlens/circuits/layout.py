@@ -29,11 +29,21 @@ those latents nodes of the graph (`latent_families`):
   the latents inside the MLP node: MLP → latent edges are internal), and the sender `L{l}.mlp` is replaced by
   `L{l}.sae.F{i}` and `L{l}.sae.err` as above; `Layout.feeds` maps the receiver to the senders it feeds.
 
+- an SAE on the residual stream between two layers (`L{l}.resid_post` for l below the last layer, or
+  `L{l}.resid_pre` for l above 0; named e.g. "res"): a bottleneck. Its latents and error are senders and
+  receivers placed at the input of the next layer (`Layout.cuts`): every sender before it reaches it, and no
+  receiver after it reads a sender before it (`Layout.read_from`, so those pairs are not edges): what came before
+  reaches the rest of the model only through `L{l}.res.F{i}` and `L{l}.res.err`. Latent i reads the stream with
+  no norm in between, f_i(x_i) = encode(x_i)[i]; the error node reads x_e and writes x_e − Σ_nodes f_i(x_e)
+  W_dec[i] / s_out, which holds the decoder bias, the non-node latents, the reconstruction error and the biases no
+  sender carries (so after the cut the stream is exactly the sum of the senders from it on).
+
 Nodes are the latents whose value differs between the clean and the corrupted run at some real (unpadded)
 position of the task: the others have no first-order effect (Δf = 0) and would only widen every sender ×
 receiver matrix (a 4608-wide dictionary is mostly silent on a task). A latent that is not a node is carried by
 the error node, so edge patching stays exact whatever the node set. A dictionary spliced anywhere else (the
-residual stream, attn_out, inside the MLP) raises a PathlensError that names `node_circuit` and transcoders.
+residual stream before the first or after the last layer, attn_out, inside the MLP) raises a PathlensError that
+names `node_circuit` and the supported splices.
 """
 
 from __future__ import annotations
@@ -75,6 +85,16 @@ class LatentFamily:
     def transcoder(self) -> bool:
         """Whether the latents read the MLP input (a transcoder) rather than its output (an SAE)."""
         return self.splice.source != self.splice.target
+
+    @property
+    def cut(self) -> int | None:
+        """For a residual-stream dictionary, the layer at whose input it sits (resid_post[l] → l + 1,
+        resid_pre[l] → l): everything before reaches that layer and later only through its latents and error.
+        None for an MLP's dictionary."""
+        kind = self.splice.target.kind
+        if kind == "resid_post":
+            return self.layer + 1
+        return self.layer if kind == "resid_pre" else None
 
     @property
     def site(self) -> Site:
@@ -164,25 +184,30 @@ DICTIONARY_PARTS = ("W_enc", "b_enc", "W_dec", "s_in", "s_out", "kind", "centere
 
 
 def _check_splice(model: Model, sp: Splice) -> None:
-    """Raise unless `sp` is a transcoder L{l}.mlp_in → L{l}.mlp_out or an SAE on L{l}.mlp_out of a
+    """Raise unless `sp` is a transcoder L{l}.mlp_in → L{l}.mlp_out, an SAE on L{l}.mlp_out, or an SAE on the
+    residual stream between two layers (resid_post of any layer but the last, resid_pre of any but the first) of a
     `pathlens.features` Dictionary."""
     source, target = sp.source, sp.target
     transcoder = source.kind == "mlp_in" and target.kind == "mlp_out" and source.layer == target.layer
     sae = source == target and target.kind == "mlp_out"
-    if not (transcoder or sae):
-        where = "the residual stream" if target.kind.startswith("resid") else str(target)
+    layer, last = int(target.layer or 0), model.arch.n_layers - 1
+    between = source == target and (
+        (target.kind == "resid_post" and layer < last) or (target.kind == "resid_pre" and layer > 0)
+    )
+    if not (transcoder or sae or between):
+        where = "the residual stream at the model's edge" if target.kind.startswith("resid") else str(target)
         raise PathlensError(
             f"edge methods cannot use the dictionary spliced as {sp.latents} ({source} → {target}): its latents "
-            f"would be nodes of {where}, which the edge graph does not model. Use "
-            "pathlens.features.node_circuit for it, or splice a transcoder (L{l}.mlp_in → L{l}.mlp_out) or an SAE "
-            "on L{l}.mlp_out."
+            f"would be nodes of {where}, which the edge graph does not model. Use pathlens.features.node_circuit "
+            "for it, or splice a transcoder (L{l}.mlp_in → L{l}.mlp_out), an SAE on L{l}.mlp_out, or an SAE on the "
+            "residual stream between two layers."
         )
     if not all(hasattr(sp.dictionary, name) for name in DICTIONARY_PARTS):
         raise PathlensError(
             f"edge methods need the dictionary spliced as {sp.latents} to be a pathlens.features Dictionary (its "
             f"encoder and decoder weights make each latent a node); got {type(sp.dictionary).__name__}."
         )
-    if model.arch.mlp is None:
+    if model.arch.mlp is None and not between:
         raise PathlensError(f"{model.arch.family} has no MLP, so {sp.latents} has no MLP output to decompose.")
 
 
@@ -196,17 +221,23 @@ class Layout:
     mlp_sender_stop: list[int]  # senders preceding layer L's MLP
     attn_cols: list[slice]  # receiver columns of layer L's q, k, v inputs
     mlp_col: list[int | None]  # receiver column of layer L's MLP (a transcoder's: its error node)
-    families: dict[int, LatentFamily] = field(default_factory=dict)  # per layer, the spliced dictionary's nodes
+    families: dict[int, LatentFamily] = field(default_factory=dict)  # per layer, the MLP's spliced dictionary
     latent_rows: dict[int, slice] = field(default_factory=dict)  # sender rows of a family's node latents
     latent_cols: dict[int, slice] = field(default_factory=dict)  # receiver columns of a transcoder's node latents
     feeds: dict[str, list[str]] = field(default_factory=dict)  # receiver -> the senders it feeds, where not itself
+    cuts: dict[int, LatentFamily] = field(default_factory=dict)  # layer -> the residual dictionary at its input
+    cut_stop: dict[int, int] = field(default_factory=dict)  # senders [0, stop) precede that dictionary
+    cut_cols: dict[int, slice] = field(default_factory=dict)  # its receiver columns: node latents, then error
+    read_from: list[int] = field(default_factory=list)  # per receiver: senders before this one are not read
 
 
 def graph_layout(model: Model, families: Sequence[LatentFamily] | None = None) -> Layout:
     """The senders and receivers of `model`'s graph, in the order every sender × receiver matrix uses;
     `families`: the spliced dictionaries' nodes (default: every latent of every splice, `latent_families`)."""
     a = model.arch
-    by_layer = {f.layer: f for f in (latent_families(model) if families is None else families)}
+    chosen = latent_families(model) if families is None else families
+    by_layer = {f.layer: f for f in chosen if f.cut is None}
+    cuts = {f.cut: f for f in chosen if f.cut is not None}
     h, g = a.n_heads, a.n_kv_heads
     kv_letter = "H" if g == h else "G"
     senders: list[str] = ["input"]
@@ -218,7 +249,24 @@ def graph_layout(model: Model, families: Sequence[LatentFamily] | None = None) -
     latent_rows: dict[int, slice] = {}
     latent_cols: dict[int, slice] = {}
     feeds: dict[str, list[str]] = {}
+    cut_stop: dict[int, int] = {}
+    cut_cols: dict[int, slice] = {}
+    read_from: list[int] = []
+    start = 0  # senders before the latest residual dictionary are read by no later receiver
+
+    def read(count: int) -> None:
+        read_from.extend([start] * (count - len(read_from)))
+
     for layer in range(a.n_layers):
+        cut = cuts.get(layer)
+        if cut is not None:
+            read(len(receivers))
+            cut_stop[layer] = len(senders)
+            cut_cols[layer] = slice(len(receivers), len(receivers) + len(cut.nodes) + 1)
+            receivers += [*cut.names, cut.error]
+            read(len(receivers))
+            start = len(senders)
+            senders += [*cut.names, cut.error]
         sender_stop.append(len(senders))
         first = len(receivers)
         receivers += [f"L{layer}.H{i}.q" for i in range(h)]
@@ -250,9 +298,11 @@ def graph_layout(model: Model, families: Sequence[LatentFamily] | None = None) -
         senders += [*family.names, family.error]
     sender_stop.append(len(senders))
     receivers.append("logits")
+    read(len(receivers))
     return Layout(
-        senders, receivers, sender_stop, mlp_stop, attn_cols, mlp_col, by_layer, latent_rows, latent_cols, feeds
-    )
+        senders, receivers, sender_stop, mlp_stop, attn_cols, mlp_col, by_layer, latent_rows, latent_cols, feeds,
+        cuts, cut_stop, cut_cols, read_from if cuts else [],
+    )  # fmt: skip
 
 
 def check_supported(model: Model) -> None:
@@ -431,5 +481,9 @@ def valid_mask(layout: Layout, n_layers: int) -> Tensor:
         latents = layout.latent_cols.get(layer)
         if latents is not None:
             mask[: layout.mlp_sender_stop[layer], latents] = True
+    for layer, cols in layout.cut_cols.items():
+        mask[: layout.cut_stop[layer], cols] = True
     mask[:, -1] = True
+    if layout.read_from:
+        mask &= torch.arange(len(layout.senders))[:, None] >= torch.tensor(layout.read_from)[None]
     return mask
