@@ -1,9 +1,15 @@
 """Node circuits over any mix of sites — heads, MLP outputs and the latents of spliced dictionaries.
 
-The node-level analogue of `pathlens.circuits.discover` for nodes the edge graph does not hold (the sparse
-feature circuits of Marks et al. 2024): every node is scored by AtP (`pathlens.atp`, one forward pair and one
-backward for all of them), nodes are ranked by |effect|, and the circuit is the smallest top-K whose exact
-faithfulness reaches `target` (sizes 1, 2, 4, ... and then a bisection between the last two):
+Edge circuits with feature nodes need no code here: while a transcoder, an SAE on an MLP's output or an SAE on the
+residual stream between two layers is spliced (`pathlens.features.splice`), its latents and error term are nodes of
+the edge graph, so `pathlens.circuits.edge_attribution`, `EdgePatcher` and `discover` return circuits whose edges
+run e.g. `L2.H0 → L3.tc.F12 → L5.H1.q` (`pathlens.circuits.layout`, "Spliced dictionaries").
+
+`node_circuit` is the node-level analogue of `pathlens.circuits.discover`, for any set of sites including those
+the edge graph does not hold (the sparse feature circuits of Marks et al. 2024): every node is scored by AtP
+(`pathlens.atp`, one forward pair and one backward for all of them), nodes are ranked by |effect|, and the
+circuit is the smallest top-K whose exact faithfulness reaches `target` (sizes 1, 2, 4, ... and then a bisection
+between the last two):
 
     faithfulness(C) = (m(C) − m(∅)) / (m(M) − m(∅))
 
