@@ -14,6 +14,15 @@ Parts:
   the least that runs it. `peak_mb` is measured by `pathlens.memory.TensorPeak`: every tensor storage the call
   creates, counted while alive (a torch dispatch mode; weights and the allocator's cache not counted), the CPU
   counterpart of CUDA's max_memory_allocated; `estimate_mb` is the cost model's bound, `met` says peak ≤ budget.
+- ray-curve: a faithfulness curve of 20 circuit sizes (`faithfulness_curve`, the top-k edges of an EAP graph of
+  the GPT-2-shape model, same 8 prompts) by one single-threaded local process and by `RayExecutor(workers=W,
+  threads=1)` for W = 1 and 2; the patcher forwards one circuit (8 rows of 15 tokens) at a time, 20 chunks. The
+  Ray time includes each worker rebuilding the patcher's source run for the call (what every call pays);
+  `identical` compares the whole curve bit for bit. Same targets as the ray part.
+- edge-memory: `edge_effects` (the 24 strongest EAP edges of the GPT-2-shape model, scored exactly) and
+  `discover` (EAP, ranked by |score|, 8 curve sizes, no refinement) under three `max_memory` budgets: 2, 4 and 8
+  times the least that runs both engines (edge attribution, edge patching); `peak_mb` by `TensorPeak` as in the
+  memory part, `met` says peak ≤ budget; `max_batch_tokens` is what the budget gives the edge patcher.
 
 Run `python benchmarks/scale.py --json` for one JSON line per row (keys `workload`, `workers`, `seconds`,
 `local_seconds`, `speedup_vs_local`, `identical`, ...).
@@ -46,15 +55,26 @@ from benchmarks.common import (
     synthetic_ioi_task,
     versions,
 )
+from pathlens.circuits.discover import discover
+from pathlens.circuits.edge_attribution import edge_attribution
+from pathlens.circuits.edge_effects import edge_effects
+from pathlens.circuits.edge_patching import EdgePatcher
+from pathlens.circuits.faithfulness import default_sizes, faithfulness_curve
+from pathlens.circuits.layout import graph_layout
 from pathlens.distributed import ModelSpec, RayExecutor
+from pathlens.patching.budget import edge_attribution_cost, edge_patch_cost
 
-PARTS = ("ray", "half", "memory")
+PARTS = ("ray", "half", "memory", "ray-curve", "edge-memory")
 BUDGET_FACTORS = (2.0, 4.0, 8.0)
 CORRELATION_TARGET = 0.99
 RAY_WORKLOAD = "gpt2-heads"
 SPEEDUP_TARGET = 1.6
 ONE_WORKER_TARGET = 1.10
 SWEEP: dict[str, Any] = {"sites": "heads", "positions": "all", "direction": "denoise", "progress": False}
+CURVE_WORKLOAD = "gpt2-curve20"
+CURVE_BATCH_TOKENS = 120  # one circuit of the 8 prompts x 15 tokens per forward: a chunk per curve point
+EDGE_SUBSET = 24  # edges edge_effects scores in the edge-memory part
+DISCOVER_SIZES = 8  # curve sizes of discover in the edge-memory part
 
 
 def gpt2_model(device: str = "cpu") -> pathlens.Model:
@@ -196,6 +216,115 @@ def run_memory(args: argparse.Namespace, emit: Emitter) -> list[str]:
     return missed
 
 
+def run_ray_curve(args: argparse.Namespace, emit: Emitter) -> list[str]:
+    """The ray-curve part: a 20-size faithfulness curve on 1 and 2 Ray workers against the local run; returns the
+    missed targets."""
+    import ray
+
+    set_threads(1)  # the local floor is single-threaded, like each worker
+    model = gpt2_model(str(args.device))
+    gpus = 1.0 if args.device.type == "cuda" else 0.0
+    task = synthetic_ioi_task(model.vocab_size)
+    graph = edge_attribution(model, task, "eap")
+    patcher = EdgePatcher(model, task, max_batch_tokens=CURVE_BATCH_TOKENS)
+    missed: list[str] = []
+    ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        for workers in args.workers:
+            spec = ModelSpec(gpt2_model, {"device": str(args.device)})
+            with RayExecutor(workers=workers, threads=1, model=spec, gpus_per_worker=gpus) as executor:
+                start = time.perf_counter()
+                faithfulness_curve(patcher, graph, executor=executor)  # actors start and build the model
+                startup = time.perf_counter() - start
+                timed = round_robin(
+                    {
+                        "local": lambda: faithfulness_curve(patcher, graph),
+                        "ray": lambda executor=executor: faithfulness_curve(patcher, graph, executor=executor),
+                    },
+                    args.repeats,
+                    warm_up=["local"],
+                )
+            local, remote = timed["local"], timed["ray"]
+            speedup = local.median / remote.median
+            identical = local.result.as_dict() == remote.result.as_dict()
+            target = SPEEDUP_TARGET if workers > 1 else 1 / ONE_WORKER_TARGET
+            met = identical and speedup >= target
+            emit(
+                {
+                    "part": "ray-curve",
+                    "workload": CURVE_WORKLOAD,
+                    "workers": workers,
+                    "threads_per_worker": 1,
+                    "seconds": round(remote.median, 3),
+                    "local_seconds": round(local.median, 3),
+                    "speedup_vs_local": round(speedup, 3),
+                    "target_speedup": round(target, 3),
+                    "identical": identical,
+                    "met": met,
+                    "chunks": len(
+                        patcher.row_chunks(1 + len({k for k in local.result.sizes if k < graph.edges_total}))
+                    ),
+                    "edges_total": graph.edges_total,
+                    "startup_seconds": round(startup, 2),
+                    "repeats": args.repeats,
+                }
+            )
+            if not met:
+                missed.append(
+                    f"ray-curve {workers} workers: x{speedup:.2f} (target {target:.2f}), identical {identical}"
+                )
+    finally:
+        ray.shutdown()
+    return missed
+
+
+def run_edge_memory(args: argparse.Namespace, emit: Emitter) -> list[str]:
+    """The edge-memory part: peak tensor memory of edge_effects and discover under three budgets; returns the
+    missed targets."""
+    from pathlens.memory import TensorPeak, megabytes
+
+    set_threads(args.threads)
+    model = gpt2_model(str(args.device))
+    task = synthetic_ioi_task(model.vocab_size)
+    senders = len(graph_layout(model).senders)
+    patching = edge_patch_cost(model, task.n, task.seq_len, senders, False)
+    attribution = edge_attribution_cost(model, task.n, task.seq_len, senders, False)
+    least = max(patching.least, attribution.least)
+    graph = edge_attribution(model, task, "eap")
+    edges = graph.prune(top_k=EDGE_SUBSET, by="abs").in_circuit
+    sizes = default_sizes(graph.edges_total, DISCOVER_SIZES)
+    engines = {
+        "edge_effects": lambda budget: edge_effects(model, task, edges=edges, max_memory=budget),
+        "discover": lambda budget: discover(model, task, "eap", sizes=sizes, by="abs", refine=0, max_memory=budget),
+    }
+    missed = []
+    for engine, run in engines.items():
+        for factor in BUDGET_FACTORS:
+            budget = int(least * factor)
+            start = time.perf_counter()
+            with TensorPeak() as peak:
+                run(budget)
+            seconds = time.perf_counter() - start
+            met = peak.peak <= budget
+            emit(
+                {
+                    "part": "edge-memory",
+                    "workload": "gpt2-edges",
+                    "engine": engine,
+                    "budget_mb": megabytes(budget),
+                    "peak_mb": megabytes(peak.peak),
+                    "least_mb": megabytes(least),
+                    "max_batch_tokens": patching.rows_for(budget) * task.seq_len,
+                    "seconds": round(seconds, 2),
+                    "peak_method": "TensorPeak (live tensor storages created by the call)",
+                    "met": met,
+                }
+            )
+            if not met:
+                missed.append(f"edge-memory {engine}: peak {megabytes(peak.peak)} MB over {megabytes(budget)} MB")
+    return missed
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     """The rows as a plain table (without --json)."""
     for row in rows:
@@ -230,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         missed += run_half(args, emit)
     if "memory" in args.parts:
         missed += run_memory(args, emit)
+    if "ray-curve" in args.parts:
+        missed += run_ray_curve(args, emit)
+    if "edge-memory" in args.parts:
+        missed += run_edge_memory(args, emit)
     if not args.json:
         print_table(emit.rows)
     for problem in missed:
