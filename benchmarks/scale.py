@@ -23,6 +23,13 @@ Parts:
   `discover` (EAP, ranked by |score|, 8 curve sizes, no refinement) under three `max_memory` budgets: 2, 4 and 8
   times the least that runs both engines (edge attribution, edge patching); `peak_mb` by `TensorPeak` as in the
   memory part, `met` says peak ≤ budget; `max_batch_tokens` is what the budget gives the edge patcher.
+- ray-store: collecting one SmolLM2 site (L6.mlp_post) into an activation store: 32 windows of 128 tokens of
+  random ids, 4 windows per forward and per shard (8 shards), by one single-threaded local process (`collect`,
+  the floor: the same shards computed with no distribution) and by `RayExecutor(workers=W, threads=1)`, for
+  W = 1 and 2; every timed run writes a fresh folder; `identical` says whether every file of the Ray store
+  (shards, windows, manifest) equals the local one byte for byte. Then the store under three `max_memory`
+  budgets (2, 4 and 8 times the least that collects one window; 16 windows): `peak_mb` is TensorPeak's peak
+  plus the largest shard file (its serialized bytes are not a tensor), `estimate_mb` the cost model's bound.
 
 Run `python benchmarks/scale.py --json` for one JSON line per row (keys `workload`, `workers`, `seconds`,
 `local_seconds`, `speedup_vs_local`, `identical`, ...).
@@ -64,7 +71,7 @@ from pathlens.circuits.layout import graph_layout
 from pathlens.distributed import ModelSpec, RayExecutor
 from pathlens.patching.budget import edge_attribution_cost, edge_patch_cost
 
-PARTS = ("ray", "half", "memory", "ray-curve", "edge-memory")
+PARTS = ("ray", "half", "memory", "ray-curve", "edge-memory", "ray-store")
 BUDGET_FACTORS = (2.0, 4.0, 8.0)
 CORRELATION_TARGET = 0.99
 RAY_WORKLOAD = "gpt2-heads"
@@ -325,6 +332,119 @@ def run_edge_memory(args: argparse.Namespace, emit: Emitter) -> list[str]:
     return missed
 
 
+STORE_SITE = "L6.mlp_post"
+STORE_WINDOWS, STORE_CONTEXT, STORE_BATCH = 32, 128, 4
+
+
+def store_windows(n: int, vocab_size: int) -> torch.Tensor:
+    """`n` seeded windows of random token ids, (n, STORE_CONTEXT)."""
+    return torch.randint(3, vocab_size, (n, STORE_CONTEXT), generator=torch.Generator().manual_seed(0))
+
+
+def run_ray_store(args: argparse.Namespace, emit: Emitter) -> list[str]:
+    """The ray-store part: a SmolLM2 store collected on 1 and 2 Ray workers against the local run, then the store
+    under three memory budgets; returns the missed targets."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    from pathlens.features.store import collect
+    from pathlens.features.store_budget import store_plan
+    from pathlens.memory import TensorPeak, megabytes
+
+    set_threads(1)  # the local floor is single-threaded, like each worker
+    model = pathlens.load("smollm2", device=args.device)
+    gpus = 1.0 if args.device.type == "cuda" else 0.0
+    ids = store_windows(STORE_WINDOWS, model.vocab_size)
+    window_bytes = model.arch.d_mlp * 4 * STORE_CONTEXT  # L6.mlp_post rows of one window, fp32
+    sizes: dict[str, Any] = {"batch_size": STORE_BATCH, "max_bytes": 3 * STORE_BATCH * window_bytes}  # 1 batch/shard
+    root = Path(tempfile.mkdtemp(prefix="pathlens-ray-store-"))
+    runs = iter(range(10**6))
+
+    def fresh(executor: Any = None) -> Path:
+        folder = root / f"run-{next(runs)}"
+        collect(model, STORE_SITE, ids, folder, executor=executor, **sizes)
+        return folder
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+    missed: list[str] = []
+    ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        for workers in args.workers:
+            with RayExecutor(workers=workers, threads=1, gpus_per_worker=gpus) as executor:
+                start = time.perf_counter()
+                fresh(executor)  # actors start and load SmolLM2
+                startup = time.perf_counter() - start
+                timed = round_robin(
+                    {"local": fresh, "ray": lambda executor=executor: fresh(executor)}, args.repeats, warm_up=["local"]
+                )
+            local, remote = timed["local"], timed["ray"]
+            speedup = local.median / remote.median
+            identical = files(local.result) == files(remote.result)
+            target = SPEEDUP_TARGET if workers > 1 else 1 / ONE_WORKER_TARGET
+            met = identical and speedup >= target
+            emit(
+                {
+                    "part": "ray-store",
+                    "workload": f"smollm2-store-{STORE_SITE}-{STORE_WINDOWS}x{STORE_CONTEXT}",
+                    "workers": workers,
+                    "threads_per_worker": 1,
+                    "seconds": round(remote.median, 3),
+                    "local_seconds": round(local.median, 3),
+                    "speedup_vs_local": round(speedup, 3),
+                    "target_speedup": round(target, 3),
+                    "identical": identical,
+                    "met": met,
+                    "startup_seconds": round(startup, 2),
+                    "repeats": args.repeats,
+                }
+            )
+            if not met:
+                missed.append(
+                    f"ray-store {workers} workers: x{speedup:.2f} (target {target:.2f}), identical {identical}"
+                )
+    finally:
+        ray.shutdown()
+    set_threads(args.threads)
+    budget_ids = store_windows(16, model.vocab_size)
+    least = store_plan(model, STORE_SITE, budget_ids, "1TB").least_bytes
+    for factor in BUDGET_FACTORS:
+        budget = int(least * factor)
+        plan = store_plan(model, STORE_SITE, budget_ids, budget)
+        folder = root / f"budget-{factor}"
+        start = time.perf_counter()
+        with TensorPeak() as peak:
+            store = collect(model, STORE_SITE, budget_ids, folder, max_memory=budget)
+        seconds = time.perf_counter() - start
+        largest = max((folder / entry["file"]).stat().st_size for entry in store.manifest["shards"])
+        met = peak.peak + largest <= budget
+        emit(
+            {
+                "part": "ray-store",
+                "workload": f"smollm2-store-{STORE_SITE}-16x{STORE_CONTEXT}",
+                "engine": "store",
+                "budget_mb": megabytes(budget),
+                "peak_mb": megabytes(peak.peak + largest),
+                "tensor_peak_mb": megabytes(peak.peak),
+                "estimate_mb": megabytes(plan.peak_bytes),
+                "batch_windows": plan.batch_size,
+                "shard_windows": plan.shard_windows,
+                "forwards": plan.forwards,
+                "seconds": round(seconds, 2),
+                "peak_method": "TensorPeak (live tensor storages created by the call) + the largest shard file",
+                "met": met,
+            }
+        )
+        if not met:
+            missed.append(f"ray-store memory: peak {megabytes(peak.peak + largest)} MB over {megabytes(budget)} MB")
+    shutil.rmtree(root, ignore_errors=True)
+    return missed
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     """The rows as a plain table (without --json)."""
     for row in rows:
@@ -338,7 +458,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one timed round")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of the non-Ray parts (0: default)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of parts: {', '.join(PARTS)}")
-    parser.add_argument("--workers", default="1,2", help="comma list of Ray worker counts (ray part)")
+    parser.add_argument("--workers", default="1,2", help="comma list of Ray worker counts (ray parts)")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     check_parts(parser, args, PARTS)
@@ -363,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         missed += run_ray_curve(args, emit)
     if "edge-memory" in args.parts:
         missed += run_edge_memory(args, emit)
+    if "ray-store" in args.parts:
+        missed += run_ray_store(args, emit)
     if not args.json:
         print_table(emit.rows)
     for problem in missed:
