@@ -7,9 +7,12 @@ shared two-worker one keeps its actors; it is shut down after the module, which 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,10 @@ import torch
 
 import pathlens
 from pathlens.distributed import ModelSpec, RayExecutor
+from pathlens.distributed.connect import connect
+from pathlens.model import Model
 from pathlens.patching.checkpoint import Checkpoint
+from pathlens.patching.executor import ChunkWork
 from pathlens.tasks.base import Task, logit_diff
 from tests.helpers import assert_untouched, padded_task, snapshot, tiny_model
 
@@ -170,3 +176,99 @@ def test_missing_ray_unreachable_address_and_bad_options(monkeypatch: pytest.Mon
         pathlens.patch(model, task, executor="ray", progress=False)
     with pytest.raises(pathlens.PathlensError, match=r"pip install 'pathlens\[ray\]'"):
         RayExecutor()
+
+
+@dataclass(frozen=True)
+class CountingWork:
+    """A `ChunkWork` whose `build` appends the building process's id to the file `path`; chunk i is (i, i)."""
+
+    path: str
+    description: str = "counting"
+
+    def build(self, model: Model) -> CountingRunner:
+        with open(self.path, "a") as log:
+            log.write(f"{os.getpid()}\n")
+        return CountingRunner()
+
+
+class CountingRunner:
+    def fingerprint(self) -> str:
+        return "counting"
+
+    def chunk_count(self) -> int:
+        return 4
+
+    def run(self, index: int) -> torch.Tensor:
+        return torch.full((2,), float(index))
+
+
+def test_work_prepared_early_is_built_once_per_worker(folder: Path, executor: RayExecutor, tmp_path: Path) -> None:
+    """`prepare` hands the work to every actor at once; `run` of the same work then waits for those builds instead of
+    asking again, so each actor builds it once (counted in a file the workers append to); another work object is
+    built afresh."""
+    model = pathlens.load(folder)
+    for early in (True, False):
+        work = CountingWork(str(tmp_path / f"builds-{early}.txt"))
+        if early:
+            executor.prepare(model, work)
+        got: dict[int, torch.Tensor] = {}
+        executor.run(model, work, "counting", range(4), got.setdefault)
+        assert sorted(got) == [0, 1, 2, 3] and all(torch.equal(v, torch.full((2,), float(i))) for i, v in got.items())
+        builders = Path(work.path).read_text().split()
+        assert len(builders) == len(set(builders)) == len(executor.actors) == 2
+
+
+class RecordingExecutor:
+    """A local executor with `prepare`: records how many forwards the engine had run at each of its calls."""
+
+    def __init__(self, forwards: list[int]):
+        self.forwards = forwards
+        self.seen: list[int] = []
+
+    def prepare(self, model: Model, work: ChunkWork) -> None:
+        self.seen.append(len(self.forwards))
+
+    def run(
+        self,
+        model: Model,
+        work: ChunkWork,
+        fingerprint: str,
+        todo: Sequence[int],
+        done: Callable[[int, torch.Tensor], None],
+    ) -> None:
+        self.seen.append(len(self.forwards))
+        runner = work.build(model)
+        assert runner.fingerprint() == fingerprint
+        for index in todo:
+            done(index, runner.run(index))
+
+
+def test_patch_announces_its_work_before_its_base_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An executor with `prepare` gets the sweep's work before the engine's first forward (its base runs, counted
+    at the model's forward) and `run` after both base runs; the sweep equals the local one bit for bit."""
+    model, task = tiny_model("llama", weight_scale=4.0), padded_task()
+    local = pathlens.patch(model, task, **SWEEP)
+    forwards: list[int] = []
+    original = model.hf.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        forwards.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model.hf, "forward", forward)
+    recorder = RecordingExecutor(forwards)
+    remote = pathlens.patch(model, task, executor=recorder, **SWEEP)
+    assert recorder.seen == [0, 2] and torch.equal(remote.values, local.values)
+
+
+def test_a_local_cluster_runs_its_workers_at_the_drivers_priority(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster the executor starts gets Ray's worker niceness 0 (Ray's default is 15), unless `init` says
+    otherwise; checked on the options `ray.init` receives (Ray applying it was checked by hand: `os.nice(0)` in an
+    actor of such a cluster gives 0, in a default one 15)."""
+    calls: list[dict[str, Any]] = []
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=lambda **options: calls.append(options))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert connect(None, {"num_cpus": 2})
+    assert calls[-1]["_system_config"] == {"worker_niceness": 0} and calls[-1]["num_cpus"] == 2
+    connect(None, {"_system_config": {"worker_niceness": 5, "other": 1}})
+    assert calls[-1]["_system_config"] == {"worker_niceness": 5, "other": 1}

@@ -14,6 +14,11 @@ from pathlens.errors import PathlensError
 INSTALL_HINT = "pip install 'pathlens[ray]'"
 CONNECT_TIMEOUT = 5.0
 """Seconds a cluster address gets to accept a TCP connection before it counts as unreachable."""
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+"""Settings of a local cluster this process starts: its workers run at the driver's priority (Ray's default nice
+15 lets every other process on the machine, Ray's own daemons included, run before them, so a sweep spread over
+them loses time a local run does not); `init={"_system_config": {...}}` overrides it. A cluster started with
+`ray start` keeps its own setting (`RAY_worker_niceness=0 ray start ...` to match)."""
 
 
 def import_ray() -> ModuleType:
@@ -61,7 +66,7 @@ def connect(address: str | None, init: Mapping[str, Any], timeout: float = CONNE
     """Connect this process to Ray; returns whether this call started the connection (and so should end it).
 
     An address is checked to be reachable first. An existing connection (`ray.init(...)` called before) is then
-    used as it is; otherwise `address=None` starts a local cluster on this machine."""
+    used as it is; otherwise `address=None` starts a local cluster on this machine (`LOCAL_SYSTEM_CONFIG`)."""
     ray = import_ray()
     if address is not None:
         check_reachable(address, timeout)
@@ -70,6 +75,7 @@ def connect(address: str | None, init: Mapping[str, Any], timeout: float = CONNE
     options: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False, **init}
     if address is None:
         options.setdefault("include_dashboard", False)
+        options["_system_config"] = {**LOCAL_SYSTEM_CONFIG, **options.get("_system_config", {})}
     else:
         options["address"] = address
     try:

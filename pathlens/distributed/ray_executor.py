@@ -8,6 +8,9 @@ engine's base runs and report their fingerprint; a worker whose numbers differ f
 or dtype) is refused, so merged results equal the local run's bit for bit (given the same torch threads per
 process: `threads=`).
 
+Early start: an engine that calls `prepare(model, work)` (through `patching.executor.announce`) before its own base
+runs has the actors rebuild the job at the same time; `run` then waits only for whatever of that is left.
+
 Scheduling: every live actor keeps `in_flight` chunks queued (so it never waits for the driver), chunks go out in
 plan order (largest cone first), and each result is handed to the engine as it arrives: one progress bar counts
 all workers. An actor that dies (a crashed node, `ray.kill`) loses only its queued chunks, which go back to the
@@ -33,6 +36,17 @@ from pathlens.model import Model
 from pathlens.patching.executor import ChunkWork
 
 _KEYS = itertools.count()
+
+
+@dataclass
+class _Job:
+    """A job handed to the actors: its work (to recognise it in `run`), key, object reference and the pending
+    `prepare` calls."""
+
+    work: ChunkWork
+    key: int
+    ref: Any
+    pending: dict[Any, tuple[_Slot, int | None]]
 
 
 @dataclass
@@ -91,6 +105,7 @@ class RayExecutor:
         self._started_ray = False
         self._spec: ModelSpec | None = None
         self._slots: list[_Slot] = []
+        self._early: _Job | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -106,7 +121,7 @@ class RayExecutor:
         for slot in self._slots:
             if slot.alive and ray.is_initialized():
                 ray.kill(slot.actor)
-        self._slots, self._spec = [], None
+        self._slots, self._spec, self._early = [], None, None
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
@@ -118,6 +133,23 @@ class RayExecutor:
 
     # ---- running ------------------------------------------------------------------------------------
 
+    def prepare(self, model: Model, work: ChunkWork) -> None:
+        """Start the actors (once) and have each rebuild `work` now (its base runs), so that `run(model, work, ...)`
+        right after this process's own base runs finds them ready or nearly so."""
+        self._early = self._submit(model, work)
+
+    def _submit(self, model: Model, work: ChunkWork) -> _Job:
+        """Connect, start the actors for the model's spec, and send every actor `prepare` of `work`."""
+        ray = import_ray()
+        spec = self.model or ModelSpec.of(model)
+        self._started_ray = connect(self.address, self.init) or self._started_ray
+        self._ensure_actors(spec)
+        job = _Job(work, next(_KEYS), ray.put(work), {})
+        for slot in self._slots:
+            slot.ready, slot.queued = False, 0
+            job.pending[slot.actor.prepare.remote(job.key, job.ref)] = (slot, None)
+        return job
+
     def run(
         self,
         model: Model,
@@ -127,19 +159,14 @@ class RayExecutor:
         done: Callable[[int, Tensor], None],
     ) -> None:
         """Run chunks `todo` of `work` on the actors, calling `done(index, values)` as each one arrives."""
+        early, self._early = self._early, None
         if not todo:
             return
         ray = import_ray()
         spec = self.model or ModelSpec.of(model)
-        self._started_ray = connect(self.address, self.init) or self._started_ray
-        self._ensure_actors(spec)
-        key = next(_KEYS)
-        work_ref = ray.put(work)
+        job = early if early is not None and early.work is work and self._spec == spec else self._submit(model, work)
+        key, work_ref, pending = job.key, job.ref, job.pending
         queue = deque(todo)
-        pending: dict[Any, tuple[_Slot, int | None]] = {}
-        for slot in self._slots:
-            slot.ready, slot.queued = False, 0
-            pending[slot.actor.prepare.remote(key, work_ref)] = (slot, None)
         try:
             while queue or pending:
                 for slot in self._slots:

@@ -11,6 +11,11 @@ An `Executor` receives the model (to know how workers rebuild it), the work, the
 the fingerprint of the engine's own base runs (so a worker whose model computes other numbers is refused)
 and a `done(index, values)` callback it calls once per chunk. `executor="ray"` names
 `pathlens.distributed.RayExecutor` (imported only then: Ray is an optional extra).
+
+An executor may also take the work early: `announce(executor, model, work)`, called by an engine before its own
+base runs, hands the work to an executor that has a `prepare(model, work)` method, so its workers rebuild their
+state (their base runs) while this process runs its own, instead of after them; `run` then picks up what was
+prepared for the same work. Executors without `prepare` are unaffected.
 """
 
 from __future__ import annotations
@@ -60,6 +65,13 @@ class Executor(Protocol):
         todo: Sequence[int],
         done: Callable[[int, Tensor], None],
     ) -> None: ...
+
+
+def announce(executor: "Executor | None", model: Model, work: ChunkWork) -> None:
+    """Hand `work` to `executor` before the engine's own base runs, if it prepares work early (module docstring)."""
+    prepare = getattr(executor, "prepare", None)
+    if callable(prepare):
+        prepare(model, work)
 
 
 def tensor_fingerprint(*tensors: Tensor, extra: str = "") -> str:

@@ -37,7 +37,7 @@ from pathlens.model import Model, Run
 from pathlens.patching.budget import sweep_cost
 from pathlens.patching.checkpoint import SWEEP_VERSION, Checkpoint, splice_records, task_digest, weights_digest
 from pathlens.patching.cone import ConePatch, ConeRunner, cone_start, splice_entries
-from pathlens.patching.executor import Executor, resolved_executor, tensor_fingerprint
+from pathlens.patching.executor import Executor, announce, resolved_executor, tensor_fingerprint
 from pathlens.patching.plan import GROUP_ALIASES, SWEEP_GROUPS, Plan, Variant
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, Positions, ResolvedSpec, Sites, check_option
 from pathlens.results import Scores
@@ -203,16 +203,17 @@ def patch(
         setup.task.n,
         overwrite,
     )
-    sweep = _Sweep.start(setup, ablation, cone, seed, max_batch_tokens)
-    state.start(sweep.chunks, sweep.metric_rows() if folder is not None else {})
-    if top_k is None:
-        job = SweepJob(task, setup.spec, ablation, cone, seed, max_batch_tokens)
-        try:
-            with resolved_executor(executor) as runner:
+    job = SweepJob(task, setup.spec, ablation, cone, seed, max_batch_tokens)
+    with resolved_executor(executor) as runner:
+        announce(runner, model, job)  # workers rebuild the sweep while this process runs its own base runs
+        sweep = _Sweep.start(setup, ablation, cone, seed, max_batch_tokens)
+        state.start(sweep.chunks, sweep.metric_rows() if folder is not None else {})
+        if top_k is None:
+            try:
                 _run_chunks(sweep, state, progress, runner, job)
-        finally:
-            state.close()
-        return _assemble(sweep, state.values, settings)
+            finally:
+                state.close()
+            return _assemble(sweep, state.values, settings)
     estimate = _prefilter(prefilter)(
         model,
         setup.task,
