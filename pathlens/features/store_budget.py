@@ -102,10 +102,10 @@ class StoreCost:
             )
         room = budget - self.fixed
         cap = max(1, MAX_BATCH_TOKENS // self.context)
-        batch = min(self.n_windows, cap, max(1, room // (2 * self.batch_window)))
-        if not self.shards:
+        if not self.shards:  # the whole budget goes to the batch
             batch = min(self.n_windows, cap, room // self.batch_window)
             return StorePlan(batch, 0, self.peak(batch, 0), math.ceil(self.n_windows / batch), self.least, budget)
+        batch = min(self.n_windows, cap, max(1, room // (2 * self.batch_window)))
         by_budget = (room - batch * self.per_window) // (2 * self.stored_per_window * batch)
         by_file = max(1, MAX_SHARD_BYTES // (self.stored_per_window * batch))
         shard = batch * min(math.ceil(self.n_windows / batch), by_budget, by_file)
