@@ -11,15 +11,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pathlens.distributed.allocator import keep_freed_memory
 from pathlens.distributed.spec import ModelSpec
 from pathlens.errors import PathlensError
 from pathlens.patching.executor import ChunkRunner, ChunkWork
 
 
 class ChunkWorker:
-    """One worker: `threads` torch threads and the model of `spec`, loaded once."""
+    """One worker: `threads` torch threads and the model of `spec`, loaded once, in a process that keeps the memory
+    it frees (`allocator.keep_freed_memory`: chunk after chunk reuses it instead of faulting it in again)."""
 
     def __init__(self, spec: ModelSpec, threads: int):
+        self.keeps_freed_memory = keep_freed_memory()
         torch.set_num_threads(threads)
         self.model = spec.build()
         self.key: int | None = None
