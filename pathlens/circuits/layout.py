@@ -127,11 +127,22 @@ class LatentFamily:
 
     def own_values(self, x: Tensor, latents: Tensor) -> Tensor:
         """Latent `latents[c]` (positions among the nodes) of its own input x[c]: x (C, ..., d_in) → (C, ...).
-        Elementwise activations need only the latent's encoder column; TopK encodes each input whole."""
+        Elementwise activations need only the latent's encoder column; TopK needs every pre-activation of each
+        input: latent i is kept when fewer than k latents have a larger pre-activation (as `torch.topk` keeps it,
+        but for exact ties), in batches of inputs of at most `TOPK_ELEMENTS` pre-activations."""
         d, index = self.dictionary, self.nodes[latents]
         with torch.no_grad():
             if d.kind == "topk":
-                return torch.stack([d.encode(x[c])[..., int(i)] for c, i in enumerate(index.tolist())]).to(x.dtype)
+                per_input = max(1, x[0].numel() // x.shape[-1] * int(d.width))
+                step = max(1, TOPK_ELEMENTS // per_input)
+                out = []
+                for first in range(0, len(index), step):
+                    z = d.pre_acts(x[first : first + step])  # (c, ..., width)
+                    chosen = _expand(index[first : first + step], z).unsqueeze(-1).expand(*z.shape[:-1], 1)
+                    z_i = z.gather(-1, chosen)  # (c, ..., 1)
+                    kept = (z > z_i).sum(dim=-1) < d.config.k
+                    out.append(torch.where(kept, torch.relu(z_i[..., 0]), torch.zeros_like(z_i[..., 0])))
+                return torch.cat(out).to(x.dtype)
             z = torch.einsum("c...d,dc->c...", d.centered(x), d.W_enc[:, index]) + _expand(d.b_enc[index], x)
             if d.kind == "relu":
                 f = torch.relu(z)
@@ -150,6 +161,9 @@ class LatentFamily:
             z = d.pre_acts(x.detach()).detach().requires_grad_(True)  # (..., width)
             (grad_z,) = torch.autograd.grad(d.activate(z), z, grad_outputs=grad_f.to(z.dtype))
         return grad_z[..., self.nodes]
+
+
+TOPK_ELEMENTS = 1 << 24  # pre-activations of one batch of TopK latents' own inputs (64 MiB in float32)
 
 
 def _expand(per_latent: Tensor, x: Tensor) -> Tensor:
