@@ -211,14 +211,15 @@ def test_edges_into_a_latent_sum_to_its_input_atp(model: Model, task: Task) -> N
         assert abs(float(incoming[graph.receivers.index("L0.tc.err")]) - expected) <= TOL
 
 
+@pytest.mark.parametrize("method", ["eap", "eap-ig", "relp"])
 @pytest.mark.parametrize("which", ["tc", "sae"])
-def test_latent_rows_and_columns_sum_to_the_mlp(model: Model, task: Task, which: str) -> None:
+def test_latent_rows_and_columns_sum_to_the_mlp(model: Model, task: Task, which: str, method: str) -> None:
     """The family's sender rows + its error row = the MLP's row of the unspliced graph, and (transcoder) its
-    receiver columns + the error's = the MLP's column, every other edge unchanged (1e-5); after the block the
-    graph is the unspliced one again, bit for bit."""
-    plain = edge_attribution(model, task)
+    receiver columns + the error's = the MLP's column, every other edge unchanged (1e-5), for EAP, EAP-IG and
+    RelP; after the block the graph is the unspliced one again, bit for bit."""
+    plain = edge_attribution(model, task, method=method, steps=3)  # type: ignore[arg-type]
     with spliced(model, which):
-        graph = edge_attribution(model, task)
+        graph = edge_attribution(model, task, method=method, steps=3)  # type: ignore[arg-type]
     layer, prefix = (0, "L0.tc.") if which == "tc" else (1, "L1.sae.")
     lift_s = [
         plain.senders.index(f"L{layer}.mlp") if s.startswith(prefix) else plain.senders.index(s) for s in graph.senders
@@ -235,8 +236,28 @@ def test_latent_rows_and_columns_sum_to_the_mlp(model: Model, task: Task, which:
     assert (folded - torch.nan_to_num(plain.scores.double())).abs().max().item() <= TOL
     n_latents = sum(s.startswith(prefix + "F") for s in graph.senders)
     assert n_latents > 0 and graph.meta["dictionaries"][prefix[:-1]]["nodes"] == n_latents
-    again = edge_attribution(model, task)
+    again = edge_attribution(model, task, method=method, steps=3)  # type: ignore[arg-type]
     assert torch.equal(again.scores.nan_to_num(), plain.scores.nan_to_num())
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_each_latent_of_its_own_input_is_the_encoding(kind: str) -> None:
+    """`LatentFamily.own_values` (a latent of its own input, batched) = entry i of the dictionary's encoding of
+    that input, for every kind (1e-6), and `values` = the node columns of the encoding."""
+    from pathlens.circuits.layout import LatentFamily
+    from pathlens.hooks import Splice
+
+    d = _dictionary(kind, 40, False, seed=7)
+    with torch.no_grad():
+        d.threshold.fill_(0.2)
+    nodes = torch.tensor([1, 4, 5, 9, 17, 33, 39])
+    family = LatentFamily(Splice(d, Site("mlp_out", 0), Site("mlp_out", 0), "sae", 40), nodes)
+    x = torch.randn(5, 3, 4, D, generator=torch.Generator().manual_seed(0))
+    latents = torch.tensor([0, 3, 6, 2, 3])
+    expected = torch.stack([d.encode(x[c])[..., int(nodes[i])] for c, i in enumerate(latents.tolist())])
+    assert (family.own_values(x, latents) - expected).abs().max().item() <= 1e-6
+    assert bool((expected != 0).any()) and bool((expected == 0).any())
+    assert torch.equal(family.values(x[0]), d.encode(x[0])[..., nodes])
 
 
 def test_a_residual_dictionary_is_a_bottleneck(model: Model, task: Task) -> None:
