@@ -28,8 +28,8 @@ Parts:
   `discover` (EAP, ranked by |score|, 8 curve sizes, no refinement) under three `max_memory` budgets: 2, 4 and 8
   times the least that runs both engines (edge attribution, edge patching); `peak_mb` by `TensorPeak` as in the
   memory part, `met` says peak ≤ budget; `max_batch_tokens` is what the budget gives the edge patcher.
-- ray-store: collecting one SmolLM2 site (L6.mlp_post) into an activation store: 32 windows of 128 tokens of
-  random ids, 4 windows per forward and per shard (8 shards), by one single-threaded local process (`collect`,
+- ray-store: collecting one SmolLM2 site (L6.mlp_post) into an activation store: 64 windows of 128 tokens of
+  random ids, 4 windows per forward and per shard (16 shards), by one single-threaded local process (`collect`,
   the floor: the same shards computed with no distribution) and by `RayExecutor(workers=W, threads=1)`, for
   W = 1 and 2; every timed run writes a fresh folder; `identical` says whether every file of the Ray store
   (shards, windows, manifest) equals the local one byte for byte. Then the store under three `max_memory`
@@ -352,7 +352,7 @@ def run_edge_memory(args: argparse.Namespace, emit: Emitter) -> list[str]:
 
 
 STORE_SITE = "L6.mlp_post"
-STORE_WINDOWS, STORE_CONTEXT, STORE_BATCH = 32, 128, 4
+STORE_WINDOWS, STORE_CONTEXT, STORE_BATCH = 64, 128, 4
 
 
 def store_windows(n: int, vocab_size: int) -> torch.Tensor:
@@ -361,7 +361,7 @@ def store_windows(n: int, vocab_size: int) -> torch.Tensor:
 
 
 def run_ray_store(args: argparse.Namespace, emit: Emitter) -> list[str]:
-    """The ray-store part: a SmolLM2 store collected on 1 and 2 Ray workers against the local run, then the store
+    """The ray-store part: a SmolLM2 store collected on Ray workers against the local run, then the store
     under three memory budgets; returns the missed targets."""
     import shutil
     import tempfile

@@ -190,9 +190,10 @@ class StoreRunner:
         self.model, self.job = model, job
 
     def fingerprint(self) -> str:
-        """SHA-256 of every site's activations on the first window, and of the job's sizes and sites."""
+        """SHA-256 of every site's activations on the first two tokens of the first window (as cheap as the width
+        probe), and of the job's sizes and sites."""
         job = self.job
-        probe = next(site_batches(self.model, job.sites, job.ids[:1], 1, stop_early=job.stop_early))
+        probe = next(site_batches(self.model, job.sites, job.ids[:1, :2], 1, stop_early=job.stop_early))
         plan = (job.sites, job.widths, tuple(job.ids.shape), job.skip, job.batch_windows, job.shard_windows)
         return tensor_fingerprint(*(probe[name] for name in job.sites), extra=repr((plan, job.dtype, job.stop_early)))
 
