@@ -35,6 +35,12 @@ Parts:
   (shards, windows, manifest) equals the local one byte for byte. Then the store under three `max_memory`
   budgets (2, 4 and 8 times the least that collects one window; 16 windows): `peak_mb` is TensorPeak's peak
   plus the largest shard file (its serialized bytes are not a tensor), `estimate_mb` the cost model's bound.
+- ray-attribution: AtP over every head (`pathlens.atp`, denoising) of 256 IOI-shaped prompts of 15 tokens on the
+  GPT-2-shape model, in 16 chunks of 16 prompts (`max_batch_tokens` = 240), by one single-threaded local process
+  (the floor: the same chunks in this process; no peer spreads attribution over workers) and by
+  `RayExecutor(workers=W, threads=1)` for W = 1 and 2; `identical` compares the scores bit for bit. Same targets
+  as the ray part. Then its memory rows: AtP of 32 of those prompts under three `max_memory` budgets (2, 4 and 8
+  times the least, `patching.budget.first_order_cost`), `peak_mb` by `TensorPeak` as in the memory part.
 
 Run `python benchmarks/scale.py --json` for one JSON line per row (keys `workload`, `workers`, `seconds`,
 `local_seconds`, `speedup_vs_local`, `identical`, ...).
@@ -57,6 +63,8 @@ import torch
 
 import pathlens
 from benchmarks.common import (
+    SEED,
+    SEQ_LEN,
     Emitter,
     add_device_argument,
     build_gpt2,
@@ -77,14 +85,19 @@ from pathlens.distributed import ModelSpec, RayExecutor
 from pathlens.distributed.allocator import keep_freed_memory
 from pathlens.distributed.connect import LOCAL_SYSTEM_CONFIG
 from pathlens.patching.budget import edge_attribution_cost, edge_patch_cost
+from pathlens.tasks import Task
 
-PARTS = ("ray", "half", "memory", "ray-curve", "edge-memory", "ray-store")
+PARTS = ("ray", "half", "memory", "ray-curve", "edge-memory", "ray-store", "ray-attribution")
 BUDGET_FACTORS = (2.0, 4.0, 8.0)
 CORRELATION_TARGET = 0.99
 RAY_WORKLOAD = "gpt2-heads"
 SPEEDUP_TARGET = 1.6
 ONE_WORKER_TARGET = 1.10
 SWEEP: dict[str, Any] = {"sites": "heads", "positions": "all", "direction": "denoise", "progress": False}
+ATTRIBUTION_PROMPTS = 256
+ATTRIBUTION_CHUNK = 16  # prompts per chunk: 16 chunks of 16 prompts x 15 tokens
+ATTRIBUTION_MEMORY_PROMPTS = 32
+ATTRIBUTION: dict[str, Any] = {"sites": "heads", "positions": "all", "direction": "denoise"}
 CURVE_WORKLOAD = "gpt2-curve20"
 CURVE_BATCH_TOKENS = 120  # one circuit of the 8 prompts x 15 tokens per forward: a chunk per curve point
 EDGE_SUBSET = 24  # edges edge_effects scores in the edge-memory part
@@ -464,6 +477,127 @@ def run_ray_store(args: argparse.Namespace, emit: Emitter) -> list[str]:
     return missed
 
 
+def ioi_prompt_set(vocab_size: int, n: int) -> Task:
+    """`n` IOI-shaped pairs of random tokens (as `synthetic_ioi_task`, at any size): clean and corrupted differ at
+    three fixed positions; fixed random answer and wrong ids, scored at the last position."""
+    gen = torch.Generator().manual_seed(SEED)
+    clean = torch.randint(0, vocab_size, (n, SEQ_LEN), generator=gen)  # (N, P)
+    slots = torch.randperm(SEQ_LEN - 1, generator=gen)[:3]  # (3,)
+    corrupt = clean.clone()
+    corrupt[:, slots] = (clean[:, slots] + torch.randint(1, vocab_size, (n, 3), generator=gen)) % vocab_size
+    answers = torch.randint(0, vocab_size, (n,), generator=gen)  # (N,)
+    wrong = (answers + torch.randint(1, vocab_size, (n,), generator=gen)) % vocab_size  # (N,)
+    return Task.from_ids(clean, corrupt, answers, wrong, name=f"synthetic-ioi-{n}")
+
+
+def run_ray_attribution(args: argparse.Namespace, emit: Emitter) -> list[str]:
+    """The ray-attribution part: AtP over a large prompt set on 1 and 2 Ray workers against the local run, then
+    AtP's peak under three budgets; returns the missed targets."""
+    import ray
+
+    set_threads(1)  # the local floor is single-threaded, like each worker
+    model = gpt2_model(str(args.device))
+    gpus = 1.0 if args.device.type == "cuda" else 0.0
+    task = ioi_prompt_set(model.vocab_size, ATTRIBUTION_PROMPTS)
+    options: dict[str, Any] = {**ATTRIBUTION, "max_batch_tokens": ATTRIBUTION_CHUNK * task.seq_len}
+    chunks = -(-task.n // ATTRIBUTION_CHUNK)
+    missed: list[str] = []
+    ray.init(
+        num_cpus=max(args.workers),
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+        _system_config=dict(LOCAL_SYSTEM_CONFIG),  # workers at the driver's priority, as RayExecutor starts them
+    )
+    try:
+        for workers in args.workers:
+            spec = ModelSpec(gpt2_model, {"device": str(args.device)})
+            with RayExecutor(workers=workers, threads=1, model=spec, gpus_per_worker=gpus) as executor:
+                start = time.perf_counter()
+                pathlens.atp(model, task, executor=executor, **options)  # actors start and build the model
+                startup = time.perf_counter() - start
+                timed = round_robin(
+                    {
+                        "local": lambda: pathlens.atp(model, task, **options),
+                        "ray": lambda executor=executor: pathlens.atp(model, task, executor=executor, **options),
+                    },
+                    args.repeats,
+                    warm_up=["local"],
+                )
+            local, remote = timed["local"], timed["ray"]
+            speedup = local.median / remote.median
+            per_round = [a / b for a, b in zip(local.seconds, remote.seconds, strict=True)]
+            identical = bool(torch.equal(local.result.values, remote.result.values))
+            target = SPEEDUP_TARGET if workers > 1 else 1 / ONE_WORKER_TARGET
+            met = identical and speedup >= target
+            emit(
+                {
+                    "part": "ray-attribution",
+                    "workload": f"gpt2-atp-heads-{task.n}",
+                    "workers": workers,
+                    "threads_per_worker": 1,
+                    "prompts": task.n,
+                    "chunks": chunks,
+                    "seconds": round(remote.median, 3),
+                    "local_seconds": round(local.median, 3),
+                    "speedup_vs_local": round(speedup, 3),
+                    "speedup_min": round(min(per_round), 3),
+                    "speedup_max": round(max(per_round), 3),
+                    "target_speedup": round(target, 3),
+                    "identical": identical,
+                    "met": met,
+                    "startup_seconds": round(startup, 2),
+                    "repeats": args.repeats,
+                }
+            )
+            if not met:
+                missed.append(
+                    f"ray-attribution {workers} workers: x{speedup:.2f} (target {target:.2f}), identical {identical}"
+                )
+    finally:
+        ray.shutdown()
+    return missed + attribution_memory(args, emit, model)
+
+
+def attribution_memory(args: argparse.Namespace, emit: Emitter, model: pathlens.Model) -> list[str]:
+    """Memory rows of the ray-attribution part: AtP over heads of a smaller prompt set under three `max_memory`
+    budgets (2, 4 and 8 times the least, `first_order_cost`), peak measured by `TensorPeak`."""
+    from pathlens.memory import TensorPeak, megabytes
+    from pathlens.patching.budget import first_order_cost
+    from pathlens.sites import Site
+
+    set_threads(args.threads)
+    task = ioi_prompt_set(model.vocab_size, ATTRIBUTION_MEMORY_PROMPTS)
+    heads = {Site("head", layer) for layer in range(model.n_layers)}
+    least = first_order_cost(model, task.seq_len, heads, model.n_layers * model.arch.n_heads).least
+    missed = []
+    for factor in BUDGET_FACTORS:
+        budget = int(least * factor)
+        start = time.perf_counter()
+        with TensorPeak() as peak:
+            scores = pathlens.atp(model, task, max_memory=budget, **ATTRIBUTION)
+        seconds = time.perf_counter() - start
+        met = peak.peak <= budget
+        emit(
+            {
+                "part": "ray-attribution",
+                "workload": f"gpt2-atp-heads-{task.n}",
+                "engine": "atp",
+                "budget_mb": megabytes(budget),
+                "peak_mb": megabytes(peak.peak),
+                "prompts_per_chunk": scores.meta.get("prompts_per_chunk", task.n),
+                "seconds": round(seconds, 2),
+                "peak_method": "TensorPeak (live tensor storages created by the call)",
+                "met": met,
+            }
+        )
+        if not met:
+            missed.append(
+                f"ray-attribution memory: peak {megabytes(peak.peak)} MB over the {megabytes(budget)} MB budget"
+            )
+    return missed
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     """The rows as a plain table (without --json)."""
     for row in rows:
@@ -510,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         missed += run_edge_memory(args, emit)
     if "ray-store" in args.parts:
         missed += run_ray_store(args, emit)
+    if "ray-attribution" in args.parts:
+        missed += run_ray_attribution(args, emit)
     if not args.json:
         print_table(emit.rows)
     for problem in missed:
