@@ -10,6 +10,11 @@ The result is a `Scores` with exactly the dims, coords and meaning (the patched 
 (`pathlens.attribution.relp`) is the same product with the backward pass under LRP rules; AtP*
 (`pathlens.attribution.atp_star`) corrects query/key sites and adds GradDrop — all three share
 `first_order` and `cells` below.
+
+Over a large prompt set the prompts run in chunks (`max_batch_tokens=` or `max_memory=`; one chunk by default):
+each chunk's per-variant effects and base metric are summed over its prompts in float64 (`chunk_sums`), the
+chunks' sums are added in chunk order (`attribution.chunked`), here or on workers (`executor=`), and
+`estimate_scores` divides by the number of prompts.
 """
 
 from __future__ import annotations
