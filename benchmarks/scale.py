@@ -267,7 +267,13 @@ def run_ray_curve(args: argparse.Namespace, emit: Emitter) -> list[str]:
     graph = edge_attribution(model, task, "eap")
     patcher = EdgePatcher(model, task, max_batch_tokens=CURVE_BATCH_TOKENS)
     missed: list[str] = []
-    ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(
+        num_cpus=max(args.workers),
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+        _system_config=dict(LOCAL_SYSTEM_CONFIG),  # workers at the driver's priority, as RayExecutor starts them
+    )
     try:
         for workers in args.workers:
             spec = ModelSpec(gpt2_model, {"device": str(args.device)})
