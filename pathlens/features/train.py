@@ -12,7 +12,9 @@ Per step (loss summed over the output dims, averaged over tokens, in the scaled 
     topk        ‖y − ŷ‖² + α·AuxK                          AuxK: the top-k_aux pre-activations of the dead latents
     batchtopk   same as topk                               decode the residual (y − ŷ) (Gao et al. 2024);
                                                            scaled by min(n_dead / k_aux, 1)
-    jumprelu    ‖y − ŷ‖² + λ Σ_i H(z_i − θ_i)              straight-through gradients for θ (`sae.Step`)
+    jumprelu    ‖y − ŷ‖² + λ Σ_i H(z_i − θ_i)              straight-through gradients for θ (`sae.Step`);
+                                                           θ starts at the data's scale and learns at its own
+                                                           rate (see `Trainer.start_thresholds`)
 
 A latent is dead when it has not fired for `dead_steps` steps (SAELens counts steps: 1000). TopK, BatchTopK and
 JumpReLU keep unit-norm decoder rows (the parallel part of the gradient is removed before each step, the rows
@@ -29,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,7 +58,8 @@ class TrainConfig:
     dead_steps: int = 1000
     l1_warmup: int = 0
     resample_every: int = 0
-    threshold_lr: float = 0.01  # BatchTopK: the rate of its inference threshold's running average
+    threshold_lr: float = 0.01  # BatchTopK: its running average's rate; JumpReLU: Adam's learning rate for log θ
+    start_density: float | None = 0.05  # JumpReLU: θ starts where each latent fires on this share of the first batch
     sparse: bool = True
 
 
@@ -80,7 +84,9 @@ class Trainer:
         self.since_fired = torch.zeros(self.dictionary.width, dtype=torch.long)
         params = list(self.dictionary.parameters())
         fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-        self.optimizer = torch.optim.Adam(params, lr=self.config.lr, fused=fused or None)
+        self.optimizer = torch.optim.Adam(
+            _param_groups(self.dictionary, self.config), lr=self.config.lr, fused=fused or None
+        )
         self._gen = torch.Generator().manual_seed(self.seed)
         if self.dictionary.kind in UNIT_NORM_KINDS:
             self.dictionary.normalize_decoder()
@@ -99,7 +105,27 @@ class Trainer:
         out_scale = math.sqrt(d.d_out / float(y.float().pow(2).sum(-1).mean().clamp_min(1e-12)))
         d.s_out.copy_(d.s_in if self.target is None else torch.tensor(out_scale))
         d.b_dec.copy_((y.float() * d.s_out).mean(0))
+        if d.kind == "jumprelu" and self.config.start_density is not None:
+            self.start_thresholds(x, self.config.start_density)
         self._fitted = True
+
+    @torch.no_grad()
+    def start_thresholds(self, x: Tensor, density: float) -> None:
+        """JumpReLU: set each latent's θ to its pre-activation quantile on `x` (n, d_in) above which it fires on a
+        share `density` of the tokens (at least the config's `threshold`).
+
+        Why: θ's learning signal is weak and Adam moves log θ by about its learning rate per step whatever the
+        gradient's size, so from the paper's start (0.001 on unit-norm inputs; 0.01 here, ~1% of a pre-activation's
+        spread on inputs scaled to E‖x‖² = d) θ needs thousands of steps to reach the scale of the data, and a
+        short run ends with half the latents firing. Started at the data's scale and learning at `threshold_lr`,
+        θ settles within a few hundred steps."""
+        d = self.dictionary
+        if not 0.0 < density <= 1.0:
+            raise PathlensError(f"start_density must be in (0, 1], got {density}.")
+        z = d.pre_acts(x)  # (n, width)
+        rank = min(int(z.shape[0]), max(1, round((1.0 - density) * int(z.shape[0]))))
+        theta = z.kthvalue(rank, dim=0).values.clamp_min(d.config.threshold)  # (width,)
+        d.log_threshold.copy_(theta.log())
 
     def losses(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """The loss terms on one batch (x (n, d_in), y (n, d_out) in the model's units): "mse", "sparsity" (L1,
@@ -245,6 +271,16 @@ class Trainer:
                     state[key][index] = 0.0
         self.since_fired[dead] = 0
         return int(dead.numel())
+
+
+def _param_groups(dictionary: Dictionary, config: TrainConfig) -> list[dict[str, Any]]:
+    """Adam's parameter groups: every parameter at `lr`, JumpReLU's log θ at `threshold_lr` (Adam steps a parameter
+    by about its learning rate, so log θ at the weights' rate, ~1e-3, would take thousands of steps to move θ by
+    the data's scale)."""
+    if dictionary.kind != "jumprelu":
+        return [{"params": list(dictionary.parameters())}]
+    rest = [p for name, p in dictionary.named_parameters() if name != "log_threshold"]
+    return [{"params": rest}, {"params": [dictionary.log_threshold], "lr": config.threshold_lr}]
 
 
 def train(
