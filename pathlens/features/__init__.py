@@ -5,7 +5,8 @@
   into seeded, fixed-length context windows with BOS handling per tokenizer.
 - activation store (store.py): `collect` streams any set of sites over a corpus into checksummed safetensors
   shards with a manifest, resumable after a kill; `ActivationStore` reads them back (`.dataset`/`.loader`: seeded,
-  shuffled across shards); `stream` yields the same batches without touching disk.
+  shuffled across shards); `stream` yields the same batches without touching disk; both size their batches and
+  shards from `max_memory=` (store_budget.py: `store_plan`), and `collect(executor=...)` computes shards on Ray.
 - semi-NMF (snmf.py): `snmf` factorizes MLP activations into mixed-sign features with non-negative codes
   (METHODS §20), batched over a store; `SNMFResult.features` gives each feature's top contexts and promoted tokens,
   `.steering_vector(i)` a `SteeringVector`.
@@ -33,6 +34,7 @@ from pathlens.features.sae import Dictionary, DictionaryConfig
 from pathlens.features.snmf import SNMFResult, snmf
 from pathlens.features.splice import feature_direction, latent_sites, splice
 from pathlens.features.store import ActivationStore, StoreDataset, collect, stream
+from pathlens.features.store_budget import StorePlan, store_plan
 from pathlens.features.train import TrainConfig, Trainer, on_the_fly, store_batches, train
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "NodeCircuit",
     "SNMFResult",
     "StoreDataset",
+    "StorePlan",
     "TrainConfig",
     "Trainer",
     "Windows",
@@ -61,6 +64,7 @@ __all__ = [
     "snmf",
     "splice",
     "store_batches",
+    "store_plan",
     "stream",
     "text_files",
     "texts",
