@@ -439,9 +439,12 @@ def test_edge_patching_equals_the_slow_reference(model: Model, task: Task, which
     assert_untouched(model, before)
 
 
-def test_lifted_circuits_match_the_unspliced_graph(model: Model, task: Task) -> None:
+@pytest.mark.parametrize("family", ["llama", "gpt2", "neox_parallel", "gemma3"])
+def test_lifted_circuits_match_the_unspliced_graph(family: str, task: Task) -> None:
     """A circuit of the unspliced graph, lifted (every latent and the error take the MLP's edges), gives the same
-    metric with the dictionaries spliced (1e-5): the split is exact edge by edge."""
+    metric with the dictionaries spliced (1e-5): the split is exact edge by edge, on sequential, parallel-block and
+    sandwich-norm (Gemma 3) models; edge attribution splits the same way there."""
+    model = tiny_model(family, weight_scale=3.0)
     plain = EdgePatcher(model, task)
     full = valid_mask(plain.layout, 2)
     gen = torch.Generator().manual_seed(9)
@@ -459,7 +462,40 @@ def test_lifted_circuits_match_the_unspliced_graph(model: Model, task: Task) -> 
         rows, cols = lift(layout.senders, plain.layout.senders), lift(layout.receivers, plain.layout.receivers)
         lifted = circuits[:, rows][:, :, cols] & valid_mask(layout, 2)
         got = patcher.per_prompt(lifted)
+        scores = torch.nan_to_num(edge_attribution(model, task).scores.double())
     assert (got - expected).abs().max().item() <= TOL
+    by_sender = torch.zeros(len(plain.layout.senders), len(cols), dtype=torch.float64).index_add_(0, rows, scores)
+    folded = torch.zeros(len(plain.layout.senders), len(plain.layout.receivers), dtype=torch.float64)
+    folded.index_add_(1, cols, by_sender)
+    assert (folded - torch.nan_to_num(edge_attribution(model, task).scores.double())).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("family", ["gpt2", "neox_parallel", "gemma3"])
+def test_residual_dictionary_endpoints_on_other_architectures(family: str, task: Task) -> None:
+    """A residual SAE between the layers (with a transcoder on layer 0) on GPT-2, a parallel-block NeoX and Gemma 3:
+    keeping every edge is the clean run, keeping none the corrupted run (1e-5), and the bottleneck's rows summed
+    equal everything before it in the unspliced graph (EAP, 1e-5)."""
+    model = tiny_model(family, weight_scale=3.0)
+    plain = edge_attribution(model, task)
+    with ExitStack() as stack:
+        stack.enter_context(
+            model.splice(_dictionary("topk", 40, True, seed=3), "L0.mlp_in", target="L0.mlp_out", name="tc")
+        )
+        stack.enter_context(model.splice(_dictionary("jumprelu", 48, False, seed=5), "L0.resid_post", name="res"))
+        patcher = EdgePatcher(model, task)
+        valid = valid_mask(patcher.layout, 2)
+        got = patcher.per_prompt(torch.stack([valid, torch.zeros_like(valid)]))
+        graph = edge_attribution(model, task)
+    with torch.no_grad():
+        for row, ids in ((0, task.clean_ids), (1, task.corrupt_ids)):
+            expected = task.metric(model.run(ids, attention_mask=task.attention_mask).logits, task)
+            assert (got[row] - expected.double()).abs().max().item() <= TOL
+    cut = [i for i, s in enumerate(graph.senders) if s.startswith("L0.res.")]
+    before = [plain.senders.index(s) for s in plain.senders if s == "input" or s.startswith("L0.")]
+    after = [r for r in plain.receivers if not r.startswith("L0.")]
+    through = torch.nan_to_num(graph.scores.double())[cut][:, [graph.receivers.index(r) for r in after]].sum(0)
+    direct = torch.nan_to_num(plain.scores.double())[before][:, [plain.receivers.index(r) for r in after]].sum(0)
+    assert (through - direct).abs().max().item() <= TOL
 
 
 # ---- discovery ------------------------------------------------------------------------------------------------
