@@ -21,9 +21,10 @@ JumpReLU keep unit-norm decoder rows (the parallel part of the gradient is remov
 renormalised after). Adam (the fused kernel where torch has one for the parameters' device). Seeded: the
 initialisation, the shuffling and the resampling draw from `seed`.
 
-TopK trains through its sparse code by default (`TrainConfig.sparse`, `pathlens.features.sparse`): the k active
-latents per token (and AuxK's k_aux dead ones) are gathered, decoded and backpropagated without the dense
-(n, width) intermediates — the same loss and gradients up to float32 summation order, about 3× fewer operations.
+TopK trains through its sparse code by default (`TrainConfig.sparse`, `pathlens.features.sparse`; float32/64 on a
+CPU or CUDA device): the k active latents per token (and AuxK's k_aux dead ones) are gathered, decoded and
+backpropagated without the dense (n, width) intermediates, which skips five of the step's six (n, d)·(d, width)
+matmuls — the same loss and gradients up to float32 summation order (tests/test_sae.py).
 """
 
 from __future__ import annotations
@@ -200,7 +201,12 @@ class Trainer:
         if not self._fitted:
             self.fit_scales(x, y)
         d = self.dictionary
-        sparse = d.kind == "topk" and self.config.sparse
+        sparse = (
+            d.kind == "topk"
+            and self.config.sparse
+            and d.W_enc.device.type in ("cpu", "cuda")
+            and d.W_enc.dtype in (torch.float32, torch.float64)
+        )
         parts = self.sparse_topk_losses(x, y) if sparse else self.losses(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
