@@ -186,7 +186,22 @@ def main() -> None:
         seconds = time.perf_counter() - start
         family = str(spliced.latents)
     nodes = feature_nodes(model, dictionary, circuit, family, search, args.top)
-    emit({**circuit_row("feature-circuit", circuit, seconds, total), "feature_nodes": nodes, "n_prompts": task.n})
+    frame = circuit.to_frame()
+    kept = frame[frame["in_circuit"]]
+    error = f"{family}.err"
+    emit(
+        {
+            **circuit_row("feature-circuit", circuit, seconds, total),
+            "feature_nodes": nodes,
+            "n_feature_nodes": len(nodes),
+            "error_node_edges": {
+                "in": int((kept["receiver"] == error).sum()),
+                "out": int((kept["sender"] == error).sum()),
+            },
+            "error_node_score": float(circuit.node_scores().get(error, 0.0)),
+            "n_prompts": task.n,
+        }
+    )
     plain_total = edges_total(model, task)
     start = time.perf_counter()
     plain = discover(
