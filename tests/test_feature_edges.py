@@ -48,7 +48,8 @@ def _dictionary(kind: str, width: int, transcoder: bool, seed: int) -> Dictionar
 @contextmanager
 def spliced(model: Model, which: str = "both") -> Iterator[dict[str, Dictionary]]:
     """The transcoder on L0 ("L0.tc") and/or the SAE on L1.mlp_out ("L1.sae") spliced for the block; "all" adds
-    a JumpReLU SAE on the residual stream between the layers ("L0.res" on L0.resid_post)."""
+    a JumpReLU SAE on the residual stream between the layers ("L0.res" on L0.resid_post) and a TopK SAE on layer
+    1's attention output ("L1.att")."""
     made = {}
     with ExitStack() as stack:
         if which in ("both", "all", "tc"):
@@ -60,6 +61,9 @@ def spliced(model: Model, which: str = "both") -> Iterator[dict[str, Dictionary]
         if which in ("all", "res"):
             made["res"] = _dictionary("jumprelu", 48, False, seed=5)
             stack.enter_context(model.splice(made["res"], "L0.resid_post", name="res"))
+        if which in ("all", "att"):
+            made["att"] = _dictionary("topk", 36, False, seed=6)
+            stack.enter_context(model.splice(made["att"], "L1.attn_out", name="att"))
         yield made
 
 
@@ -309,11 +313,50 @@ def test_a_residual_dictionary_is_a_bottleneck(model: Model, task: Task) -> None
             assert abs(sums[name] - value) <= TOL
 
 
+def test_an_attention_dictionary_splits_the_heads_write(model: Model, task: Task) -> None:
+    """A TopK SAE on L1.attn_out: the heads of layer 1 still receive (their q/k/v inputs feed its latents and
+    error), its rows summed = the heads' rows of the unspliced graph and every other edge is unchanged (1e-5);
+    a latent's outgoing edges sum to its node AtP; a circuit whose layer-1 heads all keep the same edges, lifted,
+    patches exactly as without the splice (1e-5)."""
+    plain = edge_attribution(model, task)
+    plain_patcher = EdgePatcher(model, task)
+    full = valid_mask(plain_patcher.layout, 2)
+    heads = [plain.senders.index(f"L1.H{h}") for h in range(4)]
+    circuits = (torch.rand(3, *full.shape, generator=torch.Generator().manual_seed(4)) < 0.5) & full
+    circuits[:, heads] = circuits[:, heads[:1]]
+    expected = plain_patcher.per_prompt(circuits)
+    with spliced(model, "att"):
+        graph = edge_attribution(model, task)
+        patcher = EdgePatcher(model, task)
+        family = [i for i, s in enumerate(graph.senders) if s.startswith("L1.att.")]
+        assert graph.receiver_nodes("L1.H2.q") == [graph.senders[i] for i in family] and len(family) > 1
+        s0, s1 = torch.nan_to_num(plain.scores.double()), torch.nan_to_num(graph.scores.double())
+        assert graph.receivers == plain.receivers
+        assert (s1[family].sum(0) - s0[heads].sum(0)).abs().max().item() <= TOL
+        others = [s for s in graph.senders if not s.startswith("L1.att.")]
+        rows1, rows0 = [graph.senders.index(s) for s in others], [plain.senders.index(s) for s in others]
+        assert (s1[rows1] - s0[rows0]).abs().max().item() <= TOL
+        names = [graph.senders[i] for i in family[:2]]
+        effects = atp(model, task, sites=names, direction="noise")
+        sums = graph.node_scores()
+        for name, value in zip(names, (effects.values - float(effects.meta["base_metric"])).tolist(), strict=True):
+            assert abs(sums[name] - value) <= TOL
+        lift = torch.tensor([heads[0] if s.startswith("L1.att.") else plain.senders.index(s) for s in graph.senders])
+        got = patcher.per_prompt(circuits[:, lift] & valid_mask(patcher.layout, 2))
+    assert (got - expected).abs().max().item() <= TOL
+
+
 # ---- exact edge patching --------------------------------------------------------------------------------------
 
 
 def _sender_values(
-    model: Model, layout, cache, tc: Dictionary, sae: Dictionary, res: Dictionary | None = None
+    model: Model,
+    layout,
+    cache,
+    tc: Dictionary,
+    sae: Dictionary,
+    res: Dictionary | None = None,
+    att: Dictionary | None = None,
 ) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
     """Each sender's write (N, P, d) in a run, from its cache, computed from the definitions."""
     out = {"input": cache[Site("resid_pre", 0)]}
@@ -323,6 +366,8 @@ def _sender_values(
     families = [(0, tc, "tc", cache[Site("mlp_out", 0)]), (1, sae, "sae", cache[Site("mlp_out", 1)])]
     if res is not None:  # the residual dictionary's error is the rest of the stream it rebuilds
         families.append((0, res, "res", cache[Site("resid_pre", 1)]))
+    if att is not None:  # the attention SAE's error is the rest of the attention's output
+        families.append((1, att, "att", cache[Site("attn_out", 1)]))
     for layer, d, name, rebuilt in families:
         f = cache[Site("latent", layer, path=name)]
         total = torch.zeros_like(rebuilt)
@@ -340,22 +385,23 @@ def _reference_metric(model: Model, task: Task, kept: torch.Tensor, layout, made
     is the running residual at its read point minus Σ_{removed (u, v)} (z_u − z_u^src), placed with interventions
     on the q/k/v projection outputs, the MLP inputs, the transcoder's latents and the final residual stream. Each
     iteration takes the running values of the one before; the graph is a DAG of depth ≤ 2·layers + 2."""
-    tc, sae, res, a = made["tc"], made["sae"], made.get("res"), model.arch
+    tc, sae, res, att, a = made["tc"], made["sae"], made.get("res"), made.get("att"), model.arch
     sites = [Site("resid_pre", layer) for layer in range(2)] + [Site("resid_mid", layer) for layer in range(2)]
     sites += [Site("head", layer) for layer in range(2)] + [Site("mlp_out", layer) for layer in range(2)]
     sites += [Site("latent", 0, path="tc"), Site("latent", 1, path="sae")]
     sites += [] if res is None else [Site("latent", 0, path="res")]
+    sites += [] if att is None else [Site("latent", 1, path="att"), Site("attn_out", 1)]
     mask = task.attention_mask
     with torch.no_grad():
         source = model.run(task.corrupt_ids, attention_mask=mask, cache=sites).cache
-        z_src = _sender_values(model, layout, source, tc, sae, res)
+        z_src = _sender_values(model, layout, source, tc, sae, res, att)
         valid = valid_mask(layout, 2)
         interventions: list[Intervention] = []
         metrics = []
         for _ in range(8):
             run = model.run(task.clean_ids, attention_mask=mask, cache=sites, interventions=interventions)
             metrics.append(task.metric(run.logits, task))
-            z = _sender_values(model, layout, run.cache, tc, sae, res)
+            z = _sender_values(model, layout, run.cache, tc, sae, res, att)
 
             def read(receiver: str, resid: torch.Tensor, z: dict[str, torch.Tensor] = z) -> torch.Tensor:
                 j = layout.receivers.index(receiver)

@@ -188,10 +188,12 @@ def edge_attribution(
 
 
 def latent_meta(layout: Layout) -> dict[str, object]:
-    """What a Graph records about spliced dictionaries' latents as nodes: nothing without them; else `feeds` (an
-    MLP receiver → the latent senders its output is encoded into, read by `Graph.receiver_nodes`) and per
-    dictionary its kind, width, node count and whether its latents receive (a transcoder)."""
-    if not layout.families:
+    """What a Graph records about spliced dictionaries' latents as nodes: nothing without them; else `feeds` (a
+    receiver whose component's output an SAE encodes — an MLP's input, a head's q/k/v — → the latent and error
+    senders, read by `Graph.receiver_nodes`) and per dictionary its kind, width, node count, whether its latents
+    receive (a transcoder) and the sites it reads and rebuilds."""
+    spliced = [*layout.families.values(), *layout.cuts.values(), *layout.attention.values()]
+    if not spliced:
         return {}
     dictionaries = {
         str(f.site): {
@@ -202,7 +204,7 @@ def latent_meta(layout: Layout) -> dict[str, object]:
             "reads": str(f.splice.source),
             "rebuilds": str(f.splice.target),
         }
-        for f in layout.families.values()
+        for f in spliced
     }
     return {"feeds": dict(layout.feeds), "dictionaries": dictionaries}
 
@@ -253,6 +255,7 @@ def _sender_deltas(
     dictionary in `layout` sends Δf_i · W_dec[i] / s_out per node latent and the rest of Δmlp_out as its error."""
     dictionaries = {} if layout is None else layout.families
     cuts = {} if layout is None else layout.cuts
+    attention = {} if layout is None else layout.attention
     a = model.arch
     post = post_norms(model)
     families = [Site("resid_pre", 0)] + [Site("head_z", layer) for layer in range(a.n_layers)]
@@ -260,8 +263,8 @@ def _sender_deltas(
         families += [Site("mlp_out", layer) for layer in range(a.n_layers)]
     if post is not None:
         families += [o_proj_output(model, layer) for layer in range(a.n_layers)]
-    families += [f.site for f in [*dictionaries.values(), *cuts.values()]]
-    families += [Site("resid_pre", layer) for layer in cuts]
+    families += [f.site for f in [*dictionaries.values(), *cuts.values(), *attention.values()]]
+    families += [Site("resid_pre", layer) for layer in cuts] + [Site("attn_out", layer) for layer in attention]
     families += list(writes)
     mask = task.attention_mask
     base = model.run(base_ids, attention_mask=mask, cache=families, interventions=sides[0]).cache
@@ -277,7 +280,13 @@ def _sender_deltas(
             parts += [latents, (resid - latents.sum(dim=0))[None]]
         w_o = output_weight_per_head(get_module(blocks[layer], a.o_proj), a.n_heads, a.d_head).detach()
         z = Site("head_z", layer)
-        if post is None:
+        heads = attention.get(layer)
+        if heads is not None:  # an attn_out SAE: its latents and the rest of the attention's write
+            attn = source[Site("attn_out", layer)] - base[Site("attn_out", layer)]  # (N, P, d)
+            df = (source[heads.site] - base[heads.site])[..., heads.nodes].to(attn.dtype)  # (N, P, L)
+            latents = torch.einsum("npl,ld->lnpd", df, heads.writes().to(attn.dtype))  # (L, N, P, d)
+            parts += [latents, (attn - latents.sum(dim=0))[None]]
+        elif post is None:
             dz = source[z] - base[z]
             parts.append(torch.einsum("bphe,hed->hbpd", dz, w_o.to(dz.dtype)))
         else:

@@ -123,7 +123,8 @@ class EdgePatcher:
         residuals += [Site("resid_mid", layer) for layer in range(a.n_layers)] if a.mlp and not a.parallel else []
         self.post = post_norms(model)
         projections = [] if self.post is None else [o_proj_output(model, layer) for layer in range(a.n_layers)]
-        latents = [f.site for f in [*self.layout.families.values(), *self.layout.cuts.values()]]
+        spliced = [*self.layout.families.values(), *self.layout.cuts.values(), *self.layout.attention.values()]
+        latents = [f.site for f in spliced] + [Site("attn_out", layer) for layer in self.layout.attention]
         scored = torch.unique(task.answer_pos)
         run = model.run(
             source_task_ids,
@@ -197,6 +198,16 @@ class EdgePatcher:
             self.error_source[layer] = self._ablated(mlp - f @ writes)
             if family.transcoder:
                 self.latent_read_source[layer] = family.values(self.source_normed[("mlp", layer)])
+        self.attention_writes: dict[int, Tensor] = {}
+        self.attention_source: dict[int, Tensor] = {}
+        self.attention_error_source: dict[int, Tensor] = {}
+        for layer, family in self.layout.attention.items():
+            attn = cache[Site("attn_out", layer)]
+            writes = family.writes().to(attn.dtype)
+            f = cache[family.site][..., family.nodes].to(attn.dtype)  # (N, P, L)
+            self.attention_writes[layer] = writes
+            self.attention_source[layer] = self._ablated(f)
+            self.attention_error_source[layer] = self._ablated(attn - f @ writes)
         self.cut_writes: dict[int, Tensor] = {}
         self.cut_source: dict[int, Tensor] = {}
         self.cut_error_source: dict[int, Tensor] = {}
@@ -247,7 +258,9 @@ class EdgePatcher:
                 run, ablated = resid, self._ablated(resid)
             out[self.layout.sender_stop[layer]] = resid - run + ablated
             before_heads = (run, ablated)
-            if self.post is None:
+            if layer in self.layout.attention:  # its senders (latents and error) write the attention's whole output
+                heads = cache[Site("attn_out", layer)]
+            elif self.post is None:
                 heads = torch.einsum("bphe,hed->bpd", cache[Site("head_z", layer)], self.w_o[layer].to(first.dtype))
             else:
                 heads = head_writes[layer].sum(dim=0)
@@ -523,7 +536,10 @@ class _RunState:
                 parts = [i for i, m in enumerate(qkv.part_module) if m == module_index]
                 out += self._leave_out(path)
                 out.append((path, "fwd", self._projection(layer, parts)))
-            if self.p.post is None:
+            heads = self.p.layout.attention.get(layer)
+            if heads is not None:
+                out.append((f"{block}.{a.attn_out}", "fwd", self._attention_latents(layer, heads)))
+            elif self.p.post is None:
                 out.append((f"{block}.{a.o_proj}", "pre", self._head_outputs(layer)))
             else:
                 out.append((f"{block}.{a.o_proj}", "fwd", self._linearised_head_outputs(layer, self.p.post[layer])))
@@ -751,6 +767,25 @@ class _RunState:
             if self.needed[rows.stop]:
                 self.d[rows.stop] = (error - self.p.cut_error_source[layer][self.prompts]).flatten(1)
             return with_hidden_input(args, kwargs, new)
+
+        return hook
+
+    def _attention_latents(self, layer: int, family: LatentFamily) -> Callable[..., Any]:
+        """D of an attn_out SAE's needed senders from the attention's own output: each node latent's
+        (f_i − f_i^src) W_dec[i] / s_out and the error node's write (the rest of the output) minus its source."""
+        rows = self.p.layout.attention_rows[layer]
+
+        def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
+            out = first_output(output)  # (B, P, d)
+            writes = self.p.attention_writes[layer]  # (L, d)
+            f = family.values(out)  # (B, P, L)
+            needed = torch.nonzero(self.needed[rows])[:, 0]
+            if needed.numel():
+                df = f[..., needed] - self.p.attention_source[layer][self.prompts][..., needed]  # (B, P, C)
+                self.d[rows.start + needed] = torch.einsum("bpc,cd->cbpd", df, writes[needed]).flatten(2)
+            if self.needed[rows.stop]:
+                error = out - f @ writes
+                self.d[rows.stop] = (error - self.p.attention_error_source[layer][self.prompts]).flatten(1)
 
         return hook
 

@@ -29,6 +29,11 @@ those latents nodes of the graph (`latent_families`):
   the latents inside the MLP node: MLP → latent edges are internal), and the sender `L{l}.mlp` is replaced by
   `L{l}.sae.F{i}` and `L{l}.sae.err` as above; `Layout.feeds` maps the receiver to the senders it feeds.
 
+- an SAE on `L{l}.attn_out` (named e.g. "att"): the same for the attention's write: the heads of layer l stay
+  receivers (their q/k/v inputs feed the latents and the error, `Layout.feeds`), and the senders `L{l}.H{h}` are
+  replaced by `L{l}.att.F{i}` and `L{l}.att.err`, the error writing the rest of the attention's output (the
+  output projection's bias included; behind a Gemma post-attention norm, the norm's output, with no
+  linearisation needed).
 - an SAE on the residual stream between two layers (`L{l}.resid_post` for l below the last layer, or
   `L{l}.resid_pre` for l above 0; named e.g. "res"): a bottleneck. Its latents and error are senders and
   receivers placed at the input of the next layer (`Layout.cuts`): every sender before it reaches it, and no
@@ -42,7 +47,7 @@ Nodes are the latents whose value differs between the clean and the corrupted ru
 position of the task: the others have no first-order effect (Δf = 0) and would only widen every sender ×
 receiver matrix (a 4608-wide dictionary is mostly silent on a task). A latent that is not a node is carried by
 the error node, so edge patching stays exact whatever the node set. A dictionary spliced anywhere else (the
-residual stream before the first or after the last layer, attn_out, inside the MLP) raises a PathlensError that
+residual stream before the first or after the last layer, inside the MLP or the attention) raises a PathlensError that
 names `node_circuit` and the supported splices.
 """
 
@@ -85,6 +90,11 @@ class LatentFamily:
     def transcoder(self) -> bool:
         """Whether the latents read the MLP input (a transcoder) rather than its output (an SAE)."""
         return self.splice.source != self.splice.target
+
+    @property
+    def attention(self) -> bool:
+        """Whether the dictionary decomposes the attention's write (an SAE on attn_out) rather than an MLP's."""
+        return self.splice.target.kind == "attn_out"
 
     @property
     def cut(self) -> int | None:
@@ -203,7 +213,7 @@ def _check_splice(model: Model, sp: Splice) -> None:
     `pathlens.features` Dictionary."""
     source, target = sp.source, sp.target
     transcoder = source.kind == "mlp_in" and target.kind == "mlp_out" and source.layer == target.layer
-    sae = source == target and target.kind == "mlp_out"
+    sae = source == target and target.kind in ("mlp_out", "attn_out")
     layer, last = int(target.layer or 0), model.arch.n_layers - 1
     between = source == target and (
         (target.kind == "resid_post" and layer < last) or (target.kind == "resid_pre" and layer > 0)
@@ -221,7 +231,7 @@ def _check_splice(model: Model, sp: Splice) -> None:
             f"edge methods need the dictionary spliced as {sp.latents} to be a pathlens.features Dictionary (its "
             f"encoder and decoder weights make each latent a node); got {type(sp.dictionary).__name__}."
         )
-    if model.arch.mlp is None and not between:
+    if model.arch.mlp is None and target.kind.startswith("mlp"):
         raise PathlensError(f"{model.arch.family} has no MLP, so {sp.latents} has no MLP output to decompose.")
 
 
@@ -243,6 +253,8 @@ class Layout:
     cut_stop: dict[int, int] = field(default_factory=dict)  # senders [0, stop) precede that dictionary
     cut_cols: dict[int, slice] = field(default_factory=dict)  # its receiver columns: node latents, then error
     read_from: list[int] = field(default_factory=list)  # per receiver: senders before this one are not read
+    attention: dict[int, LatentFamily] = field(default_factory=dict)  # layer -> the SAE on its attention's output
+    attention_rows: dict[int, slice] = field(default_factory=dict)  # sender rows of its node latents
 
 
 def graph_layout(model: Model, families: Sequence[LatentFamily] | None = None) -> Layout:
@@ -250,7 +262,8 @@ def graph_layout(model: Model, families: Sequence[LatentFamily] | None = None) -
     `families`: the spliced dictionaries' nodes (default: every latent of every splice, `latent_families`)."""
     a = model.arch
     chosen = latent_families(model) if families is None else families
-    by_layer = {f.layer: f for f in chosen if f.cut is None}
+    by_layer = {f.layer: f for f in chosen if f.cut is None and not f.attention}
+    by_attention = {f.layer: f for f in chosen if f.attention}
     cuts = {f.cut: f for f in chosen if f.cut is not None}
     h, g = a.n_heads, a.n_kv_heads
     kv_letter = "H" if g == h else "G"
@@ -265,6 +278,7 @@ def graph_layout(model: Model, families: Sequence[LatentFamily] | None = None) -
     feeds: dict[str, list[str]] = {}
     cut_stop: dict[int, int] = {}
     cut_cols: dict[int, slice] = {}
+    attn_rows: dict[int, slice] = {}
     read_from: list[int] = []
     start = 0  # senders before the latest residual dictionary are read by no later receiver
 
@@ -287,7 +301,13 @@ def graph_layout(model: Model, families: Sequence[LatentFamily] | None = None) -
         receivers += [f"L{layer}.{kv_letter}{i}.k" for i in range(g)]
         receivers += [f"L{layer}.{kv_letter}{i}.v" for i in range(g)]
         attn_cols.append(slice(first, len(receivers)))
-        senders += [f"L{layer}.H{i}" for i in range(h)]
+        heads = by_attention.get(layer)
+        if heads is None:
+            senders += [f"L{layer}.H{i}" for i in range(h)]
+        else:  # an attn_out SAE: the heads still read, their write is the latents' and the error's
+            attn_rows[layer] = slice(len(senders), len(senders) + len(heads.nodes))
+            senders += [*heads.names, heads.error]
+            feeds.update({r: [*heads.names, heads.error] for r in receivers[attn_cols[-1]]})
         if a.mlp is None:
             mlp_stop.append(len(senders))
             mlp_col.append(None)
@@ -315,7 +335,7 @@ def graph_layout(model: Model, families: Sequence[LatentFamily] | None = None) -
     read(len(receivers))
     return Layout(
         senders, receivers, sender_stop, mlp_stop, attn_cols, mlp_col, by_layer, latent_rows, latent_cols, feeds,
-        cuts, cut_stop, cut_cols, read_from if cuts else [],
+        cuts, cut_stop, cut_cols, read_from if cuts else [], by_attention, attn_rows,
     )  # fmt: skip
 
 
