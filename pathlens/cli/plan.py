@@ -21,6 +21,7 @@ from pathlens.model import Model
 from pathlens.patching.estimate import Estimate
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction
 from pathlens.report.studies import task_for
+from pathlens.tasks import TASKS
 from pathlens.tasks.base import Task
 
 NODE_METHODS = ("atp", "atp*", "relp", "ig")
@@ -33,7 +34,7 @@ DISCOVERY_SCORES = ("eap", "eap-ig", "relp", "patching")
 def plan(
     method: str = typer.Option("patch", help=f"one of {', '.join(PLANNED_METHODS)}"),
     model: str = typer.Option("smollm2", help="embedded name, local folder or hub name"),
-    task: str = typer.Option("ioi", help="task name"),
+    task: str = typer.Option("ioi", help=f"one of {', '.join(TASKS)}"),
     sites: Optional[str] = typer.Option(  # noqa: UP045 (typer reads the annotation)
         None, help="heads (default) | resid | mlp | attn, or any family of pathlens.patch; store: a comma list of sites"
     ),
