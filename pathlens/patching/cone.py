@@ -13,7 +13,7 @@ K variants of N prompts run as one batch of K·N rows; the sweep (`pathlens.patc
 Latents of a spliced dictionary (`Model.splice`: `L6.sae.F12`, `L6.sae.err`) are sites of their splice's target:
 writing them changes that site's value and nothing upstream of it. Where the target is a block's last word —
 `resid_post[l]`, or `mlp_out[l]` (also a transcoder's), which the block adds to `resid_mid[l]` to make it — a
-variant enters at layer l + 1 (`entry_layers`): the runner rebuilds the target from the base run's values with
+variant enters at layer l + 1 (`entry_layer`): the runner rebuilds the target from the base run's values with
 the patch applied (the session's own splice, `HookSession.process`) and feeds layer l + 1 the patched stream,
 `resid_post[l]` itself or `resid_mid[l]` + the patched `mlp_out[l]`. It checks on its base run that this is what
 the model computes, bit for bit (the next block reads resid_post[l]; resid_post[l] = resid_mid[l] + mlp_out[l]),
