@@ -9,7 +9,9 @@
 - `path_patch`: sender → receivers path patching, batched over senders;
 - `neuron_path` / `neuron_path_module`: NeuronPath, one neuron per layer by joint integrated gradients;
 - `top_paths`: the K best (optionally diverse) paths of a scored graph; `graph_layout`: a model's senders and
-  receivers (`Layout`).
+  receivers (`Layout`), including the latents and error node of each spliced dictionary (`latent_families`,
+  `LatentFamily`): while a transcoder, an `mlp_out` / `attn_out` SAE or a residual SAE is spliced, every edge
+  method above treats its latents as nodes.
 
 `discover`, `faithfulness` and `neuron_path` are functions named like the modules that hold them: here the
 name is the function (`pathlens.circuits.discover(model, task)`), while the modules stay importable by path
@@ -22,7 +24,7 @@ from pathlens.circuits.edge_attribution import edge_attribution
 from pathlens.circuits.edge_effects import edge_effects
 from pathlens.circuits.edge_patching import EdgePatcher
 from pathlens.circuits.faithfulness import Curve, completeness, faithfulness, faithfulness_curve
-from pathlens.circuits.layout import Layout, graph_layout
+from pathlens.circuits.layout import LatentFamily, Layout, graph_layout, latent_families
 from pathlens.circuits.neuron_path import NeuronPathResult, neuron_path, neuron_path_module
 from pathlens.circuits.path_patching import path_patch
 from pathlens.paths import Path, top_paths
@@ -31,6 +33,7 @@ __all__ = [
     "DISCOVERY_METHODS",
     "Curve",
     "EdgePatcher",
+    "LatentFamily",
     "Layout",
     "NeuronPathResult",
     "Path",
@@ -41,6 +44,7 @@ __all__ = [
     "faithfulness",
     "faithfulness_curve",
     "graph_layout",
+    "latent_families",
     "mib",
     "neuron_path",
     "neuron_path_module",
