@@ -60,7 +60,9 @@ def latent_major(indices: Tensor, values: Tensor, width: int) -> Tensor:
     values[b, j'] at column b (tokens in increasing order)."""
     n, m = indices.shape
     flat = indices.reshape(-1)  # (n·m,)
-    order = torch.argsort(flat, stable=True)  # grouped by latent, tokens ascending within a group
+    # grouped by latent, tokens ascending within a group; sorted as one row of a 2-D tensor, since torch's
+    # multithreaded 1-D sort takes ~100× longer (180 ms vs 1.7 ms for 32k entries on 2 busy cores)
+    order = torch.argsort(flat.unsqueeze(0), dim=1, stable=True).squeeze(0)  # (n·m,)
     crow = torch.zeros(width + 1, dtype=torch.long, device=indices.device)
     crow[1:] = torch.cumsum(torch.bincount(flat, minlength=width), 0)
     with warnings.catch_warnings():
