@@ -23,6 +23,7 @@ from pathlens.circuits.edge_effects import edge_effects
 from pathlens.circuits.edge_patching import EdgePatcher
 from pathlens.circuits.faithfulness import faithfulness_curve
 from pathlens.distributed import RayExecutor
+from pathlens.features.sae import Dictionary, DictionaryConfig
 from pathlens.model import Model
 from pathlens.patching.executor import ChunkWork
 from tests import test_distributed as shared
@@ -139,3 +140,9 @@ def test_bad_executors_and_in_memory_models_raise(executor: Any) -> None:
         discover(model, task, method="acdc", executor=executor)
     with pytest.raises(pathlens.PathlensError, match="in-memory module"):
         discover(model, task, method="patching", executor=executor)
+    sae = Dictionary(DictionaryConfig("relu", model.arch.d_model, 8), seed=0)
+    with model.splice(sae, "L0.mlp_out"):  # a worker would build the model without the dictionary: refused, early
+        with pytest.raises(pathlens.PathlensError, match=r"spliced in \(L0\.sae\).*executor='local'"):
+            pathlens.patch(model, task, sites="L0.sae", executor=RayExecutor(model="x"))
+        with pytest.raises(pathlens.PathlensError, match="spliced in"):
+            faithfulness_curve(EdgePatcher(model, task), edge_attribution(model, task), executor=RayExecutor(model="x"))

@@ -140,6 +140,12 @@ class RayExecutor:
 
     def _submit(self, model: Model, work: ChunkWork) -> _Job:
         """Connect, start the actors for the model's spec, and send every actor `prepare` of `work`."""
+        if model.splices:
+            spliced = ", ".join(str(sp.latents) for sp in model.splices)
+            raise PathlensError(
+                f"this model has dictionaries spliced in ({spliced}), but a Ray worker builds its model from its spec "
+                "without them, so its chunks would compute another model; run this call locally (executor='local')."
+            )
         ray = import_ray()
         spec = self.model or ModelSpec.of(model)
         self._started_ray = connect(self.address, self.init) or self._started_ray
