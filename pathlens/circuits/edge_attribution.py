@@ -81,6 +81,7 @@ from pathlens.interventions import Intervention, Replace
 from pathlens.memory import parse_bytes
 from pathlens.model import Model
 from pathlens.patching.budget import edge_attribution_cost
+from pathlens.patching.executor import Executor
 from pathlens.patching.spec import DEFAULT_DIRECTION, Direction, PatchSpec, check_option
 from pathlens.sites import Site
 from pathlens.tasks.base import Task
@@ -102,6 +103,7 @@ def edge_attribution(
     max_batch_tokens: int | None = None,
     clean_interventions: Sequence[Intervention] = (),
     max_memory: int | str | None = None,
+    executor: "str | Executor | None" = None,
 ) -> Graph:
     """Score every edge of `model`'s graph on `task` (see module docstring) → Graph (batch-mean scores).
 
@@ -112,7 +114,25 @@ def edge_attribution(
     max_batch_tokens: tokens per forward/backward (default `DEFAULT_ATTRIBUTION_BATCH_TOKENS`); max_memory:
     instead, the bytes the call may hold (an int or a string such as "2GB"): the (prompt, step) rows per chunk
     follow from their cost (`patching.budget.edge_attribution_cost`), scores as with `max_batch_tokens` = rows × P.
+    executor: "local", "ray" or an executor object run the prompts in chunks of whole prompts, here or on workers
+    (`circuits.edge_attribution_work`: bit-identical between "local" and an executor); None runs them as above.
     """
+    if executor is not None:
+        from pathlens.circuits.edge_attribution_work import edge_attribution_over_chunks  # it calls this function
+
+        return edge_attribution_over_chunks(
+            model,
+            task,
+            method,
+            direction,
+            metric,
+            steps,
+            rules,
+            max_batch_tokens,
+            clean_interventions,
+            max_memory,
+            executor,
+        )
     check_option("method", method, METHODS)
     if steps < 1:
         raise PathlensError(f"steps must be at least 1, got {steps}.")
