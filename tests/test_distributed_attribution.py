@@ -221,12 +221,14 @@ def test_ray_estimates_equal_local_ones_bit_for_bit(
 
 
 def test_ray_edge_attribution_equals_the_local_chunks_bit_for_bit(folder: Any, executor: RayExecutor) -> None:  # noqa: F811
+    """`edge_attribution(executor=...)` (the entry point, wired to `edge_attribution_over_chunks`): Ray against
+    "local", the same chunks in this process."""
     model, task = pathlens.load(folder), chunk_task()
     for method in ("eap", "eap-ig"):
         tokens = (2 if method == "eap-ig" else 1) * CHUNK_TOKENS  # two prompts with every step
         options: dict[str, Any] = {"steps": 2, "max_batch_tokens": tokens}
-        local = edge_attribution_over_chunks(model, task, method, executor="local", **options)  # type: ignore[arg-type]
-        remote = edge_attribution_over_chunks(model, task, method, executor=executor, **options)  # type: ignore[arg-type]
+        local = edge_attribution(model, task, method, executor="local", **options)  # type: ignore[arg-type]
+        remote = edge_attribution(model, task, method, executor=executor, **options)  # type: ignore[arg-type]
         assert local.meta["prompts_per_chunk"] == 2
         assert torch.equal(remote.scores.isnan(), local.scores.isnan())
         assert torch.equal(remote.scores.nan_to_num(), local.scores.nan_to_num())

@@ -8,7 +8,8 @@ chunk holds only its own prompts' sender differences Δz (senders × prompts × 
 memory such a run needs stops growing with the number of prompts. The plan follows from `max_batch_tokens` (as
 many whole prompts as one forward holds with all their steps) or `max_memory` (`patching.budget`'s
 `edge_attribution_cost` of a chunk), never from where the chunks run, so a run on an executor is bit-identical to
-`edge_attribution_over_chunks(..., executor="local")` with the same plan and torch threads per process. Each
+the same chunks run here, `edge_attribution(..., executor="local")` (which calls `edge_attribution_over_chunks`),
+with the same torch threads per process. Each
 chunk's means are float32, so the chunked graph equals one unchunked run to float32 rounding (about 1e-7
 relative).
 
