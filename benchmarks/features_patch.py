@@ -164,7 +164,7 @@ def rows(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         )
     cone, full, hand = (timed[name].result for name in ("cone", "full", "floor"))
     diff = max(max_abs_diff(cone, full), max_abs_diff(hand.to(full.dtype), full))
-    seconds, floor_s, full_s = (timed[name].median for name in ("cone", "full", "floor"))
+    seconds, floor_s, full_s = (timed[name].median for name in ("cone", "floor", "full"))
     yield {
         "workload": "latent-patch",
         "site": site,
