@@ -210,6 +210,8 @@ def sae_rows(work: Workload) -> Iterator[Row]:
     from benchmarks import features_sae
 
     argv = ["--threads", str(work.args.threads or 0), "--device", str(work.args.device)]
+    if work.args.saelens_python:
+        argv += ["--saelens-python", work.args.saelens_python]
     yield from features_sae.rows(features_sae.parse(argv))
 
 
@@ -237,6 +239,12 @@ def main() -> None:
     parser.add_argument("--max-mb", type=int, default=64, help="store memory budget (sets the shard size)")
     parser.add_argument("--snmf-rows", type=int, default=8192)
     parser.add_argument("--snmf-iters", type=int, default=20)
+    parser.add_argument(
+        "--saelens-python",
+        default=os.environ.get("PATHLENS_SAELENS_PYTHON"),
+        help="python of a virtualenv with SAELens, which pins transformer-lens 3.x and so needs its own (sae-topk's "
+        "saelens_ratio; default: $PATHLENS_SAELENS_PYTHON; null without one)",
+    )
     add_device_argument(parser)
     args = parser.parse_args()
     check_repeats_and_threads(parser, args)
