@@ -307,6 +307,15 @@ class Emitter:
                 print(row)
 
 
+def emit_rows(rows: Iterable[dict[str, Any]], json: bool, model: str = "smollm2") -> None:
+    """Emit every row of `rows` as they come, each with the model's name and this process's torch threads, then
+    finish (the main loop of a benchmark whose rows come from one generator)."""
+    emit = Emitter(json=json, extra={"model": model, "threads": torch.get_num_threads()})
+    for row in rows:
+        emit(row)
+    emit.finish()
+
+
 def versions(dists: Iterable[str]) -> dict[str, str]:
     """Installed version of each distribution, by its name on PyPI."""
     return {name: version(name) for name in dists}

@@ -36,10 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import pathlens
-from benchmarks.common import Emitter, add_device_argument, check_device, set_threads
+from benchmarks.common import add_device_argument, check_device, emit_rows, set_threads
 from pathlens.features.contexts import pick_latents, top_contexts
 from pathlens.features.evaluate import evaluate
 from pathlens.features.sae import Dictionary, DictionaryConfig
@@ -164,10 +162,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse()
     set_threads(args.threads or None)
-    emit = Emitter(json=args.json, extra={"model": "smollm2", "threads": torch.get_num_threads()})
-    for row in rows(args):
-        emit(row)
-    emit.finish()
+    emit_rows(rows(args), args.json)
 
 
 if __name__ == "__main__":

@@ -42,9 +42,9 @@ from transformers.cache_utils import DynamicCache
 
 import pathlens
 from benchmarks.common import (
-    Emitter,
     add_device_argument,
     check_repeats_and_threads,
+    emit_rows,
     max_abs_diff,
     round_robin,
     set_threads,
@@ -208,10 +208,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse()
     set_threads(args.threads)
-    emit = Emitter(json=args.json, extra={"model": "smollm2", "threads": torch.get_num_threads()})
-    for row in rows(args):
-        emit(row)
-    emit.finish()
+    emit_rows(rows(args), args.json)
 
 
 if __name__ == "__main__":

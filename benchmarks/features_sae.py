@@ -54,7 +54,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from torch.nn import functional as F
 
-from benchmarks.common import Emitter, add_device_argument, check_device, set_threads
+from benchmarks.common import add_device_argument, check_device, emit_rows, set_threads
 from pathlens import Model, load
 from pathlens.features.corpus import windows
 from pathlens.features.evaluate import evaluate
@@ -283,10 +283,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main() -> None:
     args = parse()
     set_threads(args.threads or None)
-    emit = Emitter(json=args.json, extra={"model": "smollm2", "threads": torch.get_num_threads()})
-    for row in rows(args):
-        emit(row)
-    emit.finish()
+    emit_rows(rows(args), args.json)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ if not __package__:  # run as `python benchmarks/scale.py`: import the package f
 
 import argparse
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -110,49 +111,52 @@ def gpt2_model(device: str = "cpu") -> pathlens.Model:
     return pathlens.Model(build_gpt2(device), name="gpt2-shape")
 
 
-def run_ray(args: argparse.Namespace, emit: Emitter) -> list[str]:
-    """The ray part: rows for 1 and 2 workers against the local run; returns the missed targets."""
+def ray_versus_local(
+    args: argparse.Namespace,
+    emit: Emitter,
+    part: str,
+    workload: str,
+    run: Callable[[Any], Any],
+    same: Callable[[Any, Any], bool],
+    spec: ModelSpec | None,
+    extra: dict[str, Any] | None = None,
+) -> list[str]:
+    """Time `run(None)` (one single-threaded local process, the floor) against `run(executor)` on a local Ray
+    cluster of 1 and 2 single-threaded workers at the driver's priority (as RayExecutor starts one), in alternating
+    rounds; one row per worker count; returns the missed targets. The first Ray call (actors start and build the
+    model) is `startup_seconds`, outside the timed region."""
     import ray
 
-    set_threads(1)  # the local floor is single-threaded, like each worker
-    if args.driver_keeps_freed_memory and not keep_freed_memory():
-        raise SystemExit("--driver-keeps-freed-memory needs glibc's malloc")
-    model = gpt2_model(str(args.device))
     gpus = 1.0 if args.device.type == "cuda" else 0.0
-    task = synthetic_ioi_task(model.vocab_size)
     missed: list[str] = []
     ray.init(
         num_cpus=max(args.workers),
         include_dashboard=False,
         log_to_driver=False,
         logging_level="ERROR",
-        _system_config=dict(LOCAL_SYSTEM_CONFIG),  # workers at the driver's priority, as RayExecutor starts them
+        _system_config=dict(LOCAL_SYSTEM_CONFIG),
     )
     try:
         for workers in args.workers:
-            spec = ModelSpec(gpt2_model, {"device": str(args.device)})
             with RayExecutor(workers=workers, threads=1, model=spec, gpus_per_worker=gpus) as executor:
                 start = time.perf_counter()
-                pathlens.patch(model, task, executor=executor, **SWEEP)  # actors start and build the model
-                startup = time.perf_counter() - start  # what a first call waits: actors, models, one sweep
+                run(executor)
+                startup = time.perf_counter() - start
                 timed = round_robin(
-                    {
-                        "local": lambda: pathlens.patch(model, task, **SWEEP),
-                        "ray": lambda executor=executor: pathlens.patch(model, task, executor=executor, **SWEEP),
-                    },
+                    {"local": lambda: run(None), "ray": lambda executor=executor: run(executor)},
                     args.repeats,
                     warm_up=["local"],
                 )
             local, remote = timed["local"], timed["ray"]
             speedup = local.median / remote.median
             per_round = [a / b for a, b in zip(local.seconds, remote.seconds, strict=True)]
-            identical = bool(torch.equal(local.result.values, remote.result.values))
+            identical = same(local.result, remote.result)
             target = SPEEDUP_TARGET if workers > 1 else 1 / ONE_WORKER_TARGET
             met = identical and speedup >= target
             emit(
                 {
-                    "part": "ray",
-                    "workload": RAY_WORKLOAD,
+                    "part": part,
+                    "workload": workload,
                     "workers": workers,
                     "threads_per_worker": 1,
                     "seconds": round(remote.median, 3),
@@ -164,15 +168,39 @@ def run_ray(args: argparse.Namespace, emit: Emitter) -> list[str]:
                     "identical": identical,
                     "met": met,
                     "startup_seconds": round(startup, 2),
-                    "driver_keeps_freed_memory": args.driver_keeps_freed_memory,
                     "repeats": args.repeats,
+                    **(extra or {}),
                 }
             )
             if not met:
-                missed.append(f"ray {workers} workers: x{speedup:.2f} (target {target:.2f}), identical {identical}")
+                missed.append(f"{part} {workers} workers: x{speedup:.2f} (target {target:.2f}), identical {identical}")
     finally:
         ray.shutdown()
     return missed
+
+
+def same_scores(a: Any, b: Any) -> bool:
+    """Whether two Scores hold the same values bit for bit."""
+    return bool(torch.equal(a.values, b.values))
+
+
+def run_ray(args: argparse.Namespace, emit: Emitter) -> list[str]:
+    """The ray part: the head sweep on 1 and 2 workers against the local run; returns the missed targets."""
+    set_threads(1)  # the local floor is single-threaded, like each worker
+    if args.driver_keeps_freed_memory and not keep_freed_memory():
+        raise SystemExit("--driver-keeps-freed-memory needs glibc's malloc")
+    model = gpt2_model(str(args.device))
+    task = synthetic_ioi_task(model.vocab_size)
+    return ray_versus_local(
+        args,
+        emit,
+        "ray",
+        RAY_WORKLOAD,
+        lambda executor: pathlens.patch(model, task, executor=executor, **SWEEP),
+        same_scores,
+        ModelSpec(gpt2_model, {"device": str(args.device)}),
+        {"driver_keeps_freed_memory": args.driver_keeps_freed_memory},
+    )
 
 
 def run_half(args: argparse.Namespace, emit: Emitter) -> list[str]:
@@ -258,69 +286,23 @@ def run_memory(args: argparse.Namespace, emit: Emitter) -> list[str]:
 def run_ray_curve(args: argparse.Namespace, emit: Emitter) -> list[str]:
     """The ray-curve part: a 20-size faithfulness curve on 1 and 2 Ray workers against the local run; returns the
     missed targets."""
-    import ray
-
     set_threads(1)  # the local floor is single-threaded, like each worker
     model = gpt2_model(str(args.device))
-    gpus = 1.0 if args.device.type == "cuda" else 0.0
     task = synthetic_ioi_task(model.vocab_size)
     graph = edge_attribution(model, task, "eap")
     patcher = EdgePatcher(model, task, max_batch_tokens=CURVE_BATCH_TOKENS)
-    missed: list[str] = []
-    ray.init(
-        num_cpus=max(args.workers),
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-        _system_config=dict(LOCAL_SYSTEM_CONFIG),  # workers at the driver's priority, as RayExecutor starts them
+    sizes = default_sizes(graph.edges_total)
+    chunks = len(patcher.row_chunks(1 + len({k for k in sizes if k < graph.edges_total})))
+    return ray_versus_local(
+        args,
+        emit,
+        "ray-curve",
+        CURVE_WORKLOAD,
+        lambda executor: faithfulness_curve(patcher, graph, executor=executor),
+        lambda a, b: bool(a.as_dict() == b.as_dict()),
+        ModelSpec(gpt2_model, {"device": str(args.device)}),
+        {"chunks": chunks, "edges_total": graph.edges_total},
     )
-    try:
-        for workers in args.workers:
-            spec = ModelSpec(gpt2_model, {"device": str(args.device)})
-            with RayExecutor(workers=workers, threads=1, model=spec, gpus_per_worker=gpus) as executor:
-                start = time.perf_counter()
-                faithfulness_curve(patcher, graph, executor=executor)  # actors start and build the model
-                startup = time.perf_counter() - start
-                timed = round_robin(
-                    {
-                        "local": lambda: faithfulness_curve(patcher, graph),
-                        "ray": lambda executor=executor: faithfulness_curve(patcher, graph, executor=executor),
-                    },
-                    args.repeats,
-                    warm_up=["local"],
-                )
-            local, remote = timed["local"], timed["ray"]
-            speedup = local.median / remote.median
-            identical = local.result.as_dict() == remote.result.as_dict()
-            target = SPEEDUP_TARGET if workers > 1 else 1 / ONE_WORKER_TARGET
-            met = identical and speedup >= target
-            emit(
-                {
-                    "part": "ray-curve",
-                    "workload": CURVE_WORKLOAD,
-                    "workers": workers,
-                    "threads_per_worker": 1,
-                    "seconds": round(remote.median, 3),
-                    "local_seconds": round(local.median, 3),
-                    "speedup_vs_local": round(speedup, 3),
-                    "target_speedup": round(target, 3),
-                    "identical": identical,
-                    "met": met,
-                    "chunks": len(
-                        patcher.row_chunks(1 + len({k for k in local.result.sizes if k < graph.edges_total}))
-                    ),
-                    "edges_total": graph.edges_total,
-                    "startup_seconds": round(startup, 2),
-                    "repeats": args.repeats,
-                }
-            )
-            if not met:
-                missed.append(
-                    f"ray-curve {workers} workers: x{speedup:.2f} (target {target:.2f}), identical {identical}"
-                )
-    finally:
-        ray.shutdown()
-    return missed
 
 
 def run_edge_memory(args: argparse.Namespace, emit: Emitter) -> list[str]:
@@ -386,15 +368,12 @@ def run_ray_store(args: argparse.Namespace, emit: Emitter) -> list[str]:
     import tempfile
     from pathlib import Path
 
-    import ray
-
     from pathlens.features.store import collect
     from pathlens.features.store_budget import store_plan
     from pathlens.memory import TensorPeak, megabytes
 
     set_threads(1)  # the local floor is single-threaded, like each worker
     model = pathlens.load("smollm2", device=args.device)
-    gpus = 1.0 if args.device.type == "cuda" else 0.0
     ids = store_windows(STORE_WINDOWS, model.vocab_size)
     window_bytes = model.arch.d_mlp * 4 * STORE_CONTEXT  # L6.mlp_post rows of one window, fp32
     sizes: dict[str, Any] = {"batch_size": STORE_BATCH, "max_bytes": 3 * STORE_BATCH * window_bytes}  # 1 batch/shard
@@ -409,44 +388,15 @@ def run_ray_store(args: argparse.Namespace, emit: Emitter) -> list[str]:
     def files(folder: Path) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
-    missed: list[str] = []
-    ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        for workers in args.workers:
-            with RayExecutor(workers=workers, threads=1, gpus_per_worker=gpus) as executor:
-                start = time.perf_counter()
-                fresh(executor)  # actors start and load SmolLM2
-                startup = time.perf_counter() - start
-                timed = round_robin(
-                    {"local": fresh, "ray": lambda executor=executor: fresh(executor)}, args.repeats, warm_up=["local"]
-                )
-            local, remote = timed["local"], timed["ray"]
-            speedup = local.median / remote.median
-            identical = files(local.result) == files(remote.result)
-            target = SPEEDUP_TARGET if workers > 1 else 1 / ONE_WORKER_TARGET
-            met = identical and speedup >= target
-            emit(
-                {
-                    "part": "ray-store",
-                    "workload": f"smollm2-store-{STORE_SITE}-{STORE_WINDOWS}x{STORE_CONTEXT}",
-                    "workers": workers,
-                    "threads_per_worker": 1,
-                    "seconds": round(remote.median, 3),
-                    "local_seconds": round(local.median, 3),
-                    "speedup_vs_local": round(speedup, 3),
-                    "target_speedup": round(target, 3),
-                    "identical": identical,
-                    "met": met,
-                    "startup_seconds": round(startup, 2),
-                    "repeats": args.repeats,
-                }
-            )
-            if not met:
-                missed.append(
-                    f"ray-store {workers} workers: x{speedup:.2f} (target {target:.2f}), identical {identical}"
-                )
-    finally:
-        ray.shutdown()
+    missed = ray_versus_local(
+        args,
+        emit,
+        "ray-store",
+        f"smollm2-store-{STORE_SITE}-{STORE_WINDOWS}x{STORE_CONTEXT}",
+        fresh,
+        lambda a, b: files(a) == files(b),
+        None,
+    )
     set_threads(args.threads)
     budget_ids = store_windows(16, model.vocab_size)
     least = store_plan(model, STORE_SITE, budget_ids, "1TB").least_bytes
@@ -499,69 +449,20 @@ def ioi_prompt_set(vocab_size: int, n: int) -> Task:
 def run_ray_attribution(args: argparse.Namespace, emit: Emitter) -> list[str]:
     """The ray-attribution part: AtP over a large prompt set on 1 and 2 Ray workers against the local run, then
     AtP's peak under three budgets; returns the missed targets."""
-    import ray
-
     set_threads(1)  # the local floor is single-threaded, like each worker
     model = gpt2_model(str(args.device))
-    gpus = 1.0 if args.device.type == "cuda" else 0.0
     task = ioi_prompt_set(model.vocab_size, ATTRIBUTION_PROMPTS)
     options: dict[str, Any] = {**ATTRIBUTION, "max_batch_tokens": ATTRIBUTION_CHUNK * task.seq_len}
-    chunks = -(-task.n // ATTRIBUTION_CHUNK)
-    missed: list[str] = []
-    ray.init(
-        num_cpus=max(args.workers),
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-        _system_config=dict(LOCAL_SYSTEM_CONFIG),  # workers at the driver's priority, as RayExecutor starts them
+    missed = ray_versus_local(
+        args,
+        emit,
+        "ray-attribution",
+        f"gpt2-atp-heads-{task.n}",
+        lambda executor: pathlens.atp(model, task, executor=executor, **options),
+        same_scores,
+        ModelSpec(gpt2_model, {"device": str(args.device)}),
+        {"prompts": task.n, "chunks": -(-task.n // ATTRIBUTION_CHUNK)},
     )
-    try:
-        for workers in args.workers:
-            spec = ModelSpec(gpt2_model, {"device": str(args.device)})
-            with RayExecutor(workers=workers, threads=1, model=spec, gpus_per_worker=gpus) as executor:
-                start = time.perf_counter()
-                pathlens.atp(model, task, executor=executor, **options)  # actors start and build the model
-                startup = time.perf_counter() - start
-                timed = round_robin(
-                    {
-                        "local": lambda: pathlens.atp(model, task, **options),
-                        "ray": lambda executor=executor: pathlens.atp(model, task, executor=executor, **options),
-                    },
-                    args.repeats,
-                    warm_up=["local"],
-                )
-            local, remote = timed["local"], timed["ray"]
-            speedup = local.median / remote.median
-            per_round = [a / b for a, b in zip(local.seconds, remote.seconds, strict=True)]
-            identical = bool(torch.equal(local.result.values, remote.result.values))
-            target = SPEEDUP_TARGET if workers > 1 else 1 / ONE_WORKER_TARGET
-            met = identical and speedup >= target
-            emit(
-                {
-                    "part": "ray-attribution",
-                    "workload": f"gpt2-atp-heads-{task.n}",
-                    "workers": workers,
-                    "threads_per_worker": 1,
-                    "prompts": task.n,
-                    "chunks": chunks,
-                    "seconds": round(remote.median, 3),
-                    "local_seconds": round(local.median, 3),
-                    "speedup_vs_local": round(speedup, 3),
-                    "speedup_min": round(min(per_round), 3),
-                    "speedup_max": round(max(per_round), 3),
-                    "target_speedup": round(target, 3),
-                    "identical": identical,
-                    "met": met,
-                    "startup_seconds": round(startup, 2),
-                    "repeats": args.repeats,
-                }
-            )
-            if not met:
-                missed.append(
-                    f"ray-attribution {workers} workers: x{speedup:.2f} (target {target:.2f}), identical {identical}"
-                )
-    finally:
-        ray.shutdown()
     return missed + attribution_memory(args, emit, model)
 
 
