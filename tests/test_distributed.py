@@ -290,9 +290,10 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def test_workers_keep_the_memory_they_free(executor: RayExecutor, folder: Path) -> None:
-    """The reference is the OS's count of minor page faults: five rounds of 160 MB of activations fault every page
-    in five times by default (measured 204,579 faults), about once with `keep_freed_memory` (44,922; one round's
-    pages are 40,960). Every actor of the executor runs with it."""
+    """The reference is the OS's count of minor page faults: five rounds of 160 MB of activations fault their pages
+    in about once with `keep_freed_memory` (44,922; one round's pages are 40,960), more often by default (204,579
+    measured here, 85,888 on a fresh CI machine, where glibc's own dynamic mmap threshold rose sooner). Every actor
+    of the executor runs with it."""
     counts = {}
     for mode in ("plain", "keep"):
         out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
@@ -300,7 +301,7 @@ def test_workers_keep_the_memory_they_free(executor: RayExecutor, folder: Path) 
         counts[mode] = int(faults)
         assert kept == str(mode == "keep")
     pages = 10 * 2**22 * 4 // resource.getpagesize()
-    assert counts["plain"] >= 4 * pages and counts["keep"] <= 1.5 * pages, counts
+    assert counts["keep"] <= 1.5 * pages and counts["plain"] >= 1.5 * counts["keep"], counts
     pathlens.patch(pathlens.load(folder), padded_task(), executor=executor, **SWEEP)  # the actors exist
     flags = ray.get([a.__ray_call__.remote(lambda worker: worker.keeps_freed_memory) for a in executor.actors])
     assert flags == [True] * len(executor.actors) == [True, True]
