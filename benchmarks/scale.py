@@ -538,21 +538,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     emit = Emitter(args.json, {"versions": versions(["torch", "transformers", "ray"])})
-    missed: list[str] = []
-    if "ray" in args.parts:
-        missed += run_ray(args, emit)
-    if "half" in args.parts:
-        missed += run_half(args, emit)
-    if "memory" in args.parts:
-        missed += run_memory(args, emit)
-    if "ray-curve" in args.parts:
-        missed += run_ray_curve(args, emit)
-    if "edge-memory" in args.parts:
-        missed += run_edge_memory(args, emit)
-    if "ray-store" in args.parts:
-        missed += run_ray_store(args, emit)
-    if "ray-attribution" in args.parts:
-        missed += run_ray_attribution(args, emit)
+    runs = {
+        "ray": run_ray,
+        "half": run_half,
+        "memory": run_memory,
+        "ray-curve": run_ray_curve,
+        "edge-memory": run_edge_memory,
+        "ray-store": run_ray_store,
+        "ray-attribution": run_ray_attribution,
+    }
+    missed = [problem for part in PARTS if part in args.parts for problem in runs[part](args, emit)]
     if not args.json:
         print_table(emit.rows)
     for problem in missed:
